@@ -1,0 +1,219 @@
+"""All format conversion: HF <-> native key maps (as data), expert stack/split, sharded safetensors.
+
+Native names are Meta's (`layers.N.attention.wq.weight`); HF names are transformers' Llama 4 names
+(`model.layers.N.self_attn.q_proj.weight`), with a `language_model.` prefix inside
+`Llama4ForConditionalGeneration`. Experts are stored in both as input-major 3-D tensors
+(`w13` == `gate_up_proj` [E, D, 2F], `w2` == `down_proj` [E, F, D]), so the fused layout maps one
+to one. The per-expert layout some tools write (`experts.{e}.gate_proj.weight`, [F, D]) is stacked
+on read.
+
+Every error is a `CheckpointError` whose message names the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+# (native template, HF template); "{i}" is the layer index.
+KEY_MAP: tuple[tuple[str, str], ...] = (
+    ("tok_embeddings.weight", "model.embed_tokens.weight"),
+    ("norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+    ("layers.{i}.attention_norm.weight", "model.layers.{i}.input_layernorm.weight"),
+    ("layers.{i}.ffn_norm.weight", "model.layers.{i}.post_attention_layernorm.weight"),
+    ("layers.{i}.attention.wq.weight", "model.layers.{i}.self_attn.q_proj.weight"),
+    ("layers.{i}.attention.wk.weight", "model.layers.{i}.self_attn.k_proj.weight"),
+    ("layers.{i}.attention.wv.weight", "model.layers.{i}.self_attn.v_proj.weight"),
+    ("layers.{i}.attention.wo.weight", "model.layers.{i}.self_attn.o_proj.weight"),
+    # dense layers
+    ("layers.{i}.feed_forward.w1.weight", "model.layers.{i}.feed_forward.gate_proj.weight"),
+    ("layers.{i}.feed_forward.w3.weight", "model.layers.{i}.feed_forward.up_proj.weight"),
+    ("layers.{i}.feed_forward.w2.weight", "model.layers.{i}.feed_forward.down_proj.weight"),
+    # MoE layers
+    ("layers.{i}.feed_forward.router.weight", "model.layers.{i}.feed_forward.router.weight"),
+    ("layers.{i}.feed_forward.experts.w13", "model.layers.{i}.feed_forward.experts.gate_up_proj"),
+    ("layers.{i}.feed_forward.experts.w2", "model.layers.{i}.feed_forward.experts.down_proj"),
+    ("layers.{i}.feed_forward.shared_expert.w1.weight", "model.layers.{i}.feed_forward.shared_expert.gate_proj.weight"),
+    ("layers.{i}.feed_forward.shared_expert.w3.weight", "model.layers.{i}.feed_forward.shared_expert.up_proj.weight"),
+    ("layers.{i}.feed_forward.shared_expert.w2.weight", "model.layers.{i}.feed_forward.shared_expert.down_proj.weight"),
+)
+# Prefixes of the multimodal checkpoint's non-text parts (loaded by the vision model, not here).
+VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
+_PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.feed_forward\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint problem; the message names the file and key."""
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+_TO_NATIVE = [(_template_regex(hf), native) for native, hf in KEY_MAP]
+_TO_HF = [(_template_regex(native), hf) for native, hf in KEY_MAP]
+
+
+def _translate(key: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
+    for pattern, template in table:
+        m = pattern.match(key)
+        if m:
+            return template.replace("{i}", m.group("i")) if "i" in m.groupdict() else template
+    return None
+
+
+def hf_to_native_key(hf_key: str, prefix: str = "") -> str | None:
+    """`[prefix]model.layers.3.self_attn.q_proj.weight` -> `layers.3.attention.wq.weight` (None if unknown)."""
+    if not hf_key.startswith(prefix):
+        return None
+    return _translate(hf_key[len(prefix):], _TO_NATIVE)
+
+
+def native_to_hf_key(key: str, prefix: str = "") -> str:
+    hf = _translate(key, _TO_HF)
+    if hf is None:
+        raise CheckpointError(f"no HF name for native key {key!r}")
+    return prefix + hf
+
+
+# ---- safetensors: index, read, write ----------------------------------------------------------
+
+def weight_files(directory: Path) -> tuple[dict[str, Path], Path]:
+    """Map every tensor name to the file holding it, from `model.safetensors.index.json` or the single
+    `model.safetensors`. Returns (key -> file, the file that lists keys, for error messages)."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = {}
+        for key, fname in weight_map.items():
+            f = directory / fname
+            if not f.is_file():
+                raise CheckpointError(f"{index}: key {key!r} points to missing file {fname}")
+            files[key] = f
+        return files, index
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+    return {k: single for k in _keys_of(single)}, single
+
+
+def _keys_of(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error type for truncated / corrupt files
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def read_tensors(files: dict[str, Path], keys: Iterable[str]) -> Iterable[tuple[str, torch.Tensor]]:
+    """Yield (key, tensor) for the requested keys, opening each file once. Never unpickles."""
+    by_file: dict[Path, list[str]] = {}
+    for k in keys:
+        by_file.setdefault(files[k], []).append(k)
+    for path, ks in by_file.items():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                present = set(f.keys())
+                for k in ks:
+                    if k not in present:
+                        raise CheckpointError(f"{path}: key {k!r} is listed in the index but not in the file")
+                    yield k, f.get_tensor(k)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int | None = None,
+                      metadata: dict[str, str] | None = None) -> list[Path]:
+    """Write `model.safetensors`, or shards `model-0000i-of-0000n.safetensors` plus the HF index when
+    the tensors exceed `max_shard_bytes`. Tensors are made contiguous; shared storage is split."""
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t.detach().contiguous().clone() if _shares_storage(t, tensors) else t.detach().contiguous()
+        size += nbytes
+    meta = {"format": "pt", **(metadata or {})}
+    if len(shards) == 1:
+        path = directory / "model.safetensors"
+        save_file(shards[0], str(path), metadata=meta)
+        return [path]
+    paths, weight_map = [], {}
+    for n, shard in enumerate(shards, 1):
+        path = directory / f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path), metadata=meta)
+        paths.append(path)
+        weight_map.update({k: path.name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return paths
+
+
+def _shares_storage(t: torch.Tensor, tensors: dict[str, torch.Tensor]) -> bool:
+    ptr = t.untyped_storage().data_ptr()
+    return sum(1 for o in tensors.values() if o.untyped_storage().data_ptr() == ptr) > 1
+
+
+# ---- whole state dicts ---------------------------------------------------------------------------
+
+def hf_source_map(hf_keys: Iterable[str], prefix: str, index_file: Path) -> dict[str, list[str]]:
+    """Native key -> the HF keys it is built from (one, or 2E for a per-expert w13, E for w2).
+
+    Unknown keys raise, except the vision/projector parts of a multimodal checkpoint.
+    """
+    sources: dict[str, list[str]] = {}
+    per_expert: dict[str, dict[str, dict[int, str]]] = {}
+    for k in hf_keys:
+        native = hf_to_native_key(k, prefix)
+        if native is not None:
+            sources[native] = [k]
+            continue
+        if prefix and k.startswith(VISION_PREFIXES):
+            continue
+        m = _PER_EXPERT.match(k[len(prefix):]) if k.startswith(prefix) else None
+        if m is None:
+            raise CheckpointError(f"{index_file}: unexpected tensor {k!r}")
+        base, e, proj = m.group(1), int(m.group(2)), m.group(3)
+        per_expert.setdefault(base, {}).setdefault(proj, {})[e] = k
+    for base, projs in per_expert.items():
+        native_base = hf_to_native_key(prefix + base + ".down_proj", prefix).rsplit(".", 1)[0]
+        n = max(len(v) for v in projs.values())
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            missing = [e for e in range(n) if e not in projs.get(proj, {})]
+            if missing:
+                raise CheckpointError(f"{index_file}: missing tensor {prefix}{base}.{missing[0]}.{proj}.weight")
+        sources[native_base + ".w13"] = [projs["gate_proj"][e] for e in range(n)] + [
+            projs["up_proj"][e] for e in range(n)]
+        sources[native_base + ".w2"] = [projs["down_proj"][e] for e in range(n)]
+    return sources
+
+
+def assemble(native_key: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """Build one native tensor from its HF parts (identity, or stack per-expert [out, in] weights)."""
+    if not native_key.endswith((".experts.w13", ".experts.w2")) or parts[0].dim() == 3:
+        return parts[0]
+    if native_key.endswith(".w13"):
+        n = len(parts) // 2
+        return torch.cat([torch.stack([p.T for p in parts[:n]]), torch.stack([p.T for p in parts[n:]])], dim=-1)
+    return torch.stack([p.T for p in parts])
+
+
+def native_to_hf_state(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Rename a native state dict to HF names (fused expert layout, as transformers writes it)."""
+    return {native_to_hf_key(k, prefix): v for k, v in state.items()}

@@ -1,0 +1,400 @@
+"""Model configuration: frozen dataclasses, presets, validation, HF config.json I/O, parameter counts.
+
+A `ModelConfig` holds *resolved* sizes (the expert width is 8192, not the recipe that produced it).
+Every derived value (which layers are MoE, which use RoPE, parameter counts) is a property or a
+method, so a config can never disagree with itself. Invalid values raise `ValueError` naming the
+field. Field meanings follow `llama4_spec.md` §2.1; the HF names are mapped in `from_hf_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """llama3-style RoPE frequency scaling (spec §3.4). Scout: factor 16, low 1, high 1, L0 8192."""
+
+    factor: float = 16.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 1.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        _check(self.factor >= 1.0, "rope_scaling.factor", self.factor, "must be >= 1")
+        _check(self.low_freq_factor > 0, "rope_scaling.low_freq_factor", self.low_freq_factor, "must be > 0")
+        _check(self.high_freq_factor >= self.low_freq_factor, "rope_scaling.high_freq_factor",
+               self.high_freq_factor, "must be >= low_freq_factor")
+        _check(self.original_max_position_embeddings > 0, "rope_scaling.original_max_position_embeddings",
+               self.original_max_position_embeddings, "must be > 0")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The mixture-of-experts block: routed experts (sigmoid top-k) plus an always-on shared expert.
+
+    `layers` lists the MoE layer indices explicitly; when None they are derived from
+    `interleave_step` exactly as HF does: `range(step - 1, n_layers, step)` (Scout 1, Maverick 2).
+    """
+
+    num_experts: int = 16
+    top_k: int = 1
+    expert_dim: int = 8192
+    num_shared_experts: int = 1
+    interleave_step: int = 1
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.num_experts >= 1, "moe.num_experts", self.num_experts, "must be >= 1")
+        _check(1 <= self.top_k <= self.num_experts, "moe.top_k", self.top_k, "must be in [1, num_experts]")
+        _check(self.expert_dim >= 1, "moe.expert_dim", self.expert_dim, "must be >= 1")
+        _check(self.num_shared_experts in (0, 1), "moe.num_shared_experts", self.num_shared_experts,
+               "must be 0 or 1")
+        _check(self.interleave_step >= 1, "moe.interleave_step", self.interleave_step, "must be >= 1")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The Llama 4 text model. Names follow Meta's `ModelArgs` (dim, n_layers, n_heads, ...).
+
+    NoPE layers: `nope_layers` lists them explicitly; otherwise every `nope_layer_interval`-th layer
+    (index i with (i+1) % interval == 0) is NoPE; interval 0 means none. RoPE layers use chunked
+    causal attention with `attention_chunk_size` (None: plain causal) and QK-norm when `use_qk_norm`;
+    NoPE layers use full causal attention and, when `attn_temperature_tuning`, query scaling.
+    """
+
+    dim: int = 5120
+    n_layers: int = 48
+    n_heads: int = 40
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    vocab_size: int = 202048
+    ffn_dim: int = 16384
+    moe: MoEConfig | None = field(default_factory=MoEConfig)
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    use_qk_norm: bool = True
+    nope_layer_interval: int = 4
+    nope_layers: tuple[int, ...] | None = None
+    attention_chunk_size: int | None = 8192
+    attn_temperature_tuning: bool = True
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+    tie_word_embeddings: bool = False
+    max_seq_len: int = 262144
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "ffn_dim",
+                     "max_seq_len"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
+        _check(self.n_heads % self.n_kv_heads == 0, "n_heads", self.n_heads,
+               f"must be divisible by n_kv_heads ({self.n_kv_heads})")
+        _check(self.head_dim % 2 == 0, "head_dim", self.head_dim, "must be even (RoPE rotates pairs)")
+        _check(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
+        _check(self.rope_theta > 0, "rope_theta", self.rope_theta, "must be > 0")
+        _check(self.nope_layer_interval >= 0, "nope_layer_interval", self.nope_layer_interval, "must be >= 0")
+        _check(self.attention_chunk_size is None or self.attention_chunk_size >= 1, "attention_chunk_size",
+               self.attention_chunk_size, "must be >= 1 or None")
+        _check(self.floor_scale > 0, "floor_scale", self.floor_scale, "must be > 0")
+        if self.nope_layers is not None:
+            object.__setattr__(self, "nope_layers", tuple(int(i) for i in self.nope_layers))
+            bad = [i for i in self.nope_layers if not 0 <= i < self.n_layers]
+            _check(not bad, "nope_layers", bad, f"has indices outside [0, {self.n_layers})")
+        if isinstance(self.eos_token_id, int):
+            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
+        object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.moe is not None and self.moe.layers is not None:
+            bad = [i for i in self.moe.layers if not 0 <= i < self.n_layers]
+            _check(not bad, "moe.layers", bad, f"has indices outside [0, {self.n_layers})")
+
+    # ---- derived layer pattern -------------------------------------------------------------
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """Indices of MoE layers (the rest are dense SwiGLU)."""
+        if self.moe is None:
+            return ()
+        if self.moe.layers is not None:
+            return tuple(sorted(set(self.moe.layers)))
+        step = self.moe.interleave_step
+        return tuple(range(step - 1, self.n_layers, step))
+
+    @property
+    def rope_layers(self) -> tuple[bool, ...]:
+        """Per layer: True for RoPE (+ chunked mask, QK-norm), False for NoPE (global, temperature)."""
+        if self.nope_layers is not None:
+            nope = set(self.nope_layers)
+            return tuple(i not in nope for i in range(self.n_layers))
+        k = self.nope_layer_interval
+        return tuple(k == 0 or (i + 1) % k != 0 for i in range(self.n_layers))
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i in set(self.moe_layers)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again). `moe` may be given as a dict of changes."""
+        if isinstance(changes.get("moe"), dict):
+            base = self.moe or MoEConfig()
+            changes["moe"] = dataclasses.replace(base, **changes["moe"])
+        return dataclasses.replace(self, **changes)
+
+    # ---- parameter counts (no weights allocated) ---------------------------------------------
+    def param_breakdown(self) -> dict[str, dict[str, int]]:
+        """Parameters by component: {"total": {...}, "active": {...}} (active = per text token)."""
+        D, L = self.dim, self.n_layers
+        attn = D * self.n_heads * self.head_dim * 2 + D * self.n_kv_heads * self.head_dim * 2
+        n_moe = len(self.moe_layers)
+        n_dense = L - n_moe
+        embed = self.vocab_size * D
+        total = {
+            "embeddings": embed,
+            "output": 0 if self.tie_word_embeddings else embed,
+            "attention": L * attn,
+            "routers": 0, "routed_experts": 0, "shared_experts": 0,
+            "dense_ffn": n_dense * 3 * D * self.ffn_dim,
+            "norms": (2 * L + 1) * D,
+        }
+        active = dict(total)
+        if self.moe is not None and n_moe:
+            m = self.moe
+            expert = 3 * D * m.expert_dim
+            total["routers"] = active["routers"] = n_moe * D * m.num_experts
+            total["routed_experts"] = n_moe * m.num_experts * expert
+            active["routed_experts"] = n_moe * m.top_k * expert
+            total["shared_experts"] = active["shared_experts"] = n_moe * m.num_shared_experts * expert
+        return {"total": total, "active": active}
+
+    def num_params(self) -> int:
+        """Total parameters of the text model (the output head counted once when tied)."""
+        return sum(self.param_breakdown()["total"].values())
+
+    def num_active_params(self) -> int:
+        """Parameters used per token: top-k routed + shared experts, plus embedding and head."""
+        return sum(self.param_breakdown()["active"].values())
+
+    # ---- native JSON --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of `to_dict`. Unknown keys raise `ValueError` naming them."""
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s): {', '.join(unknown)}")
+        if d.get("moe") is not None:
+            d["moe"] = _build(MoEConfig, d["moe"], "moe")
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = _build(RopeScaling, d["rope_scaling"], "rope_scaling")
+        return cls(**d)
+
+
+def _build(cls: type, d: dict[str, Any], prefix: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown config field(s): {', '.join(prefix + '.' + k for k in unknown)}")
+    return cls(**d)
+
+
+def _check(ok: bool, name: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r}: {why}")
+
+
+# ---- Hugging Face config.json <-> ModelConfig ------------------------------------------------
+
+def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
+    """Read a transformers Llama 4 config dict: `llama4_text`, or `llama4` with a `text_config`.
+
+    Accepts both the 5.x `rope_parameters` and the 4.x `rope_theta` + `rope_scaling` spellings, an
+    int `attn_temperature_tuning` (early Hub configs) and the `no_rope_layers` list (1 = RoPE).
+    """
+    if hf.get("model_type") == "llama4" or "text_config" in hf:
+        hf = hf.get("text_config") or {}
+    mt = hf.get("model_type", "llama4_text")
+    if mt != "llama4_text":
+        raise ValueError(f"model_type={mt!r}: expected 'llama4_text' or 'llama4'")
+    rope = dict(hf.get("rope_parameters") or {})
+    if not rope:
+        rope = dict(hf.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", hf.get("rope_theta", 500000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"rope_parameters.rope_type={rope_type!r}: only 'default' and 'llama3' are supported")
+    scaling = None
+    if rope_type == "llama3":
+        scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]),
+                              float(rope["high_freq_factor"]), int(rope["original_max_position_embeddings"]))
+    L = int(hf.get("num_hidden_layers", 48))
+    no_rope = hf.get("no_rope_layers") or None  # HF: an empty list falls back to the interval
+    interval = int(hf.get("no_rope_layer_interval", 4))
+    nope_layers = None
+    if no_rope is not None:
+        nope_layers = tuple(i for i in range(L) if not no_rope[i])
+        if nope_layers == tuple(i for i in range(L) if interval and (i + 1) % interval == 0):
+            nope_layers = None
+    E = int(hf.get("num_local_experts", 16))
+    step = int(hf.get("interleave_moe_layer_step", 1))
+    moe_layers = hf.get("moe_layers")
+    derived = list(range(step - 1, L, step))
+    explicit = None if moe_layers is None or list(moe_layers) == derived else tuple(moe_layers)
+    moe = None
+    if moe_layers != []:
+        moe = MoEConfig(num_experts=E, top_k=int(hf.get("num_experts_per_tok", 1)),
+                        expert_dim=int(hf.get("intermediate_size", 8192)), num_shared_experts=1,
+                        interleave_step=step, layers=explicit)
+    eos = hf.get("eos_token_id")
+    eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    for key in ("attention_bias",):
+        if hf.get(key):
+            raise ValueError(f"{key}=true is not part of the Llama 4 architecture")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf.get('hidden_act')!r}: Llama 4 uses 'silu'")
+    return ModelConfig(
+        dim=int(hf.get("hidden_size", 5120)), n_layers=L,
+        n_heads=int(hf.get("num_attention_heads", 40)),
+        n_kv_heads=int(hf.get("num_key_value_heads") or hf.get("num_attention_heads", 40)),
+        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]),
+        vocab_size=int(hf.get("vocab_size", 202048)), ffn_dim=int(hf.get("intermediate_size_mlp", 16384)),
+        moe=moe, norm_eps=float(hf.get("rms_norm_eps", 1e-5)), rope_theta=float(rope.get("rope_theta", 500000.0)),
+        rope_scaling=scaling, use_qk_norm=bool(hf.get("use_qk_norm", True)), nope_layer_interval=interval,
+        nope_layers=nope_layers, attention_chunk_size=hf.get("attention_chunk_size", 8192),
+        attn_temperature_tuning=bool(hf.get("attn_temperature_tuning", True)),
+        floor_scale=float(hf.get("floor_scale", 8192)), attn_scale=float(hf.get("attn_scale", 0.1)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=int(hf.get("max_position_embeddings", 131072)),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=eos, pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def to_hf_config(cfg: ModelConfig, multimodal_vision: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A transformers `Llama4TextConfig` dict (or a `Llama4Config` wrapping it when a vision config
+    dict is given). Raises `ValueError` for what transformers' Llama 4 cannot express."""
+    if cfg.moe is not None and cfg.moe.num_shared_experts != 1:
+        raise ValueError("moe.num_shared_experts=0: transformers' Llama 4 always has one shared expert")
+    moe = cfg.moe
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope = {"rope_type": "llama3", "rope_theta": cfg.rope_theta, **dataclasses.asdict(cfg.rope_scaling)}
+    eos = list(cfg.eos_token_id)
+    text = {
+        "model_type": "llama4_text", "architectures": ["Llama4ForCausalLM"],
+        "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
+        "intermediate_size": moe.expert_dim if moe else cfg.ffn_dim, "intermediate_size_mlp": cfg.ffn_dim,
+        "num_local_experts": moe.num_experts if moe else 1, "num_experts_per_tok": moe.top_k if moe else 1,
+        "interleave_moe_layer_step": moe.interleave_step if moe else 1, "moe_layers": list(cfg.moe_layers),
+        "no_rope_layers": [int(r) for r in cfg.rope_layers], "no_rope_layer_interval": cfg.nope_layer_interval,
+        "attention_chunk_size": cfg.attention_chunk_size, "use_qk_norm": cfg.use_qk_norm,
+        "attn_temperature_tuning": cfg.attn_temperature_tuning, "floor_scale": _num(cfg.floor_scale),
+        "attn_scale": cfg.attn_scale, "rms_norm_eps": cfg.norm_eps, "rope_parameters": rope,
+        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu", "attention_bias": False, "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None), "pad_token_id": cfg.pad_token_id,
+    }
+    if multimodal_vision is None:
+        return text
+    return {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"],
+            "text_config": {**text, "architectures": None}, "vision_config": multimodal_vision,
+            "boi_token_index": 200080, "eoi_token_index": 200081, "image_token_index": 200092,
+            "tie_word_embeddings": cfg.tie_word_embeddings}
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
+def load_config_file(path: str | Path) -> ModelConfig:
+    """A config.json in either format: native (has "format": "behemoth") or transformers'."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    try:
+        if d.get("format") == "behemoth":
+            return ModelConfig.from_dict(d["model"])
+        return from_hf_config(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+# ---- presets -----------------------------------------------------------------------------------
+
+_LLAMA4_TOKENS = dict(bos_token_id=200000, eos_token_id=(200001, 200007, 200008), pad_token_id=200018)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Every feature at toy size: NoPE layer 3, dense + MoE layers, chunk 32 and floor_scale 64 so that
+    # chunked masks and temperature tuning act on short test sequences. CPU, seconds.
+    "debug": ModelConfig(
+        dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=256, ffn_dim=128,
+        moe=MoEConfig(num_experts=4, top_k=1, expert_dim=64, interleave_step=2),
+        rope_theta=10000.0, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64), attention_chunk_size=32,
+        floor_scale=64, max_seq_len=1024),
+    # A small Scout-shaped model for CPU experiments (minutes).
+    "tiny": ModelConfig(
+        dim=256, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=32, vocab_size=8192, ffn_dim=1024,
+        moe=MoEConfig(num_experts=8, top_k=1, expert_dim=512), rope_theta=500000.0,
+        attention_chunk_size=256, max_seq_len=4096),
+    # Llama 4 Scout 17B-16E (Instruct config): MoE in every layer, QK-norm, llama3 RoPE scaling.
+    "scout": ModelConfig(
+        moe=MoEConfig(num_experts=16, top_k=1, expert_dim=8192, interleave_step=1),
+        rope_scaling=RopeScaling(16.0, 1.0, 1.0, 8192), use_qk_norm=True, max_seq_len=10485760,
+        **_LLAMA4_TOKENS),
+    # Llama 4 Maverick 17B-128E (Instruct config): dense / MoE alternating, no QK-norm, no scaling.
+    "maverick": ModelConfig(
+        moe=MoEConfig(num_experts=128, top_k=1, expert_dim=8192, interleave_step=2),
+        rope_scaling=None, use_qk_norm=False, max_seq_len=1048576, **_LLAMA4_TOKENS),
+    # ESTIMATE, not an official config (none is public). Derived from Meta's public figures, 288B
+    # active / ~2T total / 16 experts: Scout-style blocks scaled up (llama4_spec.md §8.3, candidate A),
+    # expert width from Meta's FFN formula at D=16384. Gives 2.01T total / 287.2B active.
+    "behemoth": ModelConfig(
+        dim=16384, n_layers=88, n_heads=128, n_kv_heads=8, head_dim=128, ffn_dim=53248,
+        moe=MoEConfig(num_experts=16, top_k=1, expert_dim=26624, interleave_step=1),
+        rope_scaling=RopeScaling(16.0, 1.0, 1.0, 8192), use_qk_norm=True, max_seq_len=262144,
+        **_LLAMA4_TOKENS),
+    # CPU teacher with Behemoth's shape of sparsity: 16 experts + shared, MoE in every layer.
+    "mini-behemoth": ModelConfig(
+        dim=256, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=32, vocab_size=2048, ffn_dim=768,
+        moe=MoEConfig(num_experts=16, top_k=1, expert_dim=384, interleave_step=1),
+        rope_theta=500000.0, attention_chunk_size=128, floor_scale=512, max_seq_len=2048),
+    # CPU student with Maverick's shape: more, smaller experts, MoE every other layer, dense width = 2x
+    # expert width, no QK-norm, far fewer active parameters than mini-behemoth. Same vocabulary.
+    "mini-maverick": ModelConfig(
+        dim=128, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=2048, ffn_dim=256,
+        moe=MoEConfig(num_experts=32, top_k=1, expert_dim=128, interleave_step=2), use_qk_norm=False,
+        rope_theta=500000.0, attention_chunk_size=128, floor_scale=512, max_seq_len=2048),
+}
+
+PRESET_NOTES: dict[str, str] = {
+    "debug": "toy model exercising every feature; CPU, seconds",
+    "tiny": "small Scout-shaped model for CPU experiments",
+    "scout": "Llama 4 Scout 17B-16E text model (official config)",
+    "maverick": "Llama 4 Maverick 17B-128E text model (official config)",
+    "behemoth": ("ESTIMATE, not an official config: derived from Meta's public 288B active / ~2T total / "
+                 "16 experts (llama4_spec.md §8.3, candidate A)"),
+    "mini-behemoth": "CPU teacher: 16 experts + shared, MoE in every layer",
+    "mini-maverick": "CPU student: 32 small experts, MoE every other layer, ~4x fewer active params",
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    """The preset `name`; an unknown name raises `ValueError` listing the valid ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}") from None

@@ -1,0 +1,83 @@
+"""The Llama 4 text transformer: embeddings, pre-norm blocks (attention + dense or MoE FFN), head.
+
+Module names follow Meta's checkpoints (`tok_embeddings`, `layers.N.attention.wq`, `attention_norm`,
+`ffn_norm`, `feed_forward`, `norm`, `output`); HF names are mapped in `checkpoint/convert.py`.
+Single-device code: parallelism, compile and activation checkpointing are applied from outside.
+
+Shape legend: B batch, S sequence, D model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from behemoth.config import ModelConfig
+from behemoth.model.attention import Attention, attention_mask
+from behemoth.model.layers import FeedForward, RMSNorm, rope_cos_sin, rope_inv_freq
+from behemoth.model.moe import MoE
+
+
+class Block(nn.Module):
+    """h = x + attention(attention_norm(x)); out = h + feed_forward(ffn_norm(h))."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.use_rope = cfg.rope_layers[layer_id]
+        self.is_moe = cfg.is_moe_layer(layer_id)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, self.use_rope)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = MoE(cfg) if self.is_moe else FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], pos_BS: torch.Tensor,
+                masks: dict[bool, torch.Tensor]) -> torch.Tensor:
+        h = x_BSD + self.attention(self.attention_norm(x_BSD), rope, pos_BS, masks[self.use_rope])
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The text model. `forward(input_ids [B, S]) -> logits [B, S, V]` in the model dtype."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_word_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, S]; positions [B, S] or [S] (absolute, default 0..S-1) -> logits [B, S, V]."""
+        return self.logits(self.hidden_states(input_ids, positions))
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed hidden states [B, S, D], before the output head."""
+        B, S = input_ids.shape
+        if positions is None:
+            positions = torch.arange(S, device=input_ids.device)
+        pos_BS = positions.expand(B, S) if positions.dim() == 1 else positions
+        rope = rope_cos_sin(rope_inv_freq(self.config, input_ids.device), pos_BS)
+        masks = {True: attention_mask(pos_BS, pos_BS, self.config.attention_chunk_size),
+                 False: attention_mask(pos_BS, pos_BS, None)}
+        x_BSD = self.tok_embeddings(input_ids)
+        for layer in self.layers:
+            x_BSD = layer(x_BSD, rope, pos_BS, masks)
+        return self.norm(x_BSD)
+
+    def logits(self, h_BSD: torch.Tensor) -> torch.Tensor:
+        if self.output is None:
+            return h_BSD @ self.tok_embeddings.weight.T
+        return self.output(h_BSD)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Normal(0, std) for every matrix (experts included), ones for norms: HF's initializer."""
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            else:
+                nn.init.normal_(p, 0.0, std, generator=generator)
+        for m in self.modules():
+            if isinstance(m, MoE):
+                m.tokens_per_expert.zero_()

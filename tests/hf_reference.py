@@ -1,0 +1,35 @@
+"""Helpers that build transformers' Llama 4 as the reference (tests only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from behemoth.checkpoint.convert import hf_to_native_key
+from behemoth.config import ModelConfig, to_hf_config
+from behemoth.model import Transformer
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_text_config(cfg: ModelConfig, attn: str = "sdpa"):
+    d = to_hf_config(cfg)
+    d.pop("model_type")
+    d.pop("architectures")
+    c = transformers.Llama4TextConfig(**d)
+    c._attn_implementation = attn
+    return c
+
+
+def hf_pair(cfg: ModelConfig, seed: int = 0, dtype=torch.float32, attn: str = "sdpa"):
+    """A random transformers Llama4ForCausalLM and our Transformer holding the same weights."""
+    torch.manual_seed(seed)
+    hf = transformers.Llama4ForCausalLM(hf_text_config(cfg, attn)).eval()
+    with torch.no_grad():  # HF inits norms to 1; randomise them so a norm mix-up cannot hide
+        for name, p in hf.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0, 0.1)
+    ours = Transformer(cfg).eval()
+    state = {hf_to_native_key(k): v for k, v in hf.state_dict().items()}
+    ours.load_state_dict(state, strict=True)
+    return hf.to(dtype), ours.to(dtype)
