@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` (set-up + the main job) and `make test`.
+# Override the torch build with e.g. `make setup TORCH_SPEC="torch==2.6.0"` (or a CUDA wheel index).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-all bench lint
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(BIN)/behemoth demo --out out/demo
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow and not gpu"
+
+test-all: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/moe_layer.py --preset cpu
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks

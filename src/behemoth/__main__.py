@@ -1,0 +1,5 @@
+import sys
+
+from behemoth.cli import main
+
+sys.exit(main())

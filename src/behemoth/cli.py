@@ -1,0 +1,181 @@
+"""`behemoth <subcommand>`: argument parsing only; each subcommand calls plain functions.
+
+Bad input (unknown preset, missing file, corrupt checkpoint, bad option) prints one line
+`behemoth <cmd>: error: ...` and exits with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from behemoth.config import PRESET_NOTES, PRESETS, ModelConfig, get_preset, load_config_file
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+COMPONENTS = ("embeddings", "output", "attention", "routers", "routed_experts", "shared_experts", "dense_ffn",
+              "norms")
+
+
+class UsageError(Exception):
+    """Bad command-line input; reported as one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints the usage block)
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+# ---- info ----------------------------------------------------------------------------------------
+
+def info_report(cfg: ModelConfig, name: str) -> dict:
+    """Parameter counts by component, computed from the config alone (nothing is allocated)."""
+    b = cfg.param_breakdown()
+    return {
+        "name": name, "note": PRESET_NOTES.get(name, ""),
+        "total_params": cfg.num_params(), "active_params": cfg.num_active_params(),
+        "components": {c: {"total": b["total"][c], "active": b["active"][c]} for c in COMPONENTS},
+        "layers": cfg.n_layers, "moe_layers": list(cfg.moe_layers),
+        "nope_layers": [i for i, r in enumerate(cfg.rope_layers) if not r],
+        "config": cfg.to_dict(),
+    }
+
+
+def format_info(r: dict) -> str:
+    def n(x: int) -> str:
+        return f"{x:,}"
+
+    lines = [f"{r['name']}: {r['note']}" if r["note"] else r["name"]]
+    cfg = r["config"]
+    moe = cfg["moe"]
+    lines.append(f"  dim {cfg['dim']}, {r['layers']} layers ({len(r['moe_layers'])} MoE, "
+                 f"{len(r['nope_layers'])} NoPE), heads {cfg['n_heads']}/{cfg['n_kv_heads']} x {cfg['head_dim']}, "
+                 f"vocab {cfg['vocab_size']}"
+                 + (f", {moe['num_experts']} experts top-{moe['top_k']} x {moe['expert_dim']}"
+                    f" + {moe['num_shared_experts']} shared" if moe else ", dense"))
+    lines.append(f"  {'component':<16}{'total':>22}{'active/token':>22}")
+    for c, v in r["components"].items():
+        lines.append(f"  {c:<16}{n(v['total']):>22}{n(v['active']):>22}")
+    lines.append(f"  {'TOTAL':<16}{n(r['total_params']):>22}{n(r['active_params']):>22}")
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    if args.config:
+        cfg, name = load_config_file(args.config), str(args.config)
+    else:
+        cfg, name = get_preset(args.preset), args.preset
+    report = info_report(cfg, name)
+    print(json.dumps(report, indent=2) if args.json else format_info(report))
+
+
+# ---- convert -------------------------------------------------------------------------------------
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from behemoth.checkpoint import export_hf, load_checkpoint, save_model
+    from behemoth.checkpoint.io import detect_format
+
+    src, dst = Path(args.src), Path(args.dst)
+    want = "hf" if args.direction == "hf-to-native" else "native"
+    fmt = detect_format(src)
+    if fmt != want:
+        raise UsageError(f"{src}: is a {fmt} checkpoint, not {want} (direction {args.direction})")
+    model = load_checkpoint(src, dtype=DTYPES[args.dtype] if args.dtype else None)
+    shard = int(args.max_shard_gb * 2**30) if args.max_shard_gb else None
+    t0 = time.time()
+    if args.direction == "hf-to-native":
+        save_model(model, dst, max_shard_bytes=shard, source=str(src))
+    else:
+        export_hf(model, dst, max_shard_bytes=shard)
+    print(f"wrote {dst} ({model.config.num_params():,} parameters, {time.time() - t0:.1f}s)")
+
+
+# ---- demo ----------------------------------------------------------------------------------------
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """The main job, for now: the preset table, then a small model's forward pass and generation."""
+    from behemoth import build_model
+    from behemoth.inference import generate
+
+    reports = [info_report(cfg, name) for name, cfg in PRESETS.items()]
+    print(f"{'preset':<15}{'total params':>24}{'active/token':>22}  note")
+    for r in reports:
+        print(f"{r['name']:<15}{r['total_params']:>24,}{r['active_params']:>22,}  {r['note']}")
+    name = "debug" if args.quick else "tiny"
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    cfg = model.config
+    ids = torch.randint(0, cfg.vocab_size, (2, 256 if not args.quick else 64))
+    with torch.no_grad():
+        model(ids)  # warm-up
+        t0 = time.perf_counter()
+        logits = model(ids)
+        dt = time.perf_counter() - t0
+    fwd_tps = ids.numel() / dt
+    print(f"\n{name}: forward {tuple(ids.shape)} -> logits {tuple(logits.shape)} in {dt * 1e3:.1f} ms "
+          f"({fwd_tps:,.0f} tokens/s); finite: {bool(torch.isfinite(logits).all())}")
+    prompt = ids[:1, :8]
+    t0 = time.perf_counter()
+    out = generate(model, prompt, max_new_tokens=8)
+    dt = time.perf_counter() - t0
+    print(f"{name}: greedy generation (random weights) {prompt[0].tolist()} -> {out[0, 8:].tolist()} "
+          f"({8 / dt:.1f} tokens/s)")
+    if args.out:
+        out_dir = Path(args.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        summary = {"presets": reports, "forward_tokens_per_s": fwd_tps, "model": name,
+                   "generated": out[0].tolist()}
+        (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"wrote {out_dir / 'demo_summary.json'}")
+
+
+# ---- parser --------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="behemoth", description="The Llama 4 model family: build, inspect, convert, run.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("info", help="parameter table (total and active per token) for a preset or config")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--preset", choices=list(PRESETS), help="a built-in preset")
+    g.add_argument("--config", help="a config.json (native or transformers)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(fn=cmd_info)
+
+    s = sub.add_parser("convert", help="convert checkpoints between transformers and native formats")
+    s.add_argument("direction", choices=["hf-to-native", "native-to-hf"])
+    s.add_argument("src", help="source checkpoint directory")
+    s.add_argument("dst", help="destination directory (must not exist or be empty)")
+    s.add_argument("--dtype", choices=list(DTYPES), help="cast weights (default: keep stored dtype)")
+    s.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size for the output (GiB)")
+    s.set_defaults(fn=cmd_convert)
+
+    s = sub.add_parser("demo", help="the main job: preset table, a small model's forward and generation")
+    s.add_argument("--quick", action="store_true", help="use the debug preset (seconds)")
+    s.add_argument("--out", help="directory for the demo's JSON summary")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        args.fn(args)
+    except UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        cmd = getattr(locals().get("args"), "command", "")
+        print(f"behemoth {cmd}: error: {e}".replace("  ", " "), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Inference: token generation."""
+
+from behemoth.inference.generate import generate
+
+__all__ = ["generate"]
