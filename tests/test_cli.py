@@ -1,0 +1,80 @@
+"""The CLI as a user runs it: real subprocesses for the entry point, `main()` for the rest."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from behemoth import build_model
+from behemoth.checkpoint import save_model
+from behemoth.cli import main
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "behemoth", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_info_json_as_subprocess():
+    r = run("info", "--preset", "scout", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["total_params"] == 107_769_861_120 and d["active_params"] == 17_172_894_720
+    assert set(d["components"]) >= {"embeddings", "attention", "routed_experts", "shared_experts", "dense_ffn",
+                                    "norms"}
+
+
+def test_info_table_marks_behemoth_as_estimate(capsys):
+    assert main(["info", "--preset", "behemoth"]) == 0
+    out = capsys.readouterr().out
+    assert "ESTIMATE" in out and "2,014,543,888,384" in out
+
+
+@pytest.mark.parametrize("sub", ["info", "convert", "demo"])
+def test_help(sub, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([sub, "--help"])
+    assert e.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["info", "--preset", "nope"],
+    ["info", "--config", "/no/such/config.json"],
+    ["info"],
+    ["frobnicate"],
+    ["convert", "hf-to-native", "/no/such/dir", "/tmp/x"],
+    ["convert", "sideways", "a", "b"],
+])
+def test_bad_input_is_one_line_exit_2(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err and "Traceback" not in err
+
+
+def test_bad_input_subprocess_has_no_traceback():
+    r = run("info", "--preset", "nope")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_convert_round_trip_and_refuses_to_overwrite(tmp_path, capsys):
+    model = build_model("debug")
+    save_model(model, tmp_path / "native")
+    assert main(["convert", "native-to-hf", str(tmp_path / "native"), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert main(["convert", "hf-to-native", str(tmp_path / "hf"), str(tmp_path / "native2")]) == 0
+    before = sorted(p.name for p in (tmp_path / "native2").iterdir())
+    assert main(["convert", "hf-to-native", str(tmp_path / "hf"), str(tmp_path / "native2")]) == 2
+    assert sorted(p.name for p in (tmp_path / "native2").iterdir()) == before
+    assert main(["convert", "hf-to-native", str(tmp_path / "native"), str(tmp_path / "x")]) == 2
+    assert "not hf" in capsys.readouterr().err
+
+
+def test_demo_quick(tmp_path):
+    r = run("demo", "--quick", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "107,769,861,120" in r.stdout and "greedy generation" in r.stdout
+    summary = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert len(summary["generated"]) == 16
