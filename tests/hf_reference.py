@@ -26,7 +26,7 @@ def hf_pair(cfg: ModelConfig, seed: int = 0, dtype=torch.float32, attn: str = "s
     torch.manual_seed(seed)
     hf = transformers.Llama4ForCausalLM(hf_text_config(cfg, attn)).eval()
     with torch.no_grad():  # HF inits norms to 1; randomise them so a norm mix-up cannot hide
-        for name, p in hf.named_parameters():
+        for p in hf.parameters():
             if p.dim() == 1:
                 p.normal_(1.0, 0.1)
     ours = Transformer(cfg).eval()

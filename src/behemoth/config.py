@@ -3,7 +3,7 @@
 A `ModelConfig` holds *resolved* sizes (the expert width is 8192, not the recipe that produced it).
 Every derived value (which layers are MoE, which use RoPE, parameter counts) is a property or a
 method, so a config can never disagree with itself. Invalid values raise `ValueError` naming the
-field. Field meanings follow `llama4_spec.md` §2.1; the HF names are mapped in `from_hf_config`.
+field. Field names follow Meta's `ModelArgs`; transformers' names are mapped in `from_hf_config`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """llama3-style RoPE frequency scaling (spec §3.4). Scout: factor 16, low 1, high 1, L0 8192."""
+    """llama3-style RoPE frequency scaling. Scout: factor 16, low 1, high 1, L0 8192."""
 
     factor: float = 16.0
     low_freq_factor: float = 1.0
@@ -360,8 +360,9 @@ PRESETS: dict[str, ModelConfig] = {
         moe=MoEConfig(num_experts=128, top_k=1, expert_dim=8192, interleave_step=2),
         rope_scaling=None, use_qk_norm=False, max_seq_len=1048576, **_LLAMA4_TOKENS),
     # ESTIMATE, not an official config (none is public). Derived from Meta's public figures, 288B
-    # active / ~2T total / 16 experts: Scout-style blocks scaled up (llama4_spec.md §8.3, candidate A),
-    # expert width from Meta's FFN formula at D=16384. Gives 2.01T total / 287.2B active.
+    # active / ~2T total / 16 experts. With only 16 experts, total/active ~ 7 forces MoE in (nearly)
+    # every layer, so: Scout-style blocks (top-1 + shared) scaled to D=16384 and 88 layers, 128/8 heads,
+    # expert width 26624 from Meta's FFN-width formula at that D. Gives 2.01T total / 287.2B active.
     "behemoth": ModelConfig(
         dim=16384, n_layers=88, n_heads=128, n_kv_heads=8, head_dim=128, ffn_dim=53248,
         moe=MoEConfig(num_experts=16, top_k=1, expert_dim=26624, interleave_step=1),
@@ -386,7 +387,7 @@ PRESET_NOTES: dict[str, str] = {
     "scout": "Llama 4 Scout 17B-16E text model (official config)",
     "maverick": "Llama 4 Maverick 17B-128E text model (official config)",
     "behemoth": ("ESTIMATE, not an official config: derived from Meta's public 288B active / ~2T total / "
-                 "16 experts (llama4_spec.md §8.3, candidate A)"),
+                 "16 experts; Scout-style blocks at D=16384, 88 layers, expert width 26624"),
     "mini-behemoth": "CPU teacher: 16 experts + shared, MoE in every layer",
     "mini-maverick": "CPU student: 32 small experts, MoE every other layer, ~4x fewer active params",
 }

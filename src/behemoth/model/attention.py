@@ -1,5 +1,6 @@
 """Attention for Llama 4: GQA, interleaved RoPE + QK-norm on RoPE layers, NoPE layers with
-temperature tuning, chunked causal masks (iRoPE). Follows llama4_spec.md §3.3-3.6.
+temperature tuning, chunked causal masks (iRoPE). Follows meta-llama/llama-models
+`models/llama4/model.py` and transformers' `modeling_llama4.py`, which agree on all of it.
 
 Masks are built from absolute positions, so one function serves a plain forward, padded batches
 (per-sequence positions) and, later, a KV cache (key positions differ from query positions).

@@ -1,6 +1,6 @@
 """Building blocks: RMSNorm, interleaved-pair RoPE with llama3 scaling, SwiGLU feed-forward.
 
-Follows meta-llama/llama-models `models/llama4/model.py` and `ffn.py` (see llama4_spec.md §3.2-3.4).
+Follows meta-llama/llama-models `models/llama4/{model.py, ffn.py}` and transformers' `modeling_llama4.py`.
 
 Shape legend: B batch, S sequence, N heads, H head dim, D model dim, F FFN hidden dim.
 """
@@ -39,7 +39,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
-    """Inverse frequencies [H/2] in fp32, with llama3 scaling applied when configured (spec §3.4)."""
+    """Inverse frequencies [H/2] in fp32, with llama3 scaling applied when configured.
+
+    llama3 rule (wavelength w = 2*pi/inv_freq, L0 = original context): w < L0/high keeps the frequency,
+    w > L0/low divides it by `factor`, and the band between blends the two linearly in L0/w.
+    """
     H = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, H, 2, dtype=torch.float32, device=device) / H))
     s = cfg.rope_scaling

@@ -73,7 +73,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Normal(0, std) for every matrix (experts included), ones for norms: HF's initializer."""
-        for name, p in self.named_parameters():
+        for p in self.parameters():
             if p.dim() == 1:
                 nn.init.ones_(p)
             else:
