@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -47,6 +48,7 @@ KEY_MAP: tuple[tuple[str, str], ...] = (
 # Prefixes of the multimodal checkpoint's non-text parts (loaded by the vision model, not here).
 VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 _PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.feed_forward\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_PER_EXPERT_SUFFIX = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 class CheckpointError(ValueError):
@@ -93,9 +95,14 @@ def weight_files(directory: Path) -> tuple[dict[str, Path], Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: not a valid safetensors index (weight_map is not an object)")
         files = {}
         for key, fname in weight_map.items():
+            # shard names are plain file names next to the index; never follow paths out of the directory
+            if not isinstance(fname, str) or not fname or Path(fname).name != fname or fname in (".", ".."):
+                raise CheckpointError(f"{index}: key {key!r} points to invalid file name {fname!r}")
             f = directory / fname
             if not f.is_file():
                 raise CheckpointError(f"{index}: key {key!r} points to missing file {fname}")
@@ -103,7 +110,8 @@ def weight_files(directory: Path) -> tuple[dict[str, Path], Path]:
         return files, index
     single = directory / "model.safetensors"
     if not single.is_file():
-        raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+        raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json "
+                              "(only safetensors checkpoints are read; pickle files are never loaded)")
     return {k: single for k in _keys_of(single)}, single
 
 
@@ -141,12 +149,14 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, max_sha
     directory.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
+    storage_uses = Counter(_storage_id(t) for t in tensors.values())
     for k, t in tensors.items():
         nbytes = t.numel() * t.element_size()
         if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][k] = t.detach().contiguous().clone() if _shares_storage(t, tensors) else t.detach().contiguous()
+        shared = storage_uses[_storage_id(t)] > 1
+        shards[-1][k] = t.detach().contiguous().clone() if shared else t.detach().contiguous()
         size += nbytes
     meta = {"format": "pt", **(metadata or {})}
     if len(shards) == 1:
@@ -165,9 +175,9 @@ def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, max_sha
     return paths
 
 
-def _shares_storage(t: torch.Tensor, tensors: dict[str, torch.Tensor]) -> bool:
-    ptr = t.untyped_storage().data_ptr()
-    return sum(1 for o in tensors.values() if o.untyped_storage().data_ptr() == ptr) > 1
+def _storage_id(t: torch.Tensor) -> tuple[str, int]:
+    """Identifies a tensor's storage (tensors that share one, e.g. tied weights, are cloned on write)."""
+    return str(t.device), t.untyped_storage().data_ptr()
 
 
 # ---- whole state dicts ---------------------------------------------------------------------------
@@ -175,13 +185,16 @@ def _shares_storage(t: torch.Tensor, tensors: dict[str, torch.Tensor]) -> bool:
 def hf_source_map(hf_keys: Iterable[str], prefix: str, index_file: Path) -> dict[str, list[str]]:
     """Native key -> the HF keys it is built from (one, or 2E for a per-expert w13, E for w2).
 
-    Unknown keys raise, except the vision/projector parts of a multimodal checkpoint.
+    Unknown keys raise, except the vision/projector parts of a multimodal checkpoint; so does a
+    tensor given twice (a fused and a per-expert copy of the same experts).
     """
     sources: dict[str, list[str]] = {}
     per_expert: dict[str, dict[str, dict[int, str]]] = {}
     for k in hf_keys:
         native = hf_to_native_key(k, prefix)
         if native is not None:
+            if native in sources:
+                raise CheckpointError(f"{index_file}: tensors {sources[native][0]!r} and {k!r} both give {native!r}")
             sources[native] = [k]
             continue
         if prefix and k.startswith(VISION_PREFIXES):
@@ -193,20 +206,55 @@ def hf_source_map(hf_keys: Iterable[str], prefix: str, index_file: Path) -> dict
         per_expert.setdefault(base, {}).setdefault(proj, {})[e] = k
     for base, projs in per_expert.items():
         native_base = hf_to_native_key(prefix + base + ".down_proj", prefix).rsplit(".", 1)[0]
-        n = max(len(v) for v in projs.values())
+        n = 1 + max(e for v in projs.values() for e in v)  # a gap anywhere (even at the end of one proj) shows
         for proj in ("gate_proj", "up_proj", "down_proj"):
             missing = [e for e in range(n) if e not in projs.get(proj, {})]
             if missing:
                 raise CheckpointError(f"{index_file}: missing tensor {prefix}{base}.{missing[0]}.{proj}.weight")
+        for suffix, fused in ((".w13", "gate_up_proj"), (".w2", "down_proj")):
+            if native_base + suffix in sources:
+                raise CheckpointError(f"{index_file}: both fused {prefix}{base}.{fused} and per-expert "
+                                      f"{prefix}{base}.N.* tensors are present")
         sources[native_base + ".w13"] = [projs["gate_proj"][e] for e in range(n)] + [
             projs["up_proj"][e] for e in range(n)]
         sources[native_base + ".w2"] = [projs["down_proj"][e] for e in range(n)]
     return sources
 
 
-def assemble(native_key: str, parts: list[torch.Tensor]) -> torch.Tensor:
-    """Build one native tensor from its HF parts (identity, or stack per-expert [out, in] weights)."""
-    if not native_key.endswith((".experts.w13", ".experts.w2")) or parts[0].dim() == 3:
+def is_per_expert(hf_keys: list[str]) -> bool:
+    """Whether these source keys are per-expert linear weights (`experts.{e}.gate_proj.weight`, ...)."""
+    return bool(hf_keys) and _PER_EXPERT_SUFFIX.search(hf_keys[0]) is not None
+
+
+def source_shapes(native_key: str, native_shape: Iterable[int], hf_keys: list[str],
+                  index_file: Path) -> list[tuple[int, ...]]:
+    """The shape each HF source tensor must have to build `native_key` of `native_shape`.
+
+    One source: the native shape itself. Per-expert sources: [F, D] (gate, up) or [D, F] (down) each,
+    and exactly E (w2) or 2E (w13) of them, else `CheckpointError`.
+    """
+    shape = tuple(native_shape)
+    if not is_per_expert(hf_keys):
+        return [shape]
+    E, rows, cols = shape
+    if native_key.endswith(".w13"):  # [E, D, 2F] from 2E tensors [F, D]
+        n, part = len(hf_keys) // 2, (cols // 2, rows)
+    else:  # [E, F, D] from E tensors [D, F]
+        n, part = len(hf_keys), (cols, rows)
+    if n != E:
+        base = hf_keys[0].rsplit(".", 3)[0]
+        raise CheckpointError(f"{index_file}: {n} per-expert tensors {base}.N.* for {native_key!r}, expected {E}")
+    return [part] * len(hf_keys)
+
+
+def assemble(native_key: str, parts: list[torch.Tensor], hf_keys: list[str] | None = None) -> torch.Tensor:
+    """Build one native tensor from its HF parts (identity, or stack per-expert [out, in] weights).
+
+    With `hf_keys` the layout is decided by the source names, else by the rank of the first part.
+    """
+    per_expert = is_per_expert(hf_keys) if hf_keys is not None else (
+        native_key.endswith((".experts.w13", ".experts.w2")) and parts[0].dim() == 2)
+    if not per_expert:
         return parts[0]
     if native_key.endswith(".w13"):
         n = len(parts) // 2

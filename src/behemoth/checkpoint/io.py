@@ -25,8 +25,10 @@ from behemoth.checkpoint.convert import (
     CheckpointError,
     assemble,
     hf_source_map,
+    native_to_hf_key,
     native_to_hf_state,
     read_tensors,
+    source_shapes,
     weight_files,
     write_safetensors,
 )
@@ -37,8 +39,7 @@ FORMAT = "behemoth"
 FORMAT_VERSION = 1
 
 
-def detect_format(directory: Path) -> str:
-    """'native' or 'hf', from config.json; raises `CheckpointError` for anything else."""
+def _read_config(directory: Path) -> dict:
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
     cfg_file = directory / "config.json"
@@ -48,6 +49,14 @@ def detect_format(directory: Path) -> str:
         d = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON (not UTF-8: {e.reason})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{cfg_file}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _format_of(d: dict, cfg_file: Path) -> str:
     if d.get("format") == FORMAT:
         return "native"
     if d.get("model_type") in ("llama4", "llama4_text"):
@@ -55,46 +64,65 @@ def detect_format(directory: Path) -> str:
     raise CheckpointError(f"{cfg_file}: model_type={d.get('model_type')!r} is not a Llama 4 checkpoint")
 
 
+def detect_format(directory: Path) -> str:
+    """'native' or 'hf', from config.json; raises `CheckpointError` for anything else."""
+    directory = Path(directory)
+    return _format_of(_read_config(directory), directory / "config.json")
+
+
 def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu") -> Transformer:
     """Load a native or transformers directory into a `Transformer` (eval mode).
 
     `dtype=None` keeps the stored dtype. Missing, unexpected or mis-shaped tensors, truncated files
-    and missing index entries raise `CheckpointError` naming the file and key.
+    and missing index entries raise `CheckpointError` naming the file and key. Tensors are read one
+    file at a time and each is converted (dtype, device) as soon as it is complete, so the model's
+    weights are never held twice; only safetensors files are read (nothing is unpickled).
     """
     directory = Path(path)
-    fmt = detect_format(directory)
+    raw = _read_config(directory)
+    fmt = _format_of(raw, directory / "config.json")
     try:
         cfg = load_config_file(directory / "config.json")
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     files, index_file = weight_files(directory)
+    prefix = ""
     if fmt == "native":
         sources = {k: [k] for k in files}
     else:
-        raw = json.loads((directory / "config.json").read_text())
         prefix = "language_model." if raw.get("model_type") == "llama4" else ""
         sources = hf_source_map(files, prefix, index_file)
         if cfg.tie_word_embeddings:
             sources.pop("output.weight", None)
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for k in expected:
         if k not in sources:
-            raise CheckpointError(f"{index_file}: missing tensor for {k!r}")
+            name = repr(k) if fmt == "native" else f"{native_to_hf_key(k, prefix)!r} (native {k!r})"
+            raise CheckpointError(f"{index_file}: missing tensor {name}")
     for k in sources:
         if k not in expected:
             raise CheckpointError(f"{index_file}: unexpected tensor {sources[k][0]!r}")
-    needed = [hk for k in expected for hk in sources[k]]
-    raw_tensors = dict(read_tensors(files, needed))
-    state = {}
+    owner: dict[str, str] = {}  # source key -> native key
+    part_shape: dict[str, tuple[int, ...]] = {}
     for k, shape in expected.items():
-        t = assemble(k, [raw_tensors.pop(hk) for hk in sources[k]])
-        if t.shape != shape:
-            raise CheckpointError(f"{files[sources[k][0]]}: tensor {sources[k][0]!r} has shape "
-                                  f"{list(t.shape)}, expected {list(shape)}")
-        state[k] = t.to(device=device, dtype=dtype or t.dtype)
+        for hk, s in zip(sources[k], source_shapes(k, shape, sources[k], index_file), strict=True):
+            owner[hk], part_shape[hk] = k, s
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    state: dict[str, torch.Tensor] = {}
+    for hk, t in read_tensors(files, owner):
+        if tuple(t.shape) != part_shape[hk]:
+            raise CheckpointError(f"{files[hk]}: tensor {hk!r} has shape {list(t.shape)}, "
+                                  f"expected {list(part_shape[hk])}")
+        k = owner[hk]
+        got = pending.setdefault(k, {})
+        got[hk] = t
+        if len(got) == len(sources[k]):
+            del pending[k]
+            full = assemble(k, [got.pop(s) for s in sources[k]], sources[k])
+            state[k] = full.to(device=device, dtype=dtype or full.dtype)
     model.load_state_dict(state, assign=True, strict=True)
     _materialize_buffers(model, torch.device(device))
     return model.eval()
@@ -110,23 +138,53 @@ def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
 
 
 def _write_atomically(directory: Path, write) -> Path:
-    """Run `write(tmp_dir)` into a temporary sibling, then rename it to `directory`."""
+    """Run `write(tmp_dir)` into a temporary sibling, flush it to disk, then rename it to `directory`.
+
+    An existing non-empty `directory` (or a file of that name) is refused and left untouched; an empty
+    directory is replaced. On any failure the temporary directory is removed.
+    """
     directory = Path(directory)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise CheckpointError(f"{directory}: already exists and is not empty; refusing to overwrite")
+    if directory.exists() or directory.is_symlink():
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory}: exists and is not a directory; refusing to overwrite")
+        if any(directory.iterdir()):
+            raise CheckpointError(f"{directory}: already exists and is not empty; refusing to overwrite")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         write(tmp)
+        _fsync_tree(tmp)
         if directory.exists():
-            directory.rmdir()
+            directory.rmdir()  # empty (checked above); raises if something appeared meanwhile
         tmp.rename(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _fsync_path(directory.parent)
     return directory
+
+
+def _fsync_path(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush every file and the directory itself, so the rename never publishes unwritten data."""
+    for f in directory.iterdir():
+        if f.is_file():
+            _fsync_path(f)
+    _fsync_path(directory)
 
 
 def _meta(cfg: ModelConfig, state: dict[str, torch.Tensor], **extra) -> dict:
