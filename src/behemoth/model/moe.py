@@ -1,19 +1,26 @@
 """The Llama 4 mixture-of-experts block: Router, GroupedExperts, MoE (routed + shared expert).
 
-Semantics (llama4_spec.md §3.7, which HF and Meta share):
+Semantics (Meta's llama-models `moe.py` and transformers' `Llama4TextMoe` agree):
   1. router logits r = W_router x, computed here in fp32;
   2. top-k over r; score = sigmoid(r_e) of the chosen experts, no renormalisation;
   3. the score multiplies the expert *input*: z_e = x * score_e (SwiGLU is nonlinear, so this is
      not the same as weighting the output);
   4. out = shared_expert(x) + sum_e expert_e(z_e), the shared expert on the raw x.
 
-The fast path sorts token slots by expert and runs all experts as two grouped GEMMs
-(`torch._grouped_mm` where the build supports it, else a per-expert loop over the sorted slices);
-no FLOPs are spent on experts a token did not choose. `GroupedExperts.forward_loop` is the plain
-reference the tests compare against.
+Routed slots are sorted by expert so that every expert multiplies one contiguous slice; no FLOPs are
+spent on experts a token did not choose. Two kernels compute the experts, equal up to rounding:
+  * `torch._grouped_mm` (one grouped GEMM per projection, no host sync): on CUDA, where the build
+    supports the dtype (bf16 on Hopper for torch <= 2.8) and the operands are 16-byte aligned;
+  * a loop of plain matmuls, one pair per expert, everywhere else. On CPU `_grouped_mm` is itself a
+    loop of GEMMs: whole-layer timings with benchmarks/moe_layer.py (torch 2.13, fp32) were within
+    +-10% of this loop either way, and the loop also runs on torch < 2.9 (no CPU kernel there), needs
+    no 16-byte alignment (torch <= 2.10) and takes any gradient layout (the 2.13 CPU backward rejects
+    stride-0 output gradients), so the CPU default is the loop.
+`MoE.use_loop` forces the loop (the reference the tests compare against); `GroupedExperts.grouped =
+True` forces the grouped kernel.
 
 Shape legend: B batch, S sequence, T tokens (B*S), D model dim, F expert hidden dim, E experts,
-K top-k, M routed slots (T*K).
+K top-k, M routed slots (T*K), n slots of one expert.
 """
 
 from __future__ import annotations
@@ -29,24 +36,34 @@ _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `torch._grouped_mm` runs here (probed once per device type and dtype).
+    """Whether `torch._grouped_mm` runs forward and backward here (probed once per device type and dtype).
 
-    CUDA builds support it for bf16 on Hopper and newer; recent CPU builds support it too.
-    Anything that raises falls back to the loop, which is slower but exact.
+    CUDA builds support it for bf16 on Hopper (and on sm80+ from torch 2.9); CPU builds from torch 2.9.
+    Anything that raises or gives a wrong number counts as unsupported. The probe runs with autograd
+    on, so that a first call under `no_grad` or `inference_mode` does not cache a wrong answer.
     """
     key = (device.type, dtype)
     if key not in _GROUPED_MM_OK:
         ok = hasattr(torch, "_grouped_mm")
         if ok:
             try:
-                a = torch.ones(16, 16, device=device, dtype=dtype)
-                b = torch.ones(2, 16, 16, device=device, dtype=dtype)
-                offs = torch.tensor([8, 16], device=device, dtype=torch.int32)
-                ok = bool(torch._grouped_mm(a, b, offs=offs)[0, 0].item() == 16)
-            except (RuntimeError, NotImplementedError, TypeError):
+                with torch.inference_mode(False), torch.enable_grad():
+                    a = torch.ones(16, 16, device=device, dtype=dtype, requires_grad=True)
+                    b = torch.ones(2, 16, 16, device=device, dtype=dtype, requires_grad=True)
+                    offs = torch.tensor([8, 16], device=device, dtype=torch.int32)
+                    y = torch._grouped_mm(a, b, offs=offs)
+                    y.backward(torch.ones_like(y))
+                    ok = (y[0, 0].item(), a.grad[0, 0].item(), b.grad[1, 0, 0].item()) == (16, 16, 8)
+            except Exception:  # an unsupported build, device or dtype: fall back to the loop
                 ok = False
         _GROUPED_MM_OK[key] = ok
     return _GROUPED_MM_OK[key]
+
+
+def _aligned_16(t: torch.Tensor) -> bool:
+    """Base pointer and every non-unit stride a multiple of 16 bytes, with a unit last stride."""
+    es = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * es % 16 == 0 for s in t.stride()[:-1])
 
 
 class Router(nn.Module):
@@ -75,43 +92,66 @@ class Router(nn.Module):
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as 3-D weights, input-major (y = x @ W), the HF layout:
     `w13` [E, D, 2F] with the gate (Meta w1) in [..., :F] and the up projection (w3) in [..., F:];
-    `w2` [E, F, D] (down)."""
+    `w2` [E, F, D] (down).
+
+    `grouped` picks the kernel: None lets `use_grouped_mm` decide, True forces `torch._grouped_mm`,
+    False forces the per-expert loop.
+    """
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int):
         super().__init__()
         self.hidden_dim = hidden_dim
         self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.grouped: bool | None = None
+
+    def use_grouped_mm(self, x_MD: torch.Tensor) -> bool:
+        """The default kernel choice: the grouped GEMM on CUDA when the build runs it for this dtype and
+        the operands (x, w13, w2 and the [M, F] activation) meet its 16-byte alignment; else the loop."""
+        if x_MD.device.type != "cuda" or not grouped_mm_supported(x_MD.device, x_MD.dtype):
+            return False
+        same_dtype = self.w13.dtype == self.w2.dtype == x_MD.dtype
+        act_aligned = self.hidden_dim * x_MD.element_size() % 16 == 0
+        return same_dtype and act_aligned and all(_aligned_16(t) for t in (x_MD, self.w13, self.w2))
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """x [M, D] sorted by expert, counts [E] -> [M, D]. Grouped GEMMs where supported."""
-        if not grouped_mm_supported(x_MD.device, x_MD.dtype):
-            return self.forward_loop(x_MD, counts_E)
+        """x [M, D] sorted by expert, counts [E] (slots per expert) -> [M, D]."""
+        grouped = self.use_grouped_mm(x_MD) if self.grouped is None else self.grouped
+        return self.forward_grouped(x_MD, counts_E) if grouped else self.forward_loop(x_MD, counts_E)
+
+    def forward_grouped(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Two grouped GEMMs over the sorted slots; offsets are int32 cumulative counts [E]."""
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        h_MF2 = torch._grouped_mm(x_MD, self.w13, offs=offs_E)
-        gate_MF, up_MF = h_MF2.chunk(2, dim=-1)
+        gate_MF, up_MF = torch._grouped_mm(x_MD, self.w13, offs=offs_E).chunk(2, dim=-1)
         return torch._grouped_mm(F.silu(gate_MF) * up_MF, self.w2, offs=offs_E)
 
     def forward_loop(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Reference: one matmul pair per expert over its contiguous slice of sorted tokens."""
-        outs, start = [], 0
-        for e, n in enumerate(counts_E.tolist()):
+        """One matmul pair per expert over its contiguous slice [n, D]; experts with no slots are skipped.
+
+        The weights are `unbind`-ed once rather than indexed per expert: the backward of `w13[e]` would
+        build a zero-filled [E, D, 2F] gradient for every expert and add them up (E^2 weight-sized memory
+        traffic), while that of `unbind` stacks the E per-expert gradients once.
+        """
+        counts = counts_E.tolist()
+        outs = []
+        slices = zip(x_MD.split(counts), self.w13.unbind(0), self.w2.unbind(0), counts, strict=True)
+        for x_nD, w13_DF2, w2_FD, n in slices:
             if n == 0:
                 continue
-            gate_nF, up_nF = (x_MD[start:start + n] @ self.w13[e]).chunk(2, dim=-1)
-            outs.append((F.silu(gate_nF) * up_nF) @ self.w2[e])
-            start += n
+            gate_nF, up_nF = (x_nD @ w13_DF2).chunk(2, dim=-1)
+            outs.append((F.silu(gate_nF) * up_nF) @ w2_FD)
         return torch.cat(outs) if outs else x_MD.new_zeros(x_MD.shape)
 
 
 class MoE(nn.Module):
     """Routed experts plus an optional shared expert.
 
-    forward: route (fp32) -> sort slots by expert -> scale inputs by score -> grouped experts ->
-    unsort -> sum over k -> + shared_expert(x).
+    forward: route (fp32) -> sort slots by expert -> scale inputs by score -> experts -> unsort ->
+    sum over k -> + shared_expert(x).
 
     `tokens_per_expert` (non-persistent) accumulates routed counts in training mode only; the
-    trainer reads and resets it for balance statistics and bias updates.
+    trainer reads and resets it for balance statistics and bias updates. `use_loop` routes the experts
+    through `GroupedExperts.forward_loop`, the reference.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -123,22 +163,24 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg.dim, m.expert_dim, m.num_experts)
         self.shared_expert = FeedForward(cfg.dim, m.expert_dim) if m.num_shared_experts else None
         self.register_buffer("tokens_per_expert", torch.zeros(m.num_experts), persistent=False)
-        self.use_loop = False  # route through GroupedExperts.forward_loop (the reference)
+        self.use_loop = False
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """x [B, S, D] -> [B, S, D]."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
         scores_TK, ids_TK, _ = self.router(x_TD)
         ids_M = ids_TK.flatten()
-        order_M = torch.argsort(ids_M, stable=True)
-        counts_E = torch.bincount(ids_M, minlength=self.num_experts)
+        order_M = torch.argsort(ids_M, stable=True)  # slot m = t*K + k, sorted by expert id
+        counts_E = ids_M.new_zeros(self.num_experts).scatter_add_(0, ids_M, torch.ones_like(ids_M))  # no host sync
         if self.training:
             with torch.no_grad():
                 self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
         x_MD = x_TD[order_M // self.top_k] * scores_TK.flatten()[order_M, None].to(x_TD.dtype)
         run = self.experts.forward_loop if self.use_loop else self.experts
         y_MD = run(x_MD, counts_E)
-        y_TD = torch.empty_like(y_MD).index_copy_(0, order_M, y_MD).view(-1, self.top_k, D).sum(1)
+        y_MD = torch.empty_like(y_MD).index_copy_(0, order_M, y_MD)  # back to slot order t*K + k
+        y_TD = y_MD if self.top_k == 1 else y_MD.view(-1, self.top_k, D).sum(1)
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD)
         return y_TD.view(B, S, D)
