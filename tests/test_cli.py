@@ -78,3 +78,11 @@ def test_demo_quick(tmp_path):
     assert "107,769,861,120" in r.stdout and "greedy generation" in r.stdout
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
     assert len(summary["generated"]) == 16
+
+
+def test_runtime_does_not_import_transformers():
+    code = ("import sys, torch, behemoth; from behemoth.cli import main; "
+            "behemoth.build_model('debug')(torch.zeros(1, 4, dtype=torch.long)); main(['info', '--preset', 'debug']); "
+            "assert 'transformers' not in sys.modules, 'transformers imported at run time'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr

@@ -161,24 +161,22 @@ def test_reads_hub_style_scout_config():
 
 
 def test_matches_transformers_config_derivation():
-    transformers = pytest.importorskip("transformers")
+    from hf_reference import hf_text_config
+
     for name in ("debug", "maverick", "scout"):
         cfg = PRESETS[name]
-        d = to_hf_config(cfg)
-        d.pop("model_type")
-        hf = transformers.Llama4TextConfig(**d)
+        hf = hf_text_config(cfg)
         assert list(hf.moe_layers) == list(cfg.moe_layers)
         assert [bool(x) for x in hf.no_rope_layers] == list(cfg.rope_layers)
 
 
 def test_transformers_model_has_same_parameter_count():
-    transformers = pytest.importorskip("transformers")
+    from hf_reference import hf_text_config, transformers
+
     for name in ("debug", "mini-maverick", "scout"):
         cfg = PRESETS[name]
-        d = to_hf_config(cfg)
-        d.pop("model_type")
         with torch.device("meta"):
-            hf = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**d))
+            hf = transformers.Llama4ForCausalLM(hf_text_config(cfg))
         assert sum(p.numel() for p in hf.parameters()) == cfg.num_params()
 
 

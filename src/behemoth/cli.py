@@ -67,7 +67,8 @@ def format_info(r: dict) -> str:
 
 def cmd_info(args: argparse.Namespace) -> None:
     if args.config:
-        cfg, name = load_config_file(args.config), str(args.config)
+        path = Path(args.config)
+        cfg, name = load_config_file(path / "config.json" if path.is_dir() else path), str(path)
     else:
         cfg, name = get_preset(args.preset), args.preset
     report = info_report(cfg, name)
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="parameter table (total and active per token) for a preset or config")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--preset", choices=list(PRESETS), help="a built-in preset")
-    g.add_argument("--config", help="a config.json (native or transformers)")
+    g.add_argument("--config", help="a config.json (native or transformers), or a checkpoint directory")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(fn=cmd_info)
 
