@@ -368,6 +368,11 @@ PRESETS: dict[str, ModelConfig] = {
         moe=MoEConfig(num_experts=16, top_k=1, expert_dim=26624, interleave_step=1),
         rope_scaling=RopeScaling(16.0, 1.0, 1.0, 8192), use_qk_norm=True, max_seq_len=262144,
         **_LLAMA4_TOKENS),
+    # The standard GPU training benchmark: Scout-shaped (MoE in every layer, 8 experts top-1 + shared),
+    # 1.10B active / 3.92B total.
+    "bench-1b": ModelConfig(
+        dim=2048, n_layers=16, n_heads=16, n_kv_heads=4, head_dim=128, vocab_size=32000, ffn_dim=8192,
+        moe=MoEConfig(num_experts=8, top_k=1, expert_dim=4096, interleave_step=1), max_seq_len=8192),
     # CPU teacher with Behemoth's shape of sparsity: 16 experts + shared, MoE in every layer.
     "mini-behemoth": ModelConfig(
         dim=256, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=32, vocab_size=2048, ffn_dim=768,
@@ -388,6 +393,7 @@ PRESET_NOTES: dict[str, str] = {
     "maverick": "Llama 4 Maverick 17B-128E text model (official config)",
     "behemoth": ("ESTIMATE, not an official config: derived from Meta's public 288B active / ~2T total / "
                  "16 experts; Scout-style blocks at D=16384, 88 layers, expert width 26624"),
+    "bench-1b": "standard GPU training benchmark: 8 experts top-1 + shared in every layer",
     "mini-behemoth": "CPU teacher: 16 experts + shared, MoE in every layer",
     "mini-maverick": "CPU student: 32 small experts, MoE every other layer, ~4x fewer active params",
 }
