@@ -31,6 +31,7 @@ def hf_pair(cfg: ModelConfig, seed: int = 0, dtype=torch.float32, attn: str = "s
                 p.normal_(1.0, 0.1)
     ours = Transformer(cfg).eval()
     state = {hf_to_native_key(k): v for k, v in hf.state_dict().items()}
+    state.update({k: v for k, v in Transformer(cfg).state_dict().items() if k.endswith("expert_bias")})
     if cfg.tie_word_embeddings:
         state.pop("output.weight")
     ours.load_state_dict(state, strict=True)

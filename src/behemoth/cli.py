@@ -92,7 +92,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     if args.direction == "hf-to-native":
         save_model(model, dst, max_shard_bytes=shard, source=str(src))
     else:
-        export_hf(model, dst, max_shard_bytes=shard)
+        export_hf(model, dst, max_shard_bytes=shard, drop_router_bias=args.drop_router_bias)
     print(f"wrote {dst} ({model.config.num_params():,} parameters, {time.time() - t0:.1f}s)")
 
 
@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dst", help="destination directory (must not exist or be empty)")
     s.add_argument("--dtype", choices=list(DTYPES), help="cast weights (default: keep stored dtype)")
     s.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size for the output (GiB)")
+    s.add_argument("--drop-router-bias", action="store_true",
+                   help="native-to-hf: drop trained routing biases (transformers has none; routing changes)")
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser("demo", help="the main job: preset table, a small model's forward and generation")

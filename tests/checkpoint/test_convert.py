@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import behemoth
 from behemoth.checkpoint import CheckpointError, export_hf, save_model
-from behemoth.checkpoint.convert import hf_to_native_key, native_to_hf_key, write_safetensors
+from behemoth.checkpoint.convert import hf_to_native_key, is_native_only, native_to_hf_key, write_safetensors
 from behemoth.config import to_hf_config
 from behemoth.model import Transformer
 
@@ -50,7 +50,7 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 def test_every_native_key_maps_to_hf_and_back(cfg):
     assert cfg.moe_layers and len(cfg.moe_layers) < cfg.n_layers  # dense and MoE layers both present
     with torch.device("meta"):
-        keys = list(Transformer(cfg).state_dict())
+        keys = [k for k in Transformer(cfg).state_dict() if not is_native_only(k)]
     assert any(k.endswith("experts.w13") for k in keys) and any(k.endswith("feed_forward.w1.weight") for k in keys)
     for prefix in ("", "language_model."):
         hf_keys = [native_to_hf_key(k, prefix) for k in keys]
@@ -62,7 +62,7 @@ def test_every_native_key_maps_to_hf_and_back(cfg):
 
 def test_native_keys_are_exactly_transformers_keys(hf_causal):
     hf, ours = hf_causal
-    assert {native_to_hf_key(k) for k in ours.state_dict()} == set(hf.state_dict())
+    assert {native_to_hf_key(k) for k in ours.state_dict() if not is_native_only(k)} == set(hf.state_dict())
 
 
 def test_key_map_unknown_names():
@@ -181,7 +181,8 @@ def test_export_hf_loads_in_transformers(max_shard_bytes, make_model, ids, tmp_p
     hf = transformers.Llama4ForCausalLM.from_pretrained(d).eval()
     hf_state = hf.state_dict()
     for k, v in model.state_dict().items():  # every weight was loaded, none freshly initialised
-        assert torch.equal(hf_state[native_to_hf_key(k)], v), k
+        if not is_native_only(k):
+            assert torch.equal(hf_state[native_to_hf_key(k)], v), k
     assert max_diff(run(hf, ids), run(model, ids)) <= TOL
 
 

@@ -308,3 +308,16 @@ def test_checkpoint_code_has_no_pickle_loading():
     for f in src.glob("*.py"):
         text = f.read_text()
         assert "torch.load(" not in text and "import pickle" not in text and "pickle.load" not in text, f
+
+
+def test_router_bias_round_trips_natively_and_blocks_a_lossy_export(make_model, tmp_path):
+    model = make_model()
+    router = model.layers[1].feed_forward.router
+    router.expert_bias.copy_(torch.tensor([0.5, -0.5, 0.25, -0.25]))
+    d = save_model(model, tmp_path / "native")
+    assert torch.equal(behemoth.load_model(str(d)).layers[1].feed_forward.router.expert_bias, router.expert_bias)
+    with pytest.raises(CheckpointError, match="expert_bias is non-zero"):
+        export_hf(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+    export_hf(model, tmp_path / "hf", drop_router_bias=True)
+    assert not behemoth.load_model(str(tmp_path / "hf")).layers[1].feed_forward.router.expert_bias.any()

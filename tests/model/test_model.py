@@ -129,3 +129,30 @@ def test_greedy_generation_follows_full_forward_argmax():
     assert torch.equal(logits[:, 5:].argmax(-1), out[:, 6:])
     s1 = generate(model, prompt, 5, temperature=1.0, top_k=10, seed=1)
     assert torch.equal(s1, generate(model, prompt, 5, temperature=1.0, top_k=10, seed=1))
+
+
+def test_segments_behave_like_separate_documents():
+    """Two packed documents with restarting positions and segment ids == each document run alone."""
+    model = build_model("debug").eval()
+    a, b = torch.randint(0, 256, (1, 45)), torch.randint(0, 256, (1, 30))
+    packed = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(45), torch.arange(30)])[None]
+    segments = torch.cat([torch.zeros(45), torch.ones(30)]).long()[None]
+    with torch.no_grad():
+        out = model(packed, positions=positions, segment_ids=segments)
+        torch.testing.assert_close(out[:, :45], model(a))
+        torch.testing.assert_close(out[:, 45:], model(b))
+
+
+def test_expert_bias_moves_selection_not_scores():
+    from behemoth.model.moe import Router
+
+    router = Router(4, 3, 1)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(3, 4))
+    x = torch.tensor([[1.0, 0.5, 0.0, 0.0]])
+    scores, ids, _ = router(x)
+    assert ids.item() == 0 and scores.item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item())
+    router.expert_bias.copy_(torch.tensor([0.0, 1.0, 0.0]))
+    scores, ids, _ = router(x)
+    assert ids.item() == 1 and scores.item() == pytest.approx(torch.sigmoid(torch.tensor(0.5)).item())

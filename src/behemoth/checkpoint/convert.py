@@ -45,6 +45,9 @@ KEY_MAP: tuple[tuple[str, str], ...] = (
     ("layers.{i}.feed_forward.shared_expert.w3.weight", "model.layers.{i}.feed_forward.shared_expert.up_proj.weight"),
     ("layers.{i}.feed_forward.shared_expert.w2.weight", "model.layers.{i}.feed_forward.shared_expert.down_proj.weight"),
 )
+# Native state that transformers' Llama 4 has no place for: the auxiliary-loss-free routing bias. It is
+# zero in every released checkpoint, so a checkpoint without it loads with zeros.
+NATIVE_ONLY = ("layers.{i}.feed_forward.router.expert_bias",)
 # Prefixes of the multimodal checkpoint's non-text parts (loaded by the vision model, not here).
 VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 _PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.feed_forward\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -61,6 +64,12 @@ def _template_regex(template: str) -> re.Pattern[str]:
 
 _TO_NATIVE = [(_template_regex(hf), native) for native, hf in KEY_MAP]
 _TO_HF = [(_template_regex(native), hf) for native, hf in KEY_MAP]
+_NATIVE_ONLY = [_template_regex(t) for t in NATIVE_ONLY]
+
+
+def is_native_only(key: str) -> bool:
+    """Whether a native key has no HF counterpart (and may be absent from a checkpoint: zeros)."""
+    return any(p.match(key) for p in _NATIVE_ONLY)
 
 
 def _translate(key: str, table: list[tuple[re.Pattern[str], str]]) -> str | None:
@@ -262,6 +271,19 @@ def assemble(native_key: str, parts: list[torch.Tensor], hf_keys: list[str] | No
     return torch.stack([p.T for p in parts])
 
 
-def native_to_hf_state(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """Rename a native state dict to HF names (fused expert layout, as transformers writes it)."""
-    return {native_to_hf_key(k, prefix): v for k, v in state.items()}
+def native_to_hf_state(state: dict[str, torch.Tensor], prefix: str = "",
+                       drop_router_bias: bool = False) -> dict[str, torch.Tensor]:
+    """Rename a native state dict to HF names (fused expert layout, as transformers writes it).
+
+    Native-only tensors are left out when zero. A non-zero routing bias changes which experts are
+    chosen, and transformers cannot hold it: that raises unless `drop_router_bias` is set.
+    """
+    out = {}
+    for k, v in state.items():
+        if is_native_only(k):
+            if bool(v.any()) and not drop_router_bias:
+                raise CheckpointError(f"{k} is non-zero: transformers' Llama 4 has no routing bias, so the exported "
+                                      "model would route differently (pass drop_router_bias / --drop-router-bias)")
+            continue
+        out[native_to_hf_key(k, prefix)] = v
+    return out

@@ -25,6 +25,7 @@ from behemoth.checkpoint.convert import (
     CheckpointError,
     assemble,
     hf_source_map,
+    is_native_only,
     native_to_hf_key,
     native_to_hf_state,
     read_tensors,
@@ -98,6 +99,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    absent_ok = {k: shape for k, shape in expected.items() if is_native_only(k) and k not in sources}
+    for k in absent_ok:
+        del expected[k]
     for k in expected:
         if k not in sources:
             name = repr(k) if fmt == "native" else f"{native_to_hf_key(k, prefix)!r} (native {k!r})"
@@ -123,6 +127,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
             del pending[k]
             full = assemble(k, [got.pop(s) for s in sources[k]], sources[k])
             state[k] = full.to(device=device, dtype=dtype or full.dtype)
+    fill_dtype = dtype or next(iter(state.values())).dtype  # absent routing biases: zeros, like the weights
+    for k, shape in absent_ok.items():
+        state[k] = torch.zeros(shape, device=device, dtype=fill_dtype)
     model.load_state_dict(state, assign=True, strict=True)
     _materialize_buffers(model, torch.device(device))
     return model.eval()
@@ -209,11 +216,15 @@ def save_model(model: Transformer, directory: str | Path, max_shard_bytes: int |
     return _write_atomically(Path(directory), write)
 
 
-def export_hf(model: Transformer, directory: str | Path, max_shard_bytes: int | None = None) -> Path:
-    """Write a transformers `Llama4ForCausalLM` directory (config.json + safetensors), atomically."""
+def export_hf(model: Transformer, directory: str | Path, max_shard_bytes: int | None = None,
+              drop_router_bias: bool = False) -> Path:
+    """Write a transformers `Llama4ForCausalLM` directory (config.json + safetensors), atomically.
+
+    A trained routing bias has no place in transformers' model: non-zero biases raise unless
+    `drop_router_bias` (the exported model then routes by the raw logits)."""
     cfg = model.config
     hf_config = to_hf_config(cfg)  # raises ValueError for what transformers cannot express
-    state = native_to_hf_state(model.state_dict())
+    state = native_to_hf_state(model.state_dict(), drop_router_bias=drop_router_bias)
     dtypes = {t.dtype for t in state.values()}
     hf_config["dtype"] = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
 

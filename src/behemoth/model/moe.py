@@ -67,13 +67,20 @@ def _aligned_16(t: torch.Tensor) -> bool:
 
 
 class Router(nn.Module):
-    """Sigmoid top-k router. `force_balance` (benchmarks only) assigns slots round-robin so that every
-    expert gets the same number of tokens, while scores still come from the router's logits."""
+    """Sigmoid top-k router.
+
+    `expert_bias` [E] is the auxiliary-loss-free balancing bias (DeepSeek-V3): it is added to the
+    logits for the top-k *selection only*; the scores stay sigmoid(unbiased logit). It is zero in
+    every released Llama 4 checkpoint and is moved by the trainer (`train.optim.update_expert_bias`),
+    never by gradients. `force_balance` (benchmarks only) assigns slots round-robin so that every
+    expert gets the same number of tokens, while scores still come from the router's logits.
+    """
 
     def __init__(self, dim: int, num_experts: int, top_k: int):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
         self.force_balance = False
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,7 +91,7 @@ class Router(nn.Module):
             slots = torch.arange(T * self.top_k, device=x_TD.device).view(T, self.top_k)
             ids_TK = slots % self.num_experts
         else:
-            ids_TK = torch.topk(logits_TE, self.top_k, dim=-1).indices
+            ids_TK = torch.topk(logits_TE + self.expert_bias.float(), self.top_k, dim=-1).indices
         scores_TK = torch.sigmoid(logits_TE.gather(-1, ids_TK))
         return scores_TK, ids_TK, logits_TE
 
@@ -149,9 +156,10 @@ class MoE(nn.Module):
     forward: route (fp32) -> sort slots by expert -> scale inputs by score -> experts -> unsort ->
     sum over k -> + shared_expert(x).
 
-    `tokens_per_expert` (non-persistent) accumulates routed counts in training mode only; the
-    trainer reads and resets it for balance statistics and bias updates. `use_loop` routes the experts
-    through `GroupedExperts.forward_loop`, the reference.
+    In training mode only: `tokens_per_expert` (non-persistent) accumulates routed counts, which the
+    trainer reads and resets for balance statistics and bias updates; and `last_router_logits` [T, E]
+    (fp32, with grad) and `last_expert_ids` [T, K] keep the latest forward's routing for the router
+    losses. `use_loop` routes the experts through `GroupedExperts.forward_loop`, the reference.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -164,16 +172,19 @@ class MoE(nn.Module):
         self.shared_expert = FeedForward(cfg.dim, m.expert_dim) if m.num_shared_experts else None
         self.register_buffer("tokens_per_expert", torch.zeros(m.num_experts), persistent=False)
         self.use_loop = False
+        self.last_router_logits: torch.Tensor | None = None
+        self.last_expert_ids: torch.Tensor | None = None
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         """x [B, S, D] -> [B, S, D]."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
-        scores_TK, ids_TK, _ = self.router(x_TD)
+        scores_TK, ids_TK, logits_TE = self.router(x_TD)
         ids_M = ids_TK.flatten()
         order_M = torch.argsort(ids_M, stable=True)  # slot m = t*K + k, sorted by expert id
         counts_E = ids_M.new_zeros(self.num_experts).scatter_add_(0, ids_M, torch.ones_like(ids_M))  # no host sync
         if self.training:
+            self.last_router_logits, self.last_expert_ids = logits_TE, ids_TK
             with torch.no_grad():
                 self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
         x_MD = x_TD[order_M // self.top_k] * scores_TK.flatten()[order_M, None].to(x_TD.dtype)

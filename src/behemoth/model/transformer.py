@@ -47,19 +47,30 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_word_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, S]; positions [B, S] or [S] (absolute, default 0..S-1) -> logits [B, S, V]."""
-        return self.logits(self.hidden_states(input_ids, positions))
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, S] -> logits [B, S, V]. See `hidden_states` for positions and segments."""
+        return self.logits(self.hidden_states(input_ids, positions, segment_ids))
 
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """The final-normed hidden states [B, S, D], before the output head."""
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The final-normed hidden states [B, S, D], before the output head.
+
+        positions: [B, S] or [S] absolute positions (default 0..S-1); they drive RoPE, the chunk
+        boundaries and temperature tuning. segment_ids: [B, S]; when given, a token attends only to
+        tokens of its own segment (packed documents, each with positions restarting at 0, then
+        behave exactly as if run one by one).
+        """
         B, S = input_ids.shape
         if positions is None:
             positions = torch.arange(S, device=input_ids.device)
         pos_BS = positions.expand(B, S) if positions.dim() == 1 else positions
         rope = rope_cos_sin(rope_inv_freq(self.config, input_ids.device), pos_BS)
+        same_BSS = None if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]
         masks = {True: attention_mask(pos_BS, pos_BS, self.config.attention_chunk_size),
                  False: attention_mask(pos_BS, pos_BS, None)}
+        if same_BSS is not None:
+            masks = {k: m & same_BSS[:, None] for k, m in masks.items()}
         x_BSD = self.tok_embeddings(input_ids)
         for layer in self.layers:
             x_BSD = layer(x_BSD, rope, pos_BS, masks)
