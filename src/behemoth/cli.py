@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from behemoth.config import PRESET_NOTES, PRESETS, ModelConfig, get_preset, load_config_file
+from behemoth.train.trainer import Interrupted, TrainingStopped
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -96,6 +97,30 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({model.config.num_params():,} parameters, {time.time() - t0:.1f}s)")
 
 
+# ---- train, tokenizer ---------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from behemoth.train.config import build_config
+    from behemoth.train.run import run_training
+
+    cfg = build_config(args.config, args.overrides)
+    summary = run_training(cfg, resume=args.resume)
+    print(f"done: {summary['step']} steps, {summary['tokens']:,} tokens, {summary['nonfinite_steps']} skipped; "
+          f"run dir {cfg.train.out_dir}")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from behemoth.data.corpus import iter_documents, resolve_paths
+    from behemoth.data.tokenizer import Tokenizer
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise UsageError(f"{out}: already exists (pass --force to replace it)")
+    tok = Tokenizer.train(iter_documents(resolve_paths(args.data), args.field), vocab_size=args.vocab_size)
+    tok.save(out)
+    print(f"wrote {out}: {tok.vocab_size} tokens (fingerprint {tok.fingerprint[:12]})")
+
+
 # ---- demo ----------------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -158,6 +183,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="native-to-hf: drop trained routing biases (transformers has none; routing changes)")
     s.set_defaults(fn=cmd_convert)
 
+    s = sub.add_parser("train", help="train a model (built-in STEM tasks by default, or --data.path=CORPUS)",
+                       description="Train from defaults, a TOML --config and dotted overrides such as "
+                                   "--optim.lr=3e-4 --train.steps=1000 --data.path='corpus/*.jsonl'.")
+    s.add_argument("--config", help="a TOML file with [model], [data], [optim], [router], [train], [log], ... tables")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the run in --train.out_dir from its latest checkpoint")
+    s.set_defaults(fn=cmd_train, allow_overrides=True)
+
+    s = sub.add_parser("tokenizer", help="tokenizer tools")
+    tsub = s.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer on a corpus")
+    t.add_argument("--data", required=True, help="a .txt/.jsonl/.parquet file or glob")
+    t.add_argument("--field", default="text", help="text field (.jsonl) or column (.parquet)")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--out", required=True, help="where to write tokenizer.json")
+    t.add_argument("--force", action="store_true", help="replace an existing file")
+    t.set_defaults(fn=cmd_tokenizer_train)
+
     s = sub.add_parser("demo", help="the main job: preset table, a small model's forward and generation")
     s.add_argument("--quick", action="store_true", help="use the debug preset (seconds)")
     s.add_argument("--out", help="directory for the demo's JSON summary")
@@ -168,11 +211,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and not getattr(args, "allow_overrides", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = extra
         args.fn(args)
     except UsageError as e:
         print(str(e), file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"behemoth: {e}; continue with --resume", file=sys.stderr)
+        return 128 + e.signum
+    except TrainingStopped as e:
+        print(f"behemoth train: stopped: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         cmd = getattr(locals().get("args"), "command", "")
         print(f"behemoth {cmd}: error: {e}".replace("  ", " "), file=sys.stderr)

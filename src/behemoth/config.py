@@ -181,6 +181,16 @@ class ModelConfig:
         """Parameters used per token: top-k routed + shared experts, plus embedding and head."""
         return sum(self.param_breakdown()["active"].values())
 
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Model FLOPs to train on one token (forward + backward), the PaLM convention that MFU figures
+        use: 6 x active parameters (embedding and head included) plus 12 x layers x heads x head_dim x
+        keys in the attention window (the whole sequence, or the chunk on chunked RoPE layers)."""
+        attn = 0.0
+        for rope in self.rope_layers:
+            window = min(seq_len, self.attention_chunk_size or seq_len) if rope else seq_len
+            attn += 12 * self.n_heads * self.head_dim * window
+        return 6 * self.num_active_params() + attn
+
     # ---- native JSON --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

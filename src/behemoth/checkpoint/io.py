@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from behemoth.checkpoint.convert import (
@@ -203,17 +204,115 @@ def _meta(cfg: ModelConfig, state: dict[str, torch.Tensor], **extra) -> dict:
             "dtypes": dtypes, "total_params": cfg.num_params(), "active_params": cfg.num_active_params(), **extra}
 
 
-def save_model(model: Transformer, directory: str | Path, max_shard_bytes: int | None = None, **meta) -> Path:
-    """Write a native checkpoint directory (config.json + safetensors + meta.json), atomically."""
+def _write_model_files(model: Transformer, directory: Path, max_shard_bytes: int | None = None, **meta) -> None:
     cfg = model.config
     state = model.state_dict()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps({"format": FORMAT, "model": cfg.to_dict()}, indent=2))
+    write_safetensors(state, directory, max_shard_bytes)
+    (directory / "meta.json").write_text(json.dumps(_meta(cfg, state, **meta), indent=2))
+
+
+def save_model(model: Transformer, directory: str | Path, max_shard_bytes: int | None = None, **meta) -> Path:
+    """Write a native checkpoint directory (config.json + safetensors + meta.json), atomically."""
+    return _write_atomically(Path(directory), lambda tmp: _write_model_files(model, tmp, max_shard_bytes, **meta))
+
+
+# ---- training checkpoints: <run>/checkpoints/step_0000100/, with a `latest` pointer ---------------
+
+TRAIN_STATE = "train_state.json"  # plain values; its tensors are in train_state.safetensors
+
+
+def save_training_checkpoint(run_dir: str | Path, step: int, models: dict[str, Transformer], train_state: dict,
+                             keep_last: int) -> Path:
+    """Write `checkpoints/step_{step:07d}` atomically, then move `latest` to it, then prune.
+
+    The first model ("model") sits at the directory's root, so `load_model(step_dir)` loads it; any
+    other (e.g. a codistilled teacher) in a subdirectory of its name. `train_state.pt` holds the
+    optimizer, data position, RNG and counters as `train_state.json` + `train_state.safetensors`
+    (nothing is pickled). A crash at any point leaves `latest` on a complete checkpoint.
+    """
+    ckpt_root = Path(run_dir) / "checkpoints"
+    final = ckpt_root / f"step_{step:07d}"
+    if final.exists():  # re-saving the same step (e.g. the final save right after a periodic one)
+        shutil.rmtree(final)
 
     def write(tmp: Path) -> None:
-        (tmp / "config.json").write_text(json.dumps({"format": FORMAT, "model": cfg.to_dict()}, indent=2))
-        write_safetensors(state, tmp, max_shard_bytes)
-        (tmp / "meta.json").write_text(json.dumps(_meta(cfg, state, **meta), indent=2))
+        for name, model in models.items():
+            _write_model_files(model, tmp if name == "model" else tmp / name, step=step)
+        write_state(train_state, tmp, "train_state")
 
-    return _write_atomically(Path(directory), write)
+    _write_atomically(final, write)
+    pointer_tmp = ckpt_root / "latest.tmp"
+    pointer_tmp.write_text(final.name)
+    _fsync_path(pointer_tmp)
+    os.replace(pointer_tmp, ckpt_root / "latest")
+    _fsync_path(ckpt_root)
+    steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep_last] if keep_last > 0 else []:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The directory `checkpoints/latest` points to, or None when the run has no checkpoint."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    target = pointer.parent / pointer.read_text().strip()
+    if not (target / TRAIN_STATE).is_file():
+        raise CheckpointError(f"{pointer}: points to {target.name}, which is missing or incomplete")
+    return target
+
+
+def load_training_state(ckpt_dir: Path) -> dict:
+    return read_state(Path(ckpt_dir), "train_state")
+
+
+def write_state(state: dict, directory: Path, name: str) -> None:
+    """A nested structure of dicts (str or int keys), lists, tuples, numbers, strings and tensors as
+    `<name>.json` (the structure) + `<name>.safetensors` (the tensors). No pickle either way."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(obj, path: str):
+        if isinstance(obj, torch.Tensor):
+            tensors[path] = obj.detach().cpu().contiguous()
+            return {"__tensor__": path}
+        if isinstance(obj, dict):
+            return {"__dict__": [[k, enc(v, f"{path}.{k}")] for k, v in obj.items()]}
+        if isinstance(obj, (list, tuple)):
+            return {"__list__" if isinstance(obj, list) else "__tuple__": [enc(v, f"{path}.{i}")
+                                                                             for i, v in enumerate(obj)]}
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        raise TypeError(f"{path}: cannot store a {type(obj).__name__} in a training state")
+
+    structure = enc(state, "state")
+    save_file(tensors, str(directory / f"{name}.safetensors"))
+    (directory / f"{name}.json").write_text(json.dumps(structure))
+
+
+def read_state(directory: Path, name: str) -> dict:
+    """Inverse of `write_state`; a missing or corrupt file raises `CheckpointError` naming it."""
+    try:
+        structure = json.loads((directory / f"{name}.json").read_text())
+        tensors = load_file(str(directory / f"{name}.safetensors"))
+    except Exception as e:
+        raise CheckpointError(f"{directory / name}.{{json,safetensors}}: unreadable training state ({e})") from None
+
+    def dec(obj):
+        if isinstance(obj, dict):
+            if "__tensor__" in obj:
+                return tensors[obj["__tensor__"]]
+            if "__dict__" in obj:
+                return {k: dec(v) for k, v in obj["__dict__"]}
+            if "__list__" in obj:
+                return [dec(v) for v in obj["__list__"]]
+            return tuple(dec(v) for v in obj["__tuple__"])
+        return obj
+
+    return dec(structure)
 
 
 def export_hf(model: Transformer, directory: str | Path, max_shard_bytes: int | None = None,

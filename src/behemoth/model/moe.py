@@ -85,7 +85,8 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, D] -> scores [T, K] fp32, expert ids [T, K] int64, logits [T, E] fp32."""
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        with torch.autocast(x_TD.device.type, enabled=False):  # router math in fp32, also under autocast
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
         if self.force_balance:
             T = x_TD.shape[0]
             slots = torch.arange(T * self.top_k, device=x_TD.device).view(T, self.top_k)

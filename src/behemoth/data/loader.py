@@ -1,0 +1,129 @@
+"""Batches of packed training windows from a `TokenStore`, endless, deterministic and resumable.
+
+The token stream is cut into `num_windows = (num_tokens - 1) // seq_len` windows of `seq_len + 1`
+tokens with stride `seq_len` (consecutive windows share one token, so every token except the very
+first is a label exactly once per epoch): window w is `tokens[w*S : w*S + S + 1]`, its input is
+`w[:-1]` and its labels `w[1:]`. Windows ignore document boundaries (documents are packed); each
+token also carries its position within its own document and a segment id, so the model can restart
+RoPE positions and block attention across documents.
+
+Epoch e visits every window once, in the order of a permutation seeded by (seed, e) (in stream order
+without shuffling). Batches take the next `batch_size` windows of the endless sequence epoch 0,
+epoch 1, ...; a batch may straddle an epoch boundary, so no window is dropped and every batch has
+the same shape. The whole state is (epoch, index of the next window within the epoch): a loader
+restored with `load_state_dict` produces exactly the batches the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from behemoth.data.packing import TokenStore
+
+
+@dataclass
+class Batch:
+    """One training batch; every tensor is [B, S] int64 on the CPU until `to` moves it."""
+
+    input_ids: torch.Tensor  # tokens
+    labels: torch.Tensor  # the next token of each input token
+    positions: torch.Tensor  # position within the token's own document (0 at each document start)
+    segment_ids: torch.Tensor  # document of each token, numbered from 0 within each row
+
+    def to(self, device: str | torch.device, non_blocking: bool = False) -> Batch:
+        return Batch(*(t.to(device, non_blocking=non_blocking)
+                       for t in (self.input_ids, self.labels, self.positions, self.segment_ids)))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+class DataLoader:
+    """Endless iterator of `Batch`es of `batch_size` windows of `seq_len` tokens from `store`."""
+
+    def __init__(self, store: TokenStore, batch_size: int, seq_len: int, seed: int = 0, shuffle: bool = True) -> None:
+        for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("seed", seed, 0)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
+        self.store = store
+        self.batch_size = int(batch_size)
+        self.seq_len = int(seq_len)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.num_windows: int = max(store.num_tokens - 1, 0) // self.seq_len
+        if self.num_windows < 1:
+            where = store.directory if store.directory is not None else "token store"
+            raise ValueError(f"{where}: {store.num_tokens} tokens, too few for one window of seq_len + 1 = "
+                             f"{self.seq_len + 1} tokens")
+        self.epoch = 0
+        self.index = 0  # next window within the epoch's order
+        self._order_epoch = -1
+        self._order: np.ndarray | None = None
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def __iter__(self) -> DataLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        windows = self._take(self.batch_size)
+        S = self.seq_len
+        tokens = self.store.tokens
+        rows_BW = np.stack([np.asarray(tokens[w * S:w * S + S + 1], dtype=np.int64) for w in windows.tolist()])
+        offsets_BS = windows[:, None] * S + np.arange(S, dtype=np.int64)
+        doc_BS = self.store.doc_index(offsets_BS)
+        positions_BS = offsets_BS - np.asarray(self.store.doc_starts)[doc_BS]
+        segments_BS = doc_BS - doc_BS[:, :1]
+        return Batch(input_ids=torch.from_numpy(np.ascontiguousarray(rows_BW[:, :-1])),
+                     labels=torch.from_numpy(np.ascontiguousarray(rows_BW[:, 1:])),
+                     positions=torch.from_numpy(positions_BS), segment_ids=torch.from_numpy(segments_BS))
+
+    def _take(self, n: int) -> np.ndarray:
+        """The next `n` window indices, advancing (epoch, index) across epoch boundaries."""
+        parts = []
+        while n > 0:
+            order = self._epoch_order(self.epoch)
+            stop = min(self.index + n, self.num_windows)
+            parts.append(order[self.index:stop] if order is not None else np.arange(self.index, stop, dtype=np.int64))
+            n -= stop - self.index
+            self.index = stop
+            if self.index == self.num_windows:
+                self.epoch, self.index = self.epoch + 1, 0
+        return np.concatenate(parts).astype(np.int64)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray | None:
+        if not self.shuffle:
+            return None
+        if self._order_epoch != epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            self._order_epoch = epoch
+        return self._order
+
+    # ---- checkpointing -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Plain JSON-able state; (epoch, index) is the position, the rest guards against a mismatched resume."""
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed, "shuffle": self.shuffle,
+                "seq_len": self.seq_len, "num_windows": self.num_windows, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from `state_dict()`. The data (num_windows), seq_len, seed and shuffle must match;
+        batch_size may differ (the position is counted in windows)."""
+        for key in ("epoch", "index"):
+            if key not in state:
+                raise ValueError(f"loader state: missing {key!r}")
+        for key, mine in (("seed", self.seed), ("shuffle", self.shuffle), ("seq_len", self.seq_len),
+                          ("num_windows", self.num_windows)):
+            if key in state and state[key] != mine:
+                raise ValueError(f"loader state: {key}={state[key]!r} but this loader has {key}={mine!r} "
+                                 "(different data or settings)")
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index < self.num_windows:
+            raise ValueError(f"loader state: epoch={epoch}, index={index} out of range ({self.num_windows} windows)")
+        self.epoch, self.index = epoch, index

@@ -1,0 +1,372 @@
+"""Tokenized corpora: one flat token stream plus document start offsets, memory-mapped from disk.
+
+A `TokenStore` directory holds
+
+* `tokens.bin`: every document's tokens followed by EOS, concatenated (uint16 when the vocabulary
+  fits in 65535 ids, else uint32), raw little-endian;
+* `doc_starts.bin`: int64 offset of each document's first token (`doc_starts[0] == 0`; document i
+  spans `[doc_starts[i], doc_starts[i + 1])`, the last one ends at `num_tokens`);
+* `meta.json`: format, dtype, counts, and the tokenizer's fingerprint and EOS id.
+
+Stores are written into a temporary sibling directory and renamed into place, `meta.json` last, so
+a crash never leaves something under the final name that reads as complete.
+
+`tokenize_corpus` tokenizes a corpus once into `cache_dir/<key>/{train,val}`, where the key hashes
+the corpus content, the tokenizer, the field and the split settings: the same inputs reuse the cache
+(nothing is tokenized), any change gets a fresh directory. The validation split is a deterministic
+set of whole documents: document i goes to validation when a hash of (seed, i) falls below
+`val_fraction`; when that leaves validation empty (small corpora) the last training document moves
+there, so a corpus of two or more documents always has at least one validation document (and at
+least one training document).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from behemoth.data.corpus import PathSpec, corpus_fingerprint, iter_documents, resolve_paths
+from behemoth.data.tokenizer import Tokenizer
+
+FORMAT = "behemoth-tokens"
+FORMAT_VERSION = 1
+TOKENS_FILE = "tokens.bin"
+DOC_STARTS_FILE = "doc_starts.bin"
+META_FILE = "meta.json"
+_ENCODE_CHUNK = 256  # documents per `encode_batch` call
+
+Document = str | Sequence[int]  # text, or token ids already (EOS is appended to both)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (vocab_size <= 65535), else uint32."""
+    return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
+
+
+class TokenStore:
+    """A tokenized corpus on disk, memory-mapped: tokens (uint16 when vocab <= 65535 else uint32) and
+    document start offsets (int64).
+
+    `tokens` and `doc_starts` are read-only numpy arrays (memory maps for a store opened from disk,
+    plain arrays for `build_in_memory`). `directory` is None for an in-memory store.
+    """
+
+    def __init__(self, tokens: np.ndarray, doc_starts: np.ndarray, meta: dict | None = None,
+                 directory: Path | None = None) -> None:
+        where = str(directory) if directory is not None else "token store"
+        if tokens.ndim != 1 or tokens.dtype not in (np.uint16, np.uint32):
+            raise ValueError(f"{where}: tokens must be a 1-D uint16/uint32 array, got {tokens.dtype} {tokens.shape}")
+        if doc_starts.ndim != 1 or doc_starts.dtype != np.int64:
+            raise ValueError(f"{where}: doc_starts must be a 1-D int64 array, got {doc_starts.dtype}")
+        if (len(tokens) == 0) != (len(doc_starts) == 0):
+            raise ValueError(f"{where}: {len(tokens)} tokens but {len(doc_starts)} documents")
+        if len(doc_starts) and (doc_starts[0] != 0 or doc_starts[-1] >= len(tokens)
+                                or (len(doc_starts) > 1 and not bool(np.all(np.diff(doc_starts) > 0)))):
+            raise ValueError(f"{where}: doc_starts must start at 0 and increase strictly below num_tokens")
+        self.tokens = tokens
+        self.doc_starts = doc_starts
+        self.meta = dict(meta or {})
+        self.directory = directory
+
+    @property
+    def num_tokens(self) -> int:
+        return int(len(self.tokens))
+
+    @property
+    def num_docs(self) -> int:
+        return int(len(self.doc_starts))
+
+    @property
+    def tokenizer_fingerprint(self) -> str | None:
+        return self.meta.get("tokenizer")
+
+    def document(self, i: int) -> np.ndarray:
+        """The tokens of document `i`, its final EOS included."""
+        if not -self.num_docs <= i < self.num_docs:
+            raise IndexError(f"document {i} out of range ({self.num_docs} documents)")
+        i %= self.num_docs
+        end = self.doc_starts[i + 1] if i + 1 < self.num_docs else self.num_tokens
+        return np.asarray(self.tokens[self.doc_starts[i]:end])
+
+    def doc_index(self, offsets: np.ndarray) -> np.ndarray:
+        """The document each token offset belongs to (int64, same shape as `offsets`)."""
+        return np.searchsorted(self.doc_starts, offsets, side="right").astype(np.int64) - 1
+
+    def __repr__(self) -> str:
+        where = f"{self.directory}, " if self.directory is not None else ""
+        return f"TokenStore({where}{self.num_tokens:,} tokens, {self.num_docs:,} documents, {self.tokens.dtype})"
+
+    # ---- disk ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, documents: Iterable[Document], tokenizer: Tokenizer, directory: str | os.PathLike) -> TokenStore:
+        """Tokenize `documents` (each gets EOS appended) into a new store at `directory`.
+
+        An existing store at `directory` is replaced only once the new one is complete.
+        """
+        directory = Path(directory)
+        _check_replaceable(directory)  # before the work, not after
+        tmp = _tmp_sibling(directory)
+        writer = None
+        try:
+            writer = _Writer(tmp, tokenizer)
+            for ids in encode_documents(documents, tokenizer):
+                writer.add(ids)
+            writer.finish()
+            _replace_dir(tmp, directory)
+        finally:
+            if writer is not None:
+                writer.close()
+            shutil.rmtree(tmp, ignore_errors=True)
+        return cls.open(directory)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> TokenStore:
+        """Memory-map a store written by `build` or `tokenize_corpus`. Missing, half-written or
+        mismatched files raise `ValueError` naming them."""
+        directory = Path(directory)
+        meta_file = directory / META_FILE
+        if not meta_file.is_file():
+            raise ValueError(f"{directory}: not a token store (no {META_FILE}; missing or half-written)")
+        try:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{meta_file}: not valid JSON ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_file}: not a {FORMAT} store")
+        if meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_file}: format version {meta.get('version')}, this code reads {FORMAT_VERSION}")
+        try:
+            dtype = np.dtype(meta["dtype"])
+            num_tokens, num_docs = int(meta["num_tokens"]), int(meta["num_docs"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{meta_file}: bad or missing field ({e})") from None
+        if dtype not in (np.uint16, np.uint32):
+            raise ValueError(f"{meta_file}: dtype {dtype} (expected uint16 or uint32)")
+        tokens = _map(directory / TOKENS_FILE, dtype, num_tokens)
+        doc_starts = _map(directory / DOC_STARTS_FILE, np.dtype(np.int64), num_docs)
+        return cls(tokens, doc_starts, meta=meta, directory=directory)
+
+
+def build_in_memory(documents: Iterable[Document], tokenizer: Tokenizer) -> TokenStore:
+    """A `TokenStore` with the same layout as `TokenStore.build`, held in memory (for generated data)."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    parts = list(encode_documents(documents, tokenizer))
+    lengths = np.array([len(p) for p in parts], dtype=np.int64)
+    doc_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if parts else np.zeros(0, np.int64)
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype)
+    return TokenStore(tokens, doc_starts, meta=_meta(tokenizer, len(tokens), len(parts)))
+
+
+def encode_documents(documents: Iterable[Document], tokenizer: Tokenizer) -> Iterator[np.ndarray]:
+    """Each document's token ids with EOS appended, in order, as arrays of the store's dtype.
+
+    A document is text, or a sequence of token ids (already tokenized; ids must be < vocab_size).
+    """
+    dtype = token_dtype(tokenizer.vocab_size)
+    chunk: list[Document] = []
+    for doc in documents:
+        chunk.append(doc)
+        if len(chunk) == _ENCODE_CHUNK:
+            yield from _encode_chunk(chunk, tokenizer, dtype)
+            chunk = []
+    if chunk:
+        yield from _encode_chunk(chunk, tokenizer, dtype)
+
+
+def _encode_chunk(chunk: list[Document], tokenizer: Tokenizer, dtype: np.dtype) -> Iterator[np.ndarray]:
+    texts = [d for d in chunk if isinstance(d, str)]
+    encoded = iter(tokenizer.encode_batch(texts) if texts else [])
+    eos = tokenizer.eos_id
+    for doc in chunk:
+        if isinstance(doc, str):
+            ids = next(encoded)
+            yield np.array([*ids, eos], dtype=dtype)
+        else:
+            arr = np.asarray(doc)
+            if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+                raise ValueError(f"a document must be a string or a 1-D sequence of token ids, got {arr.dtype} "
+                                 f"{arr.shape}")
+            if arr.size and (arr.min() < 0 or arr.max() >= tokenizer.vocab_size):
+                raise ValueError(f"token ids must lie in [0, {tokenizer.vocab_size}), got {arr.min()}..{arr.max()}")
+            yield np.append(arr, eos).astype(dtype)
+
+
+# ---- the cached, split corpus --------------------------------------------------------------------
+
+def cache_key(paths: PathSpec, tokenizer: Tokenizer, field: str = "text", val_fraction: float = 0.01,
+              seed: int = 0) -> str:
+    """The cache directory name `tokenize_corpus` uses for these inputs (hashes the corpus content)."""
+    return _cache_key(corpus_fingerprint(paths), tokenizer, field, val_fraction, seed)
+
+
+def _cache_key(corpus_fp: str, tokenizer: Tokenizer, field: str, val_fraction: float, seed: int) -> str:
+    material = {"format": FORMAT, "version": FORMAT_VERSION, "corpus": corpus_fp, "tokenizer": tokenizer.fingerprint,
+                "field": field, "val_fraction": float(val_fraction), "seed": int(seed)}
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def in_validation(index: int, seed: int, val_fraction: float) -> bool:
+    """Whether document `index` is hashed into the validation split (before the at-least-one rule)."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < val_fraction * 2.0**64
+
+
+def tokenize_corpus(paths: PathSpec, tokenizer: Tokenizer, cache_dir: str | os.PathLike, field: str = "text",
+                    val_fraction: float = 0.01, seed: int = 0) -> tuple[TokenStore, TokenStore]:
+    """Tokenize the corpus `paths` into (train, val) stores under `cache_dir`, or reuse the cached ones.
+
+    The cache key covers the corpus content (`corpus_fingerprint`), `tokenizer.fingerprint`, `field`,
+    `val_fraction` and `seed`. `val_fraction=0` gives an empty validation store.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction}: must be in [0, 1)")
+    files = resolve_paths(paths)
+    corpus_fp = corpus_fingerprint(files)
+    key = _cache_key(corpus_fp, tokenizer, field, val_fraction, seed)
+    cache_dir = Path(cache_dir)
+    final = cache_dir / key
+    if final.exists():
+        try:
+            return _open_split(final)
+        except ValueError as e:  # only possible if something outside this code damaged the directory
+            warnings.warn(f"{final}: unusable tokenized-corpus cache, rebuilding ({e})", stacklevel=2)
+            _remove_dir(final)
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(final)
+    writers: dict[str, _Writer] = {}
+    try:
+        writers["train"] = _Writer(tmp / "train", tokenizer)
+        writers["val"] = _Writer(tmp / "val", tokenizer)
+        # The last document of each split is held back until the end, so that one can move to the other
+        # split when a split would otherwise be empty; documents stay in corpus order within a split.
+        held: dict[str, np.ndarray | None] = {"train": None, "val": None}
+        for i, ids in enumerate(encode_documents(iter_documents(files, field), tokenizer)):
+            split = "val" if val_fraction > 0 and in_validation(i, seed, val_fraction) else "train"
+            if held[split] is not None:
+                writers[split].add(held[split])
+            held[split] = ids
+        if held["train"] is None and held["val"] is not None and writers["train"].num_docs == 0:
+            held["train"], held["val"] = held["val"], None
+        if val_fraction > 0 and held["val"] is None and writers["val"].num_docs == 0 and writers["train"].num_docs:
+            held["val"], held["train"] = held["train"], None
+        for split, ids in held.items():
+            if ids is not None:
+                writers[split].add(ids)
+        for w in writers.values():
+            w.finish()
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "key": key, "corpus": corpus_fp,
+                "files": [str(f) for f in files], "field": field, "val_fraction": val_fraction, "seed": seed,
+                "tokenizer": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+                "train": {"num_tokens": writers["train"].num_tokens, "num_docs": writers["train"].num_docs},
+                "val": {"num_tokens": writers["val"].num_tokens, "num_docs": writers["val"].num_docs},
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        _write_json(tmp / META_FILE, meta)  # its presence under the final name marks the cache complete
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / META_FILE).is_file():  # not a concurrent run finishing first: a real error
+                raise
+    finally:
+        for w in writers.values():
+            w.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _open_split(final)
+
+
+def _open_split(directory: Path) -> tuple[TokenStore, TokenStore]:
+    if not (directory / META_FILE).is_file():
+        raise ValueError(f"{directory}: incomplete tokenized corpus (no {META_FILE})")
+    return TokenStore.open(directory / "train"), TokenStore.open(directory / "val")
+
+
+# ---- writing -------------------------------------------------------------------------------------
+
+class _Writer:
+    """Appends documents to `tokens.bin` / `doc_starts.bin` in a fresh directory; `finish` writes meta.json."""
+
+    def __init__(self, directory: Path, tokenizer: Tokenizer) -> None:
+        directory.mkdir(parents=True)
+        self.directory = directory
+        self.tokenizer = tokenizer
+        self.dtype = token_dtype(tokenizer.vocab_size)
+        self._tokens = open(directory / TOKENS_FILE, "wb")
+        self._starts = open(directory / DOC_STARTS_FILE, "wb")
+        self.num_tokens = 0
+        self.num_docs = 0
+
+    def add(self, ids: np.ndarray) -> None:
+        self._starts.write(np.int64(self.num_tokens).tobytes())
+        self._tokens.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
+        self.num_tokens += len(ids)
+        self.num_docs += 1
+
+    def finish(self) -> None:
+        for f in (self._tokens, self._starts):
+            f.flush()
+            os.fsync(f.fileno())
+        self.close()
+        _write_json(self.directory / META_FILE, _meta(self.tokenizer, self.num_tokens, self.num_docs))
+
+    def close(self) -> None:
+        self._tokens.close()
+        self._starts.close()
+
+
+def _meta(tokenizer: Tokenizer, num_tokens: int, num_docs: int) -> dict:
+    return {"format": FORMAT, "version": FORMAT_VERSION, "dtype": token_dtype(tokenizer.vocab_size).name,
+            "num_tokens": int(num_tokens), "num_docs": int(num_docs), "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id, "tokenizer": tokenizer.fingerprint}
+
+
+def _map(file: Path, dtype: np.dtype, count: int) -> np.ndarray:
+    if not file.is_file():
+        raise ValueError(f"{file}: missing")
+    size, want = file.stat().st_size, count * dtype.itemsize
+    if size != want:
+        raise ValueError(f"{file}: {size} bytes, but meta.json says {count} x {dtype} = {want} (truncated?)")
+    if count == 0:
+        return np.zeros(0, dtype)  # numpy cannot memory-map an empty file
+    return np.memmap(file, dtype=dtype, mode="r", shape=(count,))
+
+
+def _write_json(file: Path, obj: dict) -> None:
+    with open(file, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _tmp_sibling(path: Path) -> Path:
+    return path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename aside, then delete, so `path` never holds a partly deleted directory."""
+    doomed = _tmp_sibling(path)
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _check_replaceable(final: Path) -> None:
+    """`final` may be (re)written: absent, an empty directory, or a token store."""
+    if final.exists() and not (final.is_dir() and ((final / META_FILE).is_file() or not any(final.iterdir()))):
+        raise ValueError(f"{final}: exists and is not a token store; not overwriting it")
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():
+        _check_replaceable(final)
+        _remove_dir(final)
+    os.rename(new, final)

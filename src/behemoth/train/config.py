@@ -1,0 +1,259 @@
+"""Training configuration: a tree of dataclasses, read from TOML, changed by dotted overrides.
+
+`behemoth train --config run.toml --optim.lr=3e-4 --train.steps=2000`. Every key is checked: an
+unknown one is an error that suggests the closest valid key, a value of the wrong type is an error
+naming the key. The architecture lives in `behemoth.config.ModelConfig`; this file holds only the
+knobs of a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+@dataclass
+class ModelSection:
+    preset: str = "mini-behemoth"  # a name from behemoth.PRESETS
+    config_file: str | None = None  # or a config.json (native or transformers); overrides preset
+    vocab_size: int | None = None  # override the preset's vocabulary (must hold the tokenizer's)
+
+
+@dataclass
+class DataSection:
+    path: str | None = None  # file or glob of .txt/.jsonl/.parquet; None: the built-in STEM tasks
+    field: str = "text"  # the text field of .jsonl / column of .parquet
+    tokenizer: str | None = None  # a tokenizer.json; None: char-level for tasks, a BPE trained on the corpus
+    tokenizer_vocab_size: int = 2048  # when a BPE is trained on the corpus
+    seq_len: int = 256
+    val_fraction: float = 0.01
+    cache_dir: str = ".cache/behemoth"  # tokenized corpora (keyed by corpus and tokenizer hashes)
+    tasks: list[str] | None = None  # built-in task names (None: all)
+    num_problems: int = 50000  # built-in training problems
+    difficulty: int = 1
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # the schedule decays to lr * min_lr_ratio
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on matrices only (not norms, not biases)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+
+@dataclass
+class RouterSection:
+    bias_update_rate: float = 1e-3  # auxiliary-loss-free balancing step (DeepSeek-V3's gamma); 0 disables
+    balance_loss_coef: float = 0.0  # Switch-style load-balancing loss (Switch Transformer uses 0.01)
+    z_loss_coef: float = 1e-3  # router z-loss (ST-MoE, OLMoE: 0.001)
+
+
+@dataclass
+class TrainSection:
+    steps: int = 500  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    compile: bool = False  # torch.compile each block
+    activation_checkpointing: bool = False
+    max_nonfinite: int = 5  # consecutive non-finite losses before the run stops
+    out_dir: str = "runs/train"
+
+
+@dataclass
+class LogSection:
+    every: int = 10  # progress and metrics cadence (optimizer steps)
+    health_every: int = 50  # routing-health cadence (optimizer steps)
+    eval_every: int = 100  # validation loss cadence; 0 disables
+    eval_batches: int = 8
+    tensorboard: bool = True  # when the tensorboard package is installed
+    plots: bool = True  # PNG plots at the end
+
+
+@dataclass
+class HealthSection:
+    collapse_share: float = 0.5  # warn when one expert takes more than this share of a layer's tokens
+    dead_windows: int = 3  # warn when an expert gets no tokens in this many health windows in a row
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 100  # optimizer steps; 0: only at the end (and on interruption)
+    keep_last: int = 3
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    router: RouterSection = field(default_factory=RouterSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    log: LogSection = field(default_factory=LogSection)
+    health: HealthSection = field(default_factory=HealthSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> TrainConfig:
+        """Raise `ValueError` naming the key for values no run can use."""
+        checks = [
+            ("train.steps", self.train.steps >= 1), ("train.batch_size", self.train.batch_size >= 1),
+            ("train.grad_accum", self.train.grad_accum >= 1), ("data.seq_len", self.data.seq_len >= 2),
+            ("optim.lr", self.optim.lr > 0), ("optim.warmup_steps", self.optim.warmup_steps >= 0),
+            ("optim.schedule", self.optim.schedule in ("cosine", "wsd", "constant")),
+            ("optim.decay_fraction", 0 <= self.optim.decay_fraction <= 1),
+            ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1),
+            ("optim.betas", len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas)),
+            ("data.val_fraction", 0 <= self.data.val_fraction < 1),
+            ("train.precision", self.train.precision in ("auto", "fp32", "bf16")),
+            ("router.bias_update_rate", self.router.bias_update_rate >= 0),
+            ("log.every", self.log.every >= 1), ("log.health_every", self.log.health_every >= 1),
+            ("checkpoint.keep_last", self.checkpoint.keep_last >= 1),
+            ("health.collapse_share", 0 < self.health.collapse_share <= 1),
+        ]
+        for key, ok in checks:
+            if not ok:
+                raise ValueError(f"{key}={self.get(key)!r} is not a valid value")
+        return self
+
+    def get(self, key: str) -> Any:
+        section, name = key.split(".", 1)
+        return getattr(getattr(self, section), name)
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory().__class__ for f in dataclasses.fields(TrainConfig)}  # type: ignore[misc]
+
+
+def valid_keys() -> list[str]:
+    """Every dotted key a config file or override may set, e.g. 'optim.lr'."""
+    return [f"{s}.{f.name}" for s, cls in _sections().items() for f in dataclasses.fields(cls)]
+
+
+def _unknown(key: str, where: str) -> ValueError:
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"{where}unknown key {key!r}{hint}")
+
+
+def _field_type(section: type, name: str) -> tuple[Any, bool]:
+    """(the field's type without None, whether None is allowed)."""
+    tp = typing.get_type_hints(section)[name]
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return next(a for a in args if a is not type(None)), type(None) in args
+    return tp, False
+
+
+def _parse(key: str, text: str, tp: Any) -> Any:
+    """A command-line string as a value of type `tp` (bool, int, float, str or list of those)."""
+    origin = typing.get_origin(tp) or tp
+    try:
+        if origin is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if origin is list:
+            items = json.loads(text) if text.startswith("[") else [t.strip() for t in text.split(",") if t.strip()]
+            (item_tp,) = typing.get_args(tp)
+            return [_parse(key, str(i), item_tp) for i in items]
+        return origin(text)
+    except (ValueError, json.JSONDecodeError):
+        raise ValueError(f"{key}={text!r}: expected {getattr(tp, '__name__', str(tp))}") from None
+
+
+def _coerce(key: str, value: Any, section: type, name: str) -> Any:
+    """Check a value (from TOML, or a string from the command line) against the field's type."""
+    tp, optional = _field_type(section, name)
+    if isinstance(value, str) and optional and value.lower() in ("none", "null", ""):
+        return None
+    if isinstance(value, str) and tp is not str:
+        value = _parse(key, value, tp)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{key}: may not be empty")
+    origin = typing.get_origin(tp) or tp
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) != (origin is bool) or not isinstance(value, origin):
+        raise ValueError(f"{key}={value!r}: expected {getattr(tp, '__name__', str(tp))}")
+    return value
+
+
+def apply(cfg: TrainConfig, updates: dict[str, Any], where: str = "") -> TrainConfig:
+    """Set dotted keys ({'optim.lr': 3e-4}) on a config, with type checks."""
+    sections = _sections()
+    for key, value in updates.items():
+        section, _, name = key.partition(".")
+        if section not in sections or name not in {f.name for f in dataclasses.fields(sections[section])}:
+            raise _unknown(key, where)
+        setattr(getattr(cfg, section), name, _coerce(key, value, sections[section], name))
+    return cfg
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as flat dotted keys; unknown sections and keys raise, naming the file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: invalid TOML ({e})") from None
+    flat: dict[str, Any] = {}
+    for section, table in raw.items():
+        if not isinstance(table, dict):
+            raise _unknown(section, f"{path}: ")
+        for k, v in table.items():
+            flat[f"{section}.{k}"] = v
+    return flat
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """['--optim.lr=3e-4', '--train.steps', '100'] -> {'optim.lr': '3e-4', 'train.steps': '100'}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--") or "." not in a.split("=", 1)[0]:
+            raise ValueError(f"unexpected argument {a!r}; overrides look like --section.key=value")
+        if "=" in a:
+            k, v = a[2:].split("=", 1)
+        elif i + 1 < len(args):
+            k, v = a[2:], args[i + 1]
+            i += 1
+        else:
+            raise ValueError(f"{a}: missing a value")
+        out[k] = v
+        i += 1
+    return out
+
+
+def build_config(config_file: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the TOML file, then the command-line overrides; validated."""
+    cfg = TrainConfig()
+    if config_file:
+        apply(cfg, load_toml(config_file), where=f"{config_file}: ")
+    apply(cfg, parse_overrides(overrides or []))
+    return cfg.validate()

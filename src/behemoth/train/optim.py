@@ -1,0 +1,58 @@
+"""AdamW with weight decay on matrices only, learning-rate schedules, and the auxiliary-loss-free
+routing-bias update (DeepSeek-V3: one signed step per optimizer step, re-centred to zero mean)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from behemoth.train.config import OptimSection
+
+
+def build_optimizer(models: list[nn.Module], cfg: OptimSection) -> torch.optim.AdamW:
+    """AdamW over every trainable parameter; decay on >= 2-D tensors (matrices, experts, embeddings),
+    none on norms, since shrinking a norm's gain towards 0 is not regularisation."""
+    params = [p for m in models for p in m.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
+
+
+def lr_at(step: int, total: int, cfg: OptimSection) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `total`.
+
+    Linear warmup over `warmup_steps`, then: cosine down to lr*min_lr_ratio at the last step; or
+    warmup-stable-decay (constant, then linear decay over the last `decay_fraction` of steps); or
+    constant.
+    """
+    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return peak
+    if cfg.schedule == "cosine":
+        span = max(1, total - 1 - cfg.warmup_steps)
+        t = min(1.0, (step - cfg.warmup_steps) / span)
+        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * t))
+    decay_steps = max(1, int(round(total * cfg.decay_fraction)))
+    decay_start = total - decay_steps
+    if step < decay_start:
+        return peak
+    t = min(1.0, (step - decay_start + 1) / decay_steps)
+    return peak + (floor - peak) * t
+
+
+@torch.no_grad()
+def update_expert_bias(bias_E: torch.Tensor, counts_E: torch.Tensor, rate: float) -> None:
+    """b_e += rate * sign(mean load - load_e), then b -= mean(b).
+
+    Underloaded experts become more likely to be selected, overloaded ones less. Re-centring keeps
+    the biases from drifting together (it changes no selection) and makes the update invariant to a
+    uniform scaling of the counts (e.g. doubled by activation-checkpoint recomputation).
+    """
+    counts = counts_E.float()
+    bias_E += rate * torch.sign(counts.mean() - counts).to(bias_E.dtype)
+    bias_E -= bias_E.mean()

@@ -1,0 +1,159 @@
+"""`behemoth train`: assemble a run (data, tokenizer, model, step, trainer) from a `TrainConfig`.
+
+Everything that can be checked before the first step is checked here, with one-line errors
+(`ValueError`): the data exist and are non-empty, the tokenizer fits the model's vocabulary, a
+resumed run has the same model, data and batch settings. A new run never writes into a directory
+that already holds checkpoints.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from behemoth import build_model
+from behemoth.checkpoint.io import latest_checkpoint, load_checkpoint, load_training_state
+from behemoth.config import ModelConfig, get_preset, load_config_file
+from behemoth.data.loader import DataLoader
+from behemoth.data.packing import TokenStore, build_in_memory, tokenize_corpus
+from behemoth.data.tokenizer import Tokenizer
+from behemoth.parallel import apply_activation_checkpointing, apply_compile
+from behemoth.train.config import DataSection, TrainConfig
+from behemoth.train.steps import PretrainStep
+from behemoth.train.trainer import MetricsLog, RunInfo, Trainer, stdout_say
+
+# Dense bf16 peak of GPUs whose MFU we report (FLOP/s); elsewhere MFU is shown as n/a.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r}: CUDA is not available here")
+    return torch.device(name)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype | None) -> float | None:
+    if device.type != "cuda" or dtype != torch.bfloat16:
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    m = cfg.model
+    mc = load_config_file(m.config_file) if m.config_file else get_preset(m.preset)
+    return mc.replace(vocab_size=m.vocab_size) if m.vocab_size else mc
+
+
+def build_data(d: DataSection, run_dir: Path, seed: int, resume: bool, say) -> tuple[Tokenizer, TokenStore, TokenStore]:
+    """Tokenizer and train/validation token stores: the built-in tasks, or a corpus on disk."""
+    saved = run_dir / "tokenizer.json"
+    if d.path is None:
+        from behemoth.data.tasks import ALPHABET, generate
+
+        tok = Tokenizer.load(saved) if resume and saved.is_file() else (
+            Tokenizer.load(d.tokenizer) if d.tokenizer else Tokenizer.from_chars(ALPHABET))
+        train = generate("train", d.num_problems, seed=seed, tasks=d.tasks, difficulty=d.difficulty)
+        val = generate("test", max(64, d.num_problems // 50), seed=seed, tasks=d.tasks, difficulty=d.difficulty)
+        say(f"data: built-in tasks ({', '.join(sorted({p.task for p in train}))}), {len(train):,} training and "
+            f"{len(val):,} held-out problems")
+        return tok, build_in_memory((p.text for p in train), tok), build_in_memory((p.text for p in val), tok)
+    from behemoth.data.corpus import iter_documents, resolve_paths
+
+    paths = resolve_paths(d.path)
+    if resume and saved.is_file():
+        tok = Tokenizer.load(saved)
+    elif d.tokenizer:
+        tok = Tokenizer.load(d.tokenizer)
+    else:
+        say(f"tokenizer: training a byte-level BPE ({d.tokenizer_vocab_size} tokens) on {d.path}")
+        tok = Tokenizer.train(iter_documents(paths, d.field), vocab_size=d.tokenizer_vocab_size)
+    train, val = tokenize_corpus(paths, tok, Path(d.cache_dir), field=d.field, val_fraction=d.val_fraction, seed=seed)
+    say(f"data: {d.path}: {train.num_docs:,} documents / {train.num_tokens:,} tokens for training, "
+        f"{val.num_docs:,} / {val.num_tokens:,} held out")
+    return tok, train, val
+
+
+def _check_resume(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, ckpt_model_cfg: ModelConfig,
+                  where: Path) -> None:
+    if ckpt_model_cfg != model_cfg:
+        diff = [k for k in model_cfg.to_dict() if model_cfg.to_dict()[k] != ckpt_model_cfg.to_dict()[k]]
+        raise ValueError(f"{where}: the checkpoint's model differs from this config ({', '.join(diff)}); "
+                         "resume with the same model settings or start a new --train.out_dir")
+    same = ["data", "train.seed", "train.batch_size", "train.grad_accum"]
+    now = cfg.to_dict()
+    for key in same:
+        section, _, name = key.partition(".")
+        a = now[section] if not name else now[section][name]
+        b = saved[section] if not name else saved[section][name]
+        if a != b:
+            changed = key if name else next(f"data.{k}" for k in a if a[k] != b.get(k))
+            raise ValueError(f"{where}: incompatible resume: {changed} differs from the checkpoint's run; "
+                             "resume with the same data and batch settings or start a new --train.out_dir")
+
+
+def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], None] = stdout_say) -> dict:
+    """Train as configured; returns a summary. Raises ValueError for bad input (nothing written)."""
+    run_dir = Path(cfg.train.out_dir)
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        raise ValueError(f"{run_dir}: already holds a run's checkpoints; pass --resume to continue it or choose "
+                         "another --train.out_dir")
+    device = resolve_device(cfg.train.device)
+    use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    autocast_dtype = torch.bfloat16 if use_bf16 else None
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    model_cfg = model_config(cfg)
+    tok, train_store, val_store = build_data(cfg.data, run_dir, cfg.train.seed, ckpt is not None, say)
+    if tok.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary holds "
+                         f"{model_cfg.vocab_size}; set --model.vocab_size={tok.vocab_size} or use a smaller tokenizer")
+    train_loader = DataLoader(train_store, cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed)
+    if ckpt is not None:
+        state = load_training_state(ckpt)
+        model = load_checkpoint(ckpt, dtype=torch.float32, device=device)
+        _check_resume(cfg, state["config"], model_cfg, model.config, ckpt)
+        say(f"resuming from {ckpt} (step {state['step']})")
+    else:
+        state = None
+        model = build_model(model_cfg, device=device, seed=cfg.train.seed)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        apply_compile(model)
+
+    def val_batches():
+        loader = DataLoader(val_store, cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed, shuffle=False)
+        return itertools.islice(loader, min(cfg.log.eval_batches, loader.num_windows // cfg.train.batch_size or 1))
+
+    info = RunInfo(run_dir, model_cfg.train_flops_per_token(cfg.data.seq_len), peak_flops(device, autocast_dtype),
+                   device)
+    trainer = Trainer(cfg, PretrainStep(model, cfg.router, autocast_dtype), train_loader, val_batches, info, say)
+    if state is not None:
+        trainer.load_state_dict(state)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "tokenizer.json").is_file():
+        tok.save(run_dir / "tokenizer.json")
+    (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    say(f"model: {model_cfg.num_params():,} parameters, {model_cfg.num_active_params():,} active per token; "
+        f"device {device}{' (bf16 autocast)' if autocast_dtype else ''}; {cfg.train.steps} steps of "
+        f"{cfg.train.batch_size * cfg.train.grad_accum} x {cfg.data.seq_len} tokens; run dir {run_dir}")
+    log = MetricsLog(run_dir, cfg.log.tensorboard, trainer.step if state is not None else None)
+    try:
+        summary = trainer.fit(log)
+    finally:
+        log.close()
+        if cfg.log.plots:
+            from behemoth.train.plots import plot_run
+
+            for png in plot_run(run_dir):
+                say(f"plot: {png}")
+    return summary

@@ -1,0 +1,287 @@
+"""The one training loop: schedule, gradient accumulation and clipping, optimizer, routing-bias
+update, logging, routing health, evaluation, checkpoints, interruption and non-finite handling.
+
+It knows nothing of losses: a step object (`train/steps.py`) does forward, loss and backward for
+one micro-batch. Pretraining, distillation and codistillation are steps; this file is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from behemoth.checkpoint.io import save_training_checkpoint
+from behemoth.data.loader import Batch, DataLoader
+from behemoth.train.config import TrainConfig
+from behemoth.train.health import RoutingHealth
+from behemoth.train.optim import build_optimizer, lr_at, update_expert_bias
+from behemoth.train.steps import moe_layers
+
+
+class TrainingStopped(Exception):
+    """The run stopped on purpose (too many non-finite losses); the message says why."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM: a checkpoint was saved and the run stopped. `signum` says which."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"interrupted by signal {signum} at step {step}; checkpoint saved")
+        self.signum, self.step = signum, step
+
+
+@dataclass
+class RunInfo:
+    """What the loop needs to know about the run beyond the config."""
+
+    run_dir: Path
+    flops_per_token: float  # model FLOPs per trained token (forward + backward)
+    peak_flops: float | None  # device peak for MFU; None where unknown (CPU)
+    device: torch.device
+
+
+class MetricsLog:
+    """metrics.jsonl next to the checkpoints (and TensorBoard scalars when available)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None):
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():  # drop what the interrupted run logged after its checkpoint
+            lines = self.path.read_text().splitlines()
+            keep = [ln for ln in lines if ln and json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()
+        self.file = self.path.open("a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except Exception:  # tensorboard not installed: JSONL only
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None and record.get("type") in ("train", "eval"):
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"{record['type']}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _fmt_time(s: float) -> str:
+    s = int(max(0, s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, step, train_loader: DataLoader, val_batches: Callable[[], Iterator[Batch]],
+                 info: RunInfo, say: Callable[[str], None] = print):
+        self.cfg, self.step_fn, self.loader, self.val_batches, self.info, self.say = (
+            cfg, step, train_loader, val_batches, info, say)
+        self.models = step.trained_models()
+        self.optimizer = build_optimizer(list(self.models.values()), cfg.optim)
+        self.moes = [m for model in self.models.values() for m in moe_layers(model)]
+        primary = self.models["model"]
+        self.primary_moes = moe_layers(primary)
+        layer_ids = [i for i, blk in enumerate(primary.layers) if blk.is_moe]
+        E = self.primary_moes[0].num_experts if self.primary_moes else 1
+        self.health = RoutingHealth(layer_ids, E, cfg.health)
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_streak = 0
+        self.tokens_seen = 0
+        self.elapsed = 0.0
+        self._signal: int | None = None
+
+    # ---- state for exact resume -------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "data": self.loader.state_dict(),
+                "health": self.health.state_dict(), "nonfinite_total": self.nonfinite_total,
+                "nonfinite_streak": self.nonfinite_streak, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
+                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                "config": self.cfg.to_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["data"])
+        self.health.load_state_dict(state["health"])
+        self.nonfinite_total, self.nonfinite_streak = int(state["nonfinite_total"]), int(state["nonfinite_streak"])
+        self.tokens_seen, self.elapsed = int(state["tokens_seen"]), float(state["elapsed"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+
+    def save(self) -> Path:
+        return save_training_checkpoint(self.info.run_dir, self.step, self.models, self.state_dict(),
+                                        self.cfg.checkpoint.keep_last)
+
+    # ---- the loop --------------------------------------------------------------------------------
+    def fit(self, log: MetricsLog) -> dict:
+        cfg = self.cfg
+        total = cfg.train.steps
+        for m in self.models.values():
+            m.train()
+        self._zero_counts()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        window_t, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+        last_saved = self.step
+        try:
+            while self.step < total:
+                lr = lr_at(self.step, total, cfg.optim)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                metrics = self._optimizer_step()
+                self.step += 1
+                if metrics is not None:
+                    window_loss += metrics["loss"]
+                    window_n += 1
+                    window_tokens += metrics["tokens"]
+                    self.tokens_seen += metrics["tokens"]
+                if self.step % cfg.log.every == 0 or self.step == total:
+                    now = time.perf_counter()
+                    dt = now - window_t
+                    self.elapsed += dt
+                    rec = self._train_record(lr, window_loss / max(1, window_n), window_tokens / max(dt, 1e-9),
+                                             metrics, total)
+                    log.write(rec)
+                    self._progress(rec, total)
+                    window_t, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
+                if self.health.layer_ids and (self.step % cfg.log.health_every == 0 or self.step == total):
+                    self._report_health(log)
+                if cfg.log.eval_every and (self.step % cfg.log.eval_every == 0 or self.step == total):
+                    self._evaluate(log)
+                if self._signal is not None:
+                    self.save()
+                    raise Interrupted(self._signal, self.step)
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save()
+                    last_saved = self.step
+            if last_saved != self.step or cfg.checkpoint.every == 0:
+                self.save()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return {"step": self.step, "tokens": self.tokens_seen, "nonfinite_steps": self.nonfinite_total,
+                "elapsed_s": self.elapsed}
+
+    def _optimizer_step(self) -> dict | None:
+        """Accumulate micro-batches, clip, step, update routing biases. None if the step was skipped."""
+        cfg = self.cfg
+        accum = cfg.train.grad_accum
+        agg: dict = {"loss": 0.0, "tokens": 0, "z_loss": 0.0, "balance_loss": 0.0}
+        entropy = None
+        for _ in range(accum):
+            batch = next(self.loader).to(self.info.device)
+            m = self.step_fn.forward_backward(batch, 1.0 / accum)
+            if m["nonfinite"]:
+                return self._skip(f"non-finite loss at step {self.step + 1}")
+            for k in ("loss", "z_loss", "balance_loss"):
+                agg[k] += m.get(k, 0.0) / accum
+            agg["tokens"] += m["tokens"]
+            if "router_entropy" in m:
+                entropy = m["router_entropy"] / accum if entropy is None else entropy + m["router_entropy"] / accum
+        params = [p for model in self.models.values() for p in model.parameters() if p.requires_grad]
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if not math.isfinite(grad_norm):
+            return self._skip(f"non-finite gradient norm at step {self.step + 1}")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_streak = 0
+        counts = torch.stack([m.tokens_per_expert for m in self.primary_moes]) if self.primary_moes else None
+        if cfg.router.bias_update_rate > 0:
+            for m in self.moes:
+                update_expert_bias(m.router.expert_bias, m.tokens_per_expert, cfg.router.bias_update_rate)
+        if counts is not None:
+            self.health.observe(counts, entropy if entropy is not None else torch.zeros(len(counts)))
+        self._zero_counts()
+        agg["grad_norm"] = grad_norm
+        return agg
+
+    def _skip(self, why: str) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_counts()
+        self.nonfinite_total += 1
+        self.nonfinite_streak += 1
+        self.say(f"warning: {why}; step skipped ({self.nonfinite_streak} in a row, {self.nonfinite_total} in all)")
+        if self.nonfinite_streak >= self.cfg.train.max_nonfinite:
+            raise TrainingStopped(f"{self.nonfinite_streak} non-finite steps in a row (train.max_nonfinite="
+                                  f"{self.cfg.train.max_nonfinite}); stopped at step {self.step + 1}, the last "
+                                  "checkpoint is intact: lower optim.lr or check the data")
+        return None
+
+    def _zero_counts(self) -> None:
+        for m in self.moes:
+            m.tokens_per_expert.zero_()
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None:  # a second Ctrl-C: stop now, without saving
+            raise KeyboardInterrupt
+        self._signal = signum
+        self.say(f"\nsignal {signum}: saving a checkpoint after this step, then stopping")
+
+    # ---- reporting -------------------------------------------------------------------------------
+    def _train_record(self, lr: float, loss: float, tokens_per_s: float, last: dict | None, total: int) -> dict:
+        mfu = tokens_per_s * self.info.flops_per_token / self.info.peak_flops if self.info.peak_flops else None
+        steps_per_s = self.step / max(self.elapsed, 1e-9)
+        rec = {"type": "train", "step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
+               "mfu": mfu, "tokens": self.tokens_seen, "elapsed_s": self.elapsed,
+               "eta_s": (total - self.step) / max(steps_per_s, 1e-9), "skipped_steps": self.nonfinite_total}
+        if last is not None:
+            rec.update(grad_norm=last["grad_norm"], z_loss=last["z_loss"], balance_loss=last["balance_loss"])
+        return rec
+
+    def _progress(self, rec: dict, total: int) -> None:
+        mfu = f"{rec['mfu']:.1%}" if rec["mfu"] is not None else "n/a"
+        self.say(f"step {rec['step']:>{len(str(total))}}/{total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+                 f"{rec['tokens_per_s']:,.0f} tok/s | MFU {mfu} | ETA {_fmt_time(rec['eta_s'])}"
+                 + (f" | skipped {rec['skipped_steps']}" if rec["skipped_steps"] else ""))
+
+    def _report_health(self, log: MetricsLog) -> None:
+        biases = torch.stack([m.router.expert_bias.detach().float().cpu() for m in self.primary_moes])
+        rec, warnings = self.health.report(self.step, biases)
+        log.write(rec)
+        worst = max(rec["layers"], key=lambda r: r["max_over_mean"])
+        dead = sum(r["dead"] for r in rec["layers"])
+        self.say(f"  routing @ {self.step}: worst max/mean load {worst['max_over_mean']:.2f} (layer {worst['layer']}), "
+                 f"mean router entropy {sum(r['router_entropy'] for r in rec['layers']) / len(rec['layers']):.2f}, "
+                 f"dead experts {dead}, bias range [{float(biases.min()):+.3f}, {float(biases.max()):+.3f}]")
+        for w in warnings:
+            log.write(w)
+            self.say(f"  WARNING {w['event']}: {w['message']}")
+
+    @torch.no_grad()
+    def _evaluate(self, log: MetricsLog) -> None:
+        for m in self.models.values():
+            m.eval()
+        total, n = 0.0, 0
+        for batch in self.val_batches():
+            s, k = self.step_fn.eval_loss(batch.to(self.info.device))
+            total, n = total + s, n + k
+        for m in self.models.values():
+            m.train()
+        if n:
+            loss = total / n
+            log.write({"type": "eval", "step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
+            self.say(f"  eval @ {self.step}: val loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f})")
+
+
+def stdout_say(msg: str) -> None:
+    print(msg, flush=True, file=sys.stdout)
+

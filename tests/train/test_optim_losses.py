@@ -1,0 +1,77 @@
+"""Schedules, weight-decay groups, the routing-bias update and the router losses, against closed forms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from behemoth import build_model
+from behemoth.train.config import OptimSection
+from behemoth.train.losses import balance_loss, chunked_cross_entropy, router_entropy, router_z_loss
+from behemoth.train.optim import build_optimizer, lr_at, update_expert_bias
+
+
+def test_cosine_schedule():
+    cfg = OptimSection(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_at(0, 100, cfg) == pytest.approx(0.1) and lr_at(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_at(10, 100, cfg) == pytest.approx(1.0) and lr_at(99, 100, cfg) == pytest.approx(0.1)
+    mid = 10 + (99 - 10) / 2
+    assert lr_at(int(mid), 100, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * (int(mid) - 10) / 89)))
+
+
+def test_wsd_schedule():
+    cfg = OptimSection(lr=1.0, warmup_steps=5, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert lrs[4] == pytest.approx(1.0) and all(x == 1.0 for x in lrs[5:80])
+    assert lrs[80] == pytest.approx(1 - 1 / 20) and lrs[99] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(lrs[80:], lrs[81:], strict=False))
+
+
+def test_weight_decay_on_matrices_only():
+    model = build_model("debug")
+    opt = build_optimizer([model], OptimSection(weight_decay=0.1))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_expert_bias_update_is_signed_and_recentred():
+    bias = torch.zeros(4)
+    update_expert_bias(bias, torch.tensor([10.0, 0.0, 5.0, 5.0]), rate=0.01)
+    # mean load 5: expert 0 overloaded (-), 1 underloaded (+), 2 and 3 exact (0); then re-centred
+    torch.testing.assert_close(bias, torch.tensor([-0.01, 0.01, 0.0, 0.0]))
+    assert bias.sum().abs() < 1e-7
+    doubled = torch.zeros(4)
+    update_expert_bias(doubled, torch.tensor([20.0, 0.0, 10.0, 10.0]), rate=0.01)
+    assert torch.equal(doubled, bias)  # invariant to counts doubled by activation checkpointing
+
+
+def test_router_losses_closed_forms():
+    logits = torch.randn(32, 8)
+    torch.testing.assert_close(router_z_loss(logits), (torch.logsumexp(logits, -1) ** 2).mean())
+    uniform_logits = torch.zeros(32, 8)
+    ids = torch.arange(32).remainder(8)[:, None]
+    assert balance_loss(uniform_logits, ids).item() == pytest.approx(1.0)
+    collapsed = torch.zeros(32, 8)
+    collapsed[:, 0] = 10.0
+    assert balance_loss(collapsed, torch.zeros(32, 1, dtype=torch.long)).item() > 1.5  # 8 * 1/(1 + 7/2)
+    assert router_entropy(uniform_logits).item() == pytest.approx(1.0)
+    assert router_entropy(collapsed * 10).item() < 1e-3
+
+
+def test_chunked_cross_entropy_equals_plain():
+    h = torch.randn(50, 16, requires_grad=True)
+    head = torch.nn.Linear(16, 30)
+    labels = torch.randint(0, 30, (50,))
+    labels[3] = -100
+    total, n = chunked_cross_entropy(h, head, labels, chunk=7)
+    ref = F.cross_entropy(head(h), labels, ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(total, ref)
+    assert n == 49
+    (g,) = torch.autograd.grad(total, h)
+    (g_ref,) = torch.autograd.grad(ref, h)
+    torch.testing.assert_close(g, g_ref)
