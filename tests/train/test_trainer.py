@@ -211,3 +211,10 @@ def test_existing_run_and_incompatible_resume_are_refused(reference_run, capsys)
     assert main(["train", "--resume", *args, "--model.preset=mini-maverick"]) == 2
     assert "model differs" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # nothing overwritten
+
+
+def test_activation_checkpointing_changes_nothing(reference_run, tmp_path):
+    """Recomputing activations in backward gives bitwise the same run (the doubled routing counts
+    do not change the signed, re-centred bias update)."""
+    run_training(cfg_for(tmp_path, **{"train.activation_checkpointing": True}), say=lambda s: None)
+    assert_same_weights(final_state(tmp_path), final_state(reference_run[0]))
