@@ -18,7 +18,11 @@ def build_optimizer(models: list[nn.Module], cfg: OptimSection) -> torch.optim.A
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=False)
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    try:  # the fused kernel (CPU and CUDA) is ~5x faster than the per-tensor loop on CPU
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # a build or device without it
+        return torch.optim.AdamW(groups, **kwargs)
 
 
 def lr_at(step: int, total: int, cfg: OptimSection) -> float:

@@ -250,7 +250,8 @@ class Trainer:
     def _progress(self, rec: dict, total: int) -> None:
         mfu = f"{rec['mfu']:.1%}" if rec["mfu"] is not None else "n/a"
         filled = int(20 * rec["step"] / total)
-        self.say(f"[{'#' * filled}{'.' * (20 - filled)}] step {rec['step']:>{len(str(total))}}/{total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
+        bar = f"[{'#' * filled}{'.' * (20 - filled)}]"
+        self.say(f"{bar} step {rec['step']:>{len(str(total))}}/{total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
                  f"{rec['tokens_per_s']:,.0f} tok/s | MFU {mfu} | ETA {_fmt_time(rec['eta_s'])}"
                  + (f" | skipped {rec['skipped_steps']}" if rec["skipped_steps"] else ""))
 
