@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import device_info, transformers_version
 
 from behemoth.config import ModelConfig, MoEConfig
 from behemoth.model.layers import FeedForward
@@ -80,27 +81,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.hf_repeats is None:
         args.hf_repeats = min(args.repeats, HF_CPU_REPEATS) if torch.device(args.device).type == "cpu" else args.repeats
     return args
-
-
-def device_info(device: torch.device) -> dict:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return {
-            "type": "cuda",
-            "name": props.name,
-            "capability": list(torch.cuda.get_device_capability(device)),
-            "memory_gib": round(props.total_memory / 2**30, 1),
-            "cuda": torch.version.cuda,
-        }
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"type": device.type, "name": name, "threads": torch.get_num_threads()}
 
 
 def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
@@ -182,14 +162,6 @@ def timed(prepare: Callable[[], None], step: Callable[[], None], device: torch.d
     t0 = time.perf_counter()
     step()
     return (time.perf_counter() - t0) * 1e3
-
-
-def _transformers_version() -> str | None:
-    try:
-        import transformers
-    except ImportError:
-        return None
-    return transformers.__version__
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -311,7 +283,7 @@ def run(args: argparse.Namespace) -> dict:
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
-            "transformers": _transformers_version(),
+            "transformers": transformers_version(),
         },
         "config": {
             "d": D,

@@ -1,0 +1,33 @@
+"""What every benchmark result records about where it ran."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+
+def device_info(device: torch.device) -> dict:
+    """The device's name and, for GPUs, capability, memory and CUDA version."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return {"type": "cuda", "name": props.name, "capability": list(torch.cuda.get_device_capability(device)),
+                "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda}
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"type": device.type, "name": name, "threads": torch.get_num_threads()}
+
+
+def transformers_version() -> str | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.__version__
