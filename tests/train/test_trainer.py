@@ -72,6 +72,11 @@ def test_run_shows_progress_health_and_learns(reference_run):
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts == ["latest", "step_0000004", "step_0000006", "step_0000008"]  # keep_last=3
     assert (run_dir / "tokenizer.json").is_file() and (run_dir / "train_config.json").is_file()
+    step_dir = latest_checkpoint(run_dir)  # self-describing: model, tokenizer and training state
+    assert (step_dir / "tokenizer.json").read_bytes() == (run_dir / "tokenizer.json").read_bytes()
+    import behemoth
+
+    assert behemoth.load_model(str(step_dir)).config.vocab_size == 256
 
 
 def test_bias_update_moves_and_recentres(reference_run):

@@ -224,13 +224,14 @@ TRAIN_STATE = "train_state.json"  # plain values; its tensors are in train_state
 
 
 def save_training_checkpoint(run_dir: str | Path, step: int, models: dict[str, Transformer], train_state: dict,
-                             keep_last: int) -> Path:
+                             keep_last: int, extra_files: dict[str, bytes] | None = None) -> Path:
     """Write `checkpoints/step_{step:07d}` atomically, then move `latest` to it, then prune.
 
     The first model ("model") sits at the directory's root, so `load_model(step_dir)` loads it; any
-    other (e.g. a codistilled teacher) in a subdirectory of its name. `train_state.pt` holds the
-    optimizer, data position, RNG and counters as `train_state.json` + `train_state.safetensors`
-    (nothing is pickled). A crash at any point leaves `latest` on a complete checkpoint.
+    other (e.g. a codistilled teacher) in a subdirectory of its name. The optimizer, data position,
+    RNG and counters go to `train_state.json` + `train_state.safetensors` (nothing is pickled);
+    `extra_files` (e.g. the tokenizer) are written beside every model, so each directory describes
+    itself. A crash at any point leaves `latest` on a complete checkpoint.
     """
     ckpt_root = Path(run_dir) / "checkpoints"
     final = ckpt_root / f"step_{step:07d}"
@@ -239,7 +240,10 @@ def save_training_checkpoint(run_dir: str | Path, step: int, models: dict[str, T
 
     def write(tmp: Path) -> None:
         for name, model in models.items():
-            _write_model_files(model, tmp if name == "model" else tmp / name, step=step)
+            target = tmp if name == "model" else tmp / name
+            _write_model_files(model, target, step=step)
+            for fname, data in (extra_files or {}).items():
+                (target / fname).write_bytes(data)
         write_state(train_state, tmp, "train_state")
 
     _write_atomically(final, write)

@@ -128,8 +128,10 @@ class Trainer:
         random.setstate(state["rng"]["python"])
 
     def save(self) -> Path:
+        tok = self.info.run_dir / "tokenizer.json"
+        extra = {"tokenizer.json": tok.read_bytes()} if tok.is_file() else None
         return save_training_checkpoint(self.info.run_dir, self.step, self.models, self.state_dict(),
-                                        self.cfg.checkpoint.keep_last)
+                                        self.cfg.checkpoint.keep_last, extra)
 
     # ---- the loop --------------------------------------------------------------------------------
     def fit(self, log: MetricsLog) -> dict:
