@@ -121,6 +121,60 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"wrote {out}: {tok.vocab_size} tokens (fingerprint {tok.fingerprint[:12]})")
 
 
+# ---- eval ----------------------------------------------------------------------------------------
+
+def evaluate_model(model_dir: str, teacher_dir: str | None = None, data: str | None = None, problems: int = 200,
+                   difficulty: int = 1, seq_len: int = 256, seed: int = 0) -> dict:
+    """Held-out loss/perplexity, KL to a teacher (if given) and, on the built-in tasks, exact-match
+    accuracy of greedy answers. Data: the built-in held-out test problems, or every document of `data`."""
+    from behemoth import load_model
+    from behemoth.data.packing import build_in_memory
+    from behemoth.data.tasks import generate
+    from behemoth.data.tokenizer import Tokenizer
+    from behemoth.eval import heldout_loss, task_accuracy, teacher_kl
+
+    model = load_model(model_dir, dtype=torch.float32)
+    tok = Tokenizer.load(model_dir)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{model_dir}: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
+    if data is None:
+        test = generate("test", problems, seed=seed, difficulty=difficulty)
+        store = build_in_memory((p.text for p in test), tok)
+    else:
+        from behemoth.data.corpus import iter_documents, resolve_paths
+
+        test, store = None, build_in_memory(iter_documents(resolve_paths(data)), tok)
+    seq_len = min(seq_len, store.num_tokens - 1)  # a small held-out set still gives one window
+    report: dict = {"model": model_dir, "params": model.config.num_params(),
+                    "active_params": model.config.num_active_params(),
+                    "heldout": heldout_loss(model, store, seq_len, max_batches=None)}
+    if teacher_dir:
+        teacher = load_model(teacher_dir, dtype=torch.float32)
+        if Tokenizer.load(teacher_dir).fingerprint != tok.fingerprint:
+            raise ValueError(f"{teacher_dir}: the teacher's tokenizer differs from the model's")
+        report["teacher_kl"] = teacher_kl(model, teacher, store, seq_len, max_batches=None)
+    if test is not None:
+        report["tasks"] = task_accuracy(model, tok, test)
+    return report
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    report = evaluate_model(args.model, args.teacher, args.data, args.problems, args.difficulty, args.seq_len)
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).write_text(text)
+    h = report["heldout"]
+    print(f"{args.model}: held-out loss {h['loss']:.4f} (ppl {h['ppl']:.2f}, {h['tokens']:,} tokens)")
+    if "teacher_kl" in report:
+        print(f"  KL(teacher || model) {report['teacher_kl']['kl']:.4f} nats/token")
+    if "tasks" in report:
+        t = report["tasks"]
+        per = ", ".join(f"{k} {v:.0%}" for k, v in t["per_task"].items())
+        print(f"  exact match {t['overall']:.1%} on {t['n']} held-out problems ({per})")
+    if args.out:
+        print(f"wrote {args.out}")
+
+
 # ---- demo ----------------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -200,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="where to write tokenizer.json")
     t.add_argument("--force", action="store_true", help="replace an existing file")
     t.set_defaults(fn=cmd_tokenizer_train)
+
+    s = sub.add_parser("eval", help="held-out loss, KL to a teacher, task accuracy; JSON report")
+    s.add_argument("--model", required=True, help="a checkpoint directory with its tokenizer.json")
+    s.add_argument("--teacher", help="a teacher checkpoint directory (same tokenizer): adds KL(teacher || model)")
+    s.add_argument("--data", help="held-out documents (.txt/.jsonl/.parquet); default: built-in test problems")
+    s.add_argument("--problems", type=int, default=200, help="built-in test problems to evaluate")
+    s.add_argument("--difficulty", type=int, default=1)
+    s.add_argument("--seq-len", type=int, default=256)
+    s.add_argument("--out", help="write the JSON report here")
+    s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("demo", help="the main job: preset table, a small model's forward and generation")
     s.add_argument("--quick", action="store_true", help="use the debug preset (seconds)")

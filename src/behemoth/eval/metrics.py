@@ -1,0 +1,89 @@
+"""Metrics on a trained model: held-out loss / perplexity, KL to a teacher, task accuracy.
+
+Shape legend: B batch, S sequence, V vocabulary, N tokens.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from behemoth.data.loader import DataLoader
+from behemoth.data.packing import TokenStore
+from behemoth.data.tasks import Problem, accuracy
+from behemoth.data.tokenizer import Tokenizer
+from behemoth.inference.generate import generate
+from behemoth.train.losses import IGNORE_INDEX
+
+
+def _batches(store: TokenStore, seq_len: int, batch_size: int, max_batches: int | None, device):
+    loader = DataLoader(store, batch_size, seq_len, shuffle=False)
+    n = loader.num_windows // batch_size or 1
+    return (b.to(device) for b in itertools.islice(loader, min(n, max_batches or n)))
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, store: TokenStore, seq_len: int, batch_size: int = 8,
+                 max_batches: int | None = 32, device: str | torch.device = "cpu") -> dict:
+    """Mean next-token cross-entropy (nats) and perplexity over the first batches of `store`."""
+    model.eval()
+    total, n = 0.0, 0
+    for b in _batches(store, seq_len, batch_size, max_batches, device):
+        logits_BSV = model(b.input_ids, b.positions, b.segment_ids).float()
+        total += F.cross_entropy(logits_BSV.flatten(0, 1), b.labels.flatten(), ignore_index=IGNORE_INDEX,
+                                 reduction="sum").item()
+        n += int((b.labels != IGNORE_INDEX).sum())
+    loss = total / max(n, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": n}
+
+
+@torch.no_grad()
+def teacher_kl(student: nn.Module, teacher: nn.Module, store: TokenStore, seq_len: int, batch_size: int = 8,
+               max_batches: int | None = 16, device: str | torch.device = "cpu") -> dict:
+    """Mean per-token KL(teacher || student) in nats, on the same batches. A teacher vocabulary padded
+    beyond the student's is cut to the student's size and renormalised."""
+    student.eval()
+    teacher.eval()
+    total, n = 0.0, 0
+    for b in _batches(store, seq_len, batch_size, max_batches, device):
+        s_NV = student(b.input_ids, b.positions, b.segment_ids).float().flatten(0, 1)
+        t_NV = teacher(b.input_ids, b.positions, b.segment_ids).float().flatten(0, 1)[:, : s_NV.shape[-1]]
+        t_log = torch.log_softmax(t_NV, -1)
+        total += (t_log.exp() * (t_log - torch.log_softmax(s_NV, -1))).sum().item()
+        n += s_NV.shape[0]
+    return {"kl": total / max(n, 1), "tokens": n}
+
+
+@torch.no_grad()
+def task_accuracy(model: nn.Module, tokenizer: Tokenizer, problems: Sequence[Problem], max_new_tokens: int = 64,
+                  batch_size: int = 64, device: str | torch.device = "cpu", samples: int = 3) -> dict:
+    """Greedy-decode each prompt and exact-match the answer after "####" (see `data.tasks.check`).
+
+    Prompts of equal token length are batched together (generation here has no padding).
+    """
+    model.eval()
+    newline = tokenizer.encode("\n")
+    stop = tuple(newline[-1:]) + (tokenizer.eos_id,)
+    by_len: dict[int, list[int]] = defaultdict(list)
+    encoded = [tokenizer.encode(p.prompt) for p in problems]
+    for i, ids in enumerate(encoded):
+        by_len[len(ids)].append(i)
+    outputs: list[str] = [""] * len(problems)
+    for idx in by_len.values():
+        for start in range(0, len(idx), batch_size):
+            chunk = idx[start:start + batch_size]
+            prompt_BS = torch.tensor([encoded[i] for i in chunk], device=device)
+            out_BS = generate(model, prompt_BS, max_new_tokens, stop_ids=stop)
+            for i, row in zip(chunk, out_BS[:, prompt_BS.shape[1]:].tolist(), strict=True):
+                cut = next((j for j, t in enumerate(row) if t in stop), len(row))
+                outputs[i] = tokenizer.decode(row[:cut])
+    result = accuracy(problems, outputs)
+    result["samples"] = [{"prompt": p.prompt, "expected": p.answer, "generated": g}
+                         for p, g in zip(problems[:samples], outputs[:samples], strict=True)]
+    return result
