@@ -124,7 +124,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 # ---- eval ----------------------------------------------------------------------------------------
 
 def evaluate_model(model_dir: str, teacher_dir: str | None = None, data: str | None = None, problems: int = 200,
-                   difficulty: int = 1, seq_len: int = 256, seed: int = 0) -> dict:
+                   difficulty: int = 1, seq_len: int = 256, seed: int = 0, max_new_tokens: int = 64) -> dict:
     """Held-out loss/perplexity, KL to a teacher (if given) and, on the built-in tasks, exact-match
     accuracy of greedy answers. Data: the built-in held-out test problems, or every document of `data`."""
     from behemoth import load_model
@@ -154,7 +154,7 @@ def evaluate_model(model_dir: str, teacher_dir: str | None = None, data: str | N
             raise ValueError(f"{teacher_dir}: the teacher's tokenizer differs from the model's")
         report["teacher_kl"] = teacher_kl(model, teacher, store, seq_len, max_batches=None)
     if test is not None:
-        report["tasks"] = task_accuracy(model, tok, test)
+        report["tasks"] = task_accuracy(model, tok, test, max_new_tokens=max_new_tokens)
     return report
 
 

@@ -24,7 +24,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_report(model_dir, tmp_path, capsys):
-    report = evaluate_model(str(model_dir), teacher_dir=str(model_dir), problems=8)
+    report = evaluate_model(str(model_dir), teacher_dir=str(model_dir), problems=8, max_new_tokens=8)
     assert report["heldout"]["tokens"] > 0 and report["heldout"]["ppl"] == pytest.approx(
         torch.tensor(report["heldout"]["loss"]).exp().item(), rel=1e-5)
     assert report["teacher_kl"]["kl"] == pytest.approx(0.0, abs=1e-6)  # itself as teacher
@@ -65,4 +65,4 @@ def test_teacher_with_other_tokenizer_is_refused(model_dir, tmp_path):
     save_model(build_model("debug"), other)
     Tokenizer.from_chars("abc").save(other / "tokenizer.json")
     with pytest.raises(ValueError, match="tokenizer differs"):
-        evaluate_model(str(model_dir), teacher_dir=str(other), problems=2)
+        evaluate_model(str(model_dir), teacher_dir=str(other), problems=2, max_new_tokens=2)
