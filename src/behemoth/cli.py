@@ -104,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from behemoth.train.run import run_training
 
     cfg = build_config(args.config, args.overrides)
-    summary = run_training(cfg, resume=args.resume)
+    summary = run_training(cfg, resume=args.resume, mode=args.mode)
     print(f"done: {summary['step']} steps, {summary['tokens']:,} tokens, {summary['nonfinite_steps']} skipped; "
           f"run dir {cfg.train.out_dir}")
 
@@ -237,13 +237,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="native-to-hf: drop trained routing biases (transformers has none; routing changes)")
     s.set_defaults(fn=cmd_convert)
 
-    s = sub.add_parser("train", help="train a model (built-in STEM tasks by default, or --data.path=CORPUS)",
-                       description="Train from defaults, a TOML --config and dotted overrides such as "
-                                   "--optim.lr=3e-4 --train.steps=1000 --data.path='corpus/*.jsonl'.")
-    s.add_argument("--config", help="a TOML file with [model], [data], [optim], [router], [train], [log], ... tables")
-    s.add_argument("--resume", action="store_true",
-                   help="continue the run in --train.out_dir from its latest checkpoint")
-    s.set_defaults(fn=cmd_train, allow_overrides=True)
+    modes = {
+        "train": ("pretrain", "train a model (built-in STEM tasks by default, or --data.path=CORPUS)"),
+        "distill": ("distill", "train a student from a frozen teacher (--distill.teacher=DIR): CE + KD"),
+        "codistill": ("codistill", "train a teacher (--distill.teacher_preset) and a student together, "
+                                   "the teacher's forward pass giving the student's targets"),
+    }
+    for name, (mode, help_text) in modes.items():
+        s = sub.add_parser(name, help=help_text,
+                           description=f"{help_text}. Configure with defaults, a TOML --config and dotted overrides "
+                                       "such as --optim.lr=3e-4 --train.steps=1000 --data.path='corpus/*.jsonl'.")
+        s.add_argument("--config", help="a TOML file with [model], [data], [optim], [router], [distill], [train], "
+                                        "[log], [health], [checkpoint] tables")
+        s.add_argument("--resume", action="store_true",
+                       help="continue the run in --train.out_dir from its latest checkpoint")
+        s.set_defaults(fn=cmd_train, allow_overrides=True, mode=mode)
 
     s = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)

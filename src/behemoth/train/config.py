@@ -65,6 +65,27 @@ class RouterSection:
 
 
 @dataclass
+class DistillSection:
+    """`behemoth distill` (a frozen teacher) and `behemoth codistill` (the teacher trains alongside)."""
+
+    teacher: str | None = None  # distill: the teacher's checkpoint directory (with its tokenizer.json)
+    teacher_preset: str = "mini-behemoth"  # codistill: the teacher built and trained in the same run
+    loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd | skew_kl | skew_reverse_kl | tvd
+    temperature: float = 1.0
+    beta: float = 0.5  # jsd: 0 = forward KL, 1 = reverse KL
+    skew: float = 0.1  # skew KLs
+    top_k: int = 0  # 0: the teacher's full distribution; k: its top-k only (as an offline cache holds)
+    missing_mass: str = "renormalize"  # top-k: renormalize | ignore | residual
+    schedule: str = "constant"  # weight of the soft loss: constant | linear | wsd
+    alpha: float = 0.5  # total = (1 - alpha) CE + alpha KD; the constant, linear end or wsd plateau
+    alpha_start: float = 0.0
+    alpha_end: float = 0.0
+    warmup_fraction: float = 0.1
+    decay_fraction: float = 0.2
+    token_rule: str = "none"  # per-token factor: none | confidence | certainty | loss_ratio
+
+
+@dataclass
 class TrainSection:
     steps: int = 500  # optimizer steps
     batch_size: int = 16  # sequences per micro-batch
@@ -106,6 +127,7 @@ class TrainConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     router: RouterSection = field(default_factory=RouterSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     train: TrainSection = field(default_factory=TrainSection)
     log: LogSection = field(default_factory=LogSection)
     health: HealthSection = field(default_factory=HealthSection)

@@ -24,7 +24,7 @@ from behemoth.data.packing import TokenStore, build_in_memory, tokenize_corpus
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.parallel import apply_activation_checkpointing, apply_compile
 from behemoth.train.config import DataSection, TrainConfig
-from behemoth.train.steps import PretrainStep
+from behemoth.train.steps import CodistillStep, DistillStep, PretrainStep
 from behemoth.train.trainer import MetricsLog, RunInfo, Trainer, stdout_say
 
 # Dense bf16 peak of GPUs whose MFU we report (FLOP/s); elsewhere MFU is shown as n/a.
@@ -52,9 +52,16 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
     return mc.replace(vocab_size=m.vocab_size) if m.vocab_size else mc
 
 
-def build_data(d: DataSection, run_dir: Path, seed: int, resume: bool, say) -> tuple[Tokenizer, TokenStore, TokenStore]:
-    """Tokenizer and train/validation token stores: the built-in tasks, or a corpus on disk."""
+def build_data(d: DataSection, run_dir: Path, seed: int, resume: bool, say,
+               tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, TokenStore, TokenStore]:
+    """Tokenizer and train/validation token stores: the built-in tasks, or a corpus on disk.
+
+    `tokenizer` (a distillation teacher's) is used unless `data.tokenizer` names another."""
     saved = run_dir / "tokenizer.json"
+    if tokenizer is not None and not d.tokenizer and not (resume and saved.is_file()):
+        d = DataSection(**{**d.__dict__, "tokenizer": str(run_dir / ".teacher_tokenizer.json")})
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(d.tokenizer)
     if d.path is None:
         from behemoth.data.tasks import ALPHABET, generate
 
@@ -87,20 +94,56 @@ def _check_resume(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, ckpt_mo
         diff = [k for k in model_cfg.to_dict() if model_cfg.to_dict()[k] != ckpt_model_cfg.to_dict()[k]]
         raise ValueError(f"{where}: the checkpoint's model differs from this config ({', '.join(diff)}); "
                          "resume with the same model settings or start a new --train.out_dir")
-    same = ["data", "train.seed", "train.batch_size", "train.grad_accum"]
+    same = ["data", "distill", "train.seed", "train.batch_size", "train.grad_accum"]
     now = cfg.to_dict()
     for key in same:
         section, _, name = key.partition(".")
         a = now[section] if not name else now[section][name]
         b = saved[section] if not name else saved[section][name]
         if a != b:
-            changed = key if name else next(f"data.{k}" for k in a if a[k] != b.get(k))
+            changed = key if name else next(f"{section}.{k}" for k in a if a[k] != b.get(k))
             raise ValueError(f"{where}: incompatible resume: {changed} differs from the checkpoint's run; "
                              "resume with the same data and batch settings or start a new --train.out_dir")
 
 
-def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], None] = stdout_say) -> dict:
-    """Train as configured; returns a summary. Raises ValueError for bad input (nothing written)."""
+def load_teacher(path: str, device: torch.device) -> tuple[torch.nn.Module, Tokenizer]:
+    """A distillation teacher and its tokenizer, both from its checkpoint directory."""
+    teacher_dir = Path(path)
+    try:
+        tok = Tokenizer.load(teacher_dir)
+    except ValueError as e:
+        raise ValueError(f"distill.teacher: {e}; the teacher's tokenizer is needed to check that teacher and "
+                         "student share one") from None
+    return load_checkpoint(teacher_dir, dtype=torch.float32, device=device), tok
+
+
+def check_vocabularies(teacher_vocab: int, teacher_tok: Tokenizer, student_vocab: int, student_tok: Tokenizer) -> None:
+    """Teacher and student must share a tokenizer. A teacher vocabulary padded beyond the student's is
+    fine (the KD loss drops the padding columns, checking they hold no probability); a different
+    tokenizer, or a student vocabulary larger than the teacher's, is an error."""
+    if teacher_tok.fingerprint != student_tok.fingerprint:
+        raise ValueError("the teacher's tokenizer differs from the student's (data.tokenizer); distillation needs "
+                         "one shared tokenizer")
+    if teacher_vocab < student_vocab:
+        raise ValueError(f"the teacher's vocabulary ({teacher_vocab}) is smaller than the student's "
+                         f"({student_vocab}); give the student --model.vocab_size={teacher_vocab}")
+
+
+def build_step(mode: str, cfg: TrainConfig, model, teacher, autocast_dtype):
+    if mode == "pretrain":
+        return PretrainStep(model, cfg.router, autocast_dtype)
+    if mode == "distill":
+        return DistillStep(model, teacher, cfg.router, cfg.distill, autocast_dtype)
+    return CodistillStep(model, teacher, cfg.router, cfg.distill, autocast_dtype)
+
+
+def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], None] = stdout_say,
+                 mode: str = "pretrain") -> dict:
+    """Train as configured; returns a summary. Raises ValueError for bad input (nothing written).
+
+    mode: "pretrain" (next-token loss), "distill" (a frozen teacher from `distill.teacher`), or
+    "codistill" (a `distill.teacher_preset` teacher trained in the same run on the same batches).
+    """
     run_dir = Path(cfg.train.out_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if not resume and (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
@@ -112,31 +155,50 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     model_cfg = model_config(cfg)
-    tok, train_store, val_store = build_data(cfg.data, run_dir, cfg.train.seed, ckpt is not None, say)
+    teacher = teacher_tok = None
+    if mode == "distill":
+        if not cfg.distill.teacher:
+            raise ValueError("distill.teacher: set it to the teacher's checkpoint directory")
+        teacher, teacher_tok = load_teacher(cfg.distill.teacher, device)
+    tok, train_store, val_store = build_data(cfg.data, run_dir, cfg.train.seed, ckpt is not None, say, teacher_tok)
     if tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary holds "
                          f"{model_cfg.vocab_size}; set --model.vocab_size={tok.vocab_size} or use a smaller tokenizer")
     train_loader = DataLoader(train_store, cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed)
+    if teacher is not None:
+        check_vocabularies(teacher.config.vocab_size, teacher_tok, model_cfg.vocab_size, tok)
     if ckpt is not None:
         state = load_training_state(ckpt)
         model = load_checkpoint(ckpt, dtype=torch.float32, device=device)
         _check_resume(cfg, state["config"], model_cfg, model.config, ckpt)
+        if mode == "codistill":
+            teacher = load_checkpoint(ckpt / "teacher", dtype=torch.float32, device=device)
         say(f"resuming from {ckpt} (step {state['step']})")
     else:
         state = None
         model = build_model(model_cfg, device=device, seed=cfg.train.seed)
-    if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if cfg.train.compile:
-        apply_compile(model)
+        if mode == "codistill":
+            tcfg = get_preset(cfg.distill.teacher_preset)
+            if tcfg.vocab_size < model_cfg.vocab_size:
+                raise ValueError(f"distill.teacher_preset={cfg.distill.teacher_preset!r} has a smaller vocabulary "
+                                 f"({tcfg.vocab_size}) than the student ({model_cfg.vocab_size})")
+            teacher = build_model(tcfg, device=device, seed=cfg.train.seed + 1)
+    for m in (model, teacher if mode == "codistill" else None):
+        if m is not None and cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(m)
+        if m is not None and cfg.train.compile:
+            apply_compile(m)
 
     def val_batches():
         loader = DataLoader(val_store, cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed, shuffle=False)
         return itertools.islice(loader, min(cfg.log.eval_batches, loader.num_windows // cfg.train.batch_size or 1))
 
-    info = RunInfo(run_dir, model_cfg.train_flops_per_token(cfg.data.seq_len), peak_flops(device, autocast_dtype),
-                   device)
-    trainer = Trainer(cfg, PretrainStep(model, cfg.router, autocast_dtype), train_loader, val_batches, info, say)
+    flops = model_cfg.train_flops_per_token(cfg.data.seq_len)
+    if teacher is not None:  # a frozen teacher runs forward only (1/3 of a training step's FLOPs)
+        t_flops = teacher.config.train_flops_per_token(cfg.data.seq_len)
+        flops += t_flops if mode == "codistill" else t_flops / 3
+    info = RunInfo(run_dir, flops, peak_flops(device, autocast_dtype), device)
+    trainer = Trainer(cfg, build_step(mode, cfg, model, teacher, autocast_dtype), train_loader, val_batches, info, say)
     if state is not None:
         trainer.load_state_dict(state)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,8 @@ from torch import nn
 
 from behemoth.data.loader import Batch
 from behemoth.model.moe import MoE
-from behemoth.train.config import RouterSection
+from behemoth.train.config import DistillSection, RouterSection
+from behemoth.train.kd import Divergence, KDWeight, Teacher, TopK, distill_loss, topk_targets
 from behemoth.train.losses import balance_loss, chunked_cross_entropy, router_entropy, router_z_loss
 
 
@@ -55,16 +56,25 @@ class PretrainStep:
         with autocast_context(batch.input_ids.device, self.autocast_dtype):
             ce_sum, n = chunked_cross_entropy(h_BSD.flatten(0, 1), self.model.logits, batch.labels.flatten())
         ce = ce_sum / max(n, 1)
-        loss, metrics = ce, {"loss": ce.item(), "tokens": n}
-        if self.moes:
-            z = torch.stack([router_z_loss(m.last_router_logits) for m in self.moes]).mean()
-            bal = torch.stack([balance_loss(m.last_router_logits, m.last_expert_ids) for m in self.moes]).mean()
-            loss = loss + self.router_cfg.z_loss_coef * z + self.router_cfg.balance_loss_coef * bal
-            with torch.no_grad():
-                metrics["router_entropy"] = torch.stack([router_entropy(m.last_router_logits) for m in self.moes])
-            metrics.update(z_loss=z.item(), balance_loss=bal.item())
-            for m in self.moes:
-                m.last_router_logits = m.last_expert_ids = None
+        return self._finish(ce, {"loss": ce.item(), "tokens": n}, self.moes, loss_scale)
+
+    def _router_losses(self, loss: torch.Tensor, moes: list[MoE]) -> tuple[torch.Tensor, dict]:
+        """Add the z-loss and balance loss of `moes` (mean over layers) from their last forward."""
+        if not moes:
+            return loss, {}
+        z = torch.stack([router_z_loss(m.last_router_logits) for m in moes]).mean()
+        bal = torch.stack([balance_loss(m.last_router_logits, m.last_expert_ids) for m in moes]).mean()
+        with torch.no_grad():
+            entropy = torch.stack([router_entropy(m.last_router_logits) for m in moes])
+        for m in moes:
+            m.last_router_logits = m.last_expert_ids = None
+        loss = loss + self.router_cfg.z_loss_coef * z + self.router_cfg.balance_loss_coef * bal
+        return loss, {"z_loss": z.item(), "balance_loss": bal.item(), "router_entropy": entropy}
+
+    def _finish(self, loss: torch.Tensor, metrics: dict, moes: list[MoE], loss_scale: float) -> dict:
+        """Router losses of the trained model, the non-finite check, backward."""
+        loss, router = self._router_losses(loss, moes)
+        metrics.update(router)
         metrics["nonfinite"] = not bool(torch.isfinite(loss))
         if not metrics["nonfinite"]:
             (loss * loss_scale).backward()
@@ -76,3 +86,97 @@ class PretrainStep:
         with autocast_context(batch.input_ids.device, self.autocast_dtype):
             ce_sum, n = chunked_cross_entropy(h_BSD.flatten(0, 1), self.model.logits, batch.labels.flatten())
         return ce_sum.item(), n
+
+
+def _divergence(cfg: DistillSection) -> Divergence:
+    return Divergence(kind=cfg.loss, temperature=cfg.temperature, beta=cfg.beta, skew=cfg.skew,
+                      missing_mass=cfg.missing_mass)
+
+
+def _weight(cfg: DistillSection) -> KDWeight:
+    return KDWeight(schedule=cfg.schedule, alpha=cfg.alpha, alpha_start=cfg.alpha_start, alpha_end=cfg.alpha_end,
+                    warmup_fraction=cfg.warmup_fraction, decay_fraction=cfg.decay_fraction,
+                    token_rule=cfg.token_rule)
+
+
+class DistillStep(PretrainStep):
+    """Online distillation: a frozen teacher (eval, no gradients; any size or shape, MoE or dense) and
+    a student trained with (1 - alpha_t) CE + alpha_t KD, plus the student's router losses.
+
+    The teacher's trunk runs once per micro-batch; its output head runs chunk by chunk inside the KD
+    loss, so neither model's full [N, V] logits are held at once. With `top_k` the student sees only
+    the teacher's top-k log-probabilities, exactly what an offline cache would hold.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, router: RouterSection, distill: DistillSection,
+                 autocast_dtype: torch.dtype | None = None):
+        super().__init__(student, router, autocast_dtype)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.cfg, self.div, self.weight = distill, _divergence(distill), _weight(distill)
+        self.step, self.total = 0, 1
+
+    def begin_step(self, step: int, total: int) -> None:
+        self.step, self.total = step, total
+
+    def _teacher_hidden(self, batch: Batch) -> torch.Tensor:
+        with torch.no_grad(), autocast_context(batch.input_ids.device, self.autocast_dtype):
+            return self.teacher.hidden_states(batch.input_ids, batch.positions, batch.segment_ids).flatten(0, 1)
+
+    def _teacher_targets(self, h_ND: torch.Tensor, head) -> Teacher:
+        """Dense logits computed chunk by chunk from the teacher's hidden states, or its top-k."""
+        def logits(start: int, end: int) -> torch.Tensor:
+            with torch.no_grad():
+                return head(h_ND[start:end]).float()
+
+        if not self.cfg.top_k:
+            return logits
+        parts = [topk_targets(logits(s, s + 1024), self.cfg.top_k, self.div.temperature)
+                 for s in range(0, h_ND.shape[0], 1024)]
+        return TopK(torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts]))
+
+    def _distill(self, batch: Batch, h_BSD: torch.Tensor, teacher: Teacher) -> tuple[torch.Tensor, dict]:
+        with autocast_context(batch.input_ids.device, self.autocast_dtype):
+            # The tokenizers were checked identical before the first step, so teacher columns beyond the
+            # student's vocabulary are padding: dropped and the teacher renormalised, without a mass check.
+            res = distill_loss(h_BSD.flatten(0, 1), self.model.logits, batch.labels.flatten(), teacher, self.div,
+                               self.weight, self.step, self.total, max_padded_mass=None)
+        n = max(res.tokens, 1)
+        metrics = {"loss": res.ce_sum.item() / n, "kd_loss": res.kd_sum.item() / n,
+                   "kd_weight": res.alpha_sum.item() / n, "tokens": res.tokens}
+        return res.loss_sum / n, metrics
+
+    def forward_backward(self, batch: Batch, loss_scale: float) -> dict:
+        teacher = self._teacher_targets(self._teacher_hidden(batch), self.teacher.logits)
+        loss, metrics = self._distill(batch, self._hidden(batch), teacher)
+        return self._finish(loss, metrics, self.moes, loss_scale)
+
+
+class CodistillStep(DistillStep):
+    """Codistillation: teacher and student train in the same run on the same batches.
+
+    The teacher's forward pass for its own next-token loss also gives the student's soft targets
+    (its hidden states, detached), so the teacher's trunk runs once per batch for both purposes;
+    only its output head is applied a second time, chunk by chunk, for the targets.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, router: RouterSection, distill: DistillSection,
+                 autocast_dtype: torch.dtype | None = None):
+        super().__init__(student, teacher, router, distill, autocast_dtype)
+        self.teacher = teacher.train().requires_grad_(True)
+        self.teacher_moes = moe_layers(teacher)
+
+    def trained_models(self) -> dict[str, nn.Module]:
+        return {"model": self.model, "teacher": self.teacher}
+
+    def forward_backward(self, batch: Batch, loss_scale: float) -> dict:
+        device = batch.input_ids.device
+        with autocast_context(device, self.autocast_dtype):
+            h_t = self.teacher.hidden_states(batch.input_ids, batch.positions, batch.segment_ids)
+            t_ce_sum, n = chunked_cross_entropy(h_t.flatten(0, 1), self.teacher.logits, batch.labels.flatten())
+        teacher_loss = t_ce_sum / max(n, 1)
+        teacher_loss, t_metrics = self._router_losses(teacher_loss, self.teacher_moes)
+        targets = self._teacher_targets(h_t.detach().flatten(0, 1), self.teacher.logits)
+        loss, metrics = self._distill(batch, self._hidden(batch), targets)
+        metrics["teacher_loss"] = t_ce_sum.item() / max(n, 1)
+        metrics.update({f"teacher_{k}": v for k, v in t_metrics.items() if k != "router_entropy"})
+        return self._finish(loss + teacher_loss, metrics, self.moes, loss_scale)

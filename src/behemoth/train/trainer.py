@@ -186,15 +186,18 @@ class Trainer:
         """Accumulate micro-batches, clip, step, update routing biases. None if the step was skipped."""
         cfg = self.cfg
         accum = cfg.train.grad_accum
-        agg: dict = {"loss": 0.0, "tokens": 0, "z_loss": 0.0, "balance_loss": 0.0}
+        agg: dict = {"tokens": 0}
         entropy = None
+        if hasattr(self.step_fn, "begin_step"):  # steps whose loss follows the schedule (KD weight)
+            self.step_fn.begin_step(self.step, cfg.train.steps)
         for _ in range(accum):
             batch = next(self.loader).to(self.info.device)
             m = self.step_fn.forward_backward(batch, 1.0 / accum)
             if m["nonfinite"]:
                 return self._skip(f"non-finite loss at step {self.step + 1}")
-            for k in ("loss", "z_loss", "balance_loss"):
-                agg[k] += m.get(k, 0.0) / accum
+            for k, v in m.items():  # every float a step reports is averaged over micro-batches and logged
+                if isinstance(v, float):
+                    agg[k] = agg.get(k, 0.0) + v / accum
             agg["tokens"] += m["tokens"]
             if "router_entropy" in m:
                 entropy = m["router_entropy"] / accum if entropy is None else entropy + m["router_entropy"] / accum
@@ -246,7 +249,7 @@ class Trainer:
                "mfu": mfu, "tokens": self.tokens_seen, "elapsed_s": self.elapsed,
                "eta_s": (total - self.step) / max(steps_per_s, 1e-9), "skipped_steps": self.nonfinite_total}
         if last is not None:
-            rec.update(grad_norm=last["grad_norm"], z_loss=last["z_loss"], balance_loss=last["balance_loss"])
+            rec.update({k: v for k, v in last.items() if k not in ("loss", "tokens")})
         return rec
 
     def _progress(self, rec: dict, total: int) -> None:
