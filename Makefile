@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(BIN)/behemoth demo --out out/demo
+	$(BIN)/behemoth demo --out out/demo --force
 
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"

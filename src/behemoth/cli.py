@@ -121,6 +121,56 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"wrote {out}: {tok.vocab_size} tokens (fingerprint {tok.fingerprint[:12]})")
 
 
+# ---- distill-cache -------------------------------------------------------------------------------
+
+def cmd_distill_cache(args: argparse.Namespace) -> None:
+    from behemoth.train.config import DataSection
+    from behemoth.train.run import run_distill_cache
+
+    data = DataSection(path=args.data, field=args.field, seq_len=args.seq_len, val_fraction=args.val_fraction,
+                       cache_dir=args.cache_dir, tasks=args.tasks, num_problems=args.num_problems,
+                       difficulty=args.difficulty)
+    run_distill_cache(args.teacher, args.out, data, seed=args.seed, top_k=args.top_k, temperature=args.temperature,
+                      resume=args.resume, batch_size=args.batch_size, shard_tokens=args.shard_tokens,
+                      device=args.device, precision=args.precision, values=args.values,
+                      say=lambda line: print(line, flush=True))
+
+
+def _task_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _add_distill_cache_parser(sub) -> None:
+    s = sub.add_parser("distill-cache", help="run a teacher once over the training data and store its top-k "
+                                             "log-probabilities (then: behemoth distill --distill.cache=DIR)",
+                       description="Run a frozen teacher over the training token store (a corpus --data, or the "
+                                   "built-in tasks) window by window, as `behemoth distill` would cut it, and write "
+                                   "its top-k log-probabilities to compact shards with a manifest. Use the same data "
+                                   "options (and --seed = train.seed) for the distill run.")
+    s.add_argument("--teacher", required=True, help="the teacher's checkpoint directory (with its tokenizer.json)")
+    s.add_argument("--out", required=True, help="the cache directory to write")
+    s.add_argument("--top-k", type=int, default=128, help="log-probabilities kept per position (default 128)")
+    s.add_argument("--temperature", type=float, default=1.0, help="the distillation temperature (default 1.0)")
+    s.add_argument("--data", help="a .txt/.jsonl/.parquet file or glob (data.path); default: the built-in tasks")
+    s.add_argument("--field", default="text", help="text field (.jsonl) or column (.parquet) (data.field)")
+    s.add_argument("--seq-len", type=int, default=256, help="window length (data.seq_len; default 256)")
+    s.add_argument("--val-fraction", type=float, default=0.01, help="corpus documents held out (data.val_fraction)")
+    s.add_argument("--cache-dir", default=".cache/behemoth", help="tokenized-corpus cache (data.cache_dir)")
+    s.add_argument("--tasks", type=_task_list, help="built-in tasks, comma-separated (data.tasks; default all)")
+    s.add_argument("--num-problems", type=int, default=50000, help="built-in training problems (data.num_problems)")
+    s.add_argument("--difficulty", type=int, default=1, help="built-in task difficulty (data.difficulty)")
+    s.add_argument("--seed", type=int, default=0, help="the distill run's train.seed (problems, validation split)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted cache after its last full shard")
+    s.add_argument("--batch-size", type=int, default=8, help="windows per teacher forward (default 8)")
+    s.add_argument("--shard-tokens", type=int, default=1 << 20, help="tokens per shard file (default 1048576)")
+    s.add_argument("--values", choices=["u8", "f16", "f32"], default="u8",
+                   help="log-prob storage: u8 (default; 1 byte, error <= 0.04 nats), f16, or f32 (exact)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="teacher forward: auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16")
+    s.set_defaults(fn=cmd_distill_cache)
+
+
 # ---- eval ----------------------------------------------------------------------------------------
 
 def evaluate_model(model_dir: str, teacher_dir: str | None = None, data: str | None = None, problems: int = 200,
@@ -178,40 +228,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
 # ---- demo ----------------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    """The main job, for now: the preset table, then a small model's forward pass and generation."""
-    from behemoth import build_model
-    from behemoth.inference import generate
+    """The main job: the preset table, then teacher -> distilled student vs scratch student, measured."""
+    from behemoth.demo import run_demo
 
-    reports = [info_report(cfg, name) for name, cfg in PRESETS.items()]
     print(f"{'preset':<15}{'total params':>24}{'active/token':>22}  note")
-    for r in reports:
-        print(f"{r['name']:<15}{r['total_params']:>24,}{r['active_params']:>22,}  {r['note']}")
-    name = "debug" if args.quick else "tiny"
-    torch.manual_seed(0)
-    model = build_model(name).eval()
-    cfg = model.config
-    ids = torch.randint(0, cfg.vocab_size, (2, 256 if not args.quick else 64))
-    with torch.no_grad():
-        model(ids)  # warm-up
-        t0 = time.perf_counter()
-        logits = model(ids)
-        dt = time.perf_counter() - t0
-    fwd_tps = ids.numel() / dt
-    print(f"\n{name}: forward {tuple(ids.shape)} -> logits {tuple(logits.shape)} in {dt * 1e3:.1f} ms "
-          f"({fwd_tps:,.0f} tokens/s); finite: {bool(torch.isfinite(logits).all())}")
-    prompt = ids[:1, :8]
-    t0 = time.perf_counter()
-    out = generate(model, prompt, max_new_tokens=8)
-    dt = time.perf_counter() - t0
-    print(f"{name}: greedy generation (random weights) {prompt[0].tolist()} -> {out[0, 8:].tolist()} "
-          f"({8 / dt:.1f} tokens/s)")
-    if args.out:
-        out_dir = Path(args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        summary = {"presets": reports, "forward_tokens_per_s": fwd_tps, "model": name,
-                   "generated": out[0].tolist()}
-        (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"wrote {out_dir / 'demo_summary.json'}")
+    for name, cfg in PRESETS.items():
+        r = info_report(cfg, name)
+        print(f"{name:<15}{r['total_params']:>24,}{r['active_params']:>22,}  {r['note']}")
+    print()
+    run_demo(args.out, quick=args.quick, force=args.force, say=lambda line: print(line, flush=True))
 
 
 # ---- parser --------------------------------------------------------------------------------------
@@ -253,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in --train.out_dir from its latest checkpoint")
         s.set_defaults(fn=cmd_train, allow_overrides=True, mode=mode)
 
+    _add_distill_cache_parser(sub)
+
     s = sub.add_parser("tokenizer", help="tokenizer tools")
     tsub = s.add_subparsers(dest="tokenizer_command", required=True, parser_class=_Parser)
     t = tsub.add_parser("train", help="train a byte-level BPE tokenizer on a corpus")
@@ -273,9 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="write the JSON report here")
     s.set_defaults(fn=cmd_eval)
 
-    s = sub.add_parser("demo", help="the main job: preset table, a small model's forward and generation")
-    s.add_argument("--quick", action="store_true", help="use the debug preset (seconds)")
-    s.add_argument("--out", help="directory for the demo's JSON summary")
+    s = sub.add_parser("demo", help="the main job: train a teacher, distil a student, compare with one trained "
+                                    "from scratch, report (about 8 minutes on 2 CPU cores; --quick about 1)")
+    s.add_argument("--quick", action="store_true", help="a short recipe (about a minute), for CI and a first look")
+    s.add_argument("--out", default="out/demo", help="output directory (report.json, report.html, the runs)")
+    s.add_argument("--force", action="store_true", help="replace an earlier demo in --out")
     s.set_defaults(fn=cmd_demo)
     return p
 

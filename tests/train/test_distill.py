@@ -75,6 +75,8 @@ def test_distill_step_gradients_reach_only_the_student(teacher_dir):
     teacher = behemoth.load_model(str(teacher_dir))
     student = behemoth.build_model(PRESETS["debug"]).train()
     batch = next(DataLoader(build_in_memory((p.text for p in generate("train", 50)), tok), 2, 32))
+    with torch.no_grad():  # make the teacher rank its padding columns (ids 256..319) highest
+        teacher.output.weight[256:] = teacher.output.weight[:64] * 3
     for kind, top_k in (("forward_kl", 0), ("jsd", 8), ("tvd", 0)):
         step = DistillStep(student, teacher, RouterSection(), DistillSection(loss=kind, top_k=top_k))
         m = step.forward_backward(batch, 1.0)

@@ -26,16 +26,20 @@ from behemoth.data.packing import TokenStore
 
 @dataclass
 class Batch:
-    """One training batch; every tensor is [B, S] int64 on the CPU until `to` moves it."""
+    """One training batch; every [B, S] tensor is int64 on the CPU until `to` moves it."""
 
     input_ids: torch.Tensor  # tokens
     labels: torch.Tensor  # the next token of each input token
     positions: torch.Tensor  # position within the token's own document (0 at each document start)
     segment_ids: torch.Tensor  # document of each token, numbered from 0 within each row
+    # [B] int64: the token-stream offset of each row's first input token (window w starts at w * seq_len);
+    # it keys per-position data such as cached teacher targets. Stays on the CPU (`to` does not move it).
+    offsets: torch.Tensor | None = None
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> Batch:
         return Batch(*(t.to(device, non_blocking=non_blocking)
-                       for t in (self.input_ids, self.labels, self.positions, self.segment_ids)))
+                       for t in (self.input_ids, self.labels, self.positions, self.segment_ids)),
+                     offsets=self.offsets)
 
     @property
     def num_tokens(self) -> int:
@@ -72,17 +76,7 @@ class DataLoader:
         return self
 
     def __next__(self) -> Batch:
-        windows = self._take(self.batch_size)
-        S = self.seq_len
-        tokens = self.store.tokens
-        rows_BW = np.stack([np.asarray(tokens[w * S:w * S + S + 1], dtype=np.int64) for w in windows.tolist()])
-        offsets_BS = windows[:, None] * S + np.arange(S, dtype=np.int64)
-        doc_BS = self.store.doc_index(offsets_BS)
-        positions_BS = offsets_BS - np.asarray(self.store.doc_starts)[doc_BS]
-        segments_BS = doc_BS - doc_BS[:, :1]
-        return Batch(input_ids=torch.from_numpy(np.ascontiguousarray(rows_BW[:, :-1])),
-                     labels=torch.from_numpy(np.ascontiguousarray(rows_BW[:, 1:])),
-                     positions=torch.from_numpy(positions_BS), segment_ids=torch.from_numpy(segments_BS))
+        return window_batch(self.store, self.seq_len, self._take(self.batch_size))
 
     def _take(self, n: int) -> np.ndarray:
         """The next `n` window indices, advancing (epoch, index) across epoch boundaries."""
@@ -127,3 +121,19 @@ class DataLoader:
         if epoch < 0 or not 0 <= index < self.num_windows:
             raise ValueError(f"loader state: epoch={epoch}, index={index} out of range ({self.num_windows} windows)")
         self.epoch, self.index = epoch, index
+
+
+def window_batch(store: TokenStore, seq_len: int, windows: np.ndarray) -> Batch:
+    """The `Batch` of the given window indices (window w: stream tokens w*S .. w*S + S, see the module doc)."""
+    S = seq_len
+    windows = np.asarray(windows, dtype=np.int64)
+    tokens = store.tokens
+    rows_BW = np.stack([np.asarray(tokens[w * S:w * S + S + 1], dtype=np.int64) for w in windows.tolist()])
+    offsets_BS = windows[:, None] * S + np.arange(S, dtype=np.int64)
+    doc_BS = store.doc_index(offsets_BS)
+    positions_BS = offsets_BS - np.asarray(store.doc_starts)[doc_BS]
+    segments_BS = doc_BS - doc_BS[:, :1]
+    return Batch(input_ids=torch.from_numpy(np.ascontiguousarray(rows_BW[:, :-1])),
+                 labels=torch.from_numpy(np.ascontiguousarray(rows_BW[:, 1:])),
+                 positions=torch.from_numpy(positions_BS), segment_ids=torch.from_numpy(segments_BS),
+                 offsets=torch.from_numpy(windows * S))

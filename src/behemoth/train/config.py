@@ -69,6 +69,10 @@ class DistillSection:
     """`behemoth distill` (a frozen teacher) and `behemoth codistill` (the teacher trains alongside)."""
 
     teacher: str | None = None  # distill: the teacher's checkpoint directory (with its tokenizer.json)
+    # distill: or a teacher cache from `behemoth distill-cache` (no teacher model needed). Checked against
+    # the run first: tokenizer, data and seq_len must be the cache's; top_k 0 (the cache's k) or <= k;
+    # temperature == the cache's (top-k log-probs cannot be re-tempered exactly)
+    cache: str | None = None
     teacher_preset: str = "mini-behemoth"  # codistill: the teacher built and trained in the same run
     loss: str = "forward_kl"  # forward_kl | reverse_kl | jsd | skew_kl | skew_reverse_kl | tvd
     temperature: float = 1.0

@@ -21,10 +21,12 @@ from behemoth.checkpoint.io import latest_checkpoint, load_checkpoint, load_trai
 from behemoth.config import ModelConfig, get_preset, load_config_file
 from behemoth.data.loader import DataLoader
 from behemoth.data.packing import TokenStore, build_in_memory, tokenize_corpus
+from behemoth.data.teacher_cache import TeacherCache, check_out_dir, teacher_fingerprint, write_cache
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.parallel import apply_activation_checkpointing, apply_compile
 from behemoth.train.config import DataSection, TrainConfig
-from behemoth.train.steps import CodistillStep, DistillStep, PretrainStep
+from behemoth.train.kd import topk_targets
+from behemoth.train.steps import CachedDistillStep, CodistillStep, DistillStep, PretrainStep, autocast_context
 from behemoth.train.trainer import MetricsLog, RunInfo, Trainer, stdout_say
 
 # Dense bf16 peak of GPUs whose MFU we report (FLOP/s); elsewhere MFU is shown as n/a.
@@ -129,9 +131,11 @@ def check_vocabularies(teacher_vocab: int, teacher_tok: Tokenizer, student_vocab
                          f"({student_vocab}); give the student --model.vocab_size={teacher_vocab}")
 
 
-def build_step(mode: str, cfg: TrainConfig, model, teacher, autocast_dtype):
+def build_step(mode: str, cfg: TrainConfig, model, teacher, autocast_dtype, cache=None):
     if mode == "pretrain":
         return PretrainStep(model, cfg.router, autocast_dtype)
+    if mode == "distill" and cache is not None:
+        return CachedDistillStep(model, cache, cfg.router, cfg.distill, autocast_dtype)
     if mode == "distill":
         return DistillStep(model, teacher, cfg.router, cfg.distill, autocast_dtype)
     return CodistillStep(model, teacher, cfg.router, cfg.distill, autocast_dtype)
@@ -141,8 +145,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
                  mode: str = "pretrain") -> dict:
     """Train as configured; returns a summary. Raises ValueError for bad input (nothing written).
 
-    mode: "pretrain" (next-token loss), "distill" (a frozen teacher from `distill.teacher`), or
-    "codistill" (a `distill.teacher_preset` teacher trained in the same run on the same batches).
+    mode: "pretrain" (next-token loss), "distill" (a frozen teacher from `distill.teacher`, or its cached
+    top-k from `distill.cache`), or "codistill" (a `distill.teacher_preset` teacher trained in the same run
+    on the same batches).
     """
     run_dir = Path(cfg.train.out_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
@@ -155,10 +160,16 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     model_cfg = model_config(cfg)
-    teacher = teacher_tok = None
-    if mode == "distill":
+    teacher = teacher_tok = cache = None
+    if mode == "distill" and cfg.distill.cache:
+        if cfg.distill.teacher:
+            raise ValueError("distill.teacher and distill.cache are both set; set one (a cache needs no teacher model)")
+        cache = TeacherCache.open(cfg.distill.cache)
+        teacher_tok = cache.tokenizer()
+    elif mode == "distill":
         if not cfg.distill.teacher:
-            raise ValueError("distill.teacher: set it to the teacher's checkpoint directory")
+            raise ValueError("distill.teacher: set it to the teacher's checkpoint directory (or distill.cache to a "
+                             "teacher cache from behemoth distill-cache)")
         teacher, teacher_tok = load_teacher(cfg.distill.teacher, device)
     tok, train_store, val_store = build_data(cfg.data, run_dir, cfg.train.seed, ckpt is not None, say, teacher_tok)
     if tok.vocab_size > model_cfg.vocab_size:
@@ -167,6 +178,12 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
     train_loader = DataLoader(train_store, cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed)
     if teacher is not None:
         check_vocabularies(teacher.config.vocab_size, teacher_tok, model_cfg.vocab_size, tok)
+    if cache is not None:  # before anything is built or written
+        cache.validate(tokenizer_fingerprint=tok.fingerprint, store=train_store, seq_len=cfg.data.seq_len,
+                       vocab_size=model_cfg.vocab_size, top_k=cfg.distill.top_k, temperature=cfg.distill.temperature)
+        say(f"teacher: cached top-{cfg.distill.top_k or cache.top_k} of {cache.top_k} from {cache.directory} "
+            f"({cache.manifest['bytes_per_token']:.1f} bytes/token, mean mass captured "
+            f"{cache.manifest['mean_captured_mass']:.4f})")
     if ckpt is not None:
         state = load_training_state(ckpt)
         model = load_checkpoint(ckpt, dtype=torch.float32, device=device)
@@ -198,7 +215,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
         t_flops = teacher.config.train_flops_per_token(cfg.data.seq_len)
         flops += t_flops if mode == "codistill" else t_flops / 3
     info = RunInfo(run_dir, flops, peak_flops(device, autocast_dtype), device)
-    trainer = Trainer(cfg, build_step(mode, cfg, model, teacher, autocast_dtype), train_loader, val_batches, info, say)
+    trainer = Trainer(cfg, build_step(mode, cfg, model, teacher, autocast_dtype, cache), train_loader, val_batches,
+                      info, say)
     if state is not None:
         trainer.load_state_dict(state)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -219,3 +237,59 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
             for png in plot_run(run_dir):
                 say(f"plot: {png}")
     return summary
+
+
+# ---- offline teacher targets ------------------------------------------------------------------------
+
+def teacher_topk_fn(teacher: torch.nn.Module, top_k: int, temperature: float, device: torch.device,
+                    autocast_dtype: torch.dtype | None):
+    """batch -> (ids, log-probs) [B*S, k] numpy: the teacher's top-k computed exactly as `DistillStep` does
+    online (trunk under autocast, the head in chunks of 1024 tokens in fp32, `topk_targets`)."""
+    @torch.no_grad()
+    def targets(batch):
+        b = batch.to(device)
+        with autocast_context(device, autocast_dtype):
+            h_ND = teacher.hidden_states(b.input_ids, b.positions, b.segment_ids).flatten(0, 1)
+        parts = [topk_targets(teacher.logits(h_ND[s:s + 1024]).float(), top_k, temperature)
+                 for s in range(0, h_ND.shape[0], 1024)]
+        return (torch.cat([p.ids for p in parts]).cpu().numpy(),
+                torch.cat([p.logprobs for p in parts]).float().cpu().numpy())
+
+    return targets
+
+
+def run_distill_cache(teacher_dir: str, out_dir: str, data: DataSection, seed: int = 0, top_k: int = 128,
+                      temperature: float = 1.0, resume: bool = False, batch_size: int = 8,
+                      shard_tokens: int = 1 << 20, device: str = "auto", precision: str = "auto", values: str = "u8",
+                      say: Callable[[str], None] = stdout_say) -> dict:
+    """Write a teacher cache (`behemoth.data.teacher_cache`) of the teacher's top-k over the training token
+    store that `behemoth distill` with the same data settings (`data`, `seed` = train.seed) builds, with the
+    teacher's tokenizer. Returns the manifest; `ValueError` for bad input."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision={precision!r}: expected auto, fp32 or bf16")
+    if not isinstance(shard_tokens, int) or shard_tokens < 1:
+        raise ValueError(f"shard_tokens={shard_tokens!r}: must be an integer >= 1")
+    if data.seq_len < 2:
+        raise ValueError(f"seq_len={data.seq_len}: must be >= 2")
+    check_out_dir(out_dir, resume)  # before the teacher is loaded or any data is built
+    dev = resolve_device(device)
+    autocast_dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and dev.type == "cuda") else None
+    teacher, teacher_tok = load_teacher(teacher_dir, dev)
+    teacher.eval().requires_grad_(False)
+    if top_k > teacher.config.vocab_size:
+        raise ValueError(f"top_k={top_k} exceeds the teacher's vocabulary ({teacher.config.vocab_size})")
+    out = Path(out_dir)
+    info = {"teacher_path": str(teacher_dir), "teacher_params": teacher.config.num_params(),
+            "data_config": {**data.__dict__, "seed": seed}}
+    if not data.tokenizer:  # the student of `distill` uses the teacher's tokenizer unless told otherwise
+        data = DataSection(**{**data.__dict__, "tokenizer": str(Path(teacher_dir) / "tokenizer.json")})
+    tok, train_store, _ = build_data(data, out, seed, False, say)
+    check_vocabularies(teacher.config.vocab_size, teacher_tok, tok.vocab_size, tok)
+    say(f"teacher: {teacher_dir} ({teacher.config.num_params():,} parameters, vocabulary "
+        f"{teacher.config.vocab_size:,}) on {dev}{' (bf16 autocast)' if autocast_dtype else ''}; top-{top_k} at "
+        f"temperature {temperature:g}, {values} values")
+    targets = teacher_topk_fn(teacher, top_k, temperature, dev, autocast_dtype)
+    return write_cache(out, train_store, data.seq_len, targets, top_k=top_k, temperature=temperature,
+                       vocab_size=teacher.config.vocab_size, teacher_fingerprint=teacher_fingerprint(teacher_dir),
+                       tokenizer=teacher_tok, values=values, windows_per_shard=max(1, shard_tokens // data.seq_len),
+                       batch_size=batch_size, resume=resume, say=say, info=info)

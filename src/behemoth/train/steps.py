@@ -8,6 +8,7 @@ A step provides:
   forward_backward(batch, loss_scale) -> dict   losses as floats, "tokens", "nonfinite", and
                                                 "router_entropy" [L] for the MoE layers
   eval_loss(batch) -> (sum of token losses, number of tokens)
+  begin_step(step, total)   (optional) called before each optimizer step, for scheduled losses
 """
 
 from __future__ import annotations
@@ -130,7 +131,8 @@ class DistillStep(PretrainStep):
 
         if not self.cfg.top_k:
             return logits
-        parts = [topk_targets(logits(s, s + 1024), self.cfg.top_k, self.div.temperature)
+        V = self.model.config.vocab_size  # a padded teacher vocabulary: rank only the student's tokens
+        parts = [topk_targets(logits(s, s + 1024)[:, :V], self.cfg.top_k, self.div.temperature)
                  for s in range(0, h_ND.shape[0], 1024)]
         return TopK(torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts]))
 
@@ -180,3 +182,28 @@ class CodistillStep(DistillStep):
         metrics["teacher_loss"] = t_ce_sum.item() / max(n, 1)
         metrics.update({f"teacher_{k}": v for k, v in t_metrics.items() if k != "router_entropy"})
         return self._finish(loss + teacher_loss, metrics, self.moes, loss_scale)
+
+
+class CachedDistillStep(DistillStep):
+    """Offline distillation: DistillStep with the teacher's top-k read from a `TeacherCache` (written by
+    `behemoth distill-cache`) for the batch's windows (`Batch.offsets`) instead of a teacher forward.
+
+    The cache holds, for every window the loader can cut, the top-k the online teacher would compute for
+    it, so this trains as DistillStep with `distill.top_k` = the cache's k does (exactly, with f32 values;
+    within the quantization bound with u8). `distill.top_k` < k uses each position's top `top_k` entries.
+    """
+
+    def __init__(self, student: nn.Module, cache, router: RouterSection, distill: DistillSection,
+                 autocast_dtype: torch.dtype | None = None):
+        PretrainStep.__init__(self, student, router, autocast_dtype)
+        self.teacher, self.cache = None, cache
+        self.cfg, self.div, self.weight = distill, _divergence(distill), _weight(distill)
+        self.step, self.total = 0, 1
+
+    def forward_backward(self, batch: Batch, loss_scale: float) -> dict:
+        if batch.offsets is None:
+            raise ValueError("cached distillation needs Batch.offsets (batches from behemoth.data.DataLoader)")
+        targets = self.cache.targets(batch.offsets, top_k=self.cfg.top_k or None,
+                                     vocab_size=self.model.config.vocab_size, device=batch.input_ids.device)
+        loss, metrics = self._distill(batch, self._hidden(batch), targets)
+        return self._finish(loss, metrics, self.moes, loss_scale)

@@ -1,0 +1,701 @@
+"""Offline teacher targets: a teacher's top-k log-probabilities over a token store, compact, sharded,
+resumable and self-describing.
+
+`behemoth distill-cache` runs a teacher once over the training token store, window by window in stream
+order with the same `seq_len` windows the `DataLoader` cuts (window w holds stream offsets
+`w*S .. w*S + S - 1`, with the same per-document positions and segments), so each position's cached
+targets are exactly what the online teacher sees for it. Training then reads the targets of a batch's
+windows by their stream offsets (`Batch.offsets`) instead of running the teacher.
+
+Directory layout:
+
+* `manifest.json`: format and version, the teacher's fingerprint, the tokenizer's and the data's
+  fingerprints, seq_len, k, temperature, the teacher's vocabulary size, the number of windows and
+  positions, the value codec, every finished shard (file names, windows, bytes, crc32 of its index),
+  bytes per token (shards and indexes / positions), mean captured teacher mass (the top-k's
+  probability at the temperature, averaged over positions), creation date; `complete` once every
+  window is written.
+* `tokenizer.json`: the teacher's tokenizer (a student trained from the cache uses it).
+* `shard_00000.bin`: the encoded records of a run of consecutive windows, one record per window;
+  `shard_00000.idx`: its index, uint64 byte offsets [n + 1] then the crc32 of each record, uint32 [n].
+
+Shards are written to `*.tmp` files, flushed, renamed into place, and only then listed in the manifest,
+which is itself replaced atomically (tmp + rename); so a shard is read only when the manifest lists it.
+A resumed writer continues after the last listed shard and overwrites anything else (a `.tmp` file, a
+renamed shard that never made it into the manifest). Readers check every listed file's size, the
+index's crc32 and each record's crc32, and raise `ValueError` naming the file otherwise.
+
+Training from a cache (`behemoth distill --distill.cache=DIR`, `TeacherCache.validate`) first checks
+the manifest against the run: the tokenizer and the training store (token count, then fingerprint of
+its tokens and document starts) must be the cache's, seq_len == data.seq_len, and the teacher's
+vocabulary at least the student's (ids beyond the student's are padding and become absent entries).
+distill.top_k = 0 uses the cache's k; top_k <= k uses each position's top_k largest stored entries
+(the teacher's top-k' is part of its top-k, up to quantization ties); top_k > k is an error.
+distill.temperature must equal the cache's: stored log-probs are at the cache's temperature, and with
+only the top-k known they cannot be re-tempered exactly (the missing mass is known only as a total).
+
+Record of one window (S positions, k entries each; little-endian):
+
+    values   u8:  hi float32 [S], scale float16 [S], codes uint8 [S, k]
+             f16: log-probs float16 [S, k];  f32: log-probs float32 [S, k]
+    l        uint8 [S, C]: the low-bit width of each id chunk (C = ceil(k / 32) chunks of 32 ids)
+    low      bit-packed low parts of all ids, MSB first, chunk after chunk
+    high     bit-packed unary high parts (Elias-Fano), chunk after chunk
+
+Ids. A position's k ids are sorted ascending (values follow them) and split into chunks of 32. Each
+chunk is Elias-Fano coded relative to the id after the previous chunk's last (0 for the first): with
+l low bits, value x is stored as its low l bits plus a 1 bit at position (x >> l) + i in the chunk's
+unary stream (i: its index in the chunk), which ends at its last 1. A chunk of c ids with largest
+relative value m costs c*l + c + (m >> l) bits; l is chosen per chunk to minimise that. For k ids spread
+uniformly over a vocabulary of V that is about k * (2 + log2(V / k)) bits: at V = 202,048, k = 128,
+measured 200 bytes, 4% above the information bound log2(C(V, k)) / 8 = 192 bytes (plus 4 bytes of
+chunk widths). Chunking lets clustered ids (a teacher's top-k leans toward frequent, low-id tokens)
+take fewer low bits. Decoding is
+vectorised numpy over all entries of a record (no per-token Python loop).
+
+Values (`values`):
+  u8   (default) per position hi = its largest finite log-prob (float32, exact), a step `scale`
+       (float16, rounded up) = min(hi - lowest, VALUE_RANGE) / 254, and codes c = round((hi - lp) / scale)
+       clipped to 0..254; decoded as hi - c * scale; 255 = absent (-inf). Error bound: for every entry
+       within VALUE_RANGE = 20 nats of its position's top, |decoded - lp| <= scale / 2 <=
+       min(hi - lowest, 20) / 508 * (1 + 2^-10) + 3e-8 <= 0.0394 nats, and the top entry is exact (code 0).
+       Entries further below are stored as about hi - 20: both true and stored probability are below
+       e^-20 (2e-9) times the top's. The bound shrinks with the position's own range (a flat teacher,
+       or a higher temperature, gets a finer step).
+  f16  log-probs as float16: relative error <= 2^-11.
+  f32  log-probs exactly as the teacher produced them (training equals online top-k training).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "behemoth-teacher-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+ID_CHUNK = 32  # ids per Elias-Fano chunk
+VALUE_RANGE = 20.0  # u8: log-probs more than this many nats below their position's top are clamped
+VALUE_CODECS = ("u8", "f16", "f32")
+_U8_ABSENT = 255
+_U8_STEPS = 254  # codes 0..254 are finite
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoding of one record: [n, k] ids and log-probabilities
+
+
+def _chunks(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(first entry, size) of each id chunk [C], and each entry's chunk and index within it [k]."""
+    starts = np.arange(0, k, ID_CHUNK, dtype=np.int64)
+    sizes = np.minimum(starts + ID_CHUNK, k) - starts
+    entry = np.arange(k, dtype=np.int64)
+    return starts, sizes, entry // ID_CHUNK, entry % ID_CHUNK
+
+
+def max_low_bits(vocab_size: int) -> int:
+    return max(1, int(vocab_size - 1).bit_length())
+
+
+def encode_record(ids_NK: np.ndarray, logprobs_NK: np.ndarray, vocab_size: int, values: str = "u8") -> bytes:
+    """One record: the k (distinct) ids < vocab_size and their log-probabilities at each of n positions."""
+    ids_NK = np.asarray(ids_NK)
+    lp_NK = np.asarray(logprobs_NK, dtype=np.float32)
+    if ids_NK.ndim != 2 or ids_NK.shape != lp_NK.shape or ids_NK.shape[1] < 1:
+        raise ValueError(f"ids {ids_NK.shape} and logprobs {lp_NK.shape} must both be [n, k] with k >= 1")
+    if values not in VALUE_CODECS:
+        raise ValueError(f"values={values!r}: expected one of {', '.join(VALUE_CODECS)}")
+    N, K = ids_NK.shape
+    order = np.argsort(ids_NK, axis=1, kind="stable")
+    ids_NK = np.take_along_axis(ids_NK, order, 1).astype(np.int64)
+    lp_NK = np.take_along_axis(lp_NK, order, 1)
+    if N and (ids_NK[:, 0].min() < 0 or ids_NK[:, -1].max() >= vocab_size):
+        raise ValueError(f"ids must lie in [0, {vocab_size})")
+    if K > 1 and N and (np.diff(ids_NK, axis=1) <= 0).any():
+        raise ValueError("the ids of a position must be distinct")
+    if np.isnan(lp_NK).any() or np.isposinf(lp_NK).any():
+        raise ValueError("log-probabilities must not be NaN or +inf")
+    parts = [_encode_values(lp_NK, values)]
+    starts, sizes, chunk_of, index_in = _chunks(K)
+    C = len(starts)
+    last = starts + sizes - 1
+    base_NC = np.zeros((N, C), dtype=np.int64)
+    base_NC[:, 1:] = ids_NK[:, last[:-1]] + 1
+    rel_NK = ids_NK - base_NC[:, chunk_of]
+    top_NC = rel_NK[:, last]
+    L = np.arange(max_low_bits(vocab_size) + 1, dtype=np.int64)
+    cost_NCL = sizes[None, :, None] * L + (top_NC[:, :, None] >> L)
+    l_NC = cost_NCL.argmin(-1).astype(np.int64)
+    parts.append(l_NC.astype(np.uint8).tobytes())
+    # low parts: l bits of each entry, MSB first
+    l_E = l_NC[:, chunk_of].ravel()
+    rel_E = rel_NK.ravel()
+    off_E = np.cumsum(l_E) - l_E
+    low_bits = np.zeros(int(l_E.sum()), dtype=np.uint8)
+    for b in range(int(l_E.max(initial=0))):
+        m = l_E > b
+        low_bits[off_E[m] + b] = (rel_E[m] >> (l_E[m] - 1 - b)) & 1
+    parts.append(np.packbits(low_bits).tobytes())
+    # high parts: a 1 at (x >> l) + i in each chunk's unary stream, which ends at its last 1
+    length_NC = sizes[None, :] + (top_NC >> l_NC)
+    start_NC = (np.cumsum(length_NC.ravel()) - length_NC.ravel()).reshape(N, C)
+    high_bits = np.zeros(int(length_NC.sum()), dtype=np.uint8)
+    high_bits[(start_NC[:, chunk_of] + (rel_NK >> l_NC[:, chunk_of]) + index_in).ravel()] = 1
+    parts.append(np.packbits(high_bits).tobytes())
+    return b"".join(parts)
+
+
+def _encode_values(lp_NK: np.ndarray, values: str) -> bytes:
+    if values == "f32":
+        return lp_NK.astype("<f4").tobytes()
+    if values == "f16":
+        return lp_NK.astype("<f2").tobytes()
+    finite_NK = np.isfinite(lp_NK)
+    any_N = finite_NK.any(1)
+    hi_N = np.where(any_N, np.where(finite_NK, lp_NK, -np.inf).max(1), 0.0).astype(np.float32)
+    lo_N = np.where(any_N, np.where(finite_NK, lp_NK, np.inf).min(1), 0.0).astype(np.float32)
+    rng_N = np.minimum(hi_N.astype(np.float64) - lo_N, VALUE_RANGE)
+    scale_N = (rng_N / _U8_STEPS).astype(np.float16)
+    short = scale_N.astype(np.float64) * _U8_STEPS < rng_N  # float16 rounded down: one ulp up
+    scale_N[short] = np.nextafter(scale_N[short], np.float16(np.inf))
+    s_N = scale_N.astype(np.float32)
+    q_NK = np.where(s_N[:, None] > 0, (hi_N[:, None] - np.where(finite_NK, lp_NK, hi_N[:, None]))
+                    / np.where(s_N > 0, s_N, 1.0)[:, None], 0.0)
+    codes_NK = np.where(finite_NK, np.clip(np.rint(q_NK), 0, _U8_STEPS), _U8_ABSENT).astype(np.uint8)
+    return hi_N.astype("<f4").tobytes() + scale_N.astype("<f2").tobytes() + codes_NK.tobytes()
+
+
+def _values_bytes(n: int, k: int, values: str) -> int:
+    return {"u8": n * (4 + 2 + k), "f16": 2 * n * k, "f32": 4 * n * k}[values]
+
+
+def decode_record(buf, n: int, k: int, vocab_size: int, values: str = "u8",
+                  where: str = "record") -> tuple[np.ndarray, np.ndarray]:
+    """The (ids int64 [n, k] ascending per row, log-probs float32 [n, k]) of `encode_record`'s bytes.
+
+    Malformed bytes raise `ValueError` naming `where`."""
+    buf = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
+    starts, sizes, chunk_of, index_in = _chunks(k)
+    C = len(starts)
+    pos = _values_bytes(n, k, values)
+    if len(buf) < pos + n * C:
+        raise ValueError(f"{where}: truncated ({len(buf)} bytes)")
+    lp_NK = _decode_values(buf[:pos], n, k, values)
+    l_NC = buf[pos:pos + n * C].reshape(n, C).astype(np.int64)
+    pos += n * C
+    if n and l_NC.max() > max_low_bits(vocab_size):
+        raise ValueError(f"{where}: corrupt (low-bit width {l_NC.max()})")
+    l_E = l_NC[:, chunk_of].ravel()
+    off_E = np.cumsum(l_E) - l_E
+    low_len = (int(l_E.sum()) + 7) // 8
+    low = buf[pos:pos + low_len]
+    high = buf[pos + low_len:]
+    if len(low) != low_len:
+        raise ValueError(f"{where}: truncated ({len(buf)} bytes)")
+    # low parts: the big-endian 64-bit word at each entry's byte, shifted and masked
+    padded = np.zeros(low_len + 8, dtype=np.uint8)
+    padded[:low_len] = low
+    words = np.ndarray((low_len + 1,), dtype=">u8", buffer=padded, strides=(1,))
+    word_E = words[off_E >> 3].astype(np.uint64)
+    shift_E = (64 - (off_E & 7) - l_E).astype(np.uint64)
+    mask_E = (np.uint64(1) << l_E.astype(np.uint64)) - np.uint64(1)
+    low_E = ((word_E >> np.minimum(shift_E, np.uint64(63))) & mask_E).astype(np.int64)
+    # high parts: the m-th 1 of the stream is entry m; its chunk starts after the previous chunk's last 1
+    ones = np.flatnonzero(np.unpackbits(high))
+    E = n * k
+    if len(ones) != E or (E and len(high) != ones[-1] // 8 + 1):
+        raise ValueError(f"{where}: corrupt (id stream holds {len(ones)} entries, expected {E})")
+    first_NC = np.arange(n, dtype=np.int64)[:, None] * k + starts[None, :]
+    chunk_start = np.where(first_NC > 0, ones[np.maximum(first_NC - 1, 0)] + 1, 0)
+    high_E = ones - chunk_start[:, chunk_of].ravel() - np.tile(index_in, n)
+    if E and high_E.min() < 0:
+        raise ValueError(f"{where}: corrupt (id stream out of order)")
+    rel_NK = ((high_E << l_E) | low_E).reshape(n, k)
+    base_NC = np.zeros((n, C), dtype=np.int64)
+    base_NC[:, 1:] = np.cumsum(rel_NK[:, starts[:-1] + sizes[:-1] - 1] + 1, axis=1)
+    ids_NK = rel_NK + base_NC[:, chunk_of]
+    if E and ids_NK[:, -1].max() >= vocab_size:
+        raise ValueError(f"{where}: corrupt (id {ids_NK[:, -1].max()} >= vocabulary size {vocab_size})")
+    return ids_NK, lp_NK
+
+
+def _decode_values(buf: np.ndarray, n: int, k: int, values: str) -> np.ndarray:
+    if values == "f32":
+        return buf.view("<f4").astype(np.float32).reshape(n, k)
+    if values == "f16":
+        return buf.view("<f2").astype(np.float32).reshape(n, k)
+    if values != "u8":
+        raise ValueError(f"values={values!r}: expected one of {', '.join(VALUE_CODECS)}")
+    hi_N = buf[:4 * n].view("<f4").astype(np.float32)
+    s_N = buf[4 * n:6 * n].view("<f2").astype(np.float32)
+    codes_NK = buf[6 * n:].reshape(n, k)
+    lp_NK = hi_N[:, None] - codes_NK.astype(np.float32) * s_N[:, None]
+    lp_NK[codes_NK == _U8_ABSENT] = -np.inf
+    return lp_NK
+
+
+def u8_error_bound(hi: float, lowest: float) -> float:
+    """The largest |decoded - true| log-prob error of the u8 codec for a position whose finite log-probs
+    span [lowest, hi], for entries within VALUE_RANGE of hi."""
+    rng = min(hi - lowest, VALUE_RANGE)
+    return rng / (2 * _U8_STEPS) * (1 + 2.0**-10) + 3e-8
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def _sha256_file(path: Path, h) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+
+
+_FULL_HASH_BYTES = 256 << 20  # weight files up to this size are hashed whole
+_SAMPLES, _SAMPLE_BYTES = 64, 1 << 16
+
+
+def teacher_fingerprint(directory: str | os.PathLike) -> str:
+    """sha256 of a checkpoint directory's config.json (canonical JSON) and its safetensors files: each
+    file's name, size and header, and its content (whole up to 256 MiB; beyond, 64 blocks of 64 KiB at
+    evenly spaced offsets, so a multi-TB teacher is fingerprinted in seconds and still changes when its
+    weights do)."""
+    directory = Path(directory)
+    cfg_file = directory / "config.json"
+    if not cfg_file.is_file():
+        raise ValueError(f"{cfg_file}: missing (the teacher's checkpoint directory needs config.json)")
+    h = hashlib.sha256()
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    h.update(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode())
+    files = sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.safetensors.index.json"))
+    if not files:
+        raise ValueError(f"{directory}: no safetensors weights to fingerprint")
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}:".encode())
+        if size <= _FULL_HASH_BYTES:
+            _sha256_file(f, h)
+            continue
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            h.update(fh.read(min(n, 100 << 20)))
+            for i in range(_SAMPLES):
+                fh.seek((size - _SAMPLE_BYTES) * i // (_SAMPLES - 1))
+                h.update(fh.read(_SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def data_fingerprint(store) -> str:
+    """sha256 of a `TokenStore`'s tokens (as little-endian uint32, whatever the stored width) and its
+    document starts: the teacher's context at every position depends on both."""
+    h = hashlib.sha256(b"behemoth-token-store:")
+    tokens = store.tokens
+    step = 1 << 24
+    for s in range(0, len(tokens), step):
+        h.update(np.ascontiguousarray(tokens[s:s + step], dtype="<u4").tobytes())
+    h.update(b":doc_starts:")
+    h.update(np.ascontiguousarray(store.doc_starts, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+
+
+def shard_name(i: int) -> str:
+    return f"shard_{i:05d}"
+
+
+def _write_file_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(directory: Path, manifest: dict) -> None:
+    _write_file_atomically(directory / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The manifest of a cache directory; `ValueError` naming the file if it is missing or not ours."""
+    file = Path(directory) / MANIFEST
+    if not file.is_file():
+        raise ValueError(f"{Path(directory)}: not a teacher cache (no {MANIFEST})")
+    try:
+        m = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise ValueError(f"{file}: not a {FORMAT} manifest")
+    if m.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{file}: format version {m.get('version')}, this code reads {FORMAT_VERSION}")
+    missing = [k for k in SETTINGS + ("shards", "complete") if k not in m]
+    if missing:
+        raise ValueError(f"{file}: missing field(s) {', '.join(missing)}")
+    return m
+
+
+# The manifest fields that define a cache: a resumed writer must be given the same ones.
+SETTINGS = ("teacher", "tokenizer", "data", "num_tokens", "seq_len", "num_windows", "top_k", "temperature",
+            "vocab_size", "values", "value_range", "id_chunk", "windows_per_shard")
+
+
+def _index_bytes(offsets: list[int], crcs: list[int]) -> bytes:
+    return np.asarray(offsets, dtype="<u8").tobytes() + np.asarray(crcs, dtype="<u4").tobytes()
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing
+
+# targets_fn(batch) -> (ids [B*S, k], log-probs [B*S, k]) of the batch's windows, row-major
+TargetsFn = Callable[[object], tuple[np.ndarray, np.ndarray]]
+
+
+def write_cache(out_dir: str | os.PathLike, store, seq_len: int, targets_fn: TargetsFn, *, top_k: int,
+                temperature: float, vocab_size: int, teacher_fingerprint: str, tokenizer, values: str = "u8",
+                windows_per_shard: int = 1024, batch_size: int = 8, resume: bool = False,
+                say: Callable[[str], None] = print, progress_every: float = 10.0, info: dict | None = None) -> dict:
+    """Run `targets_fn` over every window of `store` in stream order and write the cache to `out_dir`.
+
+    `tokenizer` is the teacher's (saved in the cache; its fingerprint must match the store's). Windows
+    are batched `batch_size` at a time from each shard's start, so a resumed run computes exactly the
+    batches an uninterrupted one would. `resume`: continue a cache with the same settings after its last
+    finished shard (an absent or empty `out_dir` starts afresh); without it an existing cache is an
+    error. Returns the final manifest. `info`: extra fields recorded in the manifest (teacher path...).
+    """
+    from behemoth.data.loader import window_batch
+
+    out = Path(out_dir)
+    if values not in VALUE_CODECS:
+        raise ValueError(f"values={values!r}: expected one of {', '.join(VALUE_CODECS)}")
+    for name, v in (("seq_len", seq_len), ("top_k", top_k), ("windows_per_shard", windows_per_shard),
+                    ("batch_size", batch_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name}={v!r}: must be an integer >= 1")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r}: must be > 0")
+    if top_k > vocab_size:
+        raise ValueError(f"top_k={top_k} exceeds the teacher's vocabulary ({vocab_size})")
+    if store.tokenizer_fingerprint not in (None, tokenizer.fingerprint):
+        raise ValueError("the token store was not made with the teacher's tokenizer")
+    num_windows = max(store.num_tokens - 1, 0) // seq_len
+    if num_windows < 1:
+        raise ValueError(f"{store.num_tokens} tokens, too few for one window of seq_len + 1 = {seq_len + 1}")
+    settings = {"teacher": teacher_fingerprint, "tokenizer": tokenizer.fingerprint, "data": data_fingerprint(store),
+                "num_tokens": store.num_tokens, "seq_len": seq_len, "num_windows": num_windows, "top_k": top_k,
+                "temperature": float(temperature), "vocab_size": int(vocab_size), "values": values,
+                "value_range": VALUE_RANGE if values == "u8" else None, "id_chunk": ID_CHUNK,
+                "windows_per_shard": windows_per_shard}
+    manifest = _start(out, settings, resume, say)
+    if manifest is None:
+        manifest = {"format": FORMAT, "version": FORMAT_VERSION, **settings, "positions": num_windows * seq_len,
+                    "num_docs": store.num_docs, "batch_size": batch_size, **(info or {}), "shards": [],
+                    "complete": False, "bytes": 0, "bytes_per_token": None, "mean_captured_mass": None,
+                    "created": _now()}
+        _write_file_atomically(out / TOKENIZER, tokenizer.hf.to_str(pretty=True).encode())
+        _write_manifest(out, manifest)
+    if manifest["complete"]:
+        say(f"{out}: already complete")
+        say(_summary(out, manifest))
+        return manifest
+    num_shards = -(-num_windows // windows_per_shard)
+    done_windows = sum(s["windows"] for s in manifest["shards"])
+    t0, last_say, done_now = time.perf_counter(), time.perf_counter(), 0
+    for i in range(len(manifest["shards"]), num_shards):
+        first, stop = i * windows_per_shard, min((i + 1) * windows_per_shard, num_windows)
+        name = shard_name(i)
+        tmp_bin = out / f"{name}.bin.tmp"
+        offsets, crcs, mass_sum = [0], [], 0.0
+        with open(tmp_bin, "wb") as f:
+            for b0 in range(first, stop, batch_size):
+                windows = np.arange(b0, min(b0 + batch_size, stop), dtype=np.int64)
+                ids, lps = targets_fn(window_batch(store, seq_len, windows))
+                ids = np.asarray(ids).reshape(len(windows), seq_len, top_k)
+                lps = np.asarray(lps, dtype=np.float32).reshape(len(windows), seq_len, top_k)
+                mass_sum += float(np.exp(lps.astype(np.float64)).sum())
+                for w in range(len(windows)):
+                    rec = encode_record(ids[w], lps[w], vocab_size, values)
+                    f.write(rec)
+                    offsets.append(offsets[-1] + len(rec))
+                    crcs.append(zlib.crc32(rec))
+                done_now += len(windows)
+                if time.perf_counter() - last_say >= progress_every:
+                    last_say = time.perf_counter()
+                    say(_progress(done_windows + done_now, num_windows, done_now * seq_len, last_say - t0, seq_len))
+            f.flush()
+            os.fsync(f.fileno())
+        index = _index_bytes(offsets, crcs)
+        _write_file_atomically(out / f"{name}.idx", index)
+        os.replace(tmp_bin, out / f"{name}.bin")
+        _fsync_dir(out)
+        manifest["shards"].append({"bin": f"{name}.bin", "idx": f"{name}.idx", "first_window": first,
+                                   "windows": stop - first, "bytes": offsets[-1], "index_crc32": zlib.crc32(index),
+                                   "mass_sum": mass_sum})
+        manifest["bytes"] = sum(s["bytes"] + _index_size(s["windows"]) for s in manifest["shards"])
+        manifest["updated"] = _now()
+        _write_manifest(out, manifest)  # only now is the shard part of the cache
+        say(f"shard {i + 1}/{num_shards} written ({name}.bin, {offsets[-1]:,} bytes); "
+            + _progress(done_windows + done_now, num_windows, done_now * seq_len, time.perf_counter() - t0, seq_len))
+    positions = num_windows * seq_len
+    manifest["complete"] = True
+    manifest["bytes_per_token"] = manifest["bytes"] / positions
+    manifest["mean_captured_mass"] = sum(s["mass_sum"] for s in manifest["shards"]) / positions
+    manifest["updated"] = _now()
+    _write_manifest(out, manifest)
+    say(_summary(out, manifest))
+    return manifest
+
+
+def _summary(out: Path, m: dict) -> str:
+    return (f"wrote {out}: {m['positions']:,} tokens in {len(m['shards'])} shard(s), {m['bytes_per_token']:.1f} "
+            f"bytes/token, mean teacher mass captured {m['mean_captured_mass']:.4f} (k={m['top_k']}, temperature "
+            f"{m['temperature']:g}, {m['values']} values)")
+
+
+def _index_size(windows: int) -> int:
+    return 8 * (windows + 1) + 4 * windows
+
+
+def _progress(done: int, total: int, tokens_now: int, elapsed: float, seq_len: int) -> str:
+    rate = tokens_now / elapsed if elapsed > 0 else float("nan")
+    eta = (total - done) * seq_len / rate if rate > 0 else float("nan")
+    return (f"{done:,}/{total:,} windows ({100 * done / total:.1f}%), {rate:,.0f} tokens/s, "
+            f"ETA {_fmt_time(eta)}")
+
+
+def check_out_dir(out_dir: str | os.PathLike, resume: bool) -> None:
+    """Whether a cache may be written to `out_dir` (before any work): absent or empty, or (with `resume`)
+    a cache; `ValueError` otherwise."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory")
+    if not (out / MANIFEST).is_file():
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"{out}: exists, is not empty and holds no {MANIFEST}; not writing a cache into it")
+    elif not resume:
+        raise ValueError(f"{out}: already holds a teacher cache; pass --resume to continue it or choose another "
+                         "--out")
+    else:
+        read_manifest(out)
+
+
+def _start(out: Path, settings: dict, resume: bool, say) -> dict | None:
+    """The manifest to continue (resume), or None to start afresh; removes unlisted shard files."""
+    check_out_dir(out, resume)
+    if not (out / MANIFEST).is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        return None
+    manifest = read_manifest(out)
+    for key in SETTINGS:
+        if manifest[key] != settings[key]:
+            raise ValueError(f"{out / MANIFEST}: cannot resume: {key} differs (cache: {_short(manifest[key])}, "
+                             f"now: {_short(settings[key])}); use the same teacher, data and options or another "
+                             "--out")
+    listed = {s[kind] for s in manifest["shards"] for kind in ("bin", "idx")}
+    for f in out.iterdir():
+        if f.name.startswith("shard_") and f.name not in listed:
+            f.unlink()  # half-written: a .tmp file or a shard renamed but never listed
+    for s in manifest["shards"]:
+        _check_shard(out, s)
+    say(f"resuming {out}: {sum(s['windows'] for s in manifest['shards']):,}/{settings['num_windows']:,} windows "
+        f"in {len(manifest['shards'])} finished shard(s)")
+    return manifest
+
+
+def _short(v) -> str:
+    return repr(v[:12] + "...") if isinstance(v, str) and len(v) > 16 else repr(v)
+
+
+def _check_shard(directory: Path, s: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A listed shard's (offsets [n + 1], crc32 [n]), after checking both files against the manifest."""
+    bin_file, idx_file = directory / s["bin"], directory / s["idx"]
+    n = int(s["windows"])
+    for f, want in ((bin_file, int(s["bytes"])), (idx_file, _index_size(n))):
+        if not f.is_file():
+            raise ValueError(f"{f}: missing (listed in {MANIFEST})")
+        if f.stat().st_size != want:
+            raise ValueError(f"{f}: {f.stat().st_size} bytes, {MANIFEST} says {want} (truncated or corrupt)")
+    raw = idx_file.read_bytes()
+    if zlib.crc32(raw) != s["index_crc32"]:
+        raise ValueError(f"{idx_file}: checksum mismatch (corrupt)")
+    offsets = np.frombuffer(raw[:8 * (n + 1)], dtype="<u8").astype(np.int64)
+    crcs = np.frombuffer(raw[8 * (n + 1):], dtype="<u4")
+    if offsets[0] != 0 or offsets[-1] != int(s["bytes"]) or (np.diff(offsets) <= 0).any():
+        raise ValueError(f"{idx_file}: offsets do not describe {s['bin']} (corrupt)")
+    return offsets, crcs
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+class TeacherCache:
+    """A finished cache, opened for training: `targets(offsets)` gives the teacher's top-k of a batch.
+
+    `open` checks the manifest, every listed shard's size and index checksum; each record's crc32 is
+    checked when it is read. Shards are memory-mapped, so opening is cheap whatever the cache's size.
+    """
+
+    def __init__(self, directory: Path, manifest: dict, index: list[tuple[np.ndarray, np.ndarray]]):
+        self.directory, self.manifest, self._index = directory, manifest, index
+        self.seq_len, self.top_k = int(manifest["seq_len"]), int(manifest["top_k"])
+        self.vocab_size, self.values = int(manifest["vocab_size"]), manifest["values"]
+        self.temperature, self.num_windows = float(manifest["temperature"]), int(manifest["num_windows"])
+        self._firsts = np.array([s["first_window"] for s in manifest["shards"]], dtype=np.int64)
+        self._maps: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike) -> TeacherCache:
+        directory = Path(directory)
+        m = read_manifest(directory)
+        if not m["complete"]:
+            done = sum(s["windows"] for s in m["shards"])
+            raise ValueError(f"{directory / MANIFEST}: incomplete cache ({done:,} of {m['num_windows']:,} windows); "
+                             "finish it with behemoth distill-cache --resume")
+        expect = 0
+        for s in m["shards"]:
+            if s["first_window"] != expect:
+                raise ValueError(f"{directory / MANIFEST}: shards do not cover the windows in order (corrupt)")
+            expect += s["windows"]
+        if expect != m["num_windows"]:
+            raise ValueError(f"{directory / MANIFEST}: shards cover {expect} of {m['num_windows']} windows (corrupt)")
+        return cls(directory, m, [_check_shard(directory, s) for s in m["shards"]])
+
+    def tokenizer(self):
+        from behemoth.data.tokenizer import Tokenizer
+
+        return Tokenizer.load(self.directory / TOKENIZER)
+
+    def __repr__(self) -> str:
+        return (f"TeacherCache({self.directory}, {self.num_windows:,} windows x {self.seq_len}, k={self.top_k}, "
+                f"temperature={self.temperature:g}, {self.values})")
+
+    def _record(self, window: int) -> tuple[np.ndarray, Path]:
+        """The bytes of one window's record (checksum verified) and its shard file."""
+        shard = int(np.searchsorted(self._firsts, window, side="right")) - 1
+        s = self.manifest["shards"][shard]
+        offsets, crcs = self._index[shard]
+        if shard not in self._maps:
+            self._maps[shard] = np.memmap(self.directory / s["bin"], dtype=np.uint8, mode="r")
+        i = window - s["first_window"]
+        rec = np.array(self._maps[shard][offsets[i]:offsets[i + 1]])
+        if zlib.crc32(rec) != int(crcs[i]):
+            raise ValueError(f"{self.directory / s['bin']}: record of window {window} fails its checksum (corrupt)")
+        return rec, self.directory / s["bin"]
+
+    def read_windows(self, windows) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [n, S, k], log-probs float32 [n, S, k]) of windows (ids ascending per position)."""
+        windows = np.asarray(windows, dtype=np.int64).reshape(-1)
+        if len(windows) and (windows.min() < 0 or windows.max() >= self.num_windows):
+            raise ValueError(f"window out of range (the cache holds {self.num_windows} windows)")
+        S, k = self.seq_len, self.top_k
+        ids = np.empty((len(windows), S, k), dtype=np.int64)
+        lps = np.empty((len(windows), S, k), dtype=np.float32)
+        for j, w in enumerate(windows.tolist()):
+            rec, file = self._record(w)
+            ids[j], lps[j] = decode_record(rec, S, k, self.vocab_size, self.values, where=f"{file} (window {w})")
+        return ids, lps
+
+    def targets(self, offsets, top_k: int | None = None, vocab_size: int | None = None, device=None):
+        """The `TopK` targets [B*S, k'] of the windows starting at stream `offsets` [B] (`Batch.offsets`).
+
+        `top_k` < k keeps each position's top_k largest entries (the teacher's top-k' is part of its top-k).
+        Ids >= `vocab_size` (a teacher vocabulary padded beyond the student's) become absent entries."""
+        import torch
+
+        from behemoth.train.kd import TopK
+
+        offs = np.asarray(offsets.cpu() if hasattr(offsets, "cpu") else offsets, dtype=np.int64).reshape(-1)
+        if (offs % self.seq_len).any():
+            raise ValueError(f"batch offsets {offs.tolist()} are not window starts of seq_len {self.seq_len}")
+        ids, lps = self.read_windows(offs // self.seq_len)
+        ids_NK = torch.from_numpy(ids.reshape(-1, self.top_k))
+        lp_NK = torch.from_numpy(lps.reshape(-1, self.top_k))
+        if top_k is not None and top_k < self.top_k:
+            lp_NK, pick = lp_NK.topk(top_k, dim=-1)
+            ids_NK = ids_NK.gather(1, pick)
+        if vocab_size is not None and vocab_size < self.vocab_size:
+            padded = ids_NK >= vocab_size
+            lp_NK = lp_NK.masked_fill(padded, float("-inf"))
+            ids_NK = ids_NK.masked_fill(padded, 0)
+        if device is not None:
+            ids_NK, lp_NK = ids_NK.to(device, non_blocking=True), lp_NK.to(device, non_blocking=True)
+        return TopK(ids_NK, lp_NK)
+
+    def validate(self, *, tokenizer_fingerprint: str, store, seq_len: int, vocab_size: int, top_k: int,
+                 temperature: float) -> None:
+        """Check the cache against a student run (its tokenizer and training `store`); a one-line
+        `ValueError` naming the field otherwise.
+
+        tokenizer and data (token count, then fingerprint) must be the run's; seq_len == data.seq_len; the
+        teacher's vocabulary at least the student's (larger: padding, dropped); distill.top_k 0 (use the
+        cache's k) or <= k; distill.temperature == the cache's, since top-k log-probs cannot be re-tempered
+        exactly (the mass outside the top-k is known only as a total)."""
+        m, where = self.manifest, f"teacher cache {self.directory}"
+        if m["tokenizer"] != tokenizer_fingerprint:
+            raise ValueError(f"{where}: tokenizer {m['tokenizer'][:12]} differs from the student's "
+                             f"({tokenizer_fingerprint[:12]}); train with the cache's tokenizer (leave data.tokenizer "
+                             "unset)")
+        if m["num_tokens"] != store.num_tokens:
+            raise ValueError(f"{where}: num_tokens={m['num_tokens']:,} but the training data has "
+                             f"{store.num_tokens:,} tokens; use the data the cache was made from (data.path or the "
+                             "built-in tasks, data.num_problems, train.seed)")
+        data_fp = data_fingerprint(store)
+        if m["data"] != data_fp:
+            raise ValueError(f"{where}: data fingerprint {m['data'][:12]} differs from the training data's "
+                             f"({data_fp[:12]}); use the data the cache was made from")
+        if m["seq_len"] != seq_len:
+            raise ValueError(f"{where}: seq_len={m['seq_len']} but data.seq_len={seq_len}; set "
+                             f"--data.seq_len={m['seq_len']}")
+        if m["vocab_size"] < vocab_size:
+            raise ValueError(f"{where}: vocab_size={m['vocab_size']} (the teacher's) is smaller than the student's "
+                             f"({vocab_size}); give the student --model.vocab_size={m['vocab_size']}")
+        if top_k and top_k > m["top_k"]:
+            raise ValueError(f"{where}: top_k={m['top_k']} but distill.top_k={top_k}; the cache holds only the "
+                             f"teacher's top {m['top_k']} (set distill.top_k <= {m['top_k']}, or 0 for all)")
+        if not math.isclose(float(m["temperature"]), float(temperature), rel_tol=1e-9, abs_tol=0.0):
+            raise ValueError(f"{where}: temperature={m['temperature']:g} but distill.temperature={temperature:g}; "
+                             "top-k log-probs cannot be re-tempered exactly: train at the cache's temperature or "
+                             "make a cache at this one")
+

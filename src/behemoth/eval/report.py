@@ -1,0 +1,89 @@
+"""A self-contained HTML report (plots embedded as PNG data URIs) from a demo's report.json."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from behemoth.train.plots import read_metrics
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _img_file(path: Path) -> str | None:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() if path.is_file() else None
+
+
+def write_html(report: dict, run_dirs: dict[str, Path], out: Path) -> Path:
+    """Loss curves, accuracy per task, parameters and speed, gap recovered, expert-load heatmaps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for name, run in run_dirs.items():
+        train = [r for r in read_metrics(run) if r.get("type") == "train"]
+        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label=name)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("next-token loss (hard labels)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    loss_png = _png(fig)
+    plt.close(fig)
+
+    tasks = sorted(next(iter(models.values()))["tasks"]["per_task"])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(models)
+    for i, (name, ev) in enumerate(models.items()):
+        ax.bar([t + i * width for t in range(len(tasks))], [ev["tasks"]["per_task"][t] for t in tasks], width,
+               label=f"{name} ({ev['tasks']['overall']:.0%})")
+    ax.set_xticks([t + width * (len(models) - 1) / 2 for t in range(len(tasks))], tasks)
+    ax.set_ylabel("exact match")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    acc_png = _png(fig)
+    plt.close(fig)
+
+    def row(name: str, ev: dict) -> str:
+        kl = f"{ev['teacher_kl']['kl']:.4f}" if "teacher_kl" in ev else "-"
+        cells = [html.escape(name), f"{ev['params']:,}", f"{ev['active_params']:,}", f"{ev['tokens_per_s']:,.0f}",
+                 f"{ev['heldout']['loss']:.4f}", f"{ev['heldout']['ppl']:.3f}", kl, f"{ev['tasks']['overall']:.1%}"]
+        return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
+    rows = "".join(row(n, ev) for n, ev in models.items())
+    gap = report["gap_recovered"]
+    gap_text = ", ".join(f"{k.replace('_', ' ')}: {'n/a' if v is None else f'{v:.0%}'}" for k, v in gap.items())
+    heatmaps = "".join(
+        f"<h3>{html.escape(n)}</h3><img src='{src}' style='max-width:100%'>"
+        for n, d in run_dirs.items() if (src := _img_file(d / "expert_load.png")))
+    samples = "".join(
+        f"<tr><td>{html.escape(n)}</td><td><pre>{html.escape(s['prompt'])}</pre></td><td>{html.escape(s['expected'])}"
+        f"</td><td><pre>{html.escape(s['generated'])}</pre></td></tr>"
+        for n, ev in models.items() for s in ev["tasks"]["samples"][:2])
+    recipe = html.escape(", ".join(f"{k}={v}" for k, v in report["recipe"].items()))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>behemoth demo report</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+pre{{margin:0;text-align:left}}</style></head><body>
+<h1>Teacher, distilled student, scratch student</h1>
+<p>mini-behemoth teacher; mini-maverick students trained on the same tokens, one distilled from the teacher,
+one from scratch; evaluated on held-out problems that never appear in training. Recipe: {recipe}.
+Wall time {report['wall_seconds'] / 60:.1f} min.</p>
+<table><tr><th>model</th><th>params</th><th>active/token</th><th>train tokens/s</th><th>held-out loss</th>
+<th>perplexity</th><th>KL(teacher||model)</th><th>exact match</th></tr>{rows}</table>
+<p><b>Gap recovered</b> = (distilled − scratch) / (teacher − scratch): {gap_text}.</p>
+<h2>Training loss</h2><img src="{loss_png}"><h2>Accuracy per task</h2><img src="{acc_png}">
+<h2>Expert load over training</h2>{heatmaps}
+<h2>Sample answers</h2><table><tr><th>model</th><th>prompt</th><th>expected</th><th>generated</th></tr>{samples}</table>
+</body></html>"""
+    out.write_text(page)
+    return out
