@@ -37,7 +37,7 @@ class Recipe:
     temperature: float
 
 
-FULL = Recipe(teacher_steps=250, student_steps=250, batch_size=16, seq_len=128, teacher_lr=2e-3, student_lr=3e-3,
+FULL = Recipe(teacher_steps=400, student_steps=320, batch_size=16, seq_len=128, teacher_lr=2e-3, student_lr=3e-3,
               problems=40000, eval_problems=105, alpha=0.7, temperature=1.0)
 QUICK = Recipe(teacher_steps=60, student_steps=60, batch_size=8, seq_len=128, teacher_lr=3e-3, student_lr=4e-3,
                problems=4000, eval_problems=56, alpha=0.7, temperature=1.0)

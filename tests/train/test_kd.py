@@ -364,3 +364,18 @@ def test_distill_loss_mixes_hard_and_soft(rule):
         assert out.alpha_sum.item() / out.tokens == pytest.approx(0.4)
     for g_got, g_want in zip(_grads(out.loss_sum, hidden, head), _grads(want, hidden, head), strict=True):
         torch.testing.assert_close(g_got, g_want)  # the weights are constants to the gradient
+
+
+def test_distill_loss_without_recompute_is_identical():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 12)
+    h = torch.randn(10, 8, requires_grad=True)
+    labels = torch.randint(0, 12, (10,))
+    teacher = torch.randn(10, 12)
+    grads = []
+    for recompute in (True, False):
+        res = distill_loss(h, head, labels, teacher, chunk=4, recompute=recompute)
+        (g,) = torch.autograd.grad(res.loss_sum, h)
+        grads.append((res.loss_sum.detach(), g))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])

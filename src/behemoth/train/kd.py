@@ -525,12 +525,13 @@ def _distill_chunk(h_ND: torch.Tensor, labels_N: torch.Tensor, teacher, head: Ca
 def distill_loss(hidden_ND: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels_N: torch.Tensor,
                  teacher: Teacher, div: Divergence | None = None, weight: KDWeight | None = None,
                  step: int = 0, total_steps: int = 1, chunk: int = 1024,
-                 max_padded_mass: float | None = 1e-3) -> DistillLoss:
+                 max_padded_mass: float | None = 1e-3, recompute: bool = True) -> DistillLoss:
     """Hard-label cross-entropy and KD in one pass over chunks of the student's logits, mixed per token
     as (1 - alpha_t) CE_t + alpha_t KD_t with alpha_t from `weight` at optimizer step `step` of
     `total_steps` (`div`, `weight`: default forward KL at tau = 1, constant alpha = 0.5). Counted tokens:
     labels != IGNORE_INDEX. Chunking, teacher forms and checks as in `kd_loss`; the head runs once per
-    chunk in forward (and once more in backward) for both losses.
+    chunk in forward (and once more in backward) for both losses. `recompute=False` keeps each chunk's
+    activations for backward instead (faster when the logits are small enough to hold).
     """
     div, weight = div or Divergence(), weight or KDWeight()
     alpha = weight.alpha_at(step, total_steps)
@@ -538,9 +539,10 @@ def distill_loss(hidden_ND: torch.Tensor, head: Callable[[torch.Tensor], torch.T
     loss, ce, kd, alpha_sum, padded = zero, zero, zero, zero, []
     for start in range(0, hidden_ND.shape[0], chunk):
         end = min(start + chunk, hidden_ND.shape[0])
-        out = torch.utils.checkpoint.checkpoint(
-            _distill_chunk, hidden_ND[start:end], labels_N[start:end], _chunk_teacher(teacher, start, end), head,
-            div, weight.token_rule, alpha, use_reentrant=False)
+        args = (hidden_ND[start:end], labels_N[start:end], _chunk_teacher(teacher, start, end), head, div,
+                weight.token_rule, alpha)
+        out = (torch.utils.checkpoint.checkpoint(_distill_chunk, *args, use_reentrant=False) if recompute
+               else _distill_chunk(*args))
         loss, ce, kd, alpha_sum = loss + out[0], ce + out[1], kd + out[2], alpha_sum + out[3]
         padded.append(out[4])
     _check_padded(padded, max_padded_mass)

@@ -109,6 +109,8 @@ class DistillStep(PretrainStep):
     the teacher's top-k log-probabilities, exactly what an offline cache would hold.
     """
 
+    MATERIALIZE_LOGITS = 2**25  # logits elements (tokens x vocab) held at once rather than recomputed per chunk
+
     def __init__(self, student: nn.Module, teacher: nn.Module, router: RouterSection, distill: DistillSection,
                  autocast_dtype: torch.dtype | None = None):
         super().__init__(student, router, autocast_dtype)
@@ -130,7 +132,10 @@ class DistillStep(PretrainStep):
                 return head(h_ND[start:end]).float()
 
         if not self.cfg.top_k:
-            return logits
+            N, Vt = h_ND.shape[0], self.teacher.config.vocab_size
+            # Small enough to hold (e.g. 2k tokens x 2k vocab = 16 MB): compute the teacher's logits once
+            # rather than per chunk. At Llama 4's vocabulary (8k tokens x 202k = 6.6 GB) they stay chunked.
+            return logits(0, N) if N * Vt <= self.MATERIALIZE_LOGITS else logits
         V = self.model.config.vocab_size  # a padded teacher vocabulary: rank only the student's tokens
         parts = [topk_targets(logits(s, s + 1024)[:, :V], self.cfg.top_k, self.div.temperature)
                  for s in range(0, h_ND.shape[0], 1024)]
@@ -140,8 +145,11 @@ class DistillStep(PretrainStep):
         with autocast_context(batch.input_ids.device, self.autocast_dtype):
             # The tokenizers were checked identical before the first step, so teacher columns beyond the
             # student's vocabulary are padding: dropped and the teacher renormalised, without a mass check.
+            # Logits small enough to hold at once (e.g. 2k tokens x 2k vocab = 16 MB): keep each chunk's
+            # activations for backward instead of recomputing them. At Llama 4's vocabulary they are not.
+            small = h_BSD.shape[0] * h_BSD.shape[1] * self.model.config.vocab_size <= self.MATERIALIZE_LOGITS
             res = distill_loss(h_BSD.flatten(0, 1), self.model.logits, batch.labels.flatten(), teacher, self.div,
-                               self.weight, self.step, self.total, max_padded_mass=None)
+                               self.weight, self.step, self.total, max_padded_mass=None, recompute=not small)
         n = max(res.tokens, 1)
         metrics = {"loss": res.ce_sum.item() / n, "kd_loss": res.kd_sum.item() / n,
                    "kd_weight": res.alpha_sum.item() / n, "tokens": res.tokens}
