@@ -35,6 +35,7 @@ from behemoth.checkpoint.convert import (
     write_safetensors,
 )
 from behemoth.config import ModelConfig, load_config_file, to_hf_config
+from behemoth.fsutil import fsync_path
 from behemoth.model import Transformer
 
 FORMAT = "behemoth"
@@ -170,29 +171,16 @@ def _write_atomically(directory: Path, write) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_path(directory.parent)
+    fsync_path(directory.parent)
     return directory
-
-
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot fsync directories
-        pass
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(directory: Path) -> None:
     """Flush every file and the directory itself, so the rename never publishes unwritten data."""
     for f in directory.iterdir():
         if f.is_file():
-            _fsync_path(f)
-    _fsync_path(directory)
+            fsync_path(f)
+    fsync_path(directory)
 
 
 def _meta(cfg: ModelConfig, state: dict[str, torch.Tensor], **extra) -> dict:
@@ -249,9 +237,9 @@ def save_training_checkpoint(run_dir: str | Path, step: int, models: dict[str, T
     _write_atomically(final, write)
     pointer_tmp = ckpt_root / "latest.tmp"
     pointer_tmp.write_text(final.name)
-    _fsync_path(pointer_tmp)
+    fsync_path(pointer_tmp)
     os.replace(pointer_tmp, ckpt_root / "latest")
-    _fsync_path(ckpt_root)
+    fsync_path(ckpt_root)
     steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
     for old in steps[:-keep_last] if keep_last > 0 else []:
         if old != final:

@@ -80,6 +80,8 @@ from pathlib import Path
 
 import numpy as np
 
+from behemoth.fsutil import fsync_path
+
 FORMAT = "behemoth-teacher-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -326,20 +328,7 @@ def _write_file_atomically(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot fsync directories
-        pass
-    finally:
-        os.close(fd)
+    fsync_path(path.parent)
 
 
 def _write_manifest(directory: Path, manifest: dict) -> None:
@@ -468,7 +457,7 @@ def write_cache(out_dir: str | os.PathLike, store, seq_len: int, targets_fn: Tar
         index = _index_bytes(offsets, crcs)
         _write_file_atomically(out / f"{name}.idx", index)
         os.replace(tmp_bin, out / f"{name}.bin")
-        _fsync_dir(out)
+        fsync_path(out)
         manifest["shards"].append({"bin": f"{name}.bin", "idx": f"{name}.idx", "first_window": first,
                                    "windows": stop - first, "bytes": offsets[-1], "index_crc32": zlib.crc32(index),
                                    "mass_sum": mass_sum})
