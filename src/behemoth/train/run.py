@@ -58,32 +58,36 @@ def build_data(d: DataSection, run_dir: Path, seed: int, resume: bool, say,
                tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, TokenStore, TokenStore]:
     """Tokenizer and train/validation token stores: the built-in tasks, or a corpus on disk.
 
-    `tokenizer` (a distillation teacher's) is used unless `data.tokenizer` names another."""
+    The tokenizer is, in order: the run's own (on resume), `data.tokenizer`, `tokenizer` (a
+    distillation teacher's), the character tokenizer of the built-in tasks, or a BPE trained on the
+    corpus."""
     saved = run_dir / "tokenizer.json"
-    if tokenizer is not None and not d.tokenizer and not (resume and saved.is_file()):
-        d = DataSection(**{**d.__dict__, "tokenizer": str(run_dir / ".teacher_tokenizer.json")})
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(d.tokenizer)
-    if d.path is None:
-        from behemoth.data.tasks import ALPHABET, generate
+    paths = None
+    if d.path is not None:
+        from behemoth.data.corpus import iter_documents, resolve_paths
 
-        tok = Tokenizer.load(saved) if resume and saved.is_file() else (
-            Tokenizer.load(d.tokenizer) if d.tokenizer else Tokenizer.from_chars(ALPHABET))
+        paths = resolve_paths(d.path)
+    if resume and saved.is_file():
+        tok = Tokenizer.load(saved)
+    elif d.tokenizer:
+        tok = Tokenizer.load(d.tokenizer)
+    elif tokenizer is not None:
+        tok = tokenizer
+    elif paths is None:
+        from behemoth.data.tasks import ALPHABET
+
+        tok = Tokenizer.from_chars(ALPHABET)
+    else:
+        say(f"tokenizer: training a byte-level BPE ({d.tokenizer_vocab_size} tokens) on {d.path}")
+        tok = Tokenizer.train(iter_documents(paths, d.field), vocab_size=d.tokenizer_vocab_size)
+    if paths is None:
+        from behemoth.data.tasks import generate
+
         train = generate("train", d.num_problems, seed=seed, tasks=d.tasks, difficulty=d.difficulty)
         val = generate("test", max(64, d.num_problems // 50), seed=seed, tasks=d.tasks, difficulty=d.difficulty)
         say(f"data: built-in tasks ({', '.join(sorted({p.task for p in train}))}), {len(train):,} training and "
             f"{len(val):,} held-out problems")
         return tok, build_in_memory((p.text for p in train), tok), build_in_memory((p.text for p in val), tok)
-    from behemoth.data.corpus import iter_documents, resolve_paths
-
-    paths = resolve_paths(d.path)
-    if resume and saved.is_file():
-        tok = Tokenizer.load(saved)
-    elif d.tokenizer:
-        tok = Tokenizer.load(d.tokenizer)
-    else:
-        say(f"tokenizer: training a byte-level BPE ({d.tokenizer_vocab_size} tokens) on {d.path}")
-        tok = Tokenizer.train(iter_documents(paths, d.field), vocab_size=d.tokenizer_vocab_size)
     train, val = tokenize_corpus(paths, tok, Path(d.cache_dir), field=d.field, val_fraction=d.val_fraction, seed=seed)
     say(f"data: {d.path}: {train.num_docs:,} documents / {train.num_tokens:,} tokens for training, "
         f"{val.num_docs:,} / {val.num_tokens:,} held out")
