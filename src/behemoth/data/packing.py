@@ -36,6 +36,7 @@ import numpy as np
 
 from behemoth.data.corpus import PathSpec, corpus_fingerprint, iter_documents, resolve_paths
 from behemoth.data.tokenizer import Tokenizer
+from behemoth.fsutil import read_format_json
 
 FORMAT = "behemoth-tokens"
 FORMAT_VERSION = 1
@@ -135,16 +136,7 @@ class TokenStore:
         mismatched files raise `ValueError` naming them."""
         directory = Path(directory)
         meta_file = directory / META_FILE
-        if not meta_file.is_file():
-            raise ValueError(f"{directory}: not a token store (no {META_FILE}; missing or half-written)")
-        try:
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{meta_file}: not valid JSON ({e})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_file}: not a {FORMAT} store")
-        if meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{meta_file}: format version {meta.get('version')}, this code reads {FORMAT_VERSION}")
+        meta = read_format_json(meta_file, FORMAT, FORMAT_VERSION, "a token store")
         try:
             dtype = np.dtype(meta["dtype"])
             num_tokens, num_docs = int(meta["num_tokens"]), int(meta["num_docs"])

@@ -80,7 +80,7 @@ from pathlib import Path
 
 import numpy as np
 
-from behemoth.fsutil import fsync_path
+from behemoth.fsutil import fsync_path, read_format_json
 
 FORMAT = "behemoth-teacher-cache"
 FORMAT_VERSION = 1
@@ -338,16 +338,7 @@ def _write_manifest(directory: Path, manifest: dict) -> None:
 def read_manifest(directory: str | os.PathLike) -> dict:
     """The manifest of a cache directory; `ValueError` naming the file if it is missing or not ours."""
     file = Path(directory) / MANIFEST
-    if not file.is_file():
-        raise ValueError(f"{Path(directory)}: not a teacher cache (no {MANIFEST})")
-    try:
-        m = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ValueError(f"{file}: not a {FORMAT} manifest")
-    if m.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{file}: format version {m.get('version')}, this code reads {FORMAT_VERSION}")
+    m = read_format_json(file, FORMAT, FORMAT_VERSION, "a teacher cache")
     missing = [k for k in SETTINGS + ("shards", "complete") if k not in m]
     if missing:
         raise ValueError(f"{file}: missing field(s) {', '.join(missing)}")
