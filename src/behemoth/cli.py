@@ -173,42 +173,9 @@ def _add_distill_cache_parser(sub) -> None:
 
 # ---- eval ----------------------------------------------------------------------------------------
 
-def evaluate_model(model_dir: str, teacher_dir: str | None = None, data: str | None = None, problems: int = 200,
-                   difficulty: int = 1, seq_len: int = 256, seed: int = 0, max_new_tokens: int = 64) -> dict:
-    """Held-out loss/perplexity, KL to a teacher (if given) and, on the built-in tasks, exact-match
-    accuracy of greedy answers. Data: the built-in held-out test problems, or every document of `data`."""
-    from behemoth import load_model
-    from behemoth.data.packing import build_in_memory
-    from behemoth.data.tasks import generate
-    from behemoth.data.tokenizer import Tokenizer
-    from behemoth.eval import heldout_loss, task_accuracy, teacher_kl
-
-    model = load_model(model_dir, dtype=torch.float32)
-    tok = Tokenizer.load(model_dir)
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{model_dir}: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
-    if data is None:
-        test = generate("test", problems, seed=seed, difficulty=difficulty)
-        store = build_in_memory((p.text for p in test), tok)
-    else:
-        from behemoth.data.corpus import iter_documents, resolve_paths
-
-        test, store = None, build_in_memory(iter_documents(resolve_paths(data)), tok)
-    seq_len = min(seq_len, store.num_tokens - 1)  # a small held-out set still gives one window
-    report: dict = {"model": model_dir, "params": model.config.num_params(),
-                    "active_params": model.config.num_active_params(),
-                    "heldout": heldout_loss(model, store, seq_len, max_batches=None)}
-    if teacher_dir:
-        teacher = load_model(teacher_dir, dtype=torch.float32)
-        if Tokenizer.load(teacher_dir).fingerprint != tok.fingerprint:
-            raise ValueError(f"{teacher_dir}: the teacher's tokenizer differs from the model's")
-        report["teacher_kl"] = teacher_kl(model, teacher, store, seq_len, max_batches=None)
-    if test is not None:
-        report["tasks"] = task_accuracy(model, tok, test, max_new_tokens=max_new_tokens)
-    return report
-
-
 def cmd_eval(args: argparse.Namespace) -> None:
+    from behemoth.eval import evaluate_model
+
     report = evaluate_model(args.model, args.teacher, args.data, args.problems, args.difficulty, args.seq_len)
     text = json.dumps(report, indent=2)
     if args.out:

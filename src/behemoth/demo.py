@@ -62,7 +62,7 @@ def run_demo(out_dir: str | Path, quick: bool = False, say=print, force: bool = 
              recipe: Recipe | None = None) -> dict:
     """Run the story into `out_dir` and return the report. An earlier demo there is an error, or is
     replaced with `force`. `recipe` overrides the full / quick recipes (tests use a tiny one)."""
-    from behemoth.cli import evaluate_model
+    from behemoth.eval import evaluate_model
     from behemoth.eval.report import write_html
 
     out = Path(out_dir)

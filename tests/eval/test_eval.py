@@ -9,10 +9,10 @@ import torch
 
 from behemoth import build_model
 from behemoth.checkpoint import save_model
-from behemoth.cli import evaluate_model, main
+from behemoth.cli import main
 from behemoth.data.tasks import ALPHABET, Problem
 from behemoth.data.tokenizer import Tokenizer
-from behemoth.eval import task_accuracy
+from behemoth.eval import evaluate_model, task_accuracy
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from behemoth.data.loader import DataLoader
-from behemoth.data.packing import TokenStore
+from behemoth.data.packing import TokenStore, build_in_memory
 from behemoth.data.tasks import Problem, accuracy
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.inference.generate import generate
@@ -87,3 +87,35 @@ def task_accuracy(model: nn.Module, tokenizer: Tokenizer, problems: Sequence[Pro
     result["samples"] = [{"prompt": p.prompt, "expected": p.answer, "generated": g}
                          for p, g in zip(problems[:samples], outputs[:samples], strict=True)]
     return result
+
+
+def evaluate_model(model_dir: str, teacher_dir: str | None = None, data: str | None = None, problems: int = 200,
+                   difficulty: int = 1, seq_len: int = 256, seed: int = 0, max_new_tokens: int = 64) -> dict:
+    """Held-out loss/perplexity, KL to a teacher (if given) and, on the built-in tasks, exact-match
+    accuracy of greedy answers. Data: the built-in held-out test problems, or every document of `data`."""
+    from behemoth import load_model
+    from behemoth.data.tasks import generate
+
+    model = load_model(model_dir, dtype=torch.float32)
+    tok = Tokenizer.load(model_dir)
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{model_dir}: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
+    if data is None:
+        test = generate("test", problems, seed=seed, difficulty=difficulty)
+        store = build_in_memory((p.text for p in test), tok)
+    else:
+        from behemoth.data.corpus import iter_documents, resolve_paths
+
+        test, store = None, build_in_memory(iter_documents(resolve_paths(data)), tok)
+    seq_len = min(seq_len, store.num_tokens - 1)  # a small held-out set still gives one window
+    report: dict = {"model": model_dir, "params": model.config.num_params(),
+                    "active_params": model.config.num_active_params(),
+                    "heldout": heldout_loss(model, store, seq_len, max_batches=None)}
+    if teacher_dir:
+        teacher = load_model(teacher_dir, dtype=torch.float32)
+        if Tokenizer.load(teacher_dir).fingerprint != tok.fingerprint:
+            raise ValueError(f"{teacher_dir}: the teacher's tokenizer differs from the model's")
+        report["teacher_kl"] = teacher_kl(model, teacher, store, seq_len, max_batches=None)
+    if test is not None:
+        report["tasks"] = task_accuracy(model, tok, test, max_new_tokens=max_new_tokens)
+    return report
