@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
@@ -62,27 +61,19 @@ def teacher_kl(student: nn.Module, teacher: nn.Module, store: TokenStore, seq_le
 
 @torch.no_grad()
 def task_accuracy(model: nn.Module, tokenizer: Tokenizer, problems: Sequence[Problem], max_new_tokens: int = 64,
-                  batch_size: int = 64, device: str | torch.device = "cpu", samples: int = 3) -> dict:
+                  batch_size: int = 64, samples: int = 3) -> dict:
     """Greedy-decode each prompt and exact-match the answer after "####" (see `data.tasks.check`).
 
-    Prompts of equal token length are batched together (generation here has no padding).
+    Prompts of any lengths share a batch (the cached generator pads them without changing any result).
     """
     model.eval()
     newline = tokenizer.encode("\n")
     stop = tuple(newline[-1:]) + (tokenizer.eos_id,)
-    by_len: dict[int, list[int]] = defaultdict(list)
     encoded = [tokenizer.encode(p.prompt) for p in problems]
-    for i, ids in enumerate(encoded):
-        by_len[len(ids)].append(i)
-    outputs: list[str] = [""] * len(problems)
-    for idx in by_len.values():
-        for start in range(0, len(idx), batch_size):
-            chunk = idx[start:start + batch_size]
-            prompt_BS = torch.tensor([encoded[i] for i in chunk], device=device)
-            out_BS = generate(model, prompt_BS, max_new_tokens, stop_ids=stop)
-            for i, row in zip(chunk, out_BS[:, prompt_BS.shape[1]:].tolist(), strict=True):
-                cut = next((j for j, t in enumerate(row) if t in stop), len(row))
-                outputs[i] = tokenizer.decode(row[:cut])
+    outputs: list[str] = []
+    for start in range(0, len(encoded), batch_size):
+        rows = generate(model, encoded[start:start + batch_size], max_new_tokens=max_new_tokens, stop_ids=stop)
+        outputs += [tokenizer.decode(r) for r in rows]
     result = accuracy(problems, outputs)
     result["samples"] = [{"prompt": p.prompt, "expected": p.answer, "generated": g}
                          for p, g in zip(problems[:samples], outputs[:samples], strict=True)]

@@ -1,56 +1,165 @@
-"""Autoregressive generation without a KV cache: each step re-runs the full forward.
+"""Autoregressive generation with a KV cache: one prefill, then one-token decode steps.
 
-Simple and exact (every step sees the same logits a full forward gives); it is the reference a
-cached decoder is tested against. Shape legend: B batch, S sequence, V vocabulary.
+Prompts of different lengths run as one batch. They are right-padded, and the padding gets position
+-1, so it is never attended to; each row's positions start at 0 and continue from its own length,
+so chunk boundaries and temperature tuning are per row and padding changes no row's result.
+
+`generate_reference` re-runs the full forward on each prompt alone at every step (no cache, no
+padding). It is slow and obviously right: the cached path is tested against it.
+
+Shape legend: B batch rows, S prompt length (padded), V vocabulary, N new tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import torch
 from torch import nn
 
+from behemoth.inference.cache import KVCache
+from behemoth.inference.sampling import SamplingParams, sample
+
+Prompts = Sequence[Sequence[int]] | torch.Tensor
+
+
+def _as_lists(prompts: Prompts) -> list[list[int]]:
+    rows = prompts.tolist() if isinstance(prompts, torch.Tensor) else [list(map(int, p)) for p in prompts]
+    if not rows:
+        raise ValueError("no prompts")
+    for i, r in enumerate(rows):
+        if not r:
+            raise ValueError(f"prompt {i} is empty (it needs at least one token, e.g. BOS)")
+    return rows
+
+
+def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:
+    if params is not None and overrides:
+        raise ValueError("pass either a SamplingParams or keyword options, not both")
+    return params if params is not None else SamplingParams(**overrides)
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters(), None)
+    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+
+
+def prefill(model: nn.Module, rows: list[list[int]], cache: KVCache) -> torch.Tensor:
+    """Run the prompts (right-padded, padding at position -1) into `cache`; logits [B, V] of each
+    row's last prompt token."""
+    device = cache.k[0].device
+    lens_B = torch.tensor([len(r) for r in rows], device=device)
+    S = int(lens_B.max())
+    ids_BS = torch.zeros(len(rows), S, dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        ids_BS[b, :len(r)] = torch.tensor(r, device=device)
+    pos_BS = torch.arange(S, device=device).expand(len(rows), S)
+    pos_BS = torch.where(pos_BS < lens_B[:, None], pos_BS, -1)
+    h_BSD = model.hidden_states(ids_BS, pos_BS, cache=cache)
+    return model.logits(h_BSD[torch.arange(len(rows), device=device), lens_B - 1])
+
+
+def decode_step(model: nn.Module, next_B: torch.Tensor, pos_B: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One token per row at its position: logits [B, V]. No host synchronisation."""
+    return model.logits(model.hidden_states(next_B[:, None], pos_B[:, None], cache=cache)[:, 0])
+
+
+def token_steps(model: nn.Module, prompts: Prompts, params: SamplingParams,
+                cache_dtype: torch.dtype | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
+    """Yield each step's new token of every row, [B] on the model's device (rows that stopped keep
+    going; the caller decides what to keep). At most `params.max_new_tokens` steps."""
+    rows = _as_lists(prompts)
+    device, dtype = _model_device_dtype(model)
+    max_len = max(map(len, rows)) + params.max_new_tokens
+    if max_len > model.config.max_seq_len:
+        raise ValueError(f"prompt + max_new_tokens = {max_len} tokens exceeds the model's max_seq_len "
+                         f"{model.config.max_seq_len}")
+    if params.max_new_tokens == 0:
+        return
+    cache = KVCache(model.config, len(rows), max_len, device=device, dtype=cache_dtype or dtype)
+    gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+    step = torch.compile(decode_step, dynamic=False) if compile else decode_step
+    with torch.no_grad():
+        next_B = sample(prefill(model, rows, cache), params, gen)
+        pos_B = torch.tensor([len(r) for r in rows], device=device)
+        yield next_B
+        for _ in range(params.max_new_tokens - 1):
+            next_B = sample(step(model, next_B, pos_B, cache), params, gen)
+            pos_B = pos_B + 1
+            yield next_B
+
+
+def stream(model: nn.Module, prompts: Prompts, params: SamplingParams | None = None,
+           **options) -> Iterator[list[int | None]]:
+    """Token by token: per step, each row's new token, or None for a row that has stopped.
+
+    Ends when every row has stopped. Stop ids are not emitted. Options as `SamplingParams`.
+    """
+    params = _params(params, options)
+    done: list[bool] | None = None
+    stop = set(params.stop_ids)
+    for next_B in token_steps(model, prompts, params):
+        toks = next_B.tolist()
+        done = done or [False] * len(toks)
+        out: list[int | None] = []
+        for b, t in enumerate(toks):
+            done[b] = done[b] or t in stop
+            out.append(None if done[b] else t)
+        if all(done):
+            return
+        yield out
+
+
+def generate(model: nn.Module, prompts: Prompts, params: SamplingParams | None = None,
+             cache_dtype: torch.dtype | None = None, compile: bool = False, **options) -> list[list[int]]:
+    """New tokens of each prompt, cut before its first stop id. Options as `SamplingParams`.
+
+    Tokens stay on the device during the loop; whether every row has stopped is checked every 16
+    steps, so a GPU is not synchronised once per token. A model without a cache-aware
+    `hidden_states` (any `forward(ids) -> logits`) goes through `generate_reference`.
+    """
+    params = _params(params, options)
+    if not hasattr(model, "hidden_states"):
+        return generate_reference(model, prompts, params)
+    stop = torch.tensor(params.stop_ids, dtype=torch.long)
+    steps: list[torch.Tensor] = []
+    for i, next_B in enumerate(token_steps(model, prompts, params, cache_dtype, compile)):
+        steps.append(next_B)
+        if params.stop_ids and i % 16 == 15:
+            seen_B = torch.isin(torch.stack(steps, 1), stop.to(next_B.device)).any(1)
+            if bool(seen_B.all()):
+                break
+    if not steps:
+        return [[] for _ in _as_lists(prompts)]
+    return [_cut(row, params.stop_ids) for row in torch.stack(steps, 1).tolist()]
+
+
+def _cut(row: list[int], stop_ids: tuple[int, ...]) -> list[int]:
+    stop = set(stop_ids)
+    return next((row[:j] for j, t in enumerate(row) if t in stop), row)
+
 
 @torch.no_grad()
-def generate(model: nn.Module, input_ids_BS: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, seed: int | None = None, stop_ids: tuple[int, ...] = ()) -> torch.Tensor:
-    """Extend `input_ids` [B, S] by `max_new_tokens` tokens -> [B, S + max_new_tokens].
+def generate_reference(model: nn.Module, prompts: Prompts, params: SamplingParams | None = None,
+                       **options) -> list[list[int]]:
+    """The same contract as `generate`, by brute force: each prompt alone, a full forward per token.
 
-    temperature 0 is greedy; otherwise sample from softmax(logits / temperature), restricted to the
-    `top_k` most likely tokens when given, with a seeded generator for reproducibility. Generation
-    ends early once every row has produced one of `stop_ids` (rows that stopped keep being
-    extended; cut them at their first stop token).
+    With a seed, sampling uses one generator per prompt, so it matches `generate` only when greedy
+    or when there is a single prompt.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature}: must be >= 0")
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=input_ids_BS.device).manual_seed(seed)
-    ids_BS = input_ids_BS
-    stopped_B = torch.zeros(ids_BS.shape[0], dtype=torch.bool, device=ids_BS.device)
-    stop = torch.tensor(stop_ids, dtype=ids_BS.dtype, device=ids_BS.device)
-    for _ in range(max_new_tokens):
-        logits_BV = _last_logits(model, ids_BS).float()
-        if temperature == 0:
-            next_B = logits_BV.argmax(-1)
-        else:
-            logits_BV = logits_BV / temperature
-            if top_k is not None:
-                kth = torch.topk(logits_BV, min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
-                logits_BV = logits_BV.masked_fill(logits_BV < kth, float("-inf"))
-            next_B = torch.multinomial(torch.softmax(logits_BV, -1), 1, generator=gen).squeeze(-1)
-        ids_BS = torch.cat([ids_BS, next_B[:, None]], dim=1)
-        if len(stop_ids):
-            stopped_B |= torch.isin(next_B, stop)
-            if bool(stopped_B.all()):
+    params = _params(params, options)
+    out = []
+    device, _ = _model_device_dtype(model)
+    for row in _as_lists(prompts):
+        ids_1S = torch.tensor([row], device=device)
+        gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
+        new: list[int] = []
+        for _ in range(params.max_new_tokens):
+            logits = model(ids_1S)
+            next_1 = sample(getattr(logits, "logits", logits)[:, -1], params, gen)
+            if int(next_1) in params.stop_ids:
                 break
-    return ids_BS
-
-
-def _last_logits(model: nn.Module, ids_BS: torch.Tensor) -> torch.Tensor:
-    """Logits [B, V] of the last position only: the output head runs on one position, not S."""
-    if hasattr(model, "hidden_states") and hasattr(model, "logits"):
-        return model.logits(model.hidden_states(ids_BS)[:, -1])
-    out = model(ids_BS)
-    return getattr(out, "logits", out)[:, -1]
+            new.append(int(next_1))
+            ids_1S = torch.cat([ids_1S, next_1[:, None]], dim=1)
+        out.append(new)
+    return out

@@ -11,6 +11,8 @@ H head dim.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,7 +26,9 @@ def attention_mask(q_pos_BS: torch.Tensor, k_pos_BK: torch.Tensor, chunk_size: i
     """Boolean mask [B, 1, S, K], True where query may attend key.
 
     Causal (`k <= q`); with `chunk_size`, also same fixed chunk (`k // C == q // C`): chunks are
-    aligned to position 0 and are not sliding windows. `k_valid_BK` masks out padding keys.
+    aligned to position 0 and are not sliding windows. `k_valid_BK` masks out padding keys. A padding
+    query (position < 0) may attend everything: its output is unused, and a row with no allowed key
+    would make the softmax NaN.
     """
     q = q_pos_BS[:, :, None]
     k = k_pos_BK[:, None, :]
@@ -34,6 +38,7 @@ def attention_mask(q_pos_BS: torch.Tensor, k_pos_BK: torch.Tensor, chunk_size: i
                              == torch.div(q, chunk_size, rounding_mode="floor"))
     if k_valid_BK is not None:
         allowed = allowed & k_valid_BK[:, None, :]
+        allowed = allowed | (q < 0)
     return allowed[:, None]
 
 
@@ -57,8 +62,12 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], pos_BS: torch.Tensor,
-                mask_B1SK: torch.Tensor) -> torch.Tensor:
-        """x [B, S, D], rope (cos, sin) [B, S, H/2], positions [B, S], mask [B, 1, S, S] -> [B, S, D]."""
+                mask_B1SK: torch.Tensor, kv: Callable | None = None) -> torch.Tensor:
+        """x [B, S, D], rope (cos, sin) [B, S, H/2], positions [B, S], mask [B, 1, S, K] -> [B, S, D].
+
+        Without `kv` the keys are this call's own (K = S). With a cache, `kv(k [B, G, S, H], v)` stores
+        the new keys/values and returns those to attend to, [B, G, K, H] (see `KVCache.update`).
+        """
         B, S, _ = x_BSD.shape
         q_BSNH = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim)
         k_BSGH = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
@@ -70,7 +79,9 @@ class Attention(nn.Module):
         if self.temperature is not None:
             scale_BS = temperature_scale(pos_BS, *self.temperature)
             q_BSNH = (q_BSNH * scale_BS[:, :, None, None]).to(q_BSNH.dtype)
+        k_BGKH, v_BGKH = k_BSGH.transpose(1, 2), v_BSGH.transpose(1, 2)
+        if kv is not None:
+            k_BGKH, v_BGKH = kv(k_BGKH, v_BGKH)
         out_BNSH = F.scaled_dot_product_attention(
-            q_BSNH.transpose(1, 2), k_BSGH.transpose(1, 2), v_BSGH.transpose(1, 2), attn_mask=mask_B1SK,
-            enable_gqa=self.n_heads != self.n_kv_heads)
+            q_BSNH.transpose(1, 2), k_BGKH, v_BGKH, attn_mask=mask_B1SK, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.wo(out_BNSH.transpose(1, 2).reshape(B, S, -1))

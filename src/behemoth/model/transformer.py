@@ -9,6 +9,10 @@ Shape legend: B batch, S sequence, D model dim, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -16,6 +20,9 @@ from behemoth.config import ModelConfig
 from behemoth.model.attention import Attention, attention_mask
 from behemoth.model.layers import FeedForward, RMSNorm, rope_cos_sin, rope_inv_freq
 from behemoth.model.moe import MoE
+
+if TYPE_CHECKING:
+    from behemoth.inference.cache import KVCache
 
 
 class Block(nn.Module):
@@ -31,8 +38,8 @@ class Block(nn.Module):
         self.feed_forward = MoE(cfg) if self.is_moe else FeedForward(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], pos_BS: torch.Tensor,
-                masks: dict[bool, torch.Tensor]) -> torch.Tensor:
-        h = x_BSD + self.attention(self.attention_norm(x_BSD), rope, pos_BS, masks[self.use_rope])
+                masks: dict[bool, torch.Tensor], kv: Callable | None = None) -> torch.Tensor:
+        h = x_BSD + self.attention(self.attention_norm(x_BSD), rope, pos_BS, masks[self.use_rope], kv)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -48,32 +55,48 @@ class Transformer(nn.Module):
         self.output = None if cfg.tie_word_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, S] -> logits [B, S, V]. See `hidden_states` for positions and segments."""
-        return self.logits(self.hidden_states(input_ids, positions, segment_ids))
+                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """input_ids [B, S] -> logits [B, S, V]. See `hidden_states` for positions, segments and the cache."""
+        return self.logits(self.hidden_states(input_ids, positions, segment_ids, cache))
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      segment_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """The final-normed hidden states [B, S, D], before the output head.
 
         positions: [B, S] or [S] absolute positions (default 0..S-1); they drive RoPE, the chunk
-        boundaries and temperature tuning. segment_ids: [B, S]; when given, a token attends only to
-        tokens of its own segment (packed documents, each with positions restarting at 0, then
-        behave exactly as if run one by one).
+        boundaries and temperature tuning; -1 marks padding (never attended to). segment_ids: [B, S];
+        when given, a token attends only to tokens of its own segment (packed documents, each with
+        positions restarting at 0, then behave exactly as if run one by one).
+
+        cache: an `inference.KVCache` the caller owns. The new tokens' keys/values are stored in it
+        and attention also reads the earlier ones, so a prompt can be prefilled and then extended one
+        token per call (positions are then required: each row continues from its own length).
         """
         B, S = input_ids.shape
         if positions is None:
+            if cache is not None:
+                raise ValueError("positions are required with a cache (each row continues at its own length)")
             positions = torch.arange(S, device=input_ids.device)
         pos_BS = positions.expand(B, S) if positions.dim() == 1 else positions
         rope = rope_cos_sin(rope_inv_freq(self.config, input_ids.device), pos_BS)
-        same_BSS = None if segment_ids is None else segment_ids[:, :, None] == segment_ids[:, None, :]
-        masks = {True: attention_mask(pos_BS, pos_BS, self.config.attention_chunk_size),
-                 False: attention_mask(pos_BS, pos_BS, None)}
-        if same_BSS is not None:
-            masks = {k: m & same_BSS[:, None] for k, m in masks.items()}
+        chunk = {True: self.config.attention_chunk_size, False: None}
+        if cache is None:
+            valid_BS = pos_BS >= 0
+            masks = {kind: attention_mask(pos_BS, pos_BS, c, valid_BS) for kind, c in chunk.items()}
+            if segment_ids is not None:
+                same_B1SS = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+                masks = {k: m & same_B1SS for k, m in masks.items()}
+            kvs = [None] * len(self.layers)
+        else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids cannot be combined with a cache")
+            decode, plans, key_pos = cache.begin(pos_BS)
+            masks = {kind: attention_mask(pos_BS, k_pos, chunk[kind], k_pos >= 0) for kind, k_pos in key_pos.items()}
+            kvs = [partial(cache.update, i, plans[layer.use_rope], decode=decode)
+                   for i, layer in enumerate(self.layers)]
         x_BSD = self.tok_embeddings(input_ids)
-        for layer in self.layers:
-            x_BSD = layer(x_BSD, rope, pos_BS, masks)
+        for layer, kv in zip(self.layers, kvs, strict=True):
+            x_BSD = layer(x_BSD, rope, pos_BS, masks, kv)
         return self.norm(x_BSD)
 
     def logits(self, h_BSD: torch.Tensor) -> torch.Tensor:

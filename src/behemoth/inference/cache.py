@@ -1,0 +1,207 @@
+"""The key/value cache for incremental decoding, bounded per layer kind.
+
+Llama 4 has two kinds of attention layer (see `model/attention.py`):
+
+* chunked RoPE layers: a query at position p sees only keys of its own chunk (`k // C == p // C`,
+  chunks aligned to 0), so they keep at most one chunk of keys, `min(C, max_len)` slots: memory
+  bounded by the chunk size whatever the context length;
+* global NoPE layers: a query sees every earlier key, so they keep `max_len` slots.
+
+A key at absolute position p lives in slot `p % L` of its layer kind (L slots). For a chunked layer,
+the slot of p previously held p - L, which is in an earlier chunk and never needed again; the stored
+positions (`pos[kind]`, -1 = empty) let the attention mask (causal, same chunk, non-empty) drop stale
+or empty slots, so no slot ever has to be cleared on a chunk boundary. Every layer of one kind writes
+the same positions, so they share one positions tensor.
+
+Each row of the batch has its own positions: rows of different lengths decode side by side, with
+their own chunk boundaries and temperature tuning. A row whose position is -1 is idle (padding in a
+prefill, a free slot in the server); it writes nothing that a later query of that row could see.
+
+The cache is created by the caller and passed into the model's forward; no module allocates one.
+
+Shape legend: B batch rows, G KV heads, L slots of a layer kind, H head dim, S new tokens, n tokens
+written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from behemoth.config import ModelConfig
+
+CHUNKED, GLOBAL = True, False  # layer kinds, keyed like `ModelConfig.rope_layers` (RoPE layers are chunked)
+
+
+def slots_per_kind(cfg: ModelConfig, max_len: int) -> dict[bool, int]:
+    """Slots L per layer kind for a context of `max_len` tokens (only the kinds the model has).
+
+    RoPE layers without a chunk size (a dense variant with `attention_chunk_size: null`) attend
+    globally, so they need the full context too.
+    """
+    kinds = {}
+    for use_rope in set(cfg.rope_layers):
+        chunk = cfg.attention_chunk_size if use_rope else None
+        kinds[use_rope] = max_len if chunk is None else min(chunk, max_len)
+    return kinds
+
+
+def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Bytes of keys + values (plus positions) for `batch_size` rows of `max_len` tokens, by layer kind."""
+    slots = slots_per_kind(cfg, max_len)
+    per_slot = 2 * cfg.n_kv_heads * cfg.head_dim * torch.empty(0, dtype=dtype).element_size()
+    out = {"chunked": 0, "global": 0}
+    for use_rope in cfg.rope_layers:
+        out["chunked" if use_rope and cfg.attention_chunk_size else "global"] += batch_size * slots[use_rope] * per_slot
+    out["positions"] = sum(batch_size * n * 8 for n in slots.values())
+    out["total"] = sum(out.values())
+    return out
+
+
+@dataclass
+class WritePlan:
+    """Where one forward's new keys go, for one layer kind: token (b, s) -> slot `slot_n` of row `b_n`."""
+
+    b_n: torch.Tensor
+    s_n: torch.Tensor
+    slot_n: torch.Tensor
+
+
+class KVCache:
+    """Keys and values [B, G, L, H] per layer, and key positions [B, L] per layer kind.
+
+    `max_len` bounds the absolute positions a row may reach (the context length); positions at or
+    beyond it are an error in `plan` for multi-token steps and undefined in one-token decode (the
+    caller checks once, before its loop: decode does no host sync).
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, _storage: tuple | None = None):
+        if batch_size < 1 or max_len < 1:
+            raise ValueError(f"KVCache: batch_size={batch_size} and max_len={max_len} must be >= 1")
+        self.config, self.batch_size, self.max_len = cfg, batch_size, max_len
+        self.slots = slots_per_kind(cfg, max_len)
+        self.chunk = {k: (cfg.attention_chunk_size if k else None) for k in self.slots}
+        self.layer_kind = list(cfg.rope_layers)
+        if _storage is not None:
+            self.k, self.v, self.pos = _storage
+        else:
+            G, H = cfg.n_kv_heads, cfg.head_dim
+            self.k = [torch.zeros(batch_size, G, self.slots[kind], H, device=device, dtype=dtype)
+                      for kind in self.layer_kind]
+            self.v = [torch.zeros_like(t) for t in self.k]
+            self.pos = {kind: torch.full((batch_size, n), -1, device=device, dtype=torch.long)
+                        for kind, n in self.slots.items()}
+        self.was_empty = False
+        self.empty = _storage is None  # known to hold nothing: a prefill can skip reading it
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows [start, stop) sharing this one's storage (writes go through)."""
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"KVCache.rows({start}, {stop}): out of range for {self.batch_size} rows")
+        view = KVCache.__new__(KVCache)
+        view.config, view.batch_size, view.max_len = self.config, stop - start, self.max_len
+        view.slots, view.chunk, view.layer_kind = self.slots, self.chunk, self.layer_kind
+        view.k = [t[start:stop] for t in self.k]
+        view.v = [t[start:stop] for t in self.v]
+        view.pos = {kind: p[start:stop] for kind, p in self.pos.items()}
+        view.empty = view.was_empty = False
+        return view
+
+    def reset(self) -> None:
+        """Forget everything (keys stay in memory but are masked as empty)."""
+        for p in self.pos.values():
+            p.fill_(-1)
+        self.empty = True
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.k + self.v) + sum(p.nbytes for p in self.pos.values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    # ---- one forward step -----------------------------------------------------------------------
+
+    def begin(self, pos_BS: torch.Tensor) -> tuple[bool, dict[bool, WritePlan], dict[bool, torch.Tensor]]:
+        """Start a forward over new tokens at `pos_BS` [B, S]: (decode?, write plans, key positions).
+
+        One token per row is a decode step: keys come from the cache alone, [B, L]. More tokens (a
+        prefill, or extending a conversation) attend to the old cache plus themselves, [B, L + S],
+        or to themselves alone when the cache is known empty, [B, S].
+        """
+        if pos_BS.shape[0] != self.batch_size:
+            raise ValueError(f"KVCache has {self.batch_size} rows, the input {pos_BS.shape[0]}")
+        if pos_BS.shape[1] == 1:
+            plans = self.plan_decode(pos_BS)
+            return True, plans, dict(self.pos)
+        self.was_empty = self.empty
+        key_pos = {kind: pos_BS if self.was_empty else torch.cat([p, pos_BS], dim=1) for kind, p in self.pos.items()}
+        return False, self.plan_extend(pos_BS), key_pos
+
+    # ---- where new keys go ------------------------------------------------------------------------
+
+    def plan_decode(self, pos_B1: torch.Tensor) -> dict[bool, WritePlan]:
+        """One new token per row at `pos_B1` [B, 1]: every row writes slot `pos % L` (no host sync).
+
+        The stored positions are updated here, before attention, because a decode step attends over
+        the cache after writing its own key into it.
+        """
+        B = pos_B1.shape[0]
+        b_n = torch.arange(B, device=pos_B1.device)
+        s_n = torch.zeros_like(b_n)
+        plans = {}
+        for kind, L in self.slots.items():
+            slot_n = pos_B1[:, 0].remainder(L)
+            self.pos[kind][b_n, slot_n] = pos_B1[:, 0]
+            plans[kind] = WritePlan(b_n, s_n, slot_n)
+        self.empty = False
+        return plans
+
+    def plan_extend(self, pos_BS: torch.Tensor) -> dict[bool, WritePlan]:
+        """S new tokens per row at `pos_BS` [B, S] (-1 = padding): which of them to keep, and where.
+
+        A row keeps the tokens the *next* position will need: for a chunked kind, those in the chunk
+        of next = max(pos) + 1, and never more than L; for a global kind, all of them. Call after the
+        step's attention has read the old positions (`pos`); this updates them.
+        """
+        valid_BS = pos_BS >= 0
+        top = int(pos_BS.max()) if pos_BS.numel() else -1
+        if top >= self.max_len:
+            raise ValueError(f"position {top} is beyond the cache's max_len={self.max_len}")
+        next_B1 = pos_BS.max(dim=1, keepdim=True).values + 1
+        plans = {}
+        for kind, L in self.slots.items():
+            start_B1 = next_B1 - L
+            if self.chunk[kind] is not None:
+                start_B1 = torch.maximum(start_B1, next_B1 // self.chunk[kind] * self.chunk[kind])
+            b_n, s_n = torch.nonzero(valid_BS & (pos_BS >= start_B1), as_tuple=True)
+            slot_n = pos_BS[b_n, s_n].remainder(L)
+            self.pos[kind][b_n, slot_n] = pos_BS[b_n, s_n]
+            plans[kind] = WritePlan(b_n, s_n, slot_n)
+        self.empty = False
+        return plans
+
+    def update(self, layer: int, plan: WritePlan, k_BGSH: torch.Tensor, v_BGSH: torch.Tensor,
+               decode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one layer's planned new keys/values; return the keys/values its queries attend to.
+
+        decode: the cache itself after the write, [B, G, L, H] (its positions were updated by
+        `plan_decode`). Otherwise the old cache followed by the new tokens, [B, G, L + S, H] (or just
+        the new tokens when the cache is known empty), read before the write.
+        """
+        if decode:
+            self._write(layer, plan, k_BGSH, v_BGSH)
+            return self.k[layer], self.v[layer]
+        if self.was_empty:
+            k_all, v_all = k_BGSH, v_BGSH
+        else:
+            k_all = torch.cat([self.k[layer].to(k_BGSH.dtype), k_BGSH], dim=2)
+            v_all = torch.cat([self.v[layer].to(v_BGSH.dtype), v_BGSH], dim=2)
+        self._write(layer, plan, k_BGSH, v_BGSH)
+        return k_all, v_all
+
+    def _write(self, layer: int, plan: WritePlan, k_BGSH: torch.Tensor, v_BGSH: torch.Tensor) -> None:
+        self.k[layer][plan.b_n, :, plan.slot_n] = k_BGSH[plan.b_n, :, plan.s_n].to(self.dtype)
+        self.v[layer][plan.b_n, :, plan.slot_n] = v_BGSH[plan.b_n, :, plan.s_n].to(self.dtype)

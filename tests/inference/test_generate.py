@@ -1,0 +1,156 @@
+"""The KV cache and generation: cached decoding equals the full forward and transformers' generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_reference import hf_pair
+
+from behemoth import build_model
+from behemoth.config import PRESETS, MoEConfig, RopeScaling
+from behemoth.inference.cache import KVCache, cache_bytes
+from behemoth.inference.generate import generate, generate_reference, stream
+from behemoth.inference.sampling import SamplingParams, filter_logits, sample
+
+DEBUG = PRESETS["debug"]  # chunk 32, floor_scale 64: temperature tuning is active from position 63
+SCOUT_LIKE = DEBUG.replace(moe=MoEConfig(num_experts=4, top_k=2, expert_dim=48, interleave_step=1),
+                           rope_scaling=RopeScaling(16.0, 1.0, 1.0, 32), attention_chunk_size=16, floor_scale=8)
+
+
+def _prompts(lengths, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("cfg", [DEBUG, SCOUT_LIKE], ids=["debug", "scout-like"])
+def test_decode_logits_equal_full_forward(cfg):
+    """Prefill a padded batch, then decode one token at a time across chunk boundaries and past
+    floor_scale: every step's logits equal a full forward of that row alone."""
+    model = build_model(cfg).eval()
+    rows = _prompts([21, 5, 40], cfg.vocab_size)
+    T = 100  # every row ends past position 99: three chunks of 32, temperature tuning on
+    full = [_prompts([T - len(r)], cfg.vocab_size, seed=i + 1)[0] for i, r in enumerate(rows)]
+    seqs = [r + f for r, f in zip(rows, full, strict=True)]
+    cache = KVCache(cfg, len(rows), T)
+    with torch.no_grad():
+        ref = [model(torch.tensor([s]))[0] for s in seqs]
+        S = max(map(len, rows))
+        ids = torch.zeros(3, S, dtype=torch.long)
+        pos = torch.full((3, S), -1)
+        for b, r in enumerate(rows):
+            ids[b, :len(r)], pos[b, :len(r)] = torch.tensor(r), torch.arange(len(r))
+        pre = model(ids, pos, cache=cache)
+        for b, r in enumerate(rows):
+            assert (pre[b, :len(r)] - ref[b][:len(r)]).abs().max() < 1e-5
+        for step in range(T - S):
+            p = torch.tensor([len(r) + step for r in rows])
+            tok = torch.tensor([s[q] if q < T else 0 for s, q in zip(seqs, p.tolist(), strict=True)])
+            out = model(tok[:, None], p[:, None], cache=cache)[:, 0]
+            for b in range(3):
+                if p[b] < T:
+                    err = (out[b] - ref[b][p[b]]).abs().max()
+                    assert err < 1e-5, f"row {b} position {int(p[b])}: {err:.2e}"
+
+
+def test_multi_token_extension_equals_full_forward():
+    """A cache can also be extended several tokens at a time (a conversation's next turn)."""
+    model = build_model(DEBUG).eval()
+    ids = torch.tensor(_prompts([100], DEBUG.vocab_size))
+    cache = KVCache(DEBUG, 1, 100)
+    with torch.no_grad():
+        ref = model(ids)
+        outs = [model(ids[:, a:b], torch.arange(a, b)[None], cache=cache)
+                for a, b in [(0, 30), (30, 31), (31, 70), (70, 100)]]
+    assert (torch.cat(outs, 1) - ref).abs().max() < 1e-5
+
+
+def test_chunked_layers_keep_one_chunk():
+    cfg = DEBUG  # 4 layers: 3 RoPE (chunk 32) + 1 NoPE
+    cache = KVCache(cfg, 2, 1000)
+    kinds = [t.shape[2] for t in cache.k]
+    assert kinds == [32, 32, 32, 1000]
+    assert cache_bytes(cfg, 2, 1000, torch.float32)["total"] == cache.nbytes()
+    small, big = cache_bytes(cfg, 1, 10_000), cache_bytes(cfg, 1, 100_000)
+    assert small["chunked"] == big["chunked"] and big["global"] == 10 * small["global"]
+
+
+@pytest.mark.parametrize("cfg", [DEBUG, SCOUT_LIKE], ids=["debug", "scout-like"])
+def test_greedy_equals_transformers_generate(cfg):
+    """Token for token, each prompt alone and as one left-padded transformers batch."""
+    hf, ours = hf_pair(cfg, seed=1)
+    prompts = _prompts([40, 25, 7], cfg.vocab_size)
+    N = 40  # the longest row reaches position 79: past two chunk boundaries and floor_scale
+    got = generate(ours, prompts, max_new_tokens=N)
+    opts = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        alone = [hf.generate(torch.tensor([p]), **opts)[0, len(p):].tolist() for p in prompts]
+        L = max(map(len, prompts))
+        ids = torch.zeros(3, L, dtype=torch.long)
+        mask = torch.zeros(3, L, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
+        batch = hf.generate(ids, attention_mask=mask, **opts)[:, L:].tolist()
+    assert got == alone
+    assert got == batch
+
+
+def test_padding_changes_nothing_and_matches_reference():
+    model = build_model(DEBUG).eval()
+    prompts = _prompts([3, 17, 50, 9], DEBUG.vocab_size)
+    together = generate(model, prompts, max_new_tokens=30)
+    assert together == [generate(model, [p], max_new_tokens=30)[0] for p in prompts]
+    assert together == generate_reference(model, prompts, max_new_tokens=30)
+
+
+def test_stop_ids_stream_and_seeded_sampling():
+    model = build_model(DEBUG).eval()
+    prompts = _prompts([6, 11], DEBUG.vocab_size)
+    free = generate(model, prompts, max_new_tokens=12)
+    stop = free[0][4]  # stop row 0 at its fifth token (not emitted)
+    cut = generate(model, prompts, max_new_tokens=12, stop_ids=(stop,))
+    assert cut[0] == free[0][:free[0].index(stop)]
+    assert cut[1] == (free[1][:free[1].index(stop)] if stop in free[1] else free[1])
+    streamed = [[], []]
+    for step in stream(model, prompts, max_new_tokens=12, stop_ids=(stop,)):
+        for b, t in enumerate(step):
+            if t is not None:
+                streamed[b].append(t)
+    assert streamed == cut
+    opts = dict(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.9)
+    a = generate(model, prompts, seed=7, **opts)
+    assert a == generate(model, prompts, seed=7, **opts)
+    assert a != generate(model, prompts, seed=8, **opts)
+    assert generate(model, prompts[:1], seed=3, **opts) == generate_reference(model, prompts[:1], seed=3, **opts)
+
+
+def test_top_k_top_p_filters_closed_form():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    keep = lambda k, p: torch.isfinite(filter_logits(logits, k, p))[0].tolist()  # noqa: E731
+    assert keep(2, 1.0) == [True, True, False, False]
+    assert keep(None, 0.8) == [True, True, False, False]  # 0.5 + 0.3 reaches 0.8
+    assert keep(None, 0.81) == [True, True, True, False]
+    assert keep(None, 0.1) == [True, False, False, False]  # at least one token
+    assert keep(None, 1.0) == [True] * 4
+    assert keep(3, 0.6) == [True, True, False, False]
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, 4)
+    g = torch.Generator().manual_seed(0)
+    ids = sample(logits, SamplingParams(temperature=2.0), g)
+    freq = torch.bincount(ids, minlength=4).float() / ids.numel()
+    assert (freq - torch.softmax(logits[0] / 2.0, -1)).abs().max() < 0.015
+    assert sample(logits[:2], SamplingParams()).tolist() == [0, 0]
+
+
+def test_bad_options_and_lengths_are_refused():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    model = build_model(DEBUG).eval()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, [[1, 2, 3]], max_new_tokens=DEBUG.max_seq_len)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[1], []], max_new_tokens=2)
