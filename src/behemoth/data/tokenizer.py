@@ -144,6 +144,14 @@ class Tokenizer:
         except Exception as e:
             raise self._encode_error(text, e) from None
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a prompt, with whatever the tokenizer's own post-processor adds (Llama 4's
+        `tokenizer.json` prepends `<|begin_of_text|>`; ours add nothing, matching how they train)."""
+        try:
+            return self.hf.encode(text, add_special_tokens=True).ids
+        except Exception as e:
+            raise self._encode_error(text, e) from None
+
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`[encode(t) for t in texts]`, encoded in parallel by the Rust library (without offsets where the
         installed `tokenizers` has `encode_batch_fast`)."""

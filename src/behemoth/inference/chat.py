@@ -1,0 +1,95 @@
+"""Chat formats: messages -> prompt token ids, and what ends the assistant's turn.
+
+* `llama4`: Meta's format, as in the Llama 4 Instruct tokenizer's chat template:
+
+      <|begin_of_text|>[<|header_start|>system<|header_end|>\\n\\n{system}<|eot|>]
+      <|header_start|>user<|header_end|>\\n\\n{user}<|eot|>
+      <|header_start|>assistant<|header_end|>\\n\\n          <- the generation prompt
+
+  (one line here, no newlines between turns). The system turn appears only if a system message is
+  given. The turn ends at `<|eot|>`, `<|eom|>` or `<|end_of_text|>`.
+* `plain`: for this project's own small models, which have no control tokens. It is the format of
+  the built-in tasks, so a model trained on them answers in its own format:
+
+      {system}\\n            (if any)
+      Q: {user}\\n
+      A: {assistant}\\n
+      A:                     <- the generation prompt
+
+  The turn ends at EOS (every training document ends with one) or at "\\nQ:".
+
+Control tokens are inserted by id and message text is encoded as text, so a message that contains
+"<|eot|>" cannot end a turn or forge a header.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from behemoth.data.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant", "ipython", "tool")
+LLAMA4_SPECIALS = ("<|begin_of_text|>", "<|header_start|>", "<|header_end|>", "<|eot|>")
+LLAMA4_STOPS = ("<|eot|>", "<|eom|>", "<|end_of_text|>")
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A chat template bound to a tokenizer: `encode(messages)` and the stop ids/strings of a turn."""
+
+    name: str
+    tokenizer: Tokenizer
+    stop_ids: tuple[int, ...]
+    stop_strings: tuple[str, ...]
+
+    def encode(self, messages: Iterable[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Prompt ids for `messages` (dicts with "role" and "content" strings)."""
+        msgs = _check(messages)
+        tok = self.tokenizer
+        if self.name == "llama4":
+            special = {s: tok.token_to_id(s) for s in LLAMA4_SPECIALS}
+            ids = [special["<|begin_of_text|>"]]
+            for m in msgs:
+                ids += [special["<|header_start|>"], *tok.encode(m["role"]), special["<|header_end|>"],
+                        *tok.encode("\n\n" + m["content"]), special["<|eot|>"]]
+            if add_generation_prompt:
+                ids += [special["<|header_start|>"], *tok.encode("assistant"), special["<|header_end|>"],
+                        *tok.encode("\n\n")]
+            return ids
+        text = ""
+        for m in msgs:
+            if m["role"] == "user":
+                text += f"Q: {m['content']}\n"
+            elif m["role"] == "assistant":
+                text += f"A: {m['content'].strip()}\n"
+            else:
+                text += f"{m['content']}\n"
+        return tok.encode(text + ("A:" if add_generation_prompt else ""))
+
+
+def chat_format(tokenizer: Tokenizer, name: str | None = None) -> ChatFormat:
+    """The Llama 4 format when the tokenizer has its control tokens (or `name="llama4"`), else plain."""
+    has_llama4 = all(tokenizer.token_to_id(s) is not None for s in LLAMA4_SPECIALS)
+    name = name or ("llama4" if has_llama4 else "plain")
+    if name == "llama4":
+        if not has_llama4:
+            missing = [s for s in LLAMA4_SPECIALS if tokenizer.token_to_id(s) is None]
+            raise ValueError(f"chat format llama4: the tokenizer lacks {', '.join(missing)}")
+        stops = tuple(i for s in LLAMA4_STOPS if (i := tokenizer.token_to_id(s)) is not None)
+        return ChatFormat("llama4", tokenizer, stops, ())
+    if name == "plain":
+        return ChatFormat("plain", tokenizer, (tokenizer.eos_id,), ("\nQ:",))
+    raise ValueError(f"chat format {name!r}: expected 'llama4' or 'plain'")
+
+
+def _check(messages: Iterable[Mapping[str, str]]) -> list[Mapping[str, str]]:
+    msgs = list(messages)
+    for i, m in enumerate(msgs):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}]: needs a 'role' and a string 'content'")
+        if m["role"] not in ROLES:
+            raise ValueError(f"messages[{i}].role={m['role']!r}: expected one of {', '.join(ROLES)}")
+    if not msgs:
+        raise ValueError("messages: empty")
+    return msgs

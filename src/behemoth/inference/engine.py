@@ -1,0 +1,202 @@
+"""Continuous batching: many concurrent requests share one model, one KV cache, one decode step.
+
+The engine owns a `KVCache` of `max_batch` rows (slots). One background thread runs the loop:
+
+1. admit waiting requests into free slots: reset the slot's rows of the cache, prefill the prompt
+   into it (a view of that row, so nothing is copied), sample the first token;
+2. one decode step for all slots at once (each row at its own position; a free slot runs at
+   position -1 and writes nothing any query can see), then sample each active row with its own
+   parameters and generator;
+3. hand each new piece of text to its request's queue; a finished or cancelled request frees its
+   slot at once, and a waiting one takes it at the next step.
+
+A request therefore joins a running batch without waiting for it to finish, and a client that goes
+away (`Request.cancel()`) stops costing anything at the next step. Handlers on other threads only
+touch `Request` queues; the model runs on the engine thread alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from behemoth.inference.cache import KVCache
+from behemoth.inference.generate import decode_step, prefill
+from behemoth.inference.runner import Completion, Runner
+from behemoth.inference.sampling import SamplingParams, sample
+from behemoth.inference.text import TextStream
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    """One generation. Events arrive on `events`: ("text", str)*, then ("done", Completion) or
+    ("error", message)."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_strings: tuple[str, ...] = ()
+    id: int = field(default_factory=lambda: next(_ids))
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class _Slot:
+    request: Request
+    text: TextStream
+    generator: torch.Generator | None
+    pos: int  # position of `last`
+    last: int = 0  # the latest sampled token: the next decode step runs it
+    generated: int = 0
+
+
+@dataclass
+class EngineStats:
+    completed: int = 0
+    cancelled: int = 0
+    tokens: int = 0
+    steps: int = 0
+    max_active: int = 0  # the most requests ever decoded in one step
+    busy_s: float = 0.0
+
+
+class Engine:
+    def __init__(self, runner: Runner, max_batch: int = 8, max_len: int | None = None):
+        self.runner = runner
+        self.max_batch = max_batch
+        self.max_len = min(max_len or runner.max_len, runner.max_len)
+        p = next(runner.model.parameters())
+        self.device = p.device
+        self.cache = KVCache(runner.model.config, max_batch, self.max_len, device=p.device, dtype=p.dtype)
+        self.slots: list[_Slot | None] = [None] * max_batch
+        self.waiting: queue.Queue[Request] = queue.Queue()
+        self.stats = EngineStats()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="behemoth-engine", daemon=True)
+        self._thread.start()
+
+    # ---- API for other threads ---------------------------------------------------------------------
+
+    def submit(self, request: Request) -> Request:
+        """Queue a request (validated by the caller: prompt + max_new_tokens must fit `max_len`)."""
+        need = len(request.prompt_ids) + request.params.max_new_tokens
+        if not request.prompt_ids or need > self.max_len:
+            raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max tokens "
+                             f"({request.params.max_new_tokens}) = {need} exceeds the context of {self.max_len}")
+        self.waiting.put(request)
+        self._wake.set()
+        return request
+
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # ---- the loop -------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._admit()
+                if self.active == 0:
+                    self._wake.wait(timeout=0.1)  # sleep until a request arrives
+                    self._wake.clear()
+                    continue
+                self._step()
+            except Exception as e:  # never let one bad step kill the server: fail the running requests
+                for i, s in enumerate(self.slots):
+                    if s is not None:
+                        s.request.events.put(("error", f"{type(e).__name__}: {e}"))
+                        self.slots[i] = None
+
+    def _admit(self) -> None:
+        for i in range(self.max_batch):
+            if self.slots[i] is not None:
+                continue
+            req = self._next_request()
+            if req is None:
+                return
+            t0 = time.perf_counter()
+            row = self.cache.rows(i, i + 1)
+            row.reset()
+            gen = None
+            if req.params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(req.params.seed)
+            slot = _Slot(req, TextStream(self.runner.tokenizer, req.stop_strings), gen, pos=len(req.prompt_ids) - 1)
+            self.slots[i] = slot
+            with torch.no_grad():
+                logits_1V = prefill(self.runner.model, [req.prompt_ids], row)
+            self._deliver(i, int(sample(logits_1V, req.params, gen)))
+            self.stats.busy_s += time.perf_counter() - t0
+
+    def _next_request(self) -> Request | None:
+        while True:
+            try:
+                req = self.waiting.get_nowait()
+            except queue.Empty:
+                return None
+            if not req.cancelled.is_set():
+                return req
+            self.stats.cancelled += 1
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        tokens = [s.last if s is not None else 0 for s in self.slots]
+        pos = [s.pos if s is not None else -1 for s in self.slots]
+        with torch.no_grad():
+            logits_BV = decode_step(self.runner.model, torch.tensor(tokens, device=self.device),
+                                    torch.tensor(pos, device=self.device), self.cache)
+        active = [i for i, s in enumerate(self.slots) if s is not None]
+        self.stats.steps += 1
+        self.stats.max_active = max(self.stats.max_active, len(active))
+        greedy = logits_BV.float().argmax(-1).tolist()
+        for i in active:
+            s = self.slots[i]
+            t = greedy[i] if s.request.params.greedy else int(sample(logits_BV[i:i + 1], s.request.params, s.generator))
+            self._deliver(i, t)
+        self.stats.busy_s += time.perf_counter() - t0
+
+    def _deliver(self, i: int, token: int) -> None:
+        """Account one sampled token of slot i: emit its text, or finish the request."""
+        s = self.slots[i]
+        req = s.request
+        if req.cancelled.is_set():
+            self.stats.cancelled += 1
+            self.slots[i] = None
+            return
+        s.generated += 1
+        self.stats.tokens += 1
+        if token in req.params.stop_ids:
+            return self._finish(i, "stop")
+        piece = s.text.push(token)
+        if piece:
+            req.events.put(("text", piece))
+        if s.text.stopped:
+            return self._finish(i, "stop")
+        if s.generated >= req.params.max_new_tokens:
+            return self._finish(i, "length")
+        s.last, s.pos = token, s.pos + 1
+
+    def _finish(self, i: int, reason: str) -> None:
+        s = self.slots[i]
+        rest = s.text.finish()
+        if rest:
+            s.request.events.put(("text", rest))
+        s.request.events.put(("done", Completion(s.text.text, s.text.ids, reason)))
+        self.stats.completed += 1
+        self.slots[i] = None

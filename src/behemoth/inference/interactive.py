@@ -1,0 +1,104 @@
+"""The terminal front ends: one-shot generation and the interactive chat loop.
+
+Both print progress the way a user wants it: text as it is generated (with `stream`), then one line
+on stderr with the token count and speed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Generator
+from typing import TextIO
+
+from behemoth.inference.runner import Completion, Runner
+from behemoth.inference.sampling import SamplingParams
+
+HELP = "commands: /reset (forget the conversation), /system TEXT (set the system message), /exit"
+
+
+def run_generate(runner: Runner, prompts: list[str], params: SamplingParams, stop_strings: tuple[str, ...] = (),
+                 chat: bool = False, system: str | None = None, stream: bool = False,
+                 out: TextIO | None = None, err: TextIO | None = None) -> list[str]:
+    """Complete each prompt (as raw text, or as a user turn with `chat`); several prompts run as one
+    batch. Returns the texts."""
+    out, err = out or sys.stdout, err or sys.stderr
+    def encode(p: str) -> list[int]:
+        if not chat:
+            return runner.encode_prompt(p)
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+        return runner.encode_chat(msgs)
+
+    ids = [encode(p) for p in prompts]
+    stop_strings = tuple(stop_strings) + (runner.chat.stop_strings if chat else ())
+    t0 = time.perf_counter()
+    if stream and len(ids) == 1:
+        done = _print_stream(runner.stream(ids[0], params, stop_strings), out)
+        texts, n = [done.text], len(done.token_ids)
+    else:
+        done = runner.complete(ids, params, stop_strings)
+        texts = [c.text for c in done]
+        n = sum(len(c.token_ids) for c in done)
+        for i, t in enumerate(texts):
+            if len(texts) > 1:
+                out.write(f"--- {i}\n")
+            out.write(t + "\n")
+    dt = time.perf_counter() - t0
+    err.write(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tokens/s, {len(ids)} prompt(s)]\n")
+    return texts
+
+
+def _print_stream(pieces: Generator[str, None, Completion], out: TextIO) -> Completion:
+    """Print text pieces as they come; the generator's return value is the finished `Completion`."""
+    while True:
+        try:
+            out.write(next(pieces))
+            out.flush()
+        except StopIteration as stop:
+            out.write("\n")
+            return stop.value
+
+
+def chat_loop(runner: Runner, params: SamplingParams, system: str | None = None,
+              read: Callable[[str], str] = input, out: TextIO | None = None,
+              err: TextIO | None = None) -> list[dict]:
+    """Read user turns until EOF or /exit; stream each answer; keep the conversation. Returns it."""
+    out, err = out or sys.stdout, err or sys.stderr
+    history: list[dict] = []
+    err.write(f"chatting with {runner.name} ({runner.chat.name} format). {HELP}\n")
+    while True:
+        try:
+            line = read("> ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return history
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd == "/exit":
+            return history
+        if cmd == "/reset":
+            history = []
+            err.write("(conversation cleared)\n")
+            continue
+        if cmd.startswith("/system"):
+            system = cmd[len("/system"):].strip() or None
+            err.write(f"(system message {'set' if system else 'cleared'})\n")
+            continue
+        if cmd.startswith("/"):
+            err.write(f"unknown command {cmd.split()[0]}; {HELP}\n")
+            continue
+        msgs = ([{"role": "system", "content": system}] if system else []) + history + [
+            {"role": "user", "content": line}]
+        ids = runner.encode_chat(msgs)
+        room = runner.max_len - len(ids)
+        if room < 1:
+            err.write(f"(the conversation has {len(ids)} tokens, the context {runner.max_len}: use /reset)\n")
+            continue
+        turn = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, room),
+                                 "stop_ids": params.stop_ids + runner.chat.stop_ids})
+        t0 = time.perf_counter()
+        done = _print_stream(runner.stream(ids, turn, runner.chat.stop_strings), out)
+        n = len(done.token_ids)
+        err.write(f"[{n} tokens, {n / max(time.perf_counter() - t0, 1e-9):.1f} tokens/s]\n")
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": done.text}]

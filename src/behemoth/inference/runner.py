@@ -1,0 +1,126 @@
+"""A model with its tokenizer and chat format, ready to answer text: what `generate`, `chat` and
+`serve` share.
+
+`Runner.load(path)` takes a native checkpoint directory, a training run directory (its latest
+checkpoint), or a transformers `save_pretrained` directory; the tokenizer is the `tokenizer.json`
+beside the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from behemoth.data.tokenizer import Tokenizer
+from behemoth.inference.chat import ChatFormat, chat_format
+from behemoth.inference.generate import generate, token_steps
+from behemoth.inference.sampling import SamplingParams
+from behemoth.inference.text import TextStream
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """`path` itself if it holds config.json; a run directory's latest checkpoint otherwise."""
+    from behemoth.checkpoint.io import latest_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{p}: no such directory")
+    if (p / "config.json").is_file():
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise ValueError(f"{p}: neither a model directory (no config.json) nor a run with checkpoints")
+    return latest
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass
+class Completion:
+    """Generated text, its tokens, and why it ended: "stop" (a stop token or string) or "length"."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+class Runner:
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, chat: ChatFormat | None = None, name: str = "model"):
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
+        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+        self.chat = chat or chat_format(tokenizer)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+             chat: str | None = None) -> Runner:
+        from behemoth import load_model
+
+        directory = resolve_model_dir(path)
+        device = torch.device(device)
+        tokenizer = Tokenizer.load(directory)
+        model = load_model(str(directory), dtype=dtype or default_dtype(device), device=device)
+        return cls(model, tokenizer, chat_format(tokenizer, chat), name=Path(path).resolve().name)
+
+    @property
+    def max_len(self) -> int:
+        return self.model.config.max_seq_len
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        ids = self.tokenizer.encode_prompt(prompt)
+        if not ids:
+            raise ValueError("prompt: empty (it encodes to no tokens)")
+        return ids
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        return self.chat.encode(messages)
+
+    def params(self, chat: bool, **options) -> SamplingParams:
+        """Sampling parameters with the chat format's stop ids added for chat turns."""
+        stop = tuple(options.pop("stop_ids", ()))
+        if chat:
+            stop += self.chat.stop_ids
+        return SamplingParams(stop_ids=stop, **options)
+
+    def complete(self, prompts_ids: Sequence[Sequence[int]], params: SamplingParams,
+                 stop_strings: Sequence[str] = ()) -> list[Completion]:
+        """Batched: one completion per prompt."""
+        out = []
+        for ids in generate(self.model, prompts_ids, params):
+            ts = TextStream(self.tokenizer, tuple(stop_strings))
+            for t in ids:
+                ts.push(t)
+                if ts.stopped:
+                    break
+            ts.finish()
+            stopped = ts.stopped or len(ids) < params.max_new_tokens
+            out.append(Completion(ts.text, ts.ids, "stop" if stopped else "length"))
+        return out
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
+               stop_strings: Sequence[str] = ()) -> Iterator[str]:
+        """One prompt, text pieces as they become final; `StopIteration.value` is the `Completion`."""
+        ts = TextStream(self.tokenizer, tuple(stop_strings))
+        stop = set(params.stop_ids)
+        reason = "length"
+        for next_B in token_steps(self.model, [prompt_ids], params):
+            t = int(next_B[0])
+            if t in stop:
+                reason = "stop"
+                break
+            piece = ts.push(t)
+            if piece:
+                yield piece
+            if ts.stopped:
+                reason = "stop"
+                break
+        rest = ts.finish()
+        if rest:
+            yield rest
+        return Completion(ts.text, ts.ids, reason)
