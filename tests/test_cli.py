@@ -11,6 +11,7 @@ import pytest
 from behemoth import build_model
 from behemoth.checkpoint import save_model
 from behemoth.cli import main
+from behemoth.data.tokenizer import Tokenizer
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -32,7 +33,8 @@ def test_info_table_marks_behemoth_as_estimate(capsys):
     assert "ESTIMATE" in out and "2,014,543,888,384" in out
 
 
-@pytest.mark.parametrize("sub", ["info", "convert", "train", "distill", "codistill", "eval", "demo"])
+@pytest.mark.parametrize("sub", ["info", "convert", "train", "distill", "codistill", "eval", "demo", "generate",
+                                 "chat", "serve"])
 def test_help(sub, capsys):
     with pytest.raises(SystemExit) as e:
         main([sub, "--help"])
@@ -47,6 +49,7 @@ def test_help(sub, capsys):
     ["frobnicate"],
     ["convert", "hf-to-native", "/no/such/dir", "/tmp/x"],
     ["convert", "sideways", "a", "b"],
+    ["info", "--preset", "debug", "--context", "0"],
 ])
 def test_bad_input_is_one_line_exit_2(argv, capsys):
     assert main(argv) == 2
@@ -59,11 +62,22 @@ def test_bad_input_subprocess_has_no_traceback():
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+def test_info_reports_the_kv_cache(capsys):
+    assert main(["info", "--preset", "scout", "--context", "1000000", "--json"]) == 0
+    kv = json.loads(capsys.readouterr().out)["kv_cache"]
+    per_token_layer = 2 * 8 * 128 * 2  # K and V, 8 KV heads of 128, bf16
+    assert kv["slots"] == {"chunked": 8192, "global": 1_000_000}
+    assert kv["bytes"]["chunked"] == 36 * 8192 * per_token_layer  # 36 chunked layers keep one chunk
+    assert kv["bytes"]["global"] == 12 * 1_000_000 * per_token_layer  # 12 NoPE layers keep everything
+
+
 def test_convert_round_trip_and_refuses_to_overwrite(tmp_path, capsys):
     model = build_model("debug")
     save_model(model, tmp_path / "native")
+    Tokenizer.from_chars("abc").save(tmp_path / "native")
     assert main(["convert", "native-to-hf", str(tmp_path / "native"), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").is_file()
+    assert Tokenizer.load(tmp_path / "hf").fingerprint == Tokenizer.load(tmp_path / "native").fingerprint
     assert main(["convert", "hf-to-native", str(tmp_path / "hf"), str(tmp_path / "native2")]) == 0
     before = sorted(p.name for p in (tmp_path / "native2").iterdir())
     assert main(["convert", "hf-to-native", str(tmp_path / "hf"), str(tmp_path / "native2")]) == 2

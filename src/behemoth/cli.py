@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from behemoth.train.trainer import Interrupted, TrainingStopped
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 COMPONENTS = ("embeddings", "output", "attention", "routers", "routed_experts", "shared_experts", "dense_ffn",
               "norms")
 
@@ -34,10 +36,11 @@ class _Parser(argparse.ArgumentParser):
 
 # ---- info ----------------------------------------------------------------------------------------
 
-def info_report(cfg: ModelConfig, name: str) -> dict:
-    """Parameter counts by component, computed from the config alone (nothing is allocated)."""
+def info_report(cfg: ModelConfig, name: str, context: int | None = None, batch: int = 1) -> dict:
+    """Parameter counts by component, computed from the config alone (nothing is allocated); with
+    `context`, the bf16 KV cache for `batch` sequences of that many tokens."""
     b = cfg.param_breakdown()
-    return {
+    report = {
         "name": name, "note": PRESET_NOTES.get(name, ""),
         "total_params": cfg.num_params(), "active_params": cfg.num_active_params(),
         "components": {c: {"total": b["total"][c], "active": b["active"][c]} for c in COMPONENTS},
@@ -45,6 +48,14 @@ def info_report(cfg: ModelConfig, name: str) -> dict:
         "nope_layers": [i for i, r in enumerate(cfg.rope_layers) if not r],
         "config": cfg.to_dict(),
     }
+    if context:
+        from behemoth.inference.cache import cache_bytes, slots_per_kind
+
+        report["kv_cache"] = {"context": context, "batch": batch, "dtype": "bfloat16",
+                              "slots": {"chunked" if k and cfg.attention_chunk_size else "global": n
+                                        for k, n in slots_per_kind(cfg, context).items()},
+                              "bytes": cache_bytes(cfg, batch, context, torch.bfloat16)}
+    return report
 
 
 def format_info(r: dict) -> str:
@@ -63,6 +74,12 @@ def format_info(r: dict) -> str:
     for c, v in r["components"].items():
         lines.append(f"  {c:<16}{n(v['total']):>22}{n(v['active']):>22}")
     lines.append(f"  {'TOTAL':<16}{n(r['total_params']):>22}{n(r['active_params']):>22}")
+    if "kv_cache" in r:
+        kv, gib = r["kv_cache"], 2**30
+        by = kv["bytes"]
+        lines.append(f"  KV cache, bf16, {kv['batch']} x {kv['context']:,} tokens: {by['total'] / gib:,.3f} GiB "
+                     f"(chunked layers {by['chunked'] / gib:,.3f} GiB, {kv['slots'].get('chunked', 0):,} slots each; "
+                     f"global layers {by['global'] / gib:,.3f} GiB)")
     return "\n".join(lines)
 
 
@@ -72,7 +89,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         cfg, name = load_config_file(path / "config.json" if path.is_dir() else path), str(path)
     else:
         cfg, name = get_preset(args.preset), args.preset
-    report = info_report(cfg, name)
+    if (args.context is not None and args.context < 1) or args.batch < 1:
+        raise UsageError("behemoth info: error: --context and --batch must be >= 1")
+    report = info_report(cfg, name, args.context, args.batch)
     print(json.dumps(report, indent=2) if args.json else format_info(report))
 
 
@@ -94,6 +113,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
         save_model(model, dst, max_shard_bytes=shard, source=str(src))
     else:
         export_hf(model, dst, max_shard_bytes=shard, drop_router_bias=args.drop_router_bias)
+    for name in TOKENIZER_FILES:  # the tokenizer travels with the weights, so `generate` works on dst
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
     print(f"wrote {dst} ({model.config.num_params():,} parameters, {time.time() - t0:.1f}s)")
 
 
@@ -283,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", choices=list(PRESETS), help="a built-in preset")
     g.add_argument("--config", help="a config.json (native or transformers), or a checkpoint directory")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--context", type=int, help="also report the bf16 KV cache for this many tokens")
+    s.add_argument("--batch", type=int, default=1, help="sequences in the KV cache report")
     s.set_defaults(fn=cmd_info)
 
     s = sub.add_parser("convert", help="convert checkpoints between transformers and native formats")

@@ -199,6 +199,12 @@ class Handler(BaseHTTPRequestHandler):
     api: API  # set on the subclass made by `make_server`
     quiet = False
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except ConnectionError:  # a client closed its keep-alive connection: nothing to answer
+            pass
+
     def log_message(self, fmt: str, *args) -> None:
         if not self.quiet:
             super().log_message(fmt, *args)
