@@ -154,3 +154,14 @@ def test_bad_options_and_lengths_are_refused():
         generate(model, [[1, 2, 3]], max_new_tokens=DEBUG.max_seq_len)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(model, [[1], []], max_new_tokens=2)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens():
+    """torch.compile of the decode step (about 20 s to compile on CPU): same greedy tokens, and a second
+    call with other lengths in the same cache bucket reuses the compiled step."""
+    model = build_model(DEBUG).eval()
+    prompts = _prompts([9, 30], DEBUG.vocab_size)
+    assert generate(model, prompts, max_new_tokens=40, compile=True) == generate(model, prompts, max_new_tokens=40)
+    short = _prompts([5, 12], DEBUG.vocab_size, seed=4)
+    assert generate(model, short, max_new_tokens=20, compile=True) == generate(model, short, max_new_tokens=20)

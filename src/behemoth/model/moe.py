@@ -181,6 +181,8 @@ class MoE(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
         scores_TK, ids_TK, logits_TE = self.router(x_TD)
+        if not self.training and not self.use_loop and x_TD.shape[0] * self.top_k <= self.num_experts:
+            return self._forward_few(x_TD, scores_TK, ids_TK).view(B, S, D)
         ids_M = ids_TK.flatten()
         order_M = torch.argsort(ids_M, stable=True)  # slot m = t*K + k, sorted by expert id
         counts_E = ids_M.new_zeros(self.num_experts).scatter_add_(0, ids_M, torch.ones_like(ids_M))  # no host sync
@@ -196,3 +198,32 @@ class MoE(nn.Module):
         if self.shared_expert is not None:
             y_TD = y_TD + self.shared_expert(x_TD)
         return y_TD.view(B, S, D)
+
+    def _forward_few(self, x_TD: torch.Tensor, scores_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
+        """Decode-sized inputs (inference, T*K <= E): run each routed slot's expert directly, [T, D].
+
+        Same math as the sorted path, without the sort / count / scatter machinery that dominates
+        when there are only a few tokens. Eager: the expert ids are read on the host and each slot
+        multiplies views of its expert's weights (nothing copied). Under `torch.compile` (no host
+        reads allowed): the slots' expert weights are gathered and contracted in one einsum each,
+        which the compiler fuses, as in gpt-fast's MoE decoding.
+        """
+        T, D = x_TD.shape
+        K = self.top_k
+        x_MD = (x_TD if K == 1 else x_TD.repeat_interleave(K, 0)) * scores_TK.reshape(-1, 1).to(x_TD.dtype)
+        ids_M = ids_TK.reshape(-1)
+        w13_EDF2, w2_EFD = self.experts.w13, self.experts.w2
+        if torch.compiler.is_compiling():
+            h_MF2 = torch.einsum("md,mdf->mf", x_MD, w13_EDF2[ids_M])
+            gate_MF, up_MF = h_MF2.chunk(2, dim=-1)
+            y_MD = torch.einsum("mf,mfd->md", F.silu(gate_MF) * up_MF, w2_EFD[ids_M])
+        else:
+            rows = []
+            for m, e in enumerate(ids_M.tolist()):
+                gate_1F, up_1F = (x_MD[m:m + 1] @ w13_EDF2[e]).chunk(2, dim=-1)
+                rows.append((F.silu(gate_1F) * up_1F) @ w2_EFD[e])
+            y_MD = torch.cat(rows)
+        y_TD = y_MD if K == 1 else y_MD.view(T, K, D).sum(1)
+        if self.shared_expert is not None:
+            y_TD = y_TD + self.shared_expert(x_TD)
+        return y_TD

@@ -1,0 +1,177 @@
+"""Generation speed, side by side: behemoth's cached generator vs transformers' `generate`.
+
+Both run the same random-weight model (our weights copied into `Llama4ForCausalLM`, sdpa), greedy,
+no stop tokens, every row exactly `--new` tokens after a `--prompt`-token prompt, at each `--batch`.
+
+  prefill tokens/s = batch x prompt / t(1 new token)           (the prompt's forward, plus one sample)
+  decode tokens/s  = batch x (new - 1) / (t(new tokens) - t(1 new token))
+
+Times are medians of `--repeats` runs after one warm-up, implementations interleaved. The greedy
+tokens of the two are compared (`tokens_equal`; bf16 runs may legitimately diverge after a near-tie).
+`ours_compile` is the same generator with its decode step compiled (`generate(..., compile=True)`:
+`torch.compile`, and on CUDA mode "reduce-overhead", i.e. CUDA graphs); its compilation happens in
+the warm-up run and is not timed.
+On GPU the record includes the weight-bandwidth floor: the active parameters must be read from memory
+once per decode step, so batch-1 decode cannot beat bandwidth / active bytes.
+
+    .venv/bin/python benchmarks/decode.py --preset cpu          # fp32, tiny, mini-behemoth, mini-maverick
+    python benchmarks/decode.py --preset h100                   # bench-1b, bf16
+
+Results go to benchmarks/results/decode_<device>_<preset>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import device_info, transformers_version  # noqa: E402
+
+from behemoth import build_model  # noqa: E402
+from behemoth.checkpoint.convert import is_native_only, native_to_hf_key  # noqa: E402
+from behemoth.config import get_preset, to_hf_config  # noqa: E402
+from behemoth.inference.generate import generate  # noqa: E402
+
+PRESETS = {
+    "cpu": {"models": ["tiny", "mini-behemoth", "mini-maverick"], "dtype": "float32", "device": "cpu", "repeats": 3},
+    "h100": {"models": ["bench-1b"], "dtype": "bfloat16", "device": "cuda", "repeats": 5},
+}
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # SXM datasheet peaks
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", choices=list(PRESETS), default="cpu")
+    p.add_argument("--models", nargs="+", help="model presets (default: the preset's)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--no-compile", action="store_true", help="skip `ours_compile`")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--out", help="result file (default: results/decode_<device>_<preset>.json)")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    args.models = args.models or preset["models"]
+    args.repeats = args.repeats or preset["repeats"]
+    args.dtype, args.device = preset["dtype"], preset["device"]
+    return args
+
+
+def hf_model(ours: torch.nn.Module, dtype: torch.dtype, device: torch.device):
+    import transformers
+
+    d = to_hf_config(ours.config)
+    d.pop("model_type")
+    d.pop("architectures")
+    with torch.device(device):
+        hf = transformers.Llama4ForCausalLM._from_config(transformers.Llama4TextConfig(**d), dtype=dtype,
+                                                         attn_implementation="sdpa")
+    state = {native_to_hf_key(k): v for k, v in ours.state_dict().items() if not is_native_only(k)}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if set(missing) - {"lm_head.weight"} or unexpected:
+        raise RuntimeError(f"weight transfer: missing {missing}, unexpected {unexpected}")
+    return hf.eval()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    dtype = getattr(torch, args.dtype)
+    cfg = get_preset(name)
+    ours = build_model(cfg, device=device, dtype=dtype).eval()
+    hf = None if args.skip_hf else hf_model(ours, dtype, device)
+    entry = {"model": name, "total_params": cfg.num_params(), "active_params": cfg.num_active_params(), "runs": []}
+    for B in args.batch:
+        g = torch.Generator().manual_seed(B)
+        prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt), generator=g).to(device)
+
+        def ours_run(n, prompts=prompts, compile=False):
+            return generate(ours, prompts, max_new_tokens=n, compile=compile)
+
+        def hf_run(n, prompts=prompts):
+            with torch.no_grad():
+                out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
+                                  min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+            return out[:, prompts.shape[1]:].tolist()
+
+        impls = {"ours": ours_run}
+        if not args.no_compile:
+            impls["ours_compile"] = lambda n, f=ours_run: f(n, compile=True)
+        if hf is not None:
+            impls["hf"] = hf_run
+        outputs = {k: fn(args.new) for k, fn in impls.items()}  # warm-up (and compile), and the tokens
+        times: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "total": []} for k in impls}
+        for _ in range(args.repeats):
+            for k, fn in impls.items():
+                for what, n in (("prefill", 1), ("total", args.new)):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    fn(n)
+                    sync(device)
+                    times[k][what].append(time.perf_counter() - t0)
+        run = {"batch": B, "prompt": args.prompt, "new": args.new}
+        for k, t in times.items():
+            pre, tot = statistics.median(t["prefill"]), statistics.median(t["total"])
+            run[k] = {"prefill_s": pre, "total_s": tot, "prefill_tok_s": B * args.prompt / pre,
+                      "decode_tok_s": B * (args.new - 1) / max(tot - pre, 1e-9), "times": t}
+        if hf is not None:
+            for k in [k for k in impls if k != "hf"]:
+                run[k]["decode_speedup_vs_hf"] = run[k]["decode_tok_s"] / run["hf"]["decode_tok_s"]
+                run[k]["prefill_speedup_vs_hf"] = run[k]["prefill_tok_s"] / run["hf"]["prefill_tok_s"]
+                run[k]["tokens_equal_hf"] = outputs[k] == outputs["hf"]
+        entry["runs"].append(run)
+        print(summary_line(name, run), flush=True)
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        bw = next((v for k, v in HBM_BYTES_PER_S.items() if k in gpu), None)
+        if bw:
+            active_bytes = cfg.num_active_params() * torch.empty(0, dtype=dtype).element_size()
+            entry["bandwidth_floor"] = {"hbm_bytes_per_s": bw, "active_weight_bytes": active_bytes,
+                                        "batch1_max_tok_s": bw / active_bytes}
+    return entry
+
+
+def summary_line(name: str, run: dict) -> str:
+    parts = []
+    for k in ("ours", "ours_compile", "hf"):
+        if k in run:
+            r = run[k]
+            vs = ""
+            if "tokens_equal_hf" in r:
+                vs = f" (x{r['decode_speedup_vs_hf']:.2f}, same tokens: {r['tokens_equal_hf']})"
+            parts.append(f"{k} prefill {r['prefill_tok_s']:,.0f} decode {r['decode_tok_s']:,.1f}{vs}")
+    return f"{name} batch {run['batch']} tok/s: " + " | ".join(parts)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("decode.py: error: --preset h100 needs CUDA")
+    result = {
+        "benchmark": "decode", "preset": args.preset, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "device": device_info(device), "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers_version(), "dtype": args.dtype,
+        "models": [run_model(m, args, device) for m in args.models],
+    }
+    out = Path(args.out or Path(__file__).parent / "results" / f"decode_{device.type}_{args.preset}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
