@@ -111,6 +111,7 @@ def run_demo(out_dir: str | Path, quick: bool = False, say=print, force: bool = 
     for line in format_table(report).splitlines():
         say(line)
     say(f"wrote {out / 'report.json'} and {out / 'report.html'} ({report['wall_seconds'] / 60:.1f} min)")
+    say(f"talk to them: behemoth chat --model {out / 'student_distilled'}   (or serve --model ...; ask e.g. 47+85=?)")
     return report
 
 
