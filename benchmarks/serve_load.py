@@ -46,7 +46,7 @@ def offline_answer(runner: Runner, prompt: str, max_tokens: int, chat: bool) -> 
     ids = runner.encode_chat([{"role": "user", "content": prompt}]) if chat else runner.encode_prompt(prompt)
     stop = runner.chat.stop_ids if chat else (runner.tokenizer.eos_id,)
     done = runner.complete([ids], SamplingParams(max_new_tokens=max_tokens, stop_ids=stop),
-                           runner.chat.stop_strings if chat else ())
+                           runner.chat.stop_strings if chat else (), lstrip=chat)
     return done[0].text
 
 

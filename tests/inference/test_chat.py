@@ -39,7 +39,7 @@ def test_message_text_cannot_forge_control_tokens(llama4_tok):
 def test_plain_format_is_the_task_format():
     tok = Tokenizer.from_chars(ALPHABET)
     fmt = chat_format(tok)
-    assert fmt.name == "plain" and fmt.stop_ids == (tok.eos_id,)
+    assert fmt.name == "plain" and fmt.stop_ids == (tok.eos_id,) and fmt.stop_strings == ("\n",)
     msgs = [{"role": "user", "content": "1+2=?"}, {"role": "assistant", "content": " 1+2=3; #### 3"},
             {"role": "user", "content": "2+2=?"}]
     assert tok.decode(fmt.encode(msgs)) == "Q: 1+2=?\nA: 1+2=3; #### 3\nQ: 2+2=?\nA:"

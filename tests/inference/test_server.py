@@ -42,7 +42,7 @@ def expected_completion(runner, prompt, max_tokens, chat=False):
     ids = runner.encode_chat([{"role": "user", "content": prompt}]) if chat else runner.encode_prompt(prompt)
     stop = runner.chat.stop_ids if chat else (runner.tokenizer.eos_id,)
     params = SamplingParams(max_new_tokens=max_tokens, stop_ids=stop)
-    return runner.complete([ids], params, runner.chat.stop_strings if chat else ())[0].text
+    return runner.complete([ids], params, runner.chat.stop_strings if chat else (), lstrip=chat)[0].text
 
 
 def raw(server, method, path, body: bytes | None = None, headers=None):
@@ -127,7 +127,8 @@ def test_client_disconnect_frees_the_slot(server):
     srv, engine, _ = server
     before = engine.stats.cancelled
     conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=30)
-    body = json.dumps({"model": MODEL, "prompt": "Q:", "max_tokens": 1500, "temperature": 1.0, "stream": True})
+    body = json.dumps({"model": MODEL, "prompt": "Q:", "max_tokens": 1500, "temperature": 1.0, "stream": True,
+                       "ignore_eos": True})  # it cannot finish on its own before the disconnect is noticed
     conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
     r = conn.getresponse()
     assert r.status == 200 and r.fp.readline()  # the first chunk arrived: generation is under way

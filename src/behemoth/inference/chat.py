@@ -16,7 +16,8 @@
       A: {assistant}\\n
       A:                     <- the generation prompt
 
-  The turn ends at EOS (every training document ends with one) or at "\\nQ:".
+  Every turn is one line, so the assistant's turn ends at the end of its line (or at EOS, which ends
+  every training document).
 
 Control tokens are inserted by id and message text is encoded as text, so a message that contains
 "<|eot|>" cannot end a turn or forge a header.
@@ -79,7 +80,7 @@ def chat_format(tokenizer: Tokenizer, name: str | None = None) -> ChatFormat:
         stops = tuple(i for s in LLAMA4_STOPS if (i := tokenizer.token_to_id(s)) is not None)
         return ChatFormat("llama4", tokenizer, stops, ())
     if name == "plain":
-        return ChatFormat("plain", tokenizer, (tokenizer.eos_id,), ("\nQ:",))
+        return ChatFormat("plain", tokenizer, (tokenizer.eos_id,), ("\n",))
     raise ValueError(f"chat format {name!r}: expected 'llama4' or 'plain'")
 
 

@@ -42,6 +42,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     stop_strings: tuple[str, ...] = ()
+    lstrip: bool = False  # drop the answer's leading whitespace (chat)
     id: int = field(default_factory=lambda: next(_ids))
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -137,7 +138,8 @@ class Engine:
             gen = None
             if req.params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(req.params.seed)
-            slot = _Slot(req, TextStream(self.runner.tokenizer, req.stop_strings), gen, pos=len(req.prompt_ids) - 1)
+            text = TextStream(self.runner.tokenizer, req.stop_strings, req.lstrip)
+            slot = _Slot(req, text, gen, pos=len(req.prompt_ids) - 1)
             self.slots[i] = slot
             with torch.no_grad():
                 logits_1V = prefill(self.runner.model, [req.prompt_ids], row)

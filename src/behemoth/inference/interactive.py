@@ -33,10 +33,10 @@ def run_generate(runner: Runner, prompts: list[str], params: SamplingParams, sto
     stop_strings = tuple(stop_strings) + (runner.chat.stop_strings if chat else ())
     t0 = time.perf_counter()
     if stream and len(ids) == 1:
-        done = _print_stream(runner.stream(ids[0], params, stop_strings), out)
+        done = _print_stream(runner.stream(ids[0], params, stop_strings, lstrip=chat), out)
         texts, n = [done.text], len(done.token_ids)
     else:
-        done = runner.complete(ids, params, stop_strings)
+        done = runner.complete(ids, params, stop_strings, lstrip=chat)
         texts = [c.text for c in done]
         n = sum(len(c.token_ids) for c in done)
         for i, t in enumerate(texts):
@@ -98,7 +98,7 @@ def chat_loop(runner: Runner, params: SamplingParams, system: str | None = None,
         turn = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, room),
                                  "stop_ids": params.stop_ids + runner.chat.stop_ids})
         t0 = time.perf_counter()
-        done = _print_stream(runner.stream(ids, turn, runner.chat.stop_strings), out)
+        done = _print_stream(runner.stream(ids, turn, runner.chat.stop_strings, lstrip=True), out)
         n = len(done.token_ids)
         err.write(f"[{n} tokens, {n / max(time.perf_counter() - t0, 1e-9):.1f} tokens/s]\n")
         history += [{"role": "user", "content": line}, {"role": "assistant", "content": done.text}]

@@ -11,6 +11,7 @@ Errors are JSON, `{"error": {"message", "type", "param", "code"}}`: 400 for a ma
 invalid value (`max_tokens` above the server's limit, a prompt longer than the context), 404 for an
 unknown model or path, 413 for an oversized body. Defaults follow the OpenAI API: temperature 1,
 top_p 1, `max_tokens` 16 for completions and the rest of the context (up to the limit) for chat.
+Extensions (as in vLLM): `top_k`, and `ignore_eos` (generate exactly `max_tokens`, for benchmarks).
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ class API:
                 top_p=float(_get(body, "top_p", number, 1.0, lambda v: 0 < v <= 1, "in (0, 1]")),
                 top_k=_get(body, "top_k", int, None, lambda v: v >= 1, "an integer >= 1"),
                 seed=_get(body, "seed", int, None),
-                stop_ids=self.runner.chat.stop_ids if "messages" in body else (self.runner.tokenizer.eos_id,))
+                stop_ids=() if _get(body, "ignore_eos", bool, False) else
+                self.runner.chat.stop_ids if "messages" in body else (self.runner.tokenizer.eos_id,))
         except ValueError as e:
             raise APIError(400, str(e)) from None
         return params, _stops(body)
@@ -153,7 +155,7 @@ class API:
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
         params, stops = self._common(body, len(ids), self.max_tokens_limit)
-        return Request(ids, params, stops + self.runner.chat.stop_strings)
+        return Request(ids, params, stops + self.runner.chat.stop_strings, lstrip=True)
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, list):

@@ -15,11 +15,12 @@ class TextStream:
     """Feed token ids one at a time with `push`; each call returns the newly final text.
 
     After a stop string appears, `stopped` is True and the text ends just before it (the stop string
-    is not part of the output); call `finish()` at the end to get any held-back remainder.
+    is not part of the output); call `finish()` at the end to get any held-back remainder. `lstrip`
+    drops leading whitespace (a chat answer that starts with the space after "A:").
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop_strings: tuple[str, ...] | list[str] = ()):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Tokenizer, stop_strings: tuple[str, ...] | list[str] = (), lstrip: bool = False):
+        self.tokenizer, self.lstrip = tokenizer, lstrip
         self.stop_strings = tuple(s for s in stop_strings if s)
         self.ids: list[int] = []
         self.text = ""  # final text emitted so far
@@ -31,6 +32,8 @@ class TextStream:
             return ""
         self.ids.append(int(token_id))
         self._full = self.tokenizer.decode(self.ids)
+        if self.lstrip:
+            self._full = self._full.lstrip()
         hits = [i for s in self.stop_strings if (i := self._full.find(s)) >= 0]
         if hits:
             self.stopped = True
