@@ -233,7 +233,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     runner = _runner(args)
     run_generate(runner, args.prompt, _sampling(args, runner, args.chat), tuple(args.stop), chat=args.chat,
-                 system=args.system, stream=args.stream)
+                 system=args.system, stream=args.stream, compile=args.compile)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -248,7 +248,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     runner = _runner(args)
     server, engine = make_server(runner, args.host, args.port, max_batch=args.max_batch,
-                                 max_tokens_limit=args.max_tokens_limit, model_name=args.name, max_len=args.max_len)
+                                 max_tokens_limit=args.max_tokens_limit, model_name=args.name, max_len=args.max_len,
+                                 compile=args.compile)
     host, port = server.server_address[:2]
     print(f"serving {server.RequestHandlerClass.api.model_name} on http://{host}:{port}/v1 "
           f"(batch {args.max_batch}, context {engine.max_len}); Ctrl-C stops", flush=True)
@@ -364,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the chat format as a user message")
     s.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
+    s.add_argument("--compile", action="store_true", help="compile the decode step (pays off for long outputs)")
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("chat", help="an interactive chat that keeps the conversation (/reset, /system, /exit)")
@@ -379,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
     s.add_argument("--max-len", type=int, help="context per request (default: the model's max_seq_len)")
     s.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    s.add_argument("--compile", action="store_true",
+                   help="compile the decode step (CUDA graphs on GPU); the first request waits for compilation")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("demo", help="the main job: train a teacher, distil a student, compare with one trained "

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from behemoth.inference.cache import KVCache
-from behemoth.inference.generate import decode_step, prefill
+from behemoth.inference.generate import compiled_decode_step, decode_step, prefill
 from behemoth.inference.runner import Completion, Runner
 from behemoth.inference.sampling import SamplingParams, sample
 from behemoth.inference.text import TextStream
@@ -72,13 +72,16 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, runner: Runner, max_batch: int = 8, max_len: int | None = None):
+    def __init__(self, runner: Runner, max_batch: int = 8, max_len: int | None = None, compile: bool = False):
         self.runner = runner
         self.max_batch = max_batch
         self.max_len = min(max_len or runner.max_len, runner.max_len)
         p = next(runner.model.parameters())
         self.device = p.device
         self.cache = KVCache(runner.model.config, max_batch, self.max_len, device=p.device, dtype=p.dtype)
+        # The decode step always runs all `max_batch` rows over the same cache: static shapes, so one
+        # compilation (on CUDA, one CUDA graph) serves every step.
+        self._decode = compiled_decode_step(self.cache) if compile else decode_step
         self.slots: list[_Slot | None] = [None] * max_batch
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.stats = EngineStats()
@@ -161,8 +164,8 @@ class Engine:
         tokens = [s.last if s is not None else 0 for s in self.slots]
         pos = [s.pos if s is not None else -1 for s in self.slots]
         with torch.no_grad():
-            logits_BV = decode_step(self.runner.model, torch.tensor(tokens, device=self.device),
-                                    torch.tensor(pos, device=self.device), self.cache)
+            logits_BV = self._decode(self.runner.model, torch.tensor(tokens, device=self.device),
+                                     torch.tensor(pos, device=self.device), self.cache)
         active = [i for i, s in enumerate(self.slots) if s is not None]
         self.stats.steps += 1
         self.stats.max_active = max(self.stats.max_active, len(active))

@@ -12,7 +12,7 @@ Shape legend: B batch rows, S prompt length (padded), V vocabulary, N new tokens
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -65,6 +65,16 @@ def decode_step(model: nn.Module, next_B: torch.Tensor, pos_B: torch.Tensor, cac
     return model.logits(model.hidden_states(next_B[:, None], pos_B[:, None], cache=cache)[:, 0])
 
 
+def compiled_decode_step(cache: KVCache) -> Callable:
+    """`decode_step` compiled for this cache's shapes (no dynamic shapes); on CUDA as a CUDA graph
+    ("reduce-overhead"), with the cache's tensors marked static since they are updated in place."""
+    device = cache.k[0].device
+    if device.type == "cuda":
+        for t in [*cache.k, *cache.v, *cache.pos.values()]:
+            torch._dynamo.mark_static_address(t)
+    return torch.compile(decode_step, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
 def token_steps(model: nn.Module, prompts: Prompts, params: SamplingParams,
                 cache_dtype: torch.dtype | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield each step's new token of every row, [B] on the model's device (rows that stopped keep
@@ -87,12 +97,7 @@ def token_steps(model: nn.Module, prompts: Prompts, params: SamplingParams,
         max_len = min(-(-max_len // COMPILE_BUCKET) * COMPILE_BUCKET, model.config.max_seq_len)
     cache = KVCache(model.config, len(rows), max_len, device=device, dtype=cache_dtype or dtype)
     gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    step = decode_step
-    if compile:
-        if device.type == "cuda":  # CUDA graphs: the cache is updated in place at fixed addresses
-            for t in [*cache.k, *cache.v, *cache.pos.values()]:
-                torch._dynamo.mark_static_address(t)
-        step = torch.compile(decode_step, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+    step = compiled_decode_step(cache) if compile else decode_step
     with torch.no_grad():
         next_B = sample(prefill(model, rows, cache), params, gen)
         pos_B = torch.tensor([len(r) for r in rows], device=device)

@@ -18,7 +18,7 @@ HELP = "commands: /reset (forget the conversation), /system TEXT (set the system
 
 
 def run_generate(runner: Runner, prompts: list[str], params: SamplingParams, stop_strings: tuple[str, ...] = (),
-                 chat: bool = False, system: str | None = None, stream: bool = False,
+                 chat: bool = False, system: str | None = None, stream: bool = False, compile: bool = False,
                  out: TextIO | None = None, err: TextIO | None = None) -> list[str]:
     """Complete each prompt (as raw text, or as a user turn with `chat`); several prompts run as one
     batch. Returns the texts."""
@@ -33,10 +33,10 @@ def run_generate(runner: Runner, prompts: list[str], params: SamplingParams, sto
     stop_strings = tuple(stop_strings) + (runner.chat.stop_strings if chat else ())
     t0 = time.perf_counter()
     if stream and len(ids) == 1:
-        done = _print_stream(runner.stream(ids[0], params, stop_strings, lstrip=chat), out)
+        done = _print_stream(runner.stream(ids[0], params, stop_strings, lstrip=chat, compile=compile), out)
         texts, n = [done.text], len(done.token_ids)
     else:
-        done = runner.complete(ids, params, stop_strings, lstrip=chat)
+        done = runner.complete(ids, params, stop_strings, lstrip=chat, compile=compile)
         texts = [c.text for c in done]
         n = sum(len(c.token_ids) for c in done)
         for i, t in enumerate(texts):

@@ -89,10 +89,10 @@ class Runner:
         return SamplingParams(stop_ids=stop, **options)
 
     def complete(self, prompts_ids: Sequence[Sequence[int]], params: SamplingParams,
-                 stop_strings: Sequence[str] = (), lstrip: bool = False) -> list[Completion]:
+                 stop_strings: Sequence[str] = (), lstrip: bool = False, compile: bool = False) -> list[Completion]:
         """Batched: one completion per prompt (`lstrip`: drop leading whitespace, for chat answers)."""
         out = []
-        for ids in generate(self.model, prompts_ids, params):
+        for ids in generate(self.model, prompts_ids, params, compile=compile):
             ts = TextStream(self.tokenizer, tuple(stop_strings), lstrip)
             for t in ids:
                 ts.push(t)
@@ -104,12 +104,12 @@ class Runner:
         return out
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
-               stop_strings: Sequence[str] = (), lstrip: bool = False) -> Iterator[str]:
+               stop_strings: Sequence[str] = (), lstrip: bool = False, compile: bool = False) -> Iterator[str]:
         """One prompt, text pieces as they become final; `StopIteration.value` is the `Completion`."""
         ts = TextStream(self.tokenizer, tuple(stop_strings), lstrip)
         stop = set(params.stop_ids)
         reason = "length"
-        for next_B in token_steps(self.model, [prompt_ids], params):
+        for next_B in token_steps(self.model, [prompt_ids], params, compile=compile):
             t = int(next_B[0])
             if t in stop:
                 reason = "stop"

@@ -336,9 +336,9 @@ class Handler(BaseHTTPRequestHandler):
 
 def make_server(runner: Runner, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
                 max_tokens_limit: int = 1024, model_name: str | None = None, quiet: bool = False,
-                max_len: int | None = None) -> tuple[ThreadingHTTPServer, Engine]:
+                max_len: int | None = None, compile: bool = False) -> tuple[ThreadingHTTPServer, Engine]:
     """A ready server (call `serve_forever`) and its engine; port 0 picks a free port."""
-    engine = Engine(runner, max_batch=max_batch, max_len=max_len)
+    engine = Engine(runner, max_batch=max_batch, max_len=max_len, compile=compile)
     api = API(engine, model_name or runner.name, max_tokens_limit)
     handler = type("BoundHandler", (Handler,), {"api": api, "quiet": quiet})
     server = ThreadingHTTPServer((host, port), handler)
