@@ -165,3 +165,18 @@ def test_compiled_decode_step_gives_the_same_tokens():
     assert generate(model, prompts, max_new_tokens=40, compile=True) == generate(model, prompts, max_new_tokens=40)
     short = _prompts([5, 12], DEBUG.vocab_size, seed=4)
     assert generate(model, short, max_new_tokens=20, compile=True) == generate(model, short, max_new_tokens=20)
+
+
+def test_cache_in_another_dtype():
+    """A bf16 cache under an fp32 model: keys are stored rounded and read back in the model's dtype,
+    so decode logits stay within bf16 rounding of the full forward (and differ from it)."""
+    model = build_model(DEBUG).eval()
+    ids = torch.tensor(_prompts([60], DEBUG.vocab_size))
+    cache = KVCache(DEBUG, 1, 60, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(ids)
+        model(ids[:, :40], torch.arange(40)[None], cache=cache)
+        steps = torch.cat([model(ids[:, t:t + 1], torch.tensor([[t]]), cache=cache) for t in range(40, 60)], 1)
+    err = (steps - ref[:, 40:]).abs().max()
+    assert 0 < err < 2e-2, err
+    assert generate(model, ids.tolist(), max_new_tokens=4, cache_dtype=torch.bfloat16)[0]

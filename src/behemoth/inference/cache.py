@@ -72,29 +72,26 @@ class KVCache:
     """Keys and values [B, G, L, H] per layer, and key positions [B, L] per layer kind.
 
     `max_len` bounds the absolute positions a row may reach (the context length); positions at or
-    beyond it are an error in `plan` for multi-token steps and undefined in one-token decode (the
+    beyond it are an error in `plan_extend` (multi-token steps) and undefined in one-token decode (the
     caller checks once, before its loop: decode does no host sync).
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, _storage: tuple | None = None):
+                 dtype: torch.dtype = torch.float32):
         if batch_size < 1 or max_len < 1:
             raise ValueError(f"KVCache: batch_size={batch_size} and max_len={max_len} must be >= 1")
         self.config, self.batch_size, self.max_len = cfg, batch_size, max_len
         self.slots = slots_per_kind(cfg, max_len)
         self.chunk = {k: (cfg.attention_chunk_size if k else None) for k in self.slots}
         self.layer_kind = list(cfg.rope_layers)
-        if _storage is not None:
-            self.k, self.v, self.pos = _storage
-        else:
-            G, H = cfg.n_kv_heads, cfg.head_dim
-            self.k = [torch.zeros(batch_size, G, self.slots[kind], H, device=device, dtype=dtype)
-                      for kind in self.layer_kind]
-            self.v = [torch.zeros_like(t) for t in self.k]
-            self.pos = {kind: torch.full((batch_size, n), -1, device=device, dtype=torch.long)
-                        for kind, n in self.slots.items()}
+        G, H = cfg.n_kv_heads, cfg.head_dim
+        self.k = [torch.zeros(batch_size, G, self.slots[kind], H, device=device, dtype=dtype)
+                  for kind in self.layer_kind]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.pos = {kind: torch.full((batch_size, n), -1, device=device, dtype=torch.long)
+                    for kind, n in self.slots.items()}
         self.was_empty = False
-        self.empty = _storage is None  # known to hold nothing: a prefill can skip reading it
+        self.empty = True  # known to hold nothing: a prefill can skip reading it
 
     def rows(self, start: int, stop: int) -> KVCache:
         """A cache over rows [start, stop) sharing this one's storage (writes go through)."""
@@ -164,7 +161,8 @@ class KVCache:
 
         A row keeps the tokens the *next* position will need: for a chunked kind, those in the chunk
         of next = max(pos) + 1, and never more than L; for a global kind, all of them. Call after the
-        step's attention has read the old positions (`pos`); this updates them.
+        step's attention has read the old positions (`pos`); this updates them. New positions must
+        continue a row's cached ones (reset a row before running it from position 0 again).
         """
         valid_BS = pos_BS >= 0
         top = int(pos_BS.max()) if pos_BS.numel() else -1
@@ -193,7 +191,7 @@ class KVCache:
         """
         if decode:
             self._write(layer, plan, k_BGSH, v_BGSH)
-            return self.k[layer], self.v[layer]
+            return self.k[layer].to(k_BGSH.dtype), self.v[layer].to(v_BGSH.dtype)  # no-op unless dtypes differ
         if self.was_empty:
             k_all, v_all = k_BGSH, v_BGSH
         else:
