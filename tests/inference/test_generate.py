@@ -154,6 +154,11 @@ def test_bad_options_and_lengths_are_refused():
         generate(model, [[1, 2, 3]], max_new_tokens=DEBUG.max_seq_len)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(model, [[1], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="token ids"):
+        generate(model, [[1, DEBUG.vocab_size]], max_new_tokens=2)
+    steps = stream(model, [[1, 2]], max_new_tokens=3)
+    next(steps)
+    assert torch.is_grad_enabled()  # no_grad does not leak out of the generator between steps
 
 
 @pytest.mark.slow

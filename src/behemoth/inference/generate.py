@@ -75,6 +75,7 @@ def compiled_decode_step(cache: KVCache) -> Callable:
     return torch.compile(decode_step, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
+@torch.no_grad()  # on a generator function, torch applies it around each step, not while the caller runs
 def token_steps(model: nn.Module, prompts: Prompts, params: SamplingParams,
                 cache_dtype: torch.dtype | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield each step's new token of every row, [B] on the model's device (rows that stopped keep
@@ -86,6 +87,9 @@ def token_steps(model: nn.Module, prompts: Prompts, params: SamplingParams,
     the first time for each batch size and cache bucket.
     """
     rows = _as_lists(prompts)
+    V = model.config.vocab_size
+    if any(not 0 <= t < V for r in rows for t in r):
+        raise ValueError(f"prompt token ids must be in [0, {V}) for this model")
     device, dtype = _model_device_dtype(model)
     max_len = max(map(len, rows)) + params.max_new_tokens
     if max_len > model.config.max_seq_len:
@@ -98,14 +102,13 @@ def token_steps(model: nn.Module, prompts: Prompts, params: SamplingParams,
     cache = KVCache(model.config, len(rows), max_len, device=device, dtype=cache_dtype or dtype)
     gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     step = compiled_decode_step(cache) if compile else decode_step
-    with torch.no_grad():
-        next_B = sample(prefill(model, rows, cache), params, gen)
-        pos_B = torch.tensor([len(r) for r in rows], device=device)
+    next_B = sample(prefill(model, rows, cache), params, gen)
+    pos_B = torch.tensor([len(r) for r in rows], device=device)
+    yield next_B
+    for _ in range(params.max_new_tokens - 1):
+        next_B = sample(step(model, next_B, pos_B, cache), params, gen)
+        pos_B = pos_B + 1
         yield next_B
-        for _ in range(params.max_new_tokens - 1):
-            next_B = sample(step(model, next_B, pos_B, cache), params, gen)
-            pos_B = pos_B + 1
-            yield next_B
 
 
 def stream(model: nn.Module, prompts: Prompts, params: SamplingParams | None = None,
