@@ -56,8 +56,9 @@ def test_rope_is_the_interleaved_complex_rotation():
     pos = torch.arange(5)[None].expand(2, 5)
     inv = 1.0 / (10000 ** (torch.arange(0, 8, 2).float() / 8))
     cos, sin = rope_cos_sin(inv, pos)
+    angles = pos[..., None].float() * inv
     ref = torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) *
-                             torch.polar(torch.ones_like(cos), pos[..., None].float() * inv)[:, :, None]).flatten(-2)
+                             torch.polar(torch.ones_like(angles), angles)[:, :, None]).flatten(-2)
     torch.testing.assert_close(apply_rope(x, cos, sin), ref)
 
 

@@ -63,7 +63,7 @@ class Attention(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], pos_BS: torch.Tensor,
                 mask_B1SK: torch.Tensor, kv: Callable | None = None) -> torch.Tensor:
-        """x [B, S, D], rope (cos, sin) [B, S, H/2], positions [B, S], mask [B, 1, S, K] -> [B, S, D].
+        """x [B, S, D], rope (cos, sin) [B, S, 1, H/2], positions [B, S], mask [B, 1, S, K] -> [B, S, D].
 
         Without `kv` the keys are this call's own (K = S). With a cache, `kv(k [B, G, S, H], v)` stores
         the new keys/values and returns those to attend to, [B, G, K, H] (see `KVCache.update`).

@@ -63,19 +63,19 @@ def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of angle p * inv_freq: positions [B, S] (int) -> two fp32 tensors [B, S, H/2]."""
-    angles = positions.to(torch.float32)[..., None] * inv_freq
+    """cos, sin of angle p * inv_freq: positions [B, S] (int) -> two fp32 tensors [B, S, 1, H/2]
+    (the 1 broadcasts over heads; computed once per forward and shared by every layer)."""
+    angles = positions.to(torch.float32)[..., None, None] * inv_freq
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x_BSNH: torch.Tensor, cos_BSh: torch.Tensor, sin_BSh: torch.Tensor) -> torch.Tensor:
+def apply_rope(x_BSNH: torch.Tensor, cos_BS1h: torch.Tensor, sin_BS1h: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (2j, 2j+1) by angle j, in fp32, cast back (Meta's complex form).
 
     This is *not* the rotate_half layout of Llama 1-3; HF Llama 4 checkpoints need this one.
     """
-    xf = x_BSNH.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos_BSh[:, :, None, :], sin_BSh[:, :, None, :]
+    x0, x1 = x_BSNH.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos_BS1h, sin_BS1h
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).type_as(x_BSNH)
 

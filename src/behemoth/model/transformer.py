@@ -53,6 +53,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_word_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self._inv_freq_cache: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
@@ -78,7 +79,7 @@ class Transformer(nn.Module):
                 raise ValueError("positions are required with a cache (each row continues at its own length)")
             positions = torch.arange(S, device=input_ids.device)
         pos_BS = positions.expand(B, S) if positions.dim() == 1 else positions
-        rope = rope_cos_sin(rope_inv_freq(self.config, input_ids.device), pos_BS)
+        rope = rope_cos_sin(self._inv_freq(input_ids.device), pos_BS)
         chunk = {True: self.config.attention_chunk_size, False: None}
         if cache is None:
             valid_BS = pos_BS >= 0
@@ -98,6 +99,12 @@ class Transformer(nn.Module):
         for layer, kv in zip(self.layers, kvs, strict=True):
             x_BSD = layer(x_BSD, rope, pos_BS, masks, kv)
         return self.norm(x_BSD)
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        """RoPE inverse frequencies [H/2], computed once per device (the config is frozen)."""
+        if device not in self._inv_freq_cache:
+            self._inv_freq_cache[device] = rope_inv_freq(self.config, device)
+        return self._inv_freq_cache[device]
 
     def logits(self, h_BSD: torch.Tensor) -> torch.Tensor:
         if self.output is None:
