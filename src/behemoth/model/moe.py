@@ -181,7 +181,8 @@ class MoE(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
         scores_TK, ids_TK, logits_TE = self.router(x_TD)
-        if not self.training and not self.use_loop and x_TD.shape[0] * self.top_k <= self.num_experts:
+        few = not self.training and not self.use_loop and x_TD.shape[0] * self.top_k <= self.num_experts
+        if few and not self.experts.use_grouped_mm(x_TD):  # where the grouped GEMM runs, it is sync-free already
             return self._forward_few(x_TD, scores_TK, ids_TK).view(B, S, D)
         ids_M = ids_TK.flatten()
         order_M = torch.argsort(ids_M, stable=True)  # slot m = t*K + k, sorted by expert id
@@ -200,13 +201,14 @@ class MoE(nn.Module):
         return y_TD.view(B, S, D)
 
     def _forward_few(self, x_TD: torch.Tensor, scores_TK: torch.Tensor, ids_TK: torch.Tensor) -> torch.Tensor:
-        """Decode-sized inputs (inference, T*K <= E): run each routed slot's expert directly, [T, D].
+        """Decode-sized inputs (inference, T*K <= E) where the grouped GEMM does not run (CPU, or a
+        GPU/dtype without it): run each routed slot's expert directly, [T, D].
 
         Same math as the sorted path, without the sort / count / scatter machinery that dominates
         when there are only a few tokens. Eager: the expert ids are read on the host and each slot
         multiplies views of its expert's weights (nothing copied). Under `torch.compile` (no host
-        reads allowed): the slots' expert weights are gathered and contracted in one einsum each,
-        which the compiler fuses, as in gpt-fast's MoE decoding.
+        reads allowed): the slots' expert weights are gathered and contracted in one einsum each, as
+        in gpt-fast's MoE decoding.
         """
         T, D = x_TD.shape
         K = self.top_k
