@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--name", help="the model id clients use (default: the directory name)")
     s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
-    s.add_argument("--max-len", type=int, help="context per request (default: the model's max_seq_len)")
+    s.add_argument("--max-len", type=int,
+                   help="context per request, allocated up front (default: the model's max_seq_len, at most 8192)")
     s.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     s.add_argument("--compile", action="store_true",
                    help="compile the decode step (CUDA graphs on GPU); the first request waits for compilation")

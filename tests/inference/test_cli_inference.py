@@ -79,6 +79,7 @@ def test_generate_and_chat_on_a_transformers_directory(hf_model_dir, capsys, mon
     (["generate", "--model", "RUN", "--prompt", "x", "--max-new-tokens", "100000"], "max_seq_len"),
     (["generate", "--model", "RUN", "--prompt", "x", "--chat-format", "llama4"], "lacks"),
     (["chat", "--model", "RUN", "--temperature", "-1"], "temperature"),
+    (["serve", "--model", "RUN", "--max-batch", "0"], "max_batch"),
 ])
 def test_bad_input_is_one_line(run_dir, argv, needle, capsys):
     argv = [str(run_dir) if a == "RUN" else a for a in argv]

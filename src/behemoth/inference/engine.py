@@ -32,6 +32,7 @@ from behemoth.inference.sampling import SamplingParams, sample
 from behemoth.inference.text import TextStream
 
 _ids = itertools.count()
+DEFAULT_CONTEXT = 8192
 
 
 @dataclass
@@ -73,9 +74,13 @@ class EngineStats:
 
 class Engine:
     def __init__(self, runner: Runner, max_batch: int = 8, max_len: int | None = None, compile: bool = False):
+        """`max_len`: the context of each slot, allocated up front for every NoPE layer (default: the
+        model's max_seq_len up to `DEFAULT_CONTEXT`; Scout's 10M would not fit in any memory)."""
+        if max_batch < 1 or (max_len is not None and max_len < 1):
+            raise ValueError(f"max_batch={max_batch} and max_len={max_len} must be >= 1")
         self.runner = runner
         self.max_batch = max_batch
-        self.max_len = min(max_len or runner.max_len, runner.max_len)
+        self.max_len = min(max_len or DEFAULT_CONTEXT, runner.max_len)
         p = next(runner.model.parameters())
         self.device = p.device
         self.cache = KVCache(runner.model.config, max_batch, self.max_len, device=p.device, dtype=p.dtype)
