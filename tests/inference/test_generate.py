@@ -9,7 +9,7 @@ from hf_reference import hf_pair
 from behemoth import build_model
 from behemoth.config import PRESETS, MoEConfig, RopeScaling
 from behemoth.inference.cache import KVCache, cache_bytes
-from behemoth.inference.generate import generate, generate_reference, stream
+from behemoth.inference.generate import generate, generate_reference, prefill, stream
 from behemoth.inference.sampling import SamplingParams, filter_logits, sample
 
 DEBUG = PRESETS["debug"]  # chunk 32, floor_scale 64: temperature tuning is active from position 63
@@ -185,3 +185,22 @@ def test_cache_in_another_dtype():
     err = (steps - ref[:, 40:]).abs().max()
     assert 0 < err < 2e-2, err
     assert generate(model, ids.tolist(), max_new_tokens=4, cache_dtype=torch.bfloat16)[0]
+
+
+def test_a_prefilled_row_moves_into_a_larger_cache():
+    """Prefill two prompts in a cache sized to them, move row 1 into row 2 of a long-context cache,
+    decode there across chunk boundaries: the logits equal a full forward."""
+    model = build_model(DEBUG).eval()
+    a, b = _prompts([10, 45], DEBUG.vocab_size)
+    rest = _prompts([40], DEBUG.vocab_size, seed=9)[0]
+    seq = b + rest
+    small, big = KVCache(DEBUG, 2, 45), KVCache(DEBUG, 3, 200)
+    with torch.no_grad():
+        ref = model(torch.tensor([seq]))[0]
+        prefill(model, [a, b], small)
+        big.load_row(2, small, 1)
+        for t in range(45, len(seq)):
+            ids = torch.tensor([0, 0, seq[t]])
+            pos = torch.tensor([-1, -1, t])
+            out = model(ids[:, None], pos[:, None], cache=big)[2, 0]
+            assert (out - ref[t]).abs().max() < 1e-5, t

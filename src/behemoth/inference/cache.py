@@ -16,6 +16,8 @@ the same positions, so they share one positions tensor.
 Each row of the batch has its own positions: rows of different lengths decode side by side, with
 their own chunk boundaries and temperature tuning. A row whose position is -1 is idle (padding in a
 prefill, a free slot in the server); it writes nothing that a later query of that row could see.
+`load_row` replaces one row with a row of another cache (the server prefills newcomers together in a
+cache sized to their prompts, then moves each into its slot).
 
 The cache is created by the caller and passed into the model's forward; no module allocates one.
 
@@ -93,24 +95,22 @@ class KVCache:
         self.was_empty = False
         self.empty = True  # known to hold nothing: a prefill can skip reading it
 
-    def rows(self, start: int, stop: int) -> KVCache:
-        """A cache over rows [start, stop) sharing this one's storage (writes go through)."""
-        if not 0 <= start < stop <= self.batch_size:
-            raise ValueError(f"KVCache.rows({start}, {stop}): out of range for {self.batch_size} rows")
-        view = KVCache.__new__(KVCache)
-        view.config, view.batch_size, view.max_len = self.config, stop - start, self.max_len
-        view.slots, view.chunk, view.layer_kind = self.slots, self.chunk, self.layer_kind
-        view.k = [t[start:stop] for t in self.k]
-        view.v = [t[start:stop] for t in self.v]
-        view.pos = {kind: p[start:stop] for kind, p in self.pos.items()}
-        view.empty = view.was_empty = False
-        return view
+    def load_row(self, row: int, src: KVCache, src_row: int) -> None:
+        """Make row `row` hold exactly what row `src_row` of `src` holds (the rest of the row empty).
 
-    def reset(self) -> None:
-        """Forget everything (keys stay in memory but are masked as empty)."""
-        for p in self.pos.values():
-            p.fill_(-1)
-        self.empty = True
+        `src` may be smaller (a prefill cache sized to its prompts): for positions below its
+        `max_len`, slot `p % L` is the same slot in both caches, so its slots copy to the first ones here.
+        """
+        for kind, n in src.slots.items():
+            if n > self.slots[kind]:
+                raise ValueError(f"load_row: the source keeps {n} slots, this cache {self.slots[kind]}")
+            self.pos[kind][row].fill_(-1)
+            self.pos[kind][row, :n] = src.pos[kind][src_row]
+        for layer in range(len(self.k)):
+            n = src.k[layer].shape[2]
+            self.k[layer][row, :, :n] = src.k[layer][src_row]
+            self.v[layer][row, :, :n] = src.v[layer][src_row]
+        self.empty = False
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.k + self.v) + sum(p.nbytes for p in self.pos.values())

@@ -2,8 +2,8 @@
 
 The engine owns a `KVCache` of `max_batch` rows (slots). One background thread runs the loop:
 
-1. admit waiting requests into free slots: reset the slot's rows of the cache, prefill the prompt
-   into it (a view of that row, so nothing is copied), sample the first token;
+1. admit waiting requests into free slots: prefill their prompts together (one padded batch, into
+   a cache sized to them), copy each row into its slot of the shared cache, sample the first token;
 2. one decode step for all slots at once (each row at its own position; a free slot runs at
    position -1 and writes nothing any query can see), then sample each active row with its own
    parameters and generator;
@@ -134,25 +134,33 @@ class Engine:
                         self.slots[i] = None
 
     def _admit(self) -> None:
+        """Fill free slots from the queue; the newcomers' prompts are prefilled together, into a cache
+        sized to them, whose rows are then copied into their slots."""
+        new: list[tuple[int, Request]] = []
         for i in range(self.max_batch):
-            if self.slots[i] is not None:
-                continue
-            req = self._next_request()
-            if req is None:
-                return
-            t0 = time.perf_counter()
-            row = self.cache.rows(i, i + 1)
-            row.reset()
+            if self.slots[i] is None:
+                req = self._next_request()
+                if req is None:
+                    break
+                new.append((i, req))
+        if not new:
+            return
+        t0 = time.perf_counter()
+        for i, req in new:
             gen = None
             if req.params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(req.params.seed)
             text = TextStream(self.runner.tokenizer, req.stop_strings, req.lstrip)
-            slot = _Slot(req, text, gen, pos=len(req.prompt_ids) - 1)
-            self.slots[i] = slot
-            with torch.no_grad():
-                logits_1V = prefill(self.runner.model, [req.prompt_ids], row)
-            self._deliver(i, int(sample(logits_1V, req.params, gen)))
-            self.stats.busy_s += time.perf_counter() - t0
+            self.slots[i] = _Slot(req, text, gen, pos=len(req.prompt_ids) - 1)
+        prompts = [req.prompt_ids for _, req in new]
+        fresh = KVCache(self.runner.model.config, len(new), max(map(len, prompts)), device=self.device,
+                        dtype=self.cache.dtype)
+        with torch.no_grad():
+            logits_nV = prefill(self.runner.model, prompts, fresh)
+        for j, (i, req) in enumerate(new):
+            self.cache.load_row(i, fresh, j)
+            self._deliver(i, int(sample(logits_nV[j:j + 1], req.params, self.slots[i].generator)))
+        self.stats.busy_s += time.perf_counter() - t0
 
     def _next_request(self) -> Request | None:
         while True:
