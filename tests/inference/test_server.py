@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 
@@ -139,6 +140,22 @@ def test_client_disconnect_frees_the_slot(server):
         time.sleep(0.02)
     assert engine.stats.cancelled == before + 1 and engine.active == 0
     assert engine.stats.tokens > 0
+
+
+def test_client_leaving_a_non_streaming_request_frees_the_slot(server):
+    srv, engine, _ = server
+    before = engine.stats.cancelled
+    sock = socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=30)
+    body = json.dumps({"model": MODEL, "prompt": "Q:", "max_tokens": 1500, "temperature": 1.0, "ignore_eos": True})
+    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    deadline = time.time() + 20
+    while engine.active == 0 and time.time() < deadline:  # wait until it is being generated
+        time.sleep(0.01)
+    sock.close()
+    while (engine.active or engine.stats.cancelled == before) and time.time() < deadline:
+        time.sleep(0.02)
+    assert engine.stats.cancelled == before + 1 and engine.active == 0
 
 
 def test_concurrent_load_every_request_answered(client, server):

@@ -5,7 +5,8 @@ Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/ch
 
 Each connection has its own thread, which validates the request, submits it to the engine and
 forwards its events; all requests in flight are decoded together by the engine. A client that
-disconnects is noticed at the next write, and its request is cancelled, freeing its slot.
+disconnects (streaming or not) is noticed at the next write or within half a second while waiting,
+and its request is cancelled, freeing its slot.
 
 Errors are JSON, `{"error": {"message", "type", "param", "code"}}`: 400 for a malformed body or an
 invalid value (`max_tokens` above the server's limit, a prompt longer than the context), 404 for an
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import json
 import queue
+import select
+import socket
 import threading
 import time
 import uuid
@@ -175,12 +178,27 @@ class API:
             raise APIError(400, str(e), code="context_length_exceeded") from None
 
 
-def _events(req: Request, timeout: float = 600.0) -> Iterator[tuple[str, object]]:
+def _events(req: Request, client_gone=lambda: False, timeout: float = 600.0) -> Iterator[tuple[str, object]]:
+    """A request's events. Twice a second it checks whether the client has left (then the request is
+    cancelled and `ConnectionResetError` raised) and whether `timeout` has passed (then a 503)."""
+    deadline = time.monotonic() + timeout
+    next_check = time.monotonic() + 0.5
     while True:
         try:
-            kind, value = req.events.get(timeout=timeout)
+            kind, value = req.events.get(timeout=0.5)
         except queue.Empty:
-            raise APIError(503, "generation timed out") from None
+            kind, value = None, None
+        now = time.monotonic()
+        if now >= next_check:
+            next_check = now + 0.5
+            if client_gone():
+                req.cancel()
+                raise ConnectionResetError("the client closed the connection")
+            if now > deadline:
+                req.cancel()
+                raise APIError(503, "generation timed out")
+        if kind is None:
+            continue
         if kind == "error":
             raise APIError(500, f"generation failed: {value}")
         yield kind, value
@@ -261,6 +279,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _completions(self, body: dict) -> None:
         reqs = [self.api.submit(r) for r in self.api.completion_requests(body)]
+        try:
+            self._answer_completions(body, reqs)
+        except ConnectionError:
+            for r in reqs:  # the client left: the other prompts of its request stop too
+                r.cancel()
+            raise
+
+    def _answer_completions(self, body: dict, reqs: list[Request]) -> None:
         rid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.api.model_name
 
         def chunk(index: int, text: str, finish: str | None) -> dict:
@@ -297,8 +323,16 @@ class Handler(BaseHTTPRequestHandler):
                                       "logprobs": None, "finish_reason": done.finish_reason}],
                          "usage": _usage(req, done)})
 
+    def _client_gone(self) -> bool:
+        """True once the client has closed its side (readable with nothing to read)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
     def _collect(self, req: Request) -> Completion:
-        for kind, value in _events(req):
+        for kind, value in _events(req, self._client_gone):
             if kind == "done":
                 return value
         raise AssertionError("unreachable")
@@ -314,7 +348,7 @@ class Handler(BaseHTTPRequestHandler):
             if start:
                 self._sse(chunk(0, "start", None))
             for i, req in enumerate(reqs):
-                for kind, value in _events(req):
+                for kind, value in _events(req, self._client_gone):
                     self._sse(chunk(i, kind, value))
             self._write_chunk(b"data: [DONE]\n\n")
             self._write_chunk(b"")
