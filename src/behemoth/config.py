@@ -60,6 +60,73 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class VisionConfig:
+    """The Llama 4 vision encoder: a ViT over square tiles, a pixel-shuffle adapter, and the projector
+    into the text model. Scout and Maverick share these values (transformers' `Llama4VisionConfig`).
+
+    Per tile: (image_size / patch_size)^2 patches (576) plus a class token; after the encoder the
+    class token is dropped and pixel shuffle merges each 2x2 neighbourhood (ratio 0.5), giving
+    `tokens_per_tile` (144) vectors of width dim / ratio^2, which the adapter MLP maps to
+    `adapter_dim` and the projector to the text model's width.
+    """
+
+    dim: int = 1408
+    n_layers: int = 34
+    n_heads: int = 16
+    ffn_dim: int = 5632
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    pixel_shuffle_ratio: float = 0.5
+    adapter_dim: int = 4096
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_layers", "n_heads", "ffn_dim", "image_size", "patch_size", "num_channels",
+                     "adapter_dim"):
+            _check(getattr(self, name) >= 1, f"vision.{name}", getattr(self, name), "must be >= 1")
+        _check(self.dim % self.n_heads == 0, "vision.dim", self.dim, f"must be divisible by n_heads ({self.n_heads})")
+        _check(self.head_dim % 4 == 0, "vision.n_heads", self.n_heads,
+               f"gives head_dim {self.head_dim}; the 2D RoPE needs a multiple of 4")
+        _check(self.image_size % self.patch_size == 0, "vision.image_size", self.image_size,
+               f"must be a multiple of patch_size ({self.patch_size})")
+        k = 1 / self.pixel_shuffle_ratio if self.pixel_shuffle_ratio > 0 else 0.0
+        _check(k >= 1 and k == round(k) and self.patches_per_side % round(k) == 0, "vision.pixel_shuffle_ratio",
+               self.pixel_shuffle_ratio, f"must be 1/k, k an integer dividing the grid side {self.patches_per_side}")
+        _check(self.ffn_dim == self.shuffled_dim, "vision.ffn_dim", self.ffn_dim,
+               f"must equal dim / pixel_shuffle_ratio^2 = {self.shuffled_dim} (it is also the adapter's input width)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens_per_tile(self) -> int:
+        return int(self.patches_per_side * self.pixel_shuffle_ratio) ** 2
+
+    @property
+    def shuffled_dim(self) -> int:
+        return int(round(self.dim / self.pixel_shuffle_ratio ** 2))
+
+    def encoder_params(self) -> int:
+        """Vision tower parameters: patch embedding, class and position embeddings, LayerNorms, the
+        encoder layers and the pixel-shuffle adapter MLP (not the projector)."""
+        D, F = self.dim, self.ffn_dim
+        layer = 4 * (D * D + D) + (D * F + F) + (F * D + D) + 2 * 2 * D
+        embed = D * self.num_channels * self.patch_size ** 2 + D + (self.patches_per_side ** 2 + 1) * D
+        adapter = self.shuffled_dim * self.adapter_dim + self.adapter_dim * self.adapter_dim
+        return embed + 2 * 2 * D + self.n_layers * layer + adapter
+
+    def projector_params(self, text_dim: int) -> int:
+        return self.adapter_dim * text_dim
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """The Llama 4 text model. Names follow Meta's `ModelArgs` (dim, n_layers, n_heads, ...).
 

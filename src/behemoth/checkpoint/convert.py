@@ -45,6 +45,25 @@ KEY_MAP: tuple[tuple[str, str], ...] = (
     ("layers.{i}.feed_forward.shared_expert.w3.weight", "model.layers.{i}.feed_forward.shared_expert.up_proj.weight"),
     ("layers.{i}.feed_forward.shared_expert.w2.weight", "model.layers.{i}.feed_forward.shared_expert.down_proj.weight"),
 )
+# The vision tower and projector of `Llama4ForConditionalGeneration`: (native, HF) full key templates.
+_VE, _HV = "vision_embeddings.vision_encoder.", "vision_model."
+VISION_KEY_MAP: tuple[tuple[str, str], ...] = (
+    (_VE + "conv1._linear.weight", _HV + "patch_embedding.linear.weight"),
+    (_VE + "class_embedding", _HV + "class_embedding"),
+    (_VE + "positional_embedding_vlm", _HV + "positional_embedding_vlm"),
+    *((_VE + f"{ours}.{t}", _HV + f"{theirs}.{t}") for ours, theirs in (("ln_pre", "layernorm_pre"),
+                                                                       ("ln_post", "layernorm_post"))
+      for t in ("weight", "bias")),
+    *((_VE + f"transformer.resblocks.{{i}}.{ours}.{t}", _HV + f"model.layers.{{i}}.{theirs}.{t}")
+      for ours, theirs in (("attn.wq", "self_attn.q_proj"), ("attn.wk", "self_attn.k_proj"),
+                           ("attn.wv", "self_attn.v_proj"), ("attn.wo", "self_attn.o_proj"),
+                           ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2"), ("ln_1", "input_layernorm"),
+                           ("ln_2", "post_attention_layernorm"))
+      for t in ("weight", "bias")),
+    ("vision_embeddings.vision_adapter.mlp.c_fc.weight", _HV + "vision_adapter.mlp.fc1.weight"),
+    ("vision_embeddings.vision_adapter.mlp.c_proj.weight", _HV + "vision_adapter.mlp.fc2.weight"),
+    ("vision_projection.weight", "multi_modal_projector.linear_1.weight"),
+)
 # Native state that transformers' Llama 4 has no place for: the auxiliary-loss-free routing bias. It is
 # zero in every released checkpoint, so a checkpoint without it loads with zeros.
 NATIVE_ONLY = ("layers.{i}.feed_forward.router.expert_bias",)
@@ -85,6 +104,20 @@ def hf_to_native_key(hf_key: str, prefix: str = "") -> str | None:
     if not hf_key.startswith(prefix):
         return None
     return _translate(hf_key[len(prefix):], _TO_NATIVE)
+
+
+_VISION_TO_NATIVE = [(_template_regex(hf), native) for native, hf in VISION_KEY_MAP]
+_VISION_TO_HF = [(_template_regex(native), hf) for native, hf in VISION_KEY_MAP]
+
+
+def hf_to_native_vision_key(hf_key: str) -> str | None:
+    """`vision_model.model.layers.3.self_attn.q_proj.bias` -> `vision_embeddings.vision_encoder
+    .transformer.resblocks.3.attn.wq.bias` (None if not a vision or projector key)."""
+    return _translate(hf_key, _VISION_TO_NATIVE)
+
+
+def native_to_hf_vision_key(key: str) -> str | None:
+    return _translate(key, _VISION_TO_HF)
 
 
 def native_to_hf_key(key: str, prefix: str = "") -> str:
