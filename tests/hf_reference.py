@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 
 def hf_text_config(cfg: ModelConfig, attn: str = "sdpa"):
-    d = to_hf_config(cfg)
+    d = to_hf_config(cfg.replace(vision=None, image_token_id=None))
     d.pop("model_type")
     d.pop("architectures")
     c = transformers.Llama4TextConfig(**d)

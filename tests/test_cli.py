@@ -22,7 +22,8 @@ def test_info_json_as_subprocess():
     r = run("info", "--preset", "scout", "--json")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
-    assert d["total_params"] == 107_769_861_120 and d["active_params"] == 17_172_894_720
+    assert d["total_params"] == 108_641_793_536 and d["active_params"] == 17_172_894_720
+    assert d["components"]["vision_tower"]["total"] == 850_960_896
     assert set(d["components"]) >= {"embeddings", "attention", "routed_experts", "shared_experts", "dense_ffn",
                                     "norms"}
 

@@ -21,11 +21,17 @@ from behemoth.config import (
 from behemoth.model.moe import MoE
 
 
-def test_scout_and_maverick_text_parameter_counts_are_exact():
-    assert PRESETS["scout"].num_params() == 107_769_861_120
+def test_scout_and_maverick_parameter_counts_are_exact():
+    """Text model + vision tower (850,960,896) + projector (20,971,520); active per text token."""
+    assert PRESETS["scout"].num_params() == 108_641_793_536
+    assert PRESETS["scout"].replace(vision=None, image_token_id=None).num_params() == 107_769_861_120
     assert PRESETS["scout"].num_active_params() == 17_172_894_720
-    assert PRESETS["maverick"].num_params() == 400_711_848_960
+    assert PRESETS["maverick"].num_params() == 401_583_781_376
+    assert PRESETS["maverick"].replace(vision=None, image_token_id=None).num_params() == 400_711_848_960
     assert PRESETS["maverick"].num_active_params() == 17_184_691_200
+    b = PRESETS["scout"].param_breakdown()
+    assert (b["total"]["vision_tower"], b["total"]["projector"]) == (850_960_896, 20_971_520)
+    assert b["active"]["vision_tower"] == b["active"]["projector"] == 0
 
 
 def test_behemoth_estimate_matches_public_figures():
@@ -46,8 +52,9 @@ def test_mini_pair_keeps_the_shapes_of_sparsity():
 
 
 def _active_from_modules(model: nn.Module) -> int:
-    """Active parameters counted from the built modules: routed experts scaled by top_k / E."""
-    total = sum(p.numel() for p in model.parameters())
+    """Active parameters counted from the built modules: routed experts scaled by top_k / E; the vision
+    tower and projector are not per-token."""
+    total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("vision_"))
     for m in model.modules():
         if isinstance(m, MoE):
             routed = sum(p.numel() for p in m.experts.parameters())
@@ -135,9 +142,9 @@ def test_native_dict_round_trip_and_unknown_keys():
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_hf_config_round_trip(name):
     cfg = PRESETS[name]
-    assert from_hf_config(json.loads(json.dumps(to_hf_config(cfg)))) == cfg
-    mm = to_hf_config(cfg, multimodal_vision={"hidden_size": 16})
-    assert mm["model_type"] == "llama4" and from_hf_config(mm) == cfg
+    d = to_hf_config(cfg)
+    assert from_hf_config(json.loads(json.dumps(d))) == cfg
+    assert d["model_type"] == ("llama4" if cfg.vision else "llama4_text")
 
 
 def test_reads_hub_style_scout_config():
@@ -156,8 +163,18 @@ def test_reads_hub_style_scout_config():
             "tie_word_embeddings": False, "bos_token_id": 200000, "eos_token_id": [200001, 200007, 200008],
             "pad_token_id": 200018,
         },
+        "vision_config": {
+            "model_type": "llama4_vision_model", "hidden_size": 1408, "num_hidden_layers": 34,
+            "num_attention_heads": 16, "intermediate_size": 5632, "image_size": 336, "patch_size": 14,
+            "pixel_shuffle_ratio": 0.5, "projector_input_dim": 4096, "projector_output_dim": 4096,
+            "vision_output_dim": 4096, "rope_theta": 10000, "norm_eps": 1e-5, "hidden_act": "gelu",
+            "multi_modal_projector_bias": False, "vision_feature_layer": -1,
+        },
+        "image_token_index": 200092, "boi_token_index": 200080, "eoi_token_index": 200081,
     }
     assert from_hf_config(hub) == PRESETS["scout"]
+    with pytest.raises(ValueError, match="vision_output_dim"):
+        from_hf_config({**hub, "vision_config": {**hub["vision_config"], "vision_output_dim": 7680}})
 
 
 def test_matches_transformers_config_derivation():
@@ -173,11 +190,16 @@ def test_matches_transformers_config_derivation():
 def test_transformers_model_has_same_parameter_count():
     from hf_reference import hf_text_config, transformers
 
-    for name in ("debug", "mini-maverick", "scout"):
+    for name in ("debug", "mini-maverick"):
         cfg = PRESETS[name]
         with torch.device("meta"):
             hf = transformers.Llama4ForCausalLM(hf_text_config(cfg))
         assert sum(p.numel() for p in hf.parameters()) == cfg.num_params()
+    d = to_hf_config(PRESETS["scout"])  # the whole multimodal model: 108,641,793,536
+    del d["model_type"], d["architectures"]
+    with torch.device("meta"):
+        hf = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(**d))
+    assert sum(p.numel() for p in hf.parameters()) == PRESETS["scout"].num_params() == 108_641_793_536
 
 
 def test_load_config_file_errors(tmp_path):

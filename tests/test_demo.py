@@ -50,5 +50,5 @@ def test_demo_quick_cli(tmp_path):
     r = subprocess.run([sys.executable, "-m", "behemoth", "demo", "--quick", "--out", str(tmp_path / "q")],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "107,769,861,120" in r.stdout and "gap recovered" in r.stdout
+    assert "108,641,793,536" in r.stdout and "gap recovered" in r.stdout
     assert (tmp_path / "q" / "report.html").is_file()

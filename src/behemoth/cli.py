@@ -22,7 +22,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 COMPONENTS = ("embeddings", "output", "attention", "routers", "routed_experts", "shared_experts", "dense_ffn",
-              "norms")
+              "norms", "vision_tower", "projector")
 
 
 class UsageError(Exception):
@@ -43,7 +43,8 @@ def info_report(cfg: ModelConfig, name: str, context: int | None = None, batch: 
     report = {
         "name": name, "note": PRESET_NOTES.get(name, ""),
         "total_params": cfg.num_params(), "active_params": cfg.num_active_params(),
-        "components": {c: {"total": b["total"][c], "active": b["active"][c]} for c in COMPONENTS},
+        "components": {c: {"total": b["total"][c], "active": b["active"][c]} for c in COMPONENTS
+                       if c in b["total"]},
         "layers": cfg.n_layers, "moe_layers": list(cfg.moe_layers),
         "nope_layers": [i for i, r in enumerate(cfg.rope_layers) if not r],
         "config": cfg.to_dict(),

@@ -159,6 +159,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    vision: VisionConfig | None = None
+    image_token_id: int | None = None  # `<|patch|>`: the positions image features replace
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "ffn_dim",
@@ -183,6 +185,10 @@ class ModelConfig:
         if self.moe is not None and self.moe.layers is not None:
             bad = [i for i in self.moe.layers if not 0 <= i < self.n_layers]
             _check(not bad, "moe.layers", bad, f"has indices outside [0, {self.n_layers})")
+        if self.vision is not None:
+            ok = self.image_token_id is not None and 0 <= self.image_token_id < self.vocab_size
+            _check(ok, "image_token_id", self.image_token_id, f"must be a token id in [0, {self.vocab_size}) "
+                   "when the model has a vision tower")
 
     # ---- derived layer pattern -------------------------------------------------------------
     @property
@@ -212,11 +218,17 @@ class ModelConfig:
         if isinstance(changes.get("moe"), dict):
             base = self.moe or MoEConfig()
             changes["moe"] = dataclasses.replace(base, **changes["moe"])
+        if isinstance(changes.get("vision"), dict):
+            changes["vision"] = dataclasses.replace(self.vision or VisionConfig(), **changes["vision"])
         return dataclasses.replace(self, **changes)
 
     # ---- parameter counts (no weights allocated) ---------------------------------------------
     def param_breakdown(self) -> dict[str, dict[str, int]]:
-        """Parameters by component: {"total": {...}, "active": {...}} (active = per text token)."""
+        """Parameters by component: {"total": {...}, "active": {...}}.
+
+        Active means per text token (Meta's "17B active"); the vision tower and projector run once per
+        image tile instead, so they count in the total only (components present only with a vision tower).
+        """
         D, L = self.dim, self.n_layers
         attn = D * self.n_heads * self.head_dim * 2 + D * self.n_kv_heads * self.head_dim * 2
         n_moe = len(self.moe_layers)
@@ -238,10 +250,14 @@ class ModelConfig:
             total["routed_experts"] = n_moe * m.num_experts * expert
             active["routed_experts"] = n_moe * m.top_k * expert
             total["shared_experts"] = active["shared_experts"] = n_moe * m.num_shared_experts * expert
+        if self.vision is not None:
+            total["vision_tower"] = self.vision.encoder_params()
+            total["projector"] = self.vision.projector_params(D)
+            active["vision_tower"] = active["projector"] = 0
         return {"total": total, "active": active}
 
     def num_params(self) -> int:
-        """Total parameters of the text model (the output head counted once when tied)."""
+        """Total parameters, vision tower and projector included (a tied output head counted once)."""
         return sum(self.param_breakdown()["total"].values())
 
     def num_active_params(self) -> int:
@@ -274,6 +290,8 @@ class ModelConfig:
             d["moe"] = _build(MoEConfig, d["moe"], "moe")
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = _build(RopeScaling, d["rope_scaling"], "rope_scaling")
+        if d.get("vision") is not None:
+            d["vision"] = _build(VisionConfig, d["vision"], "vision")
         return cls(**d)
 
 
@@ -298,8 +316,11 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
     Accepts both the 5.x `rope_parameters` and the 4.x `rope_theta` + `rope_scaling` spellings, an
     int `attn_temperature_tuning` (early Hub configs) and the `no_rope_layers` list (1 = RoPE).
     """
+    top = hf
     if hf.get("model_type") == "llama4" or "text_config" in hf:
         hf = hf.get("text_config") or {}
+    vision = _vision_from_hf(top["vision_config"]) if top is not hf and top.get("vision_config") else None
+    image_token_id = int(top.get("image_token_index", 200092)) if vision is not None else None
     mt = hf.get("model_type", "llama4_text")
     if mt != "llama4_text":
         raise ValueError(f"model_type={mt!r}: expected 'llama4_text' or 'llama4'")
@@ -353,12 +374,38 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_seq_len=int(hf.get("max_position_embeddings", 131072)),
         bos_token_id=hf.get("bos_token_id"), eos_token_id=eos, pad_token_id=hf.get("pad_token_id"),
+        vision=vision, image_token_id=image_token_id,
     )
 
 
-def to_hf_config(cfg: ModelConfig, multimodal_vision: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A transformers `Llama4TextConfig` dict (or a `Llama4Config` wrapping it when a vision config
-    dict is given). Raises `ValueError` for what transformers' Llama 4 cannot express."""
+def _vision_from_hf(v: dict[str, Any]) -> VisionConfig:
+    """A transformers `Llama4VisionConfig` dict; missing keys take that class's defaults (which are
+    not the released models' values: real configs spell them out)."""
+    widths = {int(v.get(k, d)) for k, d in (("projector_input_dim", 4096), ("projector_output_dim", 4096),
+                                              ("vision_output_dim", 7680))}
+    if len(widths) != 1:
+        raise ValueError("vision_config: projector_input_dim, projector_output_dim and vision_output_dim must be "
+                         "equal (the adapter MLP and the projector share one width)")
+    if v.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"vision_config.hidden_act={v.get('hidden_act')!r}: Llama 4 uses 'gelu'")
+    if v.get("multi_modal_projector_bias"):
+        raise ValueError("vision_config.multi_modal_projector_bias=true is not part of the Llama 4 architecture")
+    for key in ("image_size", "patch_size"):
+        if not isinstance(v.get(key, 0), int):
+            raise ValueError(f"vision_config.{key}={v.get(key)!r}: only square sizes (one integer) are supported")
+    rope = v.get("rope_parameters") or {}
+    return VisionConfig(
+        dim=int(v.get("hidden_size", 768)), n_layers=int(v.get("num_hidden_layers", 34)),
+        n_heads=int(v.get("num_attention_heads", 16)), ffn_dim=int(v.get("intermediate_size", 5632)),
+        image_size=int(v.get("image_size", 448)), patch_size=int(v.get("patch_size", 14)),
+        num_channels=int(v.get("num_channels", 3)), pixel_shuffle_ratio=float(v.get("pixel_shuffle_ratio", 0.5)),
+        adapter_dim=widths.pop(), rope_theta=float(rope.get("rope_theta", v.get("rope_theta", 10000.0))),
+        norm_eps=float(v.get("norm_eps", 1e-5)))
+
+
+def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """A transformers `Llama4TextConfig` dict, or for a model with a vision tower a `Llama4Config`
+    (`Llama4ForConditionalGeneration`). Raises `ValueError` for what transformers cannot express."""
     if cfg.moe is not None and cfg.moe.num_shared_experts != 1:
         raise ValueError("moe.num_shared_experts=0: transformers' Llama 4 always has one shared expert")
     moe = cfg.moe
@@ -381,11 +428,21 @@ def to_hf_config(cfg: ModelConfig, multimodal_vision: dict[str, Any] | None = No
         "hidden_act": "silu", "attention_bias": False, "bos_token_id": cfg.bos_token_id,
         "eos_token_id": eos[0] if len(eos) == 1 else (eos or None), "pad_token_id": cfg.pad_token_id,
     }
-    if multimodal_vision is None:
+    v = cfg.vision
+    if v is None:
         return text
+    vision = {
+        "model_type": "llama4_vision_model", "hidden_size": v.dim, "num_hidden_layers": v.n_layers,
+        "num_attention_heads": v.n_heads, "intermediate_size": v.ffn_dim, "image_size": v.image_size,
+        "patch_size": v.patch_size, "num_channels": v.num_channels, "pixel_shuffle_ratio": v.pixel_shuffle_ratio,
+        "projector_input_dim": v.adapter_dim, "projector_output_dim": v.adapter_dim,
+        "vision_output_dim": v.adapter_dim, "norm_eps": v.norm_eps, "hidden_act": "gelu",
+        "rope_parameters": {"rope_type": "default", "rope_theta": v.rope_theta},
+        "multi_modal_projector_bias": False, "vision_feature_select_strategy": "default",
+    }
     return {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"],
-            "text_config": {**text, "architectures": None}, "vision_config": multimodal_vision,
-            "boi_token_index": 200080, "eoi_token_index": 200081, "image_token_index": 200092,
+            "text_config": {**text, "architectures": None}, "vision_config": vision,
+            "boi_token_index": 200080, "eoi_token_index": 200081, "image_token_index": cfg.image_token_id,
             "tie_word_embeddings": cfg.tie_word_embeddings}
 
 
@@ -413,6 +470,7 @@ def load_config_file(path: str | Path) -> ModelConfig:
 # ---- presets -----------------------------------------------------------------------------------
 
 _LLAMA4_TOKENS = dict(bos_token_id=200000, eos_token_id=(200001, 200007, 200008), pad_token_id=200018)
+_LLAMA4_VISION = dict(vision=VisionConfig(), image_token_id=200092)  # the same tower in Scout and Maverick
 
 PRESETS: dict[str, ModelConfig] = {
     # Every feature at toy size: NoPE layer 3, dense + MoE layers, chunk 32 and floor_scale 64 so that
@@ -427,15 +485,15 @@ PRESETS: dict[str, ModelConfig] = {
         dim=256, n_layers=8, n_heads=8, n_kv_heads=2, head_dim=32, vocab_size=8192, ffn_dim=1024,
         moe=MoEConfig(num_experts=8, top_k=1, expert_dim=512), rope_theta=500000.0,
         attention_chunk_size=256, max_seq_len=4096),
-    # Llama 4 Scout 17B-16E (Instruct config): MoE in every layer, QK-norm, llama3 RoPE scaling.
+    # Llama 4 Scout 17B-16E (Instruct config): MoE in every layer, QK-norm, llama3 RoPE scaling, vision tower.
     "scout": ModelConfig(
         moe=MoEConfig(num_experts=16, top_k=1, expert_dim=8192, interleave_step=1),
         rope_scaling=RopeScaling(16.0, 1.0, 1.0, 8192), use_qk_norm=True, max_seq_len=10485760,
-        **_LLAMA4_TOKENS),
+        **_LLAMA4_TOKENS, **_LLAMA4_VISION),
     # Llama 4 Maverick 17B-128E (Instruct config): dense / MoE alternating, no QK-norm, no scaling.
     "maverick": ModelConfig(
         moe=MoEConfig(num_experts=128, top_k=1, expert_dim=8192, interleave_step=2),
-        rope_scaling=None, use_qk_norm=False, max_seq_len=1048576, **_LLAMA4_TOKENS),
+        rope_scaling=None, use_qk_norm=False, max_seq_len=1048576, **_LLAMA4_TOKENS, **_LLAMA4_VISION),
     # ESTIMATE, not an official config (none is public). Derived from Meta's public figures, 288B
     # active / ~2T total / 16 experts. With only 16 experts, total/active ~ 7 forces MoE in (nearly)
     # every layer, so: Scout-style blocks (top-1 + shared) scaled to D=16384 and 88 layers, 128/8 heads,
@@ -466,8 +524,8 @@ PRESETS: dict[str, ModelConfig] = {
 PRESET_NOTES: dict[str, str] = {
     "debug": "toy model exercising every feature; CPU, seconds",
     "tiny": "small Scout-shaped model for CPU experiments",
-    "scout": "Llama 4 Scout 17B-16E text model (official config)",
-    "maverick": "Llama 4 Maverick 17B-128E text model (official config)",
+    "scout": "Llama 4 Scout 17B-16E (official config): text model + vision tower",
+    "maverick": "Llama 4 Maverick 17B-128E (official config): text model + vision tower",
     "behemoth": ("ESTIMATE, not an official config: derived from Meta's public 288B active / ~2T total / "
                  "16 experts; Scout-style blocks at D=16384, 88 layers, expert width 26624"),
     "bench-1b": "standard GPU training benchmark: 8 experts top-1 + shared in every layer",

@@ -15,9 +15,11 @@ from behemoth.model import Transformer
 
 # dense layers 0, 2 and MoE layers 1, 3; NoPE layer 3; llama3 RoPE scaling; chunked attention.
 CFG = behemoth.PRESETS["debug"]
-# A tiny Llama 4 vision tower (hidden 16, 1 layer, 2 heads; intermediate = hidden / 0.5^2).
-VISION = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=28,
-              patch_size=14, projector_input_dim=32, projector_output_dim=32, vision_output_dim=32)
+# The same text model with a tiny vision tower: width 16, 2 layers, 2 heads, 56-pixel tiles of 4 x 4 patches,
+# so 4 tokens per tile after pixel shuffle. `<|patch|>` is token 250.
+VISION = behemoth.config.VisionConfig(dim=16, n_layers=2, n_heads=2, ffn_dim=64, image_size=56, patch_size=14,
+                                      adapter_dim=32)
+MM_CFG = CFG.replace(vision=VISION, image_token_id=250)
 
 
 def randomize_vectors(model: torch.nn.Module, seed: int = 1) -> None:
@@ -41,8 +43,8 @@ def cfg():
 
 
 @pytest.fixture(scope="session")
-def vision_config() -> dict:
-    return dict(VISION)
+def mm_cfg():
+    return MM_CFG
 
 
 @pytest.fixture(scope="session")

@@ -92,10 +92,10 @@ def test_load_transformers_causal_lm(layout, hf_causal, hf_dir, hf_sharded_dir, 
     assert_bitwise_equal(model.state_dict(), ours.state_dict())
 
 
-@pytest.mark.parametrize("shard", [None, "20KB"])
-def test_load_transformers_conditional_generation(shard, cfg, vision_config, ids, tmp_path):
+def hf_multimodal(cfg):
+    """A random transformers `Llama4ForConditionalGeneration` for `cfg` (vision parameters included)."""
     transformers = pytest.importorskip("transformers")
-    d = to_hf_config(cfg, vision_config)
+    d = to_hf_config(cfg)
     del d["model_type"], d["architectures"]
     torch.manual_seed(0)
     hf = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(**d)).eval()
@@ -103,15 +103,61 @@ def test_load_transformers_conditional_generation(shard, cfg, vision_config, ids
         for p in hf.parameters():
             if p.dim() == 1:
                 p.normal_(1.0, 0.1)
+    return hf
+
+
+def image_prompt(cfg, tiles: int, seed: int = 0):
+    """Token ids with `tiles` blocks of <|patch|> tokens among text, and matching random tiles."""
+    g = torch.Generator().manual_seed(seed)
+    T, patch = cfg.vision.tokens_per_tile, cfg.image_token_id
+    parts = [torch.randint(3, 200, (5,), generator=g)]
+    for _ in range(tiles):
+        parts += [torch.full((T,), patch), torch.randint(3, 200, (3,), generator=g)]
+    pixels = torch.randn(tiles, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    return torch.cat(parts)[None], pixels
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_load_transformers_conditional_generation(shard, mm_cfg, ids, tmp_path):
+    """Text model, vision tower and projector load from a (sharded) multimodal directory; logits match
+    for text alone and with images of one and of several tiles."""
+    hf = hf_multimodal(mm_cfg)
     out = tmp_path / "mm"
     hf.save_pretrained(out, **({"max_shard_size": shard} if shard else {}))
     stored = all_tensors(out)
-    assert any(k.startswith("vision_model.") for k in stored)
-    assert any(k.startswith("multi_modal_projector.") for k in stored)
+    assert any(k.startswith("vision_model.model.layers.1.") for k in stored)
     assert any(k.startswith("language_model.model.layers.1.feed_forward.experts.") for k in stored)
     model = behemoth.load_model(str(out))
-    assert model.config == cfg
+    assert model.config == mm_cfg
     assert max_diff(run(model, ids), run(hf, ids)) <= TOL
+    for tiles in (1, 3):
+        prompt, pixels = image_prompt(mm_cfg, tiles, seed=tiles)
+        with torch.no_grad():
+            ref = hf(input_ids=prompt, pixel_values=pixels).logits
+            got = model(prompt, pixel_values=pixels)
+        assert max_diff(got, ref) <= 1e-4, f"{tiles} tile(s)"
+
+
+def test_multimodal_export_round_trip(mm_cfg, make_model, tmp_path):
+    """native -> transformers (`Llama4ForConditionalGeneration`, loadable by `from_pretrained`) -> native."""
+    transformers = pytest.importorskip("transformers")
+    model = make_model(mm_cfg)
+    export_hf(model, tmp_path / "hf")
+    hf = transformers.Llama4ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    prompt, pixels = image_prompt(mm_cfg, 2)
+    with torch.no_grad():
+        assert max_diff(model(prompt, pixel_values=pixels), hf(input_ids=prompt, pixel_values=pixels).logits) <= 1e-4
+    back = behemoth.load_model(str(tmp_path / "hf"))
+    assert_bitwise_equal(back.state_dict(), model.state_dict())
+
+
+def test_patch_count_mismatch_is_a_clear_error(mm_cfg, make_model):
+    model = make_model(mm_cfg)
+    prompt, pixels = image_prompt(mm_cfg, 2)
+    with pytest.raises(ValueError, match="8 <\\|patch\\|> tokens .* 3 image tiles give 3 x 4 = 12 features"):
+        model(prompt, pixel_values=torch.cat([pixels, pixels[:1]]))
+    with pytest.raises(ValueError, match="no vision tower"):
+        make_model()(prompt, pixel_values=pixels)
 
 
 def test_load_transformers_tied_embeddings(cfg, make_model, ids, tmp_path):

@@ -2,7 +2,8 @@
 
 Native names are Meta's (`layers.N.attention.wq.weight`); HF names are transformers' Llama 4 names
 (`model.layers.N.self_attn.q_proj.weight`), with a `language_model.` prefix inside
-`Llama4ForConditionalGeneration`. Experts are stored in both as input-major 3-D tensors
+`Llama4ForConditionalGeneration`, whose vision tower and projector have their own table
+(`VISION_KEY_MAP`). Experts are stored in both as input-major 3-D tensors
 (`w13` == `gate_up_proj` [E, D, 2F], `w2` == `down_proj` [E, F, D]), so the fused layout maps one
 to one. The per-expert layout some tools write (`experts.{e}.gate_proj.weight`, [F, D]) is stacked
 on read.
@@ -67,8 +68,6 @@ VISION_KEY_MAP: tuple[tuple[str, str], ...] = (
 # Native state that transformers' Llama 4 has no place for: the auxiliary-loss-free routing bias. It is
 # zero in every released checkpoint, so a checkpoint without it loads with zeros.
 NATIVE_ONLY = ("layers.{i}.feed_forward.router.expert_bias",)
-# Prefixes of the multimodal checkpoint's non-text parts (loaded by the vision model, not here).
-VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 _PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.feed_forward\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _PER_EXPERT_SUFFIX = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -121,6 +120,11 @@ def native_to_hf_vision_key(key: str) -> str | None:
 
 
 def native_to_hf_key(key: str, prefix: str = "") -> str:
+    """A native key's HF name: vision and projector keys by their own (unprefixed) map, text keys
+    with `prefix` (`language_model.` inside `Llama4ForConditionalGeneration`)."""
+    vision = native_to_hf_vision_key(key)
+    if vision is not None:
+        return vision
     hf = _translate(key, _TO_HF)
     if hf is None:
         raise CheckpointError(f"no HF name for native key {key!r}")
@@ -227,8 +231,8 @@ def _storage_id(t: torch.Tensor) -> tuple[str, int]:
 def hf_source_map(hf_keys: Iterable[str], prefix: str, index_file: Path) -> dict[str, list[str]]:
     """Native key -> the HF keys it is built from (one, or 2E for a per-expert w13, E for w2).
 
-    Unknown keys raise, except the vision/projector parts of a multimodal checkpoint; so does a
-    tensor given twice (a fused and a per-expert copy of the same experts).
+    Vision and projector keys (of a multimodal checkpoint, `prefix` set) map by their own table.
+    Unknown keys raise; so does a tensor given twice (a fused and a per-expert copy of the same experts).
     """
     sources: dict[str, list[str]] = {}
     per_expert: dict[str, dict[str, dict[int, str]]] = {}
@@ -239,7 +243,9 @@ def hf_source_map(hf_keys: Iterable[str], prefix: str, index_file: Path) -> dict
                 raise CheckpointError(f"{index_file}: tensors {sources[native][0]!r} and {k!r} both give {native!r}")
             sources[native] = [k]
             continue
-        if prefix and k.startswith(VISION_PREFIXES):
+        native = hf_to_native_vision_key(k) if prefix else None
+        if native is not None:
+            sources[native] = [k]
             continue
         m = _PER_EXPERT.match(k[len(prefix):]) if k.startswith(prefix) else None
         if m is None:

@@ -3,7 +3,7 @@
 A native directory describes itself: `config.json` ({"format": "behemoth", "model": {...}}),
 `model.safetensors` (or shards + index) with Meta-style names, and `meta.json`. A transformers
 directory is whatever `save_pretrained` wrote for `Llama4ForCausalLM` or
-`Llama4ForConditionalGeneration` (its text part is loaded).
+`Llama4ForConditionalGeneration` (text model, vision tower and projector).
 
 Loading builds the model on the meta device and assigns the read tensors into it, so weights are
 never held twice. Directories are written to a temporary sibling and renamed into place, so a
@@ -309,13 +309,15 @@ def read_state(directory: Path, name: str) -> dict:
 
 def export_hf(model: Transformer, directory: str | Path, max_shard_bytes: int | None = None,
               drop_router_bias: bool = False) -> Path:
-    """Write a transformers `Llama4ForCausalLM` directory (config.json + safetensors), atomically.
+    """Write a transformers directory (config.json + safetensors), atomically: `Llama4ForCausalLM`, or
+    `Llama4ForConditionalGeneration` for a model with a vision tower.
 
     A trained routing bias has no place in transformers' model: non-zero biases raise unless
     `drop_router_bias` (the exported model then routes by the raw logits)."""
     cfg = model.config
     hf_config = to_hf_config(cfg)  # raises ValueError for what transformers cannot express
-    state = native_to_hf_state(model.state_dict(), drop_router_bias=drop_router_bias)
+    prefix = "language_model." if cfg.vision is not None else ""
+    state = native_to_hf_state(model.state_dict(), prefix, drop_router_bias=drop_router_bias)
     dtypes = {t.dtype for t in state.values()}
     hf_config["dtype"] = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
 

@@ -1,10 +1,11 @@
-"""The Llama 4 text transformer: embeddings, pre-norm blocks (attention + dense or MoE FFN), head.
+"""The Llama 4 transformer: embeddings, pre-norm blocks (attention + dense or MoE FFN), head; with a
+vision tower when the config has one (early fusion: image features replace `<|patch|>` embeddings).
 
 Module names follow Meta's checkpoints (`tok_embeddings`, `layers.N.attention.wq`, `attention_norm`,
 `ffn_norm`, `feed_forward`, `norm`, `output`); HF names are mapped in `checkpoint/convert.py`.
 Single-device code: parallelism, compile and activation checkpointing are applied from outside.
 
-Shape legend: B batch, S sequence, D model dim, V vocabulary.
+Shape legend: B batch, S sequence, D model dim, V vocabulary; N image tiles, C channels, T tokens per tile.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from behemoth.config import ModelConfig
 from behemoth.model.attention import Attention, attention_mask
 from behemoth.model.layers import FeedForward, RMSNorm, rope_cos_sin, rope_inv_freq
 from behemoth.model.moe import MoE
+from behemoth.model.vision import VisionEmbeddings
 
 if TYPE_CHECKING:
     from behemoth.inference.cache import KVCache
@@ -53,15 +55,20 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_word_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.vision is not None:
+            self.vision_embeddings = VisionEmbeddings(cfg.vision)
+            self.vision_projection = nn.Linear(cfg.vision.adapter_dim, cfg.dim, bias=False)
         self._inv_freq_cache: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        """input_ids [B, S] -> logits [B, S, V]. See `hidden_states` for positions, segments and the cache."""
-        return self.logits(self.hidden_states(input_ids, positions, segment_ids, cache))
+                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, S] -> logits [B, S, V]. See `hidden_states` for the other arguments."""
+        return self.logits(self.hidden_states(input_ids, positions, segment_ids, cache, pixel_values))
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      segment_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                      segment_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                      pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """The final-normed hidden states [B, S, D], before the output head.
 
         positions: [B, S] or [S] absolute positions (default 0..S-1); they drive RoPE, the chunk
@@ -72,6 +79,10 @@ class Transformer(nn.Module):
         cache: an `inference.KVCache` the caller owns. The new tokens' keys/values are stored in it
         and attention also reads the earlier ones, so a prompt can be prefilled and then extended one
         token per call (positions are then required: each row continues from its own length).
+
+        pixel_values: [N, C, S, S] normalised image tiles (all images of the batch, in order); their
+        projected features, [N * T, D], replace the embeddings of the `<|patch|>` tokens in sequence
+        order, which must number exactly N * T. After that, image tokens are ordinary positions.
         """
         B, S = input_ids.shape
         if positions is None:
@@ -96,9 +107,28 @@ class Transformer(nn.Module):
             kvs = [partial(cache.update, i, plans[layer.use_rope], decode=decode)
                    for i, layer in enumerate(self.layers)]
         x_BSD = self.tok_embeddings(input_ids)
+        if pixel_values is not None:
+            x_BSD = self.fuse_images(input_ids, x_BSD, pixel_values)
         for layer, kv in zip(self.layers, kvs, strict=True):
             x_BSD = layer(x_BSD, rope, pos_BS, masks, kv)
         return self.norm(x_BSD)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tiles [N, C, S, S] -> projected features [N, T, D], in the text model's width."""
+        if self.config.vision is None:
+            raise ValueError("this model has no vision tower (its config has no `vision`)")
+        return self.vision_projection(self.vision_embeddings(pixel_values))
+
+    def fuse_images(self, input_ids: torch.Tensor, x_BSD: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Early fusion: the `<|patch|>` positions of `x` take the image features, in sequence order."""
+        feats = self.image_features(pixel_values).reshape(-1, x_BSD.shape[-1])
+        is_patch_BS = input_ids == self.config.image_token_id
+        n = int(is_patch_BS.sum())
+        if n != feats.shape[0]:
+            N, T = pixel_values.shape[0], self.config.vision.tokens_per_tile
+            raise ValueError(f"the input has {n} <|patch|> tokens (id {self.config.image_token_id}), but {N} image "
+                             f"tiles give {N} x {T} = {N * T} features")
+        return x_BSD.masked_scatter(is_patch_BS[..., None], feats.to(x_BSD.dtype))
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
         """RoPE inverse frequencies [H/2], computed once per device (the config is frozen)."""
@@ -113,12 +143,18 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-        """Normal(0, std) for every matrix (experts included), ones for norms: HF's initializer."""
+        """Normal(0, std) for every matrix (experts included), ones for norms: HF's initializer. In the
+        vision tower: zeros for biases, LayerNorms at (1, 0), and normal(0, std) class/position embeddings."""
         for p in self.parameters():
             if p.dim() == 1:
                 nn.init.ones_(p)
             else:
                 nn.init.normal_(p, 0.0, std, generator=generator)
+        if self.config.vision is not None:
+            for m in self.vision_embeddings.modules():
+                if isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            nn.init.normal_(self.vision_embeddings.vision_encoder.class_embedding, 0.0, std, generator=generator)
         for m in self.modules():
             if isinstance(m, MoE):
                 m.tokens_per_expert.zero_()
