@@ -234,7 +234,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     runner = _runner(args)
     run_generate(runner, args.prompt, _sampling(args, runner, args.chat), tuple(args.stop), chat=args.chat,
-                 system=args.system, stream=args.stream, compile=args.compile)
+                 system=args.system, stream=args.stream, compile=args.compile, images=args.image)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -367,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the chat format as a user message")
     s.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
     s.add_argument("--compile", action="store_true", help="compile the decode step (pays off for long outputs)")
+    s.add_argument("--image", action="append", default=[],
+                   help="an image file placed before the prompt's text (repeatable; needs a vision model)")
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("chat", help="an interactive chat that keeps the conversation (/reset, /system, /exit)")

@@ -14,7 +14,8 @@ from behemoth.data.tasks import ALPHABET
 from behemoth.data.tokenizer import Tokenizer
 
 LLAMA4_SPECIALS = ["<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>", "<|finetune_right_pad|>",
-                   "<|python_start|>", "<|python_end|>", "<|image|>", "<|patch|>"]
+                   "<|python_start|>", "<|python_end|>", "<|image_start|>", "<|image_end|>", "<|tile_x_separator|>",
+                   "<|tile_y_separator|>", "<|image|>", "<|patch|>"]
 CHAR_CFG = PRESETS["debug"].replace(vocab_size=64, max_seq_len=2048)
 
 
@@ -50,6 +51,27 @@ def char_model_dir(tmp_path_factory):
     save_model(build_model(CHAR_CFG, seed=0), d)
     Tokenizer.from_chars(ALPHABET).save(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def mm_model_dir(tmp_path_factory):
+    """A tiny random transformers `Llama4ForConditionalGeneration` (56-pixel tiles, 4 tokens each) with a
+    Llama-4-style tokenizer whose `<|patch|>` is the model's image token."""
+    transformers = pytest.importorskip("transformers")
+    from behemoth.config import VisionConfig, to_hf_config
+
+    tok = llama4_style_tokenizer()
+    cfg = PRESETS["debug"].replace(vocab_size=512, vision=VisionConfig(
+        dim=16, n_layers=2, n_heads=2, ffn_dim=64, image_size=56, patch_size=14, adapter_dim=32),
+        image_token_id=tok.token_to_id("<|patch|>"))
+    d = to_hf_config(cfg)
+    del d["model_type"], d["architectures"]
+    torch.manual_seed(0)
+    model = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(**d)).eval()
+    out = tmp_path_factory.mktemp("mm-model")
+    model.save_pretrained(out)
+    tok.save(out)
+    return out
 
 
 @pytest.fixture(scope="session")

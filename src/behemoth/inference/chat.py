@@ -20,7 +20,9 @@
   every training document).
 
 Control tokens are inserted by id and message text is encoded as text, so a message that contains
-"<|eot|>" cannot end a turn or forge a header.
+"<|eot|>" cannot end a turn or forge a header. A message's content is a string, or a list of parts:
+{"type": "text", "text": ...} and {"type": "tokens", "ids": [...]} (ids inserted as they are: an
+image's token block, see `Runner`).
 """
 
 from __future__ import annotations
@@ -53,20 +55,37 @@ class ChatFormat:
             ids = [special["<|begin_of_text|>"]]
             for m in msgs:
                 ids += [special["<|header_start|>"], *tok.encode(m["role"]), special["<|header_end|>"],
-                        *tok.encode("\n\n" + m["content"]), special["<|eot|>"]]
+                        *self._encode_parts(["\n\n", *_parts(m["content"])]), special["<|eot|>"]]
             if add_generation_prompt:
                 ids += [special["<|header_start|>"], *tok.encode("assistant"), special["<|header_end|>"],
                         *tok.encode("\n\n")]
             return ids
         text = ""
         for m in msgs:
+            parts = _parts(m["content"])
+            if any(not isinstance(x, str) for x in parts):
+                raise ValueError("the plain chat format has no image tokens (images need a Llama 4 tokenizer)")
+            content = "".join(parts)
             if m["role"] == "user":
-                text += f"Q: {m['content']}\n"
+                text += f"Q: {content}\n"
             elif m["role"] == "assistant":
-                text += f"A: {m['content'].strip()}\n"
+                text += f"A: {content.strip()}\n"
             else:
-                text += f"{m['content']}\n"
+                text += f"{content}\n"
         return tok.encode(text + ("A:" if add_generation_prompt else ""))
+
+    def _encode_parts(self, parts: list[str | list[int]]) -> list[int]:
+        """Adjacent text is encoded together (as one string would be); id lists go in as they are."""
+        ids: list[int] = []
+        text = ""
+        for part in parts:
+            if isinstance(part, str):
+                text += part
+                continue
+            ids += self.tokenizer.encode(text) if text else []
+            ids += part
+            text = ""
+        return ids + (self.tokenizer.encode(text) if text else [])
 
 
 def chat_format(tokenizer: Tokenizer, name: str | None = None) -> ChatFormat:
@@ -84,11 +103,26 @@ def chat_format(tokenizer: Tokenizer, name: str | None = None) -> ChatFormat:
     raise ValueError(f"chat format {name!r}: expected 'llama4' or 'plain'")
 
 
+def _parts(content: str | list) -> list[str | list[int]]:
+    if isinstance(content, str):
+        return [content]
+    return [p["text"] if p["type"] == "text" else list(p["ids"]) for p in content]
+
+
+def _valid_content(content: object) -> bool:
+    if isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(
+        isinstance(p, Mapping) and ((p.get("type") == "text" and isinstance(p.get("text"), str))
+                                    or (p.get("type") == "tokens" and isinstance(p.get("ids"), list)))
+        for p in content)
+
+
 def _check(messages: Iterable[Mapping[str, str]]) -> list[Mapping[str, str]]:
     msgs = list(messages)
     for i, m in enumerate(msgs):
-        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ValueError(f"messages[{i}]: needs a 'role' and a string 'content'")
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not _valid_content(m.get("content")):
+            raise ValueError(f"messages[{i}]: needs a 'role' and a 'content' (a string or a list of parts)")
         if m["role"] not in ROLES:
             raise ValueError(f"messages[{i}].role={m['role']!r}: expected one of {', '.join(ROLES)}")
     if not msgs:

@@ -45,9 +45,11 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
 
 
-def prefill(model: nn.Module, rows: list[list[int]], cache: KVCache) -> torch.Tensor:
+def prefill(model: nn.Module, rows: list[list[int]], cache: KVCache,
+            pixel_values: torch.Tensor | None = None) -> torch.Tensor:
     """Run the prompts (right-padded, padding at position -1) into `cache`; logits [B, V] of each
-    row's last prompt token."""
+    row's last prompt token. `pixel_values`: the image tiles of all prompts, in order (their features
+    fill the `<|patch|>` tokens row by row)."""
     device = cache.k[0].device
     lens_B = torch.tensor([len(r) for r in rows], device=device)
     S = int(lens_B.max())
@@ -56,7 +58,7 @@ def prefill(model: nn.Module, rows: list[list[int]], cache: KVCache) -> torch.Te
         ids_BS[b, :len(r)] = torch.tensor(r, device=device)
     pos_BS = torch.arange(S, device=device).expand(len(rows), S)
     pos_BS = torch.where(pos_BS < lens_B[:, None], pos_BS, -1)
-    h_BSD = model.hidden_states(ids_BS, pos_BS, cache=cache)
+    h_BSD = model.hidden_states(ids_BS, pos_BS, cache=cache, pixel_values=pixel_values)
     return model.logits(h_BSD[torch.arange(len(rows), device=device), lens_B - 1])
 
 
@@ -77,7 +79,8 @@ def compiled_decode_step(cache: KVCache) -> Callable:
 
 @torch.no_grad()  # on a generator function, torch applies it around each step, not while the caller runs
 def token_steps(model: nn.Module, prompts: Prompts, params: SamplingParams,
-                cache_dtype: torch.dtype | None = None, compile: bool = False) -> Iterator[torch.Tensor]:
+                cache_dtype: torch.dtype | None = None, compile: bool = False,
+                pixel_values: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
     """Yield each step's new token of every row, [B] on the model's device (rows that stopped keep
     going; the caller decides what to keep). At most `params.max_new_tokens` steps.
 
@@ -102,7 +105,7 @@ def token_steps(model: nn.Module, prompts: Prompts, params: SamplingParams,
     cache = KVCache(model.config, len(rows), max_len, device=device, dtype=cache_dtype or dtype)
     gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     step = compiled_decode_step(cache) if compile else decode_step
-    next_B = sample(prefill(model, rows, cache), params, gen)
+    next_B = sample(prefill(model, rows, cache, pixel_values), params, gen)
     pos_B = torch.tensor([len(r) for r in rows], device=device)
     yield next_B
     for _ in range(params.max_new_tokens - 1):
@@ -133,8 +136,10 @@ def stream(model: nn.Module, prompts: Prompts, params: SamplingParams | None = N
 
 
 def generate(model: nn.Module, prompts: Prompts, params: SamplingParams | None = None,
-             cache_dtype: torch.dtype | None = None, compile: bool = False, **options) -> list[list[int]]:
-    """New tokens of each prompt, cut before its first stop id. Options as `SamplingParams`.
+             cache_dtype: torch.dtype | None = None, compile: bool = False, pixel_values: torch.Tensor | None = None,
+             **options) -> list[list[int]]:
+    """New tokens of each prompt, cut before its first stop id. Options as `SamplingParams`;
+    `pixel_values` as in `prefill`.
 
     Tokens stay on the device during the loop; whether every row has stopped is checked every 16
     steps, so a GPU is not synchronised once per token. A model without a cache-aware
@@ -142,10 +147,12 @@ def generate(model: nn.Module, prompts: Prompts, params: SamplingParams | None =
     """
     params = _params(params, options)
     if not hasattr(model, "hidden_states"):
+        if pixel_values is not None:
+            raise ValueError("images need a model with a cache-aware forward (a behemoth Transformer)")
         return generate_reference(model, prompts, params)
     stop = torch.tensor(params.stop_ids, dtype=torch.long)
     steps: list[torch.Tensor] = []
-    for i, next_B in enumerate(token_steps(model, prompts, params, cache_dtype, compile)):
+    for i, next_B in enumerate(token_steps(model, prompts, params, cache_dtype, compile, pixel_values)):
         steps.append(next_B)
         if params.stop_ids and i % 16 == 15:
             seen_B = torch.isin(torch.stack(steps, 1), stop.to(next_B.device)).any(1)

@@ -8,35 +8,46 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import TextIO
+
+import torch
 
 from behemoth.inference.runner import Completion, Runner
 from behemoth.inference.sampling import SamplingParams
 
-HELP = "commands: /reset (forget the conversation), /system TEXT (set the system message), /exit"
+HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system message), "
+        "/image PATH (attach an image to your next message), /exit")
 
 
 def run_generate(runner: Runner, prompts: list[str], params: SamplingParams, stop_strings: tuple[str, ...] = (),
                  chat: bool = False, system: str | None = None, stream: bool = False, compile: bool = False,
-                 out: TextIO | None = None, err: TextIO | None = None) -> list[str]:
+                 images: Sequence[str] = (), out: TextIO | None = None, err: TextIO | None = None) -> list[str]:
     """Complete each prompt (as raw text, or as a user turn with `chat`); several prompts run as one
-    batch. Returns the texts."""
+    batch. `images` (files) go before the text of a single prompt. Returns the texts."""
     out, err = out or sys.stdout, err or sys.stderr
+    if images and len(prompts) > 1:
+        raise ValueError("--image goes with a single --prompt")
+    loaded = [runner.image(path) for path in images]
+    blocks = [b for b, _ in loaded]
+    pixels = torch.cat([px for _, px in loaded]) if loaded else None
+
     def encode(p: str) -> list[int]:
         if not chat:
-            return runner.encode_prompt(p)
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+            return runner.encode_prompt_with_images(p, blocks) if blocks else runner.encode_prompt(p)
+        msgs = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": _user_content(p, blocks)}]
         return runner.encode_chat(msgs)
 
     ids = [encode(p) for p in prompts]
     stop_strings = tuple(stop_strings) + (runner.chat.stop_strings if chat else ())
     t0 = time.perf_counter()
     if stream and len(ids) == 1:
-        done = _print_stream(runner.stream(ids[0], params, stop_strings, lstrip=chat, compile=compile), out)
+        done = _print_stream(runner.stream(ids[0], params, stop_strings, lstrip=chat, compile=compile,
+                                           pixel_values=pixels), out)
         texts, n = [done.text], len(done.token_ids)
     else:
-        done = runner.complete(ids, params, stop_strings, lstrip=chat, compile=compile)
+        done = runner.complete(ids, params, stop_strings, lstrip=chat, compile=compile, pixel_values=pixels)
         texts = [c.text for c in done]
         n = sum(len(c.token_ids) for c in done)
         for i, t in enumerate(texts):
@@ -46,6 +57,13 @@ def run_generate(runner: Runner, prompts: list[str], params: SamplingParams, sto
     dt = time.perf_counter() - t0
     err.write(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tokens/s, {len(ids)} prompt(s)]\n")
     return texts
+
+
+def _user_content(text: str, blocks: Sequence[list[int]]) -> str | list[dict]:
+    """A user message: the images' token blocks first, then the text."""
+    if not blocks:
+        return text
+    return [*({"type": "tokens", "ids": b} for b in blocks), {"type": "text", "text": text}]
 
 
 def _print_stream(pieces: Generator[str, None, Completion], out: TextIO) -> Completion:
@@ -65,6 +83,8 @@ def chat_loop(runner: Runner, params: SamplingParams, system: str | None = None,
     """Read user turns until EOF or /exit; stream each answer; keep the conversation. Returns it."""
     out, err = out or sys.stdout, err or sys.stderr
     history: list[dict] = []
+    pending: list[tuple[list[int], torch.Tensor]] = []  # images for the next user message
+    pixels: list[torch.Tensor] = []  # every image of the conversation, in order
     err.write(f"chatting with {runner.name} ({runner.chat.name} format). {HELP}\n")
     while True:
         try:
@@ -78,8 +98,17 @@ def chat_loop(runner: Runner, params: SamplingParams, system: str | None = None,
         if cmd == "/exit":
             return history
         if cmd == "/reset":
-            history = []
+            history, pending, pixels = [], [], []
             err.write("(conversation cleared)\n")
+            continue
+        if cmd.startswith("/image"):
+            path = cmd[len("/image"):].strip()
+            try:
+                pending.append(runner.image(path, path))
+            except ValueError as e:
+                err.write(f"error: {e}\n")
+                continue
+            err.write(f"(image attached: {pending[-1][1].shape[0]} tile(s))\n")
             continue
         if cmd.startswith("/system"):
             system = cmd[len("/system"):].strip() or None
@@ -88,9 +117,10 @@ def chat_loop(runner: Runner, params: SamplingParams, system: str | None = None,
         if cmd.startswith("/"):
             err.write(f"unknown command {cmd.split()[0]}; {HELP}\n")
             continue
-        msgs = ([{"role": "system", "content": system}] if system else []) + history + [
-            {"role": "user", "content": line}]
+        user = {"role": "user", "content": _user_content(line, [b for b, _ in pending])}
+        msgs = ([{"role": "system", "content": system}] if system else []) + history + [user]
         ids = runner.encode_chat(msgs)
+        turn_pixels = pixels + [px for _, px in pending]
         room = runner.max_len - len(ids)
         if room < 1:
             err.write(f"(the conversation has {len(ids)} tokens, the context {runner.max_len}: use /reset)\n")
@@ -98,7 +128,9 @@ def chat_loop(runner: Runner, params: SamplingParams, system: str | None = None,
         turn = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, room),
                                  "stop_ids": params.stop_ids + runner.chat.stop_ids})
         t0 = time.perf_counter()
-        done = _print_stream(runner.stream(ids, turn, runner.chat.stop_strings, lstrip=True), out)
+        done = _print_stream(runner.stream(ids, turn, runner.chat.stop_strings, lstrip=True,
+                                           pixel_values=torch.cat(turn_pixels) if turn_pixels else None), out)
         n = len(done.token_ids)
         err.write(f"[{n} tokens, {n / max(time.perf_counter() - t0, 1e-9):.1f} tokens/s]\n")
-        history += [{"role": "user", "content": line}, {"role": "assistant", "content": done.text}]
+        history += [user, {"role": "assistant", "content": done.text}]
+        pixels, pending = turn_pixels, []

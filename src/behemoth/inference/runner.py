@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
+from behemoth.data.images import PATCH, image_to_tiles, image_tokens, load_image
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.inference.chat import ChatFormat, chat_format
 from behemoth.inference.generate import generate, token_steps
@@ -51,11 +53,43 @@ class Completion:
 
 
 class Runner:
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, chat: ChatFormat | None = None, name: str = "model"):
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
-        self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+    """`max_tiles`: the most 336-pixel tiles one image is cut into (16, as in Llama 4)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, chat: ChatFormat | None = None, name: str = "model",
+                 max_tiles: int = 16):
+        cfg = model.config
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {cfg.vocab_size}")
+        if cfg.vision is not None and tokenizer.token_to_id(PATCH) not in (None, cfg.image_token_id):
+            raise ValueError(f"the tokenizer's {PATCH} is id {tokenizer.token_to_id(PATCH)}, the model's image "
+                             f"token is {cfg.image_token_id}")
+        self.model, self.tokenizer, self.name, self.max_tiles = model.eval(), tokenizer, name, max_tiles
         self.chat = chat or chat_format(tokenizer)
+
+    def image(self, source, what: str | None = None) -> tuple[list[int], torch.Tensor]:
+        """An image (path, bytes or PIL image) -> its prompt token block and its tiles [N, 3, S, S].
+
+        Raises `ValueError` (naming `what`) for a model without a vision tower, a tokenizer without
+        the image tokens, or an unreadable image.
+        """
+        v = self.model.config.vision
+        if v is None:
+            raise ValueError(f"{self.name} has no vision tower: it cannot take images")
+        img = source if isinstance(source, Image.Image) else load_image(source, what)
+        tiles = image_to_tiles(img, tile=v.image_size, max_tiles=self.max_tiles)
+        names = image_tokens(tiles.rows, tiles.cols, v.tokens_per_tile)
+        missing = sorted({n for n in names if self.tokenizer.token_to_id(n) is None})
+        if missing:
+            raise ValueError(f"the tokenizer has no {', '.join(missing)}: it cannot carry images")
+        return [self.tokenizer.token_to_id(n) for n in names], tiles.pixels
+
+    def encode_prompt_with_images(self, prompt: str, blocks: Sequence[list[int]]) -> list[int]:
+        """A raw prompt with image blocks first (after the BOS the tokenizer adds, if any)."""
+        ids = self.encode_prompt(prompt) if prompt else []
+        images = [t for b in blocks for t in b]
+        if ids and ids[0] == self.tokenizer.bos_id and self.tokenizer.bos_id != self.tokenizer.eos_id:
+            return [ids[0], *images, *ids[1:]]
+        return images + ids
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -89,10 +123,12 @@ class Runner:
         return SamplingParams(stop_ids=stop, **options)
 
     def complete(self, prompts_ids: Sequence[Sequence[int]], params: SamplingParams,
-                 stop_strings: Sequence[str] = (), lstrip: bool = False, compile: bool = False) -> list[Completion]:
-        """Batched: one completion per prompt (`lstrip`: drop leading whitespace, for chat answers)."""
+                 stop_strings: Sequence[str] = (), lstrip: bool = False, compile: bool = False,
+                 pixel_values: torch.Tensor | None = None) -> list[Completion]:
+        """Batched: one completion per prompt (`lstrip`: drop leading whitespace, for chat answers;
+        `pixel_values`: the tiles of all the prompts' images, in order)."""
         out = []
-        for ids in generate(self.model, prompts_ids, params, compile=compile):
+        for ids in generate(self.model, prompts_ids, params, compile=compile, pixel_values=pixel_values):
             ts = TextStream(self.tokenizer, tuple(stop_strings), lstrip)
             for t in ids:
                 ts.push(t)
@@ -104,12 +140,13 @@ class Runner:
         return out
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
-               stop_strings: Sequence[str] = (), lstrip: bool = False, compile: bool = False) -> Iterator[str]:
+               stop_strings: Sequence[str] = (), lstrip: bool = False, compile: bool = False,
+               pixel_values: torch.Tensor | None = None) -> Iterator[str]:
         """One prompt, text pieces as they become final; `StopIteration.value` is the `Completion`."""
         ts = TextStream(self.tokenizer, tuple(stop_strings), lstrip)
         stop = set(params.stop_ids)
         reason = "length"
-        for next_B in token_steps(self.model, [prompt_ids], params, compile=compile):
+        for next_B in token_steps(self.model, [prompt_ids], params, compile=compile, pixel_values=pixel_values):
             t = int(next_B[0])
             if t in stop:
                 reason = "stop"

@@ -1,0 +1,76 @@
+"""Image questions end to end: tiles through the vision tower into a cached generation, equal token for
+token to greedy decoding with transformers' forward on the same multimodal model (its `generate`
+drops `pixel_values` for Llama 4 in 5.23, so it is not the reference); `generate --image`, `chat /image`."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from behemoth.cli import main
+from behemoth.inference.runner import Runner
+from behemoth.inference.sampling import SamplingParams
+
+
+def picture(path, w: int, h: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("size", [(40, 40), (150, 60)], ids=["one-tile", "2x3-tiles-plus-global"])
+def test_image_question_matches_transformers_generate(mm_model_dir, tmp_path, size):
+    transformers = pytest.importorskip("transformers")
+    runner = Runner.load(mm_model_dir)
+    block, pixels = runner.image(picture(tmp_path / "a.png", *size))
+    assert pixels.shape[0] == (1 if size == (40, 40) else 7)  # 150 x 60 -> a 112 x 168 canvas of 56-pixel tiles
+    ids = runner.encode_chat([{"role": "user", "content": [{"type": "tokens", "ids": block},
+                                                           {"type": "text", "text": "What is this?"}]}])
+    ours = runner.model(torch.tensor([ids]), pixel_values=pixels)[0, -1]
+    got = runner.complete([ids], SamplingParams(max_new_tokens=12), pixel_values=pixels)[0].token_ids
+    hf = transformers.Llama4ForConditionalGeneration.from_pretrained(mm_model_dir).eval()
+    seq = list(ids)
+    with torch.no_grad():  # transformers' own forward, the whole sequence with the image at every step
+        ref_logits = hf(input_ids=torch.tensor([ids]), pixel_values=pixels.float()).logits[0, -1]
+        for _ in range(12):
+            seq.append(int(hf(input_ids=torch.tensor([seq]), pixel_values=pixels.float()).logits[0, -1].argmax()))
+    assert (ours - ref_logits).abs().max() < 1e-4
+    assert got == seq[len(ids):]
+
+
+def test_generate_and_chat_with_an_image(mm_model_dir, tmp_path, capsys, monkeypatch):
+    img = picture(tmp_path / "b.png", 90, 70)
+    assert main(["generate", "--model", str(mm_model_dir), "--image", str(img), "--prompt", "Hello", "--chat",
+                 "--max-new-tokens", "4"]) == 0
+    assert "tokens/s" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {img}\nWhat is this?\n/image {tmp_path}/nope.png\nAnd?\n"))
+    assert main(["chat", "--model", str(mm_model_dir), "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "image attached: 5 tile(s)" in err and "nope.png: no such image file" in err  # 2 x 2 + global
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--image", "IMG", "--prompt", "x"], None),  # sanity: works
+    (["--image", "BAD", "--prompt", "x"], "not a readable image"),
+    (["--image", "IMG", "--prompt", "x", "--prompt", "y"], "single --prompt"),
+])
+def test_image_errors_are_one_line(mm_model_dir, tmp_path, capsys, argv, needle):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
+    img = picture(tmp_path / "ok.png", 30, 30)
+    argv = [str(img) if a == "IMG" else str(tmp_path / "bad.png") if a == "BAD" else a for a in argv]
+    code = main(["generate", "--model", str(mm_model_dir), "--max-new-tokens", "2", *argv])
+    if needle is None:
+        assert code == 0
+        return
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_text_only_model_refuses_images(hf_model_dir, tmp_path, capsys):
+    img = picture(tmp_path / "c.png", 30, 30)
+    assert main(["generate", "--model", str(hf_model_dir), "--image", str(img), "--prompt", "x"]) == 2
+    assert "has no vision tower" in capsys.readouterr().err
