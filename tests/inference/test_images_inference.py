@@ -74,3 +74,41 @@ def test_text_only_model_refuses_images(hf_model_dir, tmp_path, capsys):
     img = picture(tmp_path / "c.png", 30, 30)
     assert main(["generate", "--model", str(hf_model_dir), "--image", str(img), "--prompt", "x"]) == 2
     assert "has no vision tower" in capsys.readouterr().err
+
+
+def test_server_answers_an_image_question_through_the_openai_client(mm_model_dir, tmp_path):
+    """A base64 `data:` image in an OpenAI chat message: the answer equals the offline one; a remote URL,
+    broken base64, a corrupt image and an image for a text-only server are 400s."""
+    import base64
+
+    openai = pytest.importorskip("openai")
+    from behemoth.inference.server import make_server, serve_in_thread
+
+    runner = Runner.load(mm_model_dir)
+    img = picture(tmp_path / "d.png", 120, 50, seed=3)
+    block, pixels = runner.image(img)
+    ids = runner.encode_chat([{"role": "user", "content": [{"type": "tokens", "ids": block},
+                                                           {"type": "text", "text": "Describe it."}]}])
+    params = SamplingParams(max_new_tokens=10, stop_ids=runner.chat.stop_ids)
+    expected = runner.complete([ids], params, runner.chat.stop_strings, lstrip=True, pixel_values=pixels)[0].text
+    server, engine = make_server(runner, port=0, model_name="mm", quiet=True)
+    serve_in_thread(server)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x", max_retries=0)
+        url = "data:image/png;base64," + base64.b64encode(img.read_bytes()).decode()
+
+        def ask(image_url: str, **kw):
+            return client.chat.completions.create(model="mm", max_tokens=10, temperature=0, messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                             {"type": "text", "text": "Describe it."}]}], **kw)
+
+        assert ask(url).choices[0].message.content == expected
+        assert "".join(c.choices[0].delta.content or "" for c in ask(url, stream=True)) == expected
+        for bad, needle in [("https://example.com/cat.png", "not fetched"), ("data:image/png;base64,@@@", "base64"),
+                            ("data:image/png;base64," + base64.b64encode(b"junk").decode(), "not a readable image")]:
+            with pytest.raises(openai.BadRequestError, match=needle):
+                ask(bad)
+    finally:
+        server.shutdown()
+        server.server_close()
+        engine.close()

@@ -117,6 +117,10 @@ def test_bad_chat_and_unknown_route(server, client):
     got, err = raw(server, "POST", "/v1/chat/completions",
                    json.dumps({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}).encode())
     assert got == 400 and "role" in err["error"]["message"]
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    got, err = raw(server, "POST", "/v1/chat/completions",
+                   json.dumps({"model": MODEL, "messages": [{"role": "user", "content": [image]}]}).encode())
+    assert got == 400 and "no vision tower" in err["error"]["message"]
     assert raw(server, "GET", "/v2/nothing")[0] == 404
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.completions.create(model=MODEL, prompt="x", max_tokens=100_000)

@@ -44,6 +44,7 @@ class Request:
     params: SamplingParams
     stop_strings: tuple[str, ...] = ()
     lstrip: bool = False  # drop the answer's leading whitespace (chat)
+    pixel_values: torch.Tensor | None = None  # the tiles of the prompt's images, in order
     id: int = field(default_factory=lambda: next(_ids))
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -153,10 +154,12 @@ class Engine:
             text = TextStream(self.runner.tokenizer, req.stop_strings, req.lstrip)
             self.slots[i] = _Slot(req, text, gen, pos=len(req.prompt_ids) - 1)
         prompts = [req.prompt_ids for _, req in new]
+        tiles = [req.pixel_values for _, req in new if req.pixel_values is not None]
         fresh = KVCache(self.runner.model.config, len(new), max(map(len, prompts)), device=self.device,
                         dtype=self.cache.dtype)
         with torch.no_grad():
-            logits_nV = prefill(self.runner.model, prompts, fresh)
+            logits_nV = prefill(self.runner.model, prompts, fresh,
+                                torch.cat(tiles).to(self.device) if tiles else None)
         for j, (i, req) in enumerate(new):
             self.cache.load_row(i, fresh, j)
             self._deliver(i, int(sample(logits_nV[j:j + 1], req.params, self.slots[i].generator)))

@@ -13,10 +13,14 @@ invalid value (`max_tokens` above the server's limit, a prompt longer than the c
 unknown model or path, 413 for an oversized body. Defaults follow the OpenAI API: temperature 1,
 top_p 1, `max_tokens` 16 for completions and the rest of the context (up to the limit) for chat.
 Extensions (as in vLLM): `top_k`, and `ignore_eos` (generate exactly `max_tokens`, for benchmarks).
+Chat messages may carry OpenAI `image_url` parts with `data:` URLs (base64); remote URLs are refused,
+never fetched.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import queue
 import select
@@ -27,11 +31,14 @@ import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import torch
+
 from behemoth.inference.engine import Engine, Request
 from behemoth.inference.runner import Completion, Runner
 from behemoth.inference.sampling import SamplingParams
 
-MAX_BODY = 8 << 20  # bytes
+MAX_BODY = 32 << 20  # bytes (base64 images included)
+MAX_IMAGES = 8  # per request
 
 
 class APIError(Exception):
@@ -142,23 +149,51 @@ class API:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "'messages' must be a non-empty list", "messages")
-        flat = []
+        flat, pixels = [], []
         for i, m in enumerate(messages):
             if not isinstance(m, dict):
                 raise APIError(400, f"messages[{i}] must be an object", "messages")
             content = m.get("content")
-            if isinstance(content, list):  # content parts: text only
-                if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str)
-                           for c in content):
-                    raise APIError(400, f"messages[{i}].content: only text parts are supported", "messages")
-                content = "".join(c["text"] for c in content)
+            if isinstance(content, list):
+                content = [self._part(c, f"messages[{i}].content[{j}]", pixels) for j, c in enumerate(content)]
             flat.append({"role": m.get("role"), "content": content})
+        if len(pixels) > MAX_IMAGES:
+            raise APIError(400, f"{len(pixels)} images: at most {MAX_IMAGES} per request", "messages")
         try:
             ids = self.runner.encode_chat(flat)
         except ValueError as e:
             raise APIError(400, str(e), "messages") from None
         params, stops = self._common(body, len(ids), self.max_tokens_limit)
-        return Request(ids, params, stops + self.runner.chat.stop_strings, lstrip=True)
+        return Request(ids, params, stops + self.runner.chat.stop_strings, lstrip=True,
+                       pixel_values=torch.cat(pixels) if pixels else None)
+
+    def _part(self, part: object, where: str, pixels: list[torch.Tensor]) -> dict:
+        """One OpenAI content part -> a chat part: text as is; an image (a `data:` URL, base64) as its
+        token block, its tiles appended to `pixels`. Remote URLs are never fetched."""
+        if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+            return {"type": "text", "text": part["text"]}
+        if not (isinstance(part, dict) and part.get("type") == "image_url"):
+            raise APIError(400, f"{where}: expected a 'text' or 'image_url' part", "messages")
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str):
+            raise APIError(400, f"{where}: image_url needs a 'url'", "messages")
+        if not url.startswith("data:"):
+            raise APIError(400, f"{where}: remote image URLs are not fetched; send the image inline as a "
+                                "data: URL (base64)", "messages")
+        header, _, data = url.partition(",")
+        if not header.endswith(";base64"):
+            raise APIError(400, f"{where}: the data: URL must be base64 (data:image/...;base64,...)", "messages")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except binascii.Error as e:
+            raise APIError(400, f"{where}: invalid base64 ({e})", "messages") from None
+        try:
+            block, tiles = self.runner.image(raw, where)
+        except ValueError as e:  # no vision tower, no image tokens, or not a readable image
+            raise APIError(400, str(e), "messages") from None
+        pixels.append(tiles)
+        return {"type": "tokens", "ids": block}
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, list):
