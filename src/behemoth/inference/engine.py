@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -70,7 +69,6 @@ class EngineStats:
     tokens: int = 0
     steps: int = 0
     max_active: int = 0  # the most requests ever decoded in one step
-    busy_s: float = 0.0
 
 
 class Engine:
@@ -146,7 +144,6 @@ class Engine:
                 new.append((i, req))
         if not new:
             return
-        t0 = time.perf_counter()
         for i, req in new:
             gen = None
             if req.params.seed is not None:
@@ -163,7 +160,6 @@ class Engine:
         for j, (i, req) in enumerate(new):
             self.cache.load_row(i, fresh, j)
             self._deliver(i, int(sample(logits_nV[j:j + 1], req.params, self.slots[i].generator)))
-        self.stats.busy_s += time.perf_counter() - t0
 
     def _next_request(self) -> Request | None:
         while True:
@@ -176,7 +172,6 @@ class Engine:
             self.stats.cancelled += 1
 
     def _step(self) -> None:
-        t0 = time.perf_counter()
         tokens = [s.last if s is not None else 0 for s in self.slots]
         pos = [s.pos if s is not None else -1 for s in self.slots]
         with torch.no_grad():
@@ -190,7 +185,6 @@ class Engine:
             s = self.slots[i]
             t = greedy[i] if s.request.params.greedy else int(sample(logits_BV[i:i + 1], s.request.params, s.generator))
             self._deliver(i, t)
-        self.stats.busy_s += time.perf_counter() - t0
 
     def _deliver(self, i: int, token: int) -> None:
         """Account one sampled token of slot i: emit its text, or finish the request."""

@@ -91,7 +91,7 @@ class API:
         st = self.engine.stats
         return {"status": "ok", "model": self.model_name, "active": self.engine.active,
                 "waiting": self.engine.waiting.qsize(), "completed": st.completed, "cancelled": st.cancelled,
-                "tokens": st.tokens, "max_active": st.max_active}
+                "tokens": st.tokens, "steps": st.steps, "max_active": st.max_active}
 
     def _common(self, body: dict, prompt_len: int, default_max: int) -> tuple[SamplingParams, tuple[str, ...]]:
         model = body.get("model")
