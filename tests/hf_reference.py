@@ -36,3 +36,17 @@ def hf_pair(cfg: ModelConfig, seed: int = 0, dtype=torch.float32, attn: str = "s
         state.pop("output.weight")
     ours.load_state_dict(state, strict=True)
     return hf.to(dtype), ours.to(dtype)
+
+
+def hf_multimodal(cfg: ModelConfig, seed: int = 0):
+    """A random transformers `Llama4ForConditionalGeneration` for a config with a vision tower (1-D
+    parameters randomised around 1 so that a norm mix-up cannot hide)."""
+    d = to_hf_config(cfg)
+    del d["model_type"], d["architectures"]
+    torch.manual_seed(seed)
+    hf = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(**d)).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 1:
+                p.normal_(1.0, 0.1)
+    return hf

@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 import behemoth
 from behemoth.checkpoint import CheckpointError, export_hf, save_model
 from behemoth.checkpoint.convert import hf_to_native_key, is_native_only, native_to_hf_key, write_safetensors
-from behemoth.config import to_hf_config
 from behemoth.model import Transformer
 
 TOL = 1e-5
@@ -93,17 +92,10 @@ def test_load_transformers_causal_lm(layout, hf_causal, hf_dir, hf_sharded_dir, 
 
 
 def hf_multimodal(cfg):
-    """A random transformers `Llama4ForConditionalGeneration` for `cfg` (vision parameters included)."""
-    transformers = pytest.importorskip("transformers")
-    d = to_hf_config(cfg)
-    del d["model_type"], d["architectures"]
-    torch.manual_seed(0)
-    hf = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(**d)).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() == 1:
-                p.normal_(1.0, 0.1)
-    return hf
+    pytest.importorskip("transformers")
+    from hf_reference import hf_multimodal as build
+
+    return build(cfg)
 
 
 def image_prompt(cfg, tiles: int, seed: int = 0):

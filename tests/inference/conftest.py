@@ -57,17 +57,16 @@ def char_model_dir(tmp_path_factory):
 def mm_model_dir(tmp_path_factory):
     """A tiny random transformers `Llama4ForConditionalGeneration` (56-pixel tiles, 4 tokens each) with a
     Llama-4-style tokenizer whose `<|patch|>` is the model's image token."""
-    transformers = pytest.importorskip("transformers")
-    from behemoth.config import VisionConfig, to_hf_config
+    pytest.importorskip("transformers")
+    from hf_reference import hf_multimodal
+
+    from behemoth.config import VisionConfig
 
     tok = llama4_style_tokenizer()
     cfg = PRESETS["debug"].replace(vocab_size=512, vision=VisionConfig(
         dim=16, n_layers=2, n_heads=2, ffn_dim=64, image_size=56, patch_size=14, adapter_dim=32),
         image_token_id=tok.token_to_id("<|patch|>"))
-    d = to_hf_config(cfg)
-    del d["model_type"], d["architectures"]
-    torch.manual_seed(0)
-    model = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(**d)).eval()
+    model = hf_multimodal(cfg)
     out = tmp_path_factory.mktemp("mm-model")
     model.save_pretrained(out)
     tok.save(out)
