@@ -108,6 +108,9 @@ def test_server_answers_an_image_question_through_the_openai_client(mm_model_dir
                             ("data:image/png;base64," + base64.b64encode(b"junk").decode(), "not a readable image")]:
             with pytest.raises(openai.BadRequestError, match=needle):
                 ask(bad)
+        nine = [{"type": "image_url", "image_url": {"url": url}}] * 9
+        with pytest.raises(openai.BadRequestError, match="at most 8 per request"):
+            client.chat.completions.create(model="mm", max_tokens=2, messages=[{"role": "user", "content": nine}])
     finally:
         server.shutdown()
         server.server_close()

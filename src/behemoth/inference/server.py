@@ -157,8 +157,6 @@ class API:
             if isinstance(content, list):
                 content = [self._part(c, f"messages[{i}].content[{j}]", pixels) for j, c in enumerate(content)]
             flat.append({"role": m.get("role"), "content": content})
-        if len(pixels) > MAX_IMAGES:
-            raise APIError(400, f"{len(pixels)} images: at most {MAX_IMAGES} per request", "messages")
         try:
             ids = self.runner.encode_chat(flat)
         except ValueError as e:
@@ -178,6 +176,8 @@ class API:
         url = url.get("url") if isinstance(url, dict) else url
         if not isinstance(url, str):
             raise APIError(400, f"{where}: image_url needs a 'url'", "messages")
+        if len(pixels) == MAX_IMAGES:  # refused before decoding any more
+            raise APIError(400, f"more than {MAX_IMAGES} images: at most {MAX_IMAGES} per request", "messages")
         if not url.startswith("data:"):
             raise APIError(400, f"{where}: remote image URLs are not fetched; send the image inline as a "
                                 "data: URL (base64)", "messages")
