@@ -35,6 +35,7 @@ from PIL import Image, UnidentifiedImageError
 MAX_IMAGE_PIXELS = 64_000_000  # larger images are refused (a decompression bomb or a mistake)
 IMAGE_START, IMAGE_END, IMAGE, PATCH = "<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>"
 TILE_X_SEP, TILE_Y_SEP = "<|tile_x_separator|>", "<|tile_y_separator|>"
+IMAGE_SPECIAL_TOKENS = (IMAGE_START, IMAGE_END, IMAGE, PATCH, TILE_X_SEP, TILE_Y_SEP)  # what a tokenizer needs
 
 
 @dataclass

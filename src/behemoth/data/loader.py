@@ -35,36 +35,44 @@ class Batch:
     # [B] int64: the token-stream offset of each row's first input token (window w starts at w * seq_len);
     # it keys per-position data such as cached teacher targets. Stays on the CPU (`to` does not move it).
     offsets: torch.Tensor | None = None
+    # [N, 3, T, T] image tiles of the whole batch, row by row (image-text data); their features replace the
+    # batch's <|patch|> tokens in order (`Transformer.hidden_states`)
+    pixel_values: torch.Tensor | None = None
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> Batch:
+        pixels = None if self.pixel_values is None else self.pixel_values.to(device, non_blocking=non_blocking)
         return Batch(*(t.to(device, non_blocking=non_blocking)
                        for t in (self.input_ids, self.labels, self.positions, self.segment_ids)),
-                     offsets=self.offsets)
+                     offsets=self.offsets, pixel_values=pixels)
 
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()
 
+    @property
+    def model_inputs(self) -> dict:
+        """The keyword arguments of `Transformer.hidden_states` for this batch (pixel values only when it has
+        images, so text-only batches suit any model)."""
+        extra = {} if self.pixel_values is None else {"pixel_values": self.pixel_values}
+        return {"positions": self.positions, "segment_ids": self.segment_ids, **extra}
 
-class DataLoader:
-    """Endless iterator of `Batch`es of `batch_size` windows of `seq_len` tokens from `store`."""
 
-    def __init__(self, store: TokenStore, batch_size: int, seq_len: int, seed: int = 0, shuffle: bool = True) -> None:
+class EpochOrder:
+    """The endless, resumable order in which `num_windows` items (packed windows, or whole examples) are
+    drawn `batch_size` at a time: epoch e visits every item once, in the order of a permutation seeded by
+    (seed, e) (stream order without shuffling). The state is (epoch, index of the next item in the epoch)."""
+
+    def __init__(self, num_windows: int, batch_size: int, seq_len: int, seed: int = 0, shuffle: bool = True) -> None:
         for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("seed", seed, 0)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name}={value!r}: must be an integer >= {low}")
-        self.store = store
         self.batch_size = int(batch_size)
         self.seq_len = int(seq_len)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
-        self.num_windows: int = max(store.num_tokens - 1, 0) // self.seq_len
-        if self.num_windows < 1:
-            where = store.directory if store.directory is not None else "token store"
-            raise ValueError(f"{where}: {store.num_tokens} tokens, too few for one window of seq_len + 1 = "
-                             f"{self.seq_len + 1} tokens")
+        self.num_windows = int(num_windows)
         self.epoch = 0
-        self.index = 0  # next window within the epoch's order
+        self.index = 0  # next item within the epoch's order
         self._order_epoch = -1
         self._order: np.ndarray | None = None
 
@@ -72,14 +80,11 @@ class DataLoader:
     def tokens_per_batch(self) -> int:
         return self.batch_size * self.seq_len
 
-    def __iter__(self) -> DataLoader:
+    def __iter__(self):
         return self
 
-    def __next__(self) -> Batch:
-        return window_batch(self.store, self.seq_len, self._take(self.batch_size))
-
     def _take(self, n: int) -> np.ndarray:
-        """The next `n` window indices, advancing (epoch, index) across epoch boundaries."""
+        """The next `n` item indices, advancing (epoch, index) across epoch boundaries."""
         parts = []
         while n > 0:
             order = self._epoch_order(self.epoch)
@@ -108,7 +113,7 @@ class DataLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from `state_dict()`. The data (num_windows), seq_len, seed and shuffle must match;
-        batch_size may differ (the position is counted in windows)."""
+        batch_size may differ (the position is counted in items)."""
         for key in ("epoch", "index"):
             if key not in state:
                 raise ValueError(f"loader state: missing {key!r}")
@@ -121,6 +126,22 @@ class DataLoader:
         if epoch < 0 or not 0 <= index < self.num_windows:
             raise ValueError(f"loader state: epoch={epoch}, index={index} out of range ({self.num_windows} windows)")
         self.epoch, self.index = epoch, index
+
+
+class DataLoader(EpochOrder):
+    """Endless iterator of `Batch`es of `batch_size` windows of `seq_len` tokens from `store`."""
+
+    def __init__(self, store: TokenStore, batch_size: int, seq_len: int, seed: int = 0, shuffle: bool = True) -> None:
+        super().__init__(0, batch_size, seq_len, seed, shuffle)  # validates the settings
+        self.store = store
+        self.num_windows = max(store.num_tokens - 1, 0) // self.seq_len
+        if self.num_windows < 1:
+            where = store.directory if store.directory is not None else "token store"
+            raise ValueError(f"{where}: {store.num_tokens} tokens, too few for one window of seq_len + 1 = "
+                             f"{self.seq_len + 1} tokens")
+
+    def __next__(self) -> Batch:
+        return window_batch(self.store, self.seq_len, self._take(self.batch_size))
 
 
 def window_batch(store: TokenStore, seq_len: int, windows: np.ndarray) -> Batch:

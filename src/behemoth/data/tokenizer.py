@@ -117,8 +117,9 @@ class Tokenizer:
         return cls(hf, source=f"<byte-level BPE, vocab {vocab_size}>")
 
     @classmethod
-    def from_chars(cls, alphabet: str) -> Tokenizer:
-        """One token per character of `alphabet` (duplicates ignored), after the three special tokens.
+    def from_chars(cls, alphabet: str, extra_special: Sequence[str] = ()) -> Tokenizer:
+        """One token per character of `alphabet` (duplicates ignored), after the three special tokens,
+        then `extra_special` tokens (e.g. the image tokens of `data.images.IMAGE_SPECIAL_TOKENS`).
 
         Characters are numbered in order of first appearance: `from_chars("ab")` gives a=3, b=4.
         Decoding concatenates characters (no spaces are inserted).
@@ -132,8 +133,10 @@ class Tokenizer:
         hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
         hf.decoder = decoders.Fuse()
         hf.add_special_tokens(list(SPECIAL_TOKENS))
+        hf.add_special_tokens([t for t in extra_special if t not in vocab])
         _check_special_ids(hf)
-        return cls(hf, source=f"<characters {alphabet[:40]!r}>")
+        extra = f" + {len(extra_special)} special tokens" if extra_special else ""
+        return cls(hf, source=f"<characters {alphabet[:40]!r}{extra}>")
 
     # ---- use ---------------------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from behemoth.data.images import PATCH, image_to_tiles, image_tokens, load_image
+from behemoth.data.image_text import encode_image
+from behemoth.data.images import PATCH, load_image
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.inference.chat import ChatFormat, chat_format
 from behemoth.inference.generate import generate, token_steps
@@ -76,12 +77,7 @@ class Runner:
         if v is None:
             raise ValueError(f"{self.name} has no vision tower: it cannot take images")
         img = source if isinstance(source, Image.Image) else load_image(source, what)
-        tiles = image_to_tiles(img, tile=v.image_size, max_tiles=self.max_tiles)
-        names = image_tokens(tiles.rows, tiles.cols, v.tokens_per_tile)
-        missing = sorted({n for n in names if self.tokenizer.token_to_id(n) is None})
-        if missing:
-            raise ValueError(f"the tokenizer has no {', '.join(missing)}: it cannot carry images")
-        return [self.tokenizer.token_to_id(n) for n in names], tiles.pixels
+        return encode_image(img, self.tokenizer, v, self.max_tiles)
 
     def encode_prompt_with_images(self, prompt: str, blocks: Sequence[list[int]]) -> list[int]:
         """A raw prompt with image blocks first (after the BOS the tokenizer adds, if any)."""
