@@ -520,6 +520,12 @@ PRESETS: dict[str, ModelConfig] = {
         moe=MoEConfig(num_experts=32, top_k=1, expert_dim=128, interleave_step=2), use_qk_norm=False,
         rope_theta=500000.0, attention_chunk_size=128, floor_scale=512, max_seq_len=2048),
 }
+# The CPU student with a small vision tower (64-pixel tiles of 8-pixel patches: 16 tokens per tile) for the
+# built-in visual tasks. Its image token is `<|patch|>` of the character tokenizer with image tokens
+# (`Tokenizer.from_chars(data.tasks.ALPHABET, data.images.IMAGE_SPECIAL_TOKENS)`).
+PRESETS["mini-maverick-vl"] = PRESETS["mini-maverick"].replace(
+    vision=VisionConfig(dim=96, n_layers=2, n_heads=4, ffn_dim=384, image_size=64, patch_size=8, adapter_dim=128),
+    image_token_id=57)
 
 PRESET_NOTES: dict[str, str] = {
     "debug": "toy model exercising every feature; CPU, seconds",
@@ -531,6 +537,7 @@ PRESET_NOTES: dict[str, str] = {
     "bench-1b": "standard GPU training benchmark: 8 experts top-1 + shared in every layer",
     "mini-behemoth": "CPU teacher: 16 experts + shared, MoE in every layer",
     "mini-maverick": "CPU student: 32 small experts, MoE every other layer, ~4x fewer active params",
+    "mini-maverick-vl": "mini-maverick + a small vision tower (64-pixel tiles) for the built-in visual tasks",
 }
 
 

@@ -75,3 +75,26 @@ def test_chunked_cross_entropy_equals_plain():
     (g,) = torch.autograd.grad(total, h)
     (g_ref,) = torch.autograd.grad(ref, h)
     torch.testing.assert_close(g, g_ref)
+
+
+def test_router_losses_are_weighted_by_the_labelled_share():
+    """Packed text (every position labelled) adds coef * z; a batch labelled at a quarter of its positions
+    adds a quarter of it, so sparse labels (image-text rows) keep the CE-to-router-loss ratio."""
+    import behemoth
+    from behemoth.data.loader import Batch
+    from behemoth.train.config import RouterSection
+    from behemoth.train.steps import PretrainStep, labelled_share
+
+    model = behemoth.build_model("debug", seed=0)
+    ids = torch.randint(3, 200, (2, 16))
+    labels = torch.roll(ids, -1, 1)
+    sparse = labels.clone()
+    sparse[:, :12] = -100
+    pos = torch.arange(16).expand(2, 16)
+    step = PretrainStep(model, RouterSection(z_loss_coef=0.01, balance_loss_coef=0.02))
+    for lab, share in ((labels, 1.0), (sparse, 0.25)):
+        batch = Batch(ids, lab, pos, torch.zeros_like(ids))
+        assert labelled_share(batch) == share
+        model(ids)
+        added, m = step._router_losses(torch.tensor(0.0), step.moes, labelled_share(batch))
+        assert added.item() == pytest.approx(share * (0.01 * m["z_loss"] + 0.02 * m["balance_loss"]), rel=1e-6)

@@ -15,7 +15,7 @@ from torch import nn
 
 from behemoth.data.loader import DataLoader
 from behemoth.data.packing import TokenStore, build_in_memory
-from behemoth.data.tasks import Problem, accuracy
+from behemoth.data.tasks import ANSWER_MARK, Problem, accuracy
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.inference.generate import generate
 from behemoth.train.losses import IGNORE_INDEX
@@ -34,7 +34,7 @@ def heldout_loss(model: nn.Module, store: TokenStore, seq_len: int, batch_size: 
     model.eval()
     total, n = 0.0, 0
     for b in _batches(store, seq_len, batch_size, max_batches, device):
-        logits_BSV = model(b.input_ids, b.positions, b.segment_ids).float()
+        logits_BSV = model(b.input_ids, **b.model_inputs).float()
         total += F.cross_entropy(logits_BSV.flatten(0, 1), b.labels.flatten(), ignore_index=IGNORE_INDEX,
                                  reduction="sum").item()
         n += int((b.labels != IGNORE_INDEX).sum())
@@ -51,8 +51,8 @@ def teacher_kl(student: nn.Module, teacher: nn.Module, store: TokenStore, seq_le
     teacher.eval()
     total, n = 0.0, 0
     for b in _batches(store, seq_len, batch_size, max_batches, device):
-        s_NV = student(b.input_ids, b.positions, b.segment_ids).float().flatten(0, 1)
-        t_NV = teacher(b.input_ids, b.positions, b.segment_ids).float().flatten(0, 1)[:, : s_NV.shape[-1]]
+        s_NV = student(b.input_ids, **b.model_inputs).float().flatten(0, 1)
+        t_NV = teacher(b.input_ids, **b.model_inputs).float().flatten(0, 1)[:, : s_NV.shape[-1]]
         t_log = torch.log_softmax(t_NV, -1)
         total += (t_log.exp() * (t_log - torch.log_softmax(s_NV, -1))).sum().item()
         n += s_NV.shape[0]
@@ -78,6 +78,46 @@ def task_accuracy(model: nn.Module, tokenizer: Tokenizer, problems: Sequence[Pro
     result["samples"] = [{"prompt": p.prompt, "expected": p.answer, "generated": g}
                          for p, g in zip(problems[:samples], outputs[:samples], strict=True)]
     return result
+
+
+@torch.no_grad()
+def visual_task_accuracy(model: nn.Module, tokenizer: Tokenizer, problems: Sequence, max_new_tokens: int = 16,
+                         batch_size: int = 64, samples: int = 3, max_tiles: int = 16) -> dict:
+    """`task_accuracy` for visual problems (`data.vision_tasks.VisualProblem`): each prompt is the
+    picture's image block then the question, exactly as the model trained on them (`data.image_text`)."""
+    from behemoth.data.image_text import encode_image
+
+    model.eval()
+    vision = model.config.vision
+    if vision is None:
+        raise ValueError("visual tasks need a model with a vision tower")
+    device = next(model.parameters()).device
+    stop = tuple(tokenizer.encode("\n")[-1:]) + (tokenizer.eos_id,)
+    outputs: list[str] = []
+    for start in range(0, len(problems), batch_size):
+        rows, tiles = [], []
+        for p in problems[start:start + batch_size]:
+            ids, pixels = encode_image(p.image(), tokenizer, vision, max_tiles)
+            rows.append(ids + tokenizer.encode(p.problem.prompt))
+            tiles.append(pixels)
+        out = generate(model, rows, max_new_tokens=max_new_tokens, stop_ids=stop,
+                       pixel_values=torch.cat(tiles).to(device))
+        outputs += [tokenizer.decode(r) for r in out]
+    result = accuracy([p.problem for p in problems], outputs)
+    result["samples"] = [{"prompt": p.problem.prompt, "expected": p.problem.answer, "generated": g}
+                         for p, g in zip(problems[:samples], outputs[:samples], strict=True)]
+    return result
+
+
+def majority_baseline(train: Sequence[Problem], test: Sequence[Problem]) -> dict:
+    """The accuracy of always giving each task's most frequent training answer: what a model that ignores
+    the question's input (e.g. the picture) can reach. Same keys as `data.tasks.accuracy`."""
+    by_task: dict[str, dict[str, int]] = {}
+    for p in train:
+        counts = by_task.setdefault(p.task, {})
+        counts[p.answer] = counts.get(p.answer, 0) + 1
+    guess = {t: max(c, key=c.get) for t, c in by_task.items()}
+    return accuracy(test, [f"{ANSWER_MARK} {guess.get(p.task, '')}" for p in test])
 
 
 def evaluate_model(model_dir: str, teacher_dir: str | None = None, data: str | None = None, problems: int = 200,

