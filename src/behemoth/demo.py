@@ -4,7 +4,9 @@
 2. Distil the `mini-maverick` student (32 small experts, MoE every other layer) from it.
 3. Train the same student from scratch on the same tokens (same data, seed, steps and batches).
 4. Evaluate all three on held-out problems: loss, perplexity, KL to the teacher, exact-match accuracy.
-5. Write report.json and a self-contained report.html, and print the table.
+5. With `--vision`: train `mini-maverick-vl` (mini-maverick with a small vision tower) on the built-in
+   visual tasks and measure its accuracy on held-out pictures against the majority-answer baseline.
+6. Write report.json and a self-contained report.html, and print the table.
 
 The presets keep their shapes; the vocabulary is cut to the character tokenizer's size (64), since
 the built-in tasks use 54 characters. Every figure is measured in this run; nothing is tuned to it.
@@ -43,6 +45,20 @@ QUICK = Recipe(teacher_steps=60, student_steps=60, batch_size=8, seq_len=128, te
                problems=4000, eval_problems=56, alpha=0.7, temperature=1.0)
 
 
+@dataclass(frozen=True)
+class VisionRecipe:
+    steps: int
+    batch_size: int
+    seq_len: int  # one picture (16 tokens) + question + answer per row
+    lr: float
+    problems: int  # training pictures
+    eval_problems: int  # held-out pictures
+
+
+VISION_FULL = VisionRecipe(steps=1200, batch_size=32, seq_len=80, lr=1e-3, problems=6000, eval_problems=300)
+VISION_QUICK = VisionRecipe(steps=60, batch_size=16, seq_len=80, lr=1e-3, problems=1000, eval_problems=60)
+
+
 def _common(r: Recipe, steps: int, lr: float, out: Path) -> dict:
     return {"data.num_problems": r.problems, "data.seq_len": r.seq_len, "train.batch_size": r.batch_size,
             "train.steps": steps, "optim.lr": lr, "optim.warmup_steps": max(1, steps // 20),
@@ -59,9 +75,10 @@ def _train(name: str, over: dict, mode: str, say) -> tuple[Path, dict, float]:
 
 
 def run_demo(out_dir: str | Path, quick: bool = False, say=print, force: bool = False,
-             recipe: Recipe | None = None) -> dict:
+             recipe: Recipe | None = None, vision: bool = False, vision_recipe: VisionRecipe | None = None) -> dict:
     """Run the story into `out_dir` and return the report. An earlier demo there is an error, or is
-    replaced with `force`. `recipe` overrides the full / quick recipes (tests use a tiny one)."""
+    replaced with `force`. `recipe` overrides the full / quick recipes (tests use a tiny one); `vision`
+    adds the multimodal student (`vision_recipe` likewise)."""
     from behemoth.eval import evaluate_model
     from behemoth.eval.report import write_html
 
@@ -105,14 +122,51 @@ def run_demo(out_dir: str | Path, quick: bool = False, say=print, force: bool = 
     report = {"recipe": r.__dict__, "quick": quick, "models": evals, "gap_recovered": gap,
               "story_holds": {"teacher_ahead": acc["teacher"] > max(acc["distilled"], acc["scratch"]),
                               "distilled_ahead_of_scratch": acc["distilled"] > acc["scratch"]},
-              "wall_seconds": time.perf_counter() - t_start}
+              "wall_seconds": 0.0}
+    if vision:
+        report["vision"] = run_vision(out / "vision", vision_recipe or (VISION_QUICK if quick else VISION_FULL), say)
+    report["wall_seconds"] = time.perf_counter() - t_start
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    write_html(report, {name: ckpt.parent.parent for name, (ckpt, _, _) in runs.items()}, out / "report.html")
+    write_html(report, {name: ckpt.parent.parent for name, (ckpt, _, _) in runs.items()}, out / "report.html",
+               vision_dir=out / "vision")
     for line in format_table(report).splitlines():
         say(line)
     say(f"wrote {out / 'report.json'} and {out / 'report.html'} ({report['wall_seconds'] / 60:.1f} min)")
     say(f"talk to them: behemoth chat --model {out / 'student_distilled'}   (or serve --model ...; ask e.g. 47+85=?)")
     return report
+
+
+def run_vision(out: Path, r: VisionRecipe, say) -> dict:
+    """Train `mini-maverick-vl` from scratch on the built-in visual tasks (count, digit, bigger); measure
+    exact match on held-out pictures, next to the accuracy of always giving each task's most common
+    training answer (what a model blind to the picture can reach). Sample pictures go to `out/samples`."""
+    import behemoth
+    from behemoth.data.tokenizer import Tokenizer
+    from behemoth.data.vision_tasks import generate
+    from behemoth.eval.metrics import majority_baseline, visual_task_accuracy
+
+    say(f"vision: mini-maverick-vl on the built-in visual tasks, {r.steps} steps of {r.batch_size} pictures")
+    over = {"model.preset": "mini-maverick-vl", "data.images": True, "data.max_tiles": 1,
+            "data.num_problems": r.problems, "data.seq_len": r.seq_len, "train.batch_size": r.batch_size,
+            "train.steps": r.steps, "optim.lr": r.lr, "optim.warmup_steps": max(1, r.steps // 20),
+            "log.every": max(1, r.steps // 10), "log.health_every": max(1, r.steps // 6), "log.eval_every": 0,
+            "checkpoint.every": 0, "log.tensorboard": False, "train.out_dir": str(out)}
+    ckpt, summary, seconds = _train("vision", over, "pretrain", say)
+    model, tok = behemoth.load_model(str(ckpt)), Tokenizer.load(ckpt)
+    test = generate("test", r.eval_problems, seed=1)
+    acc = visual_task_accuracy(model, tok, test, max_tiles=1, samples=6)
+    base = majority_baseline([p.problem for p in generate("train", r.problems, seed=0)], [p.problem for p in test])
+    (out / "samples").mkdir(exist_ok=True)
+    for i, (p, s) in enumerate(zip(test, acc["samples"], strict=False)):
+        p.image().save(out / "samples" / f"{i}.png")
+        s["image"] = f"samples/{i}.png"
+    result = {"recipe": r.__dict__, "params": model.config.num_params(),
+              "active_params": model.config.num_active_params(), "train_seconds": seconds,
+              "train_tokens": summary["tokens"], "tokens_per_s": summary["tokens"] / max(seconds, 1e-9),
+              "accuracy": acc, "majority_baseline": base}
+    say(f"  vision: accuracy {acc['overall']:.1%} on {len(test)} held-out pictures "
+        f"(majority-answer baseline {base['overall']:.1%})")
+    return result
 
 
 def _gap(distilled: float, scratch: float, teacher: float) -> float | None:
@@ -135,4 +189,11 @@ def format_table(report: dict) -> str:
                                             else "") +
                     ("the distilled student is not ahead of the scratch student" if not s["distilled_ahead_of_scratch"]
                      else ""))
+    if "vision" in report:
+        v = report["vision"]
+        per = ", ".join(f"{t} {a:.0%} (baseline {v['majority_baseline']['per_task'][t]:.0%})"
+                        for t, a in sorted(v["accuracy"]["per_task"].items()))
+        rows.append(f"vision (mini-maverick-vl, {v['params']:,} params): held-out accuracy "
+                    f"{v['accuracy']['overall']:.1%} vs majority-answer baseline "
+                    f"{v['majority_baseline']['overall']:.1%}; {per}")
     return "\n".join(rows)

@@ -20,8 +20,9 @@ def _img_file(path: Path) -> str | None:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() if path.is_file() else None
 
 
-def write_html(report: dict, run_dirs: dict[str, Path], out: Path) -> Path:
-    """Loss curves, accuracy per task, parameters and speed, gap recovered, expert-load heatmaps."""
+def write_html(report: dict, run_dirs: dict[str, Path], out: Path, vision_dir: Path | None = None) -> Path:
+    """Loss curves, accuracy per task, parameters and speed, gap recovered, expert-load heatmaps; and,
+    when the report has a `vision` part (its run in `vision_dir`), the multimodal student's section."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,6 +85,42 @@ Wall time {report['wall_seconds'] / 60:.1f} min.</p>
 <h2>Training loss</h2><img src="{loss_png}"><h2>Accuracy per task</h2><img src="{acc_png}">
 <h2>Expert load over training</h2>{heatmaps}
 <h2>Sample answers</h2><table><tr><th>model</th><th>prompt</th><th>expected</th><th>generated</th></tr>{samples}</table>
+{_vision_section(report["vision"], vision_dir, plt) if "vision" in report and vision_dir else ""}
 </body></html>"""
     out.write_text(page)
     return out
+
+
+def _vision_section(v: dict, run_dir: Path, plt) -> str:
+    """The multimodal student: accuracy per task next to the majority-answer baseline, its training loss,
+    and sample pictures with the question, the expected and the generated answer."""
+    tasks = sorted(v["accuracy"]["per_task"])
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    x = range(len(tasks))
+    ax1.bar([t - 0.2 for t in x], [v["accuracy"]["per_task"][t] for t in tasks], 0.4,
+            label=f"mini-maverick-vl ({v['accuracy']['overall']:.0%})")
+    ax1.bar([t + 0.2 for t in x], [v["majority_baseline"]["per_task"][t] for t in tasks], 0.4, color="#bbb",
+            label=f"majority answer ({v['majority_baseline']['overall']:.0%})")
+    ax1.set_xticks(list(x), tasks)
+    ax1.set_ylim(0, 1)
+    ax1.set_ylabel("exact match, held-out pictures")
+    ax1.legend(fontsize=8)
+    train = [r for r in read_metrics(run_dir) if r.get("type") == "train"]
+    ax2.plot([r["step"] for r in train], [r["loss"] for r in train])
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("answer loss")
+    ax2.set_yscale("log")
+    ax2.grid(alpha=0.3)
+    chart = _png(fig)
+    plt.close(fig)
+    samples = "".join(
+        f"<tr><td><img src='{_img_file(run_dir / s['image']) or ''}' width=96 style='image-rendering:pixelated'>"
+        f"</td><td><pre>{html.escape(s['prompt'])}</pre></td><td>{html.escape(s['expected'])}</td>"
+        f"<td><pre>{html.escape(s['generated'])}</pre></td></tr>" for s in v["accuracy"]["samples"] if "image" in s)
+    return f"""<h1>Learning from pictures</h1>
+<p>mini-maverick-vl ({v['params']:,} parameters: mini-maverick with a small vision tower) trained from scratch for
+{v['recipe']['steps']} steps on the built-in visual tasks (count the shapes of a colour, read a seven-segment
+digit, which shape is bigger), evaluated on {v['accuracy']['n']} pictures never seen in training. The baseline
+always gives each task's most common training answer: what a model blind to the picture can reach.</p>
+<img src="{chart}"><table><tr><th>picture</th><th>question</th><th>expected</th><th>generated</th></tr>{samples}
+</table>"""
