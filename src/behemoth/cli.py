@@ -282,6 +282,26 @@ def _add_sampling_args(s: argparse.ArgumentParser, max_new: int) -> None:
     s.add_argument("--system", help="a system message (chat)")
 
 
+# ---- plan ----------------------------------------------------------------------------------------
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    """Memory per GPU by part, whether it fits, the fewest GPUs that fit, FLOPs and time (`behemoth.plan`)."""
+    from behemoth.plan import PlanRequest, format_plan, plan
+
+    if args.config:
+        path = Path(args.config)
+        cfg, name = load_config_file(path / "config.json" if path.is_dir() else path), str(path)
+    else:
+        cfg, name = get_preset(args.preset), args.preset
+    req = PlanRequest(mode=args.mode, gpus=args.gpus, gpu_mem_gb=args.gpu_mem_gb, precision=args.precision,
+                      context=args.context, batch=args.batch, tflops=args.tflops, tokens=args.tokens)
+    try:
+        result = plan(cfg, req, name)
+    except ValueError as e:
+        raise UsageError(f"behemoth plan: error: {e}") from None
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+
+
 # ---- demo ----------------------------------------------------------------------------------------
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -389,6 +409,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compile", action="store_true",
                    help="compile the decode step (CUDA graphs on GPU); the first request waits for compilation")
     s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("plan", help="memory per GPU, fit, fewest GPUs, FLOPs and time to train or serve a model")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--preset", choices=list(PRESETS), help="a built-in preset")
+    g.add_argument("--config", help="a config.json (native or transformers), or a checkpoint directory")
+    s.add_argument("--mode", choices=("train", "serve"), required=True)
+    s.add_argument("--gpus", type=int, required=True, help="GPU count")
+    s.add_argument("--gpu-mem-gb", type=float, required=True, help="memory per GPU in GB (10^9 bytes), e.g. 80")
+    s.add_argument("--precision", choices=("bf16", "fp8"), required=True,
+                   help="serve: weight format (fp8: routed experts in fp8); train: compute precision")
+    s.add_argument("--context", type=int, default=8192, help="tokens per sequence (default 8192)")
+    s.add_argument("--batch", type=int, default=1, help="sequences: in all when serving, per GPU when training")
+    s.add_argument("--tflops", type=float, default=400.0,
+                   help="sustained TFLOP/s per GPU for the time estimates (default 400, ~40%% of an H100's "
+                        "dense bf16 peak)")
+    s.add_argument("--tokens", type=float, help="also give the time for this many tokens (e.g. 30e12)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("demo", help="the main job: train a teacher, distil a student, compare with one trained "
                                     "from scratch, report (about 8 minutes on 2 CPU cores; --quick about 1)")

@@ -1,0 +1,209 @@
+"""`behemoth plan`: will a model train or serve on N GPUs of M GB, and how long will it take?
+
+Everything is arithmetic on the config (`ModelConfig.param_breakdown`), no weights are built. Memory is
+per GPU, in GB of 10^9 bytes, by part; a plan fits when the parts sum to at most `usable` = 90% of each
+GPU's memory (the rest goes to the CUDA context, NCCL buffers and allocator fragmentation; vLLM's default
+`gpu_memory_utilization` is the same 0.9).
+
+Serving (`mode="serve"`): weights and KV cache are sharded evenly over the GPUs (tensor/expert parallel):
+  * weights: bf16 = 2 bytes per parameter; fp8 = 1 byte for the routed experts (with one fp32 scale per
+    output channel) and bf16 for everything else, as Meta's FP8 Maverick checkpoint stores them;
+  * KV cache (bf16, `inference.cache.cache_bytes`, what `behemoth serve` allocates): K and V of `batch`
+    sequences of `context` tokens; chunked-attention (RoPE) layers keep at most `attention_chunk_size`
+    tokens, NoPE (global) layers all of them;
+  * activations: the transient of one prefill chunk (at most 8,192 tokens in flight, vLLM's default
+    batch budget) through the widest layer, plus the fp32 logits of the last position of every sequence.
+Training (`mode="train"`): FSDP (ZeRO-3) over all GPUs with expert parallelism (`expert_parallel_degree`),
+mixed precision, AdamW; no tensor, context or pipeline parallelism, so the activations of a GPU's own
+sequences do not shrink as GPUs are added:
+  * weights: fp32 master weights sharded (4 bytes / parameter / GPU count) plus two blocks gathered in
+    the compute precision (the one computing and the one prefetched), each with only its EP rank's experts;
+  * gradients: fp32, sharded (4 bytes / parameter / GPU count); optimizer: AdamW's two fp32 moments (8);
+  * activations: full activation checkpointing (each block keeps its bf16 input) plus one block's
+    activations being recomputed, for `batch` sequences of `context` tokens per GPU (an estimate: see
+    `_block_activation_bytes`).
+FLOPs per token: training `ModelConfig.train_flops_per_token` (6 x active parameters + attention);
+serving a third of it (the forward pass). Time = FLOPs / (GPUs x sustained TFLOP/s): per training step
+(every GPU's `batch` x `context` tokens), per generated token at `batch` sequences, and for `tokens`
+tokens in all when given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from behemoth.config import ModelConfig
+from behemoth.inference.cache import cache_bytes
+
+GB = 1e9
+USABLE = 0.9  # share of each GPU's memory a plan may fill
+PREFILL_TOKENS = 8192  # tokens in flight per serving step, at most
+MAX_GPUS = 1 << 20  # the search for the minimum GPU count stops here
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    mode: str  # train | serve
+    gpus: int
+    gpu_mem_gb: float
+    precision: str  # bf16 | fp8
+    context: int  # tokens per sequence
+    batch: int  # sequences (serve: in all; train: per GPU)
+    tflops: float  # sustained dense TFLOP/s per GPU, for the time estimates
+    tokens: float | None = None  # training tokens in all (train) or tokens to generate (serve)
+
+    def check(self) -> None:
+        for name, ok in (("mode", self.mode in ("train", "serve")), ("gpus", self.gpus >= 1),
+                         ("gpu_mem_gb", self.gpu_mem_gb > 0), ("precision", self.precision in ("bf16", "fp8")),
+                         ("context", self.context >= 1), ("batch", self.batch >= 1), ("tflops", self.tflops > 0),
+                         ("tokens", self.tokens is None or self.tokens > 0)):
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: not a valid value")
+
+
+def _weight_bytes(cfg: ModelConfig, precision: str) -> float:
+    """Serving weights: bf16 everywhere, or fp8 routed experts (+ fp32 per-channel scales) and bf16 rest."""
+    total = cfg.param_breakdown()["total"]
+    n = sum(total.values())
+    if precision == "bf16":
+        return 2.0 * n
+    experts = total["routed_experts"]
+    scales = 0
+    if cfg.moe is not None:  # one scale per output channel of w13 (2F) and w2 (D), per expert and layer
+        scales = len(cfg.moe_layers) * cfg.moe.num_experts * (2 * cfg.moe.expert_dim + cfg.dim)
+    return 1.0 * experts + 4.0 * scales + 2.0 * (n - experts)
+
+
+def _widest_ffn(cfg: ModelConfig) -> int:
+    """Hidden width of the widest feed-forward a token goes through in one layer (routed + shared)."""
+    widths = [cfg.ffn_dim] if len(cfg.moe_layers) < cfg.n_layers else []
+    if cfg.moe is not None and cfg.moe_layers:
+        widths.append((cfg.moe.top_k + cfg.moe.num_shared_experts) * cfg.moe.expert_dim)
+    return max(widths)
+
+
+def _block_activation_bytes(cfg: ModelConfig) -> float:
+    """bf16 bytes one token keeps for the backward of one block (flash attention: no S x S scores):
+    norm outputs and residuals (4D), q/k/v and the attention output (2 q-width + 2 kv-width), and in the
+    feed-forward the input and gate/up/product activations of every expert the token visits (D + 3F each)."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    visits = 1 if cfg.moe is None else cfg.moe.top_k + cfg.moe.num_shared_experts
+    ffn = _widest_ffn(cfg)
+    return 2.0 * (4 * cfg.dim + 2 * q + 2 * kv + visits * cfg.dim + 3 * ffn)
+
+
+def expert_parallel_degree(cfg: ModelConfig, gpus: int) -> int:
+    """Training's EP degree: the largest divisor of the expert count that is at most the GPU count (each
+    EP rank holds num_experts / EP whole experts; the other GPUs are data-parallel replicas of that split)."""
+    if cfg.moe is None or not cfg.moe_layers:
+        return 1
+    return max(d for d in range(1, min(cfg.moe.num_experts, gpus) + 1) if cfg.moe.num_experts % d == 0)
+
+
+def _gathered_layer_params(cfg: ModelConfig, ep: int) -> int:
+    """Parameters of the largest block as FSDP gathers it on one GPU: everything but the routed experts,
+    and of those the 1/ep share this GPU's EP rank owns."""
+    total = cfg.param_breakdown()["total"]
+    attn = total["attention"] / cfg.n_layers
+    dense = 3 * cfg.dim * cfg.ffn_dim if len(cfg.moe_layers) < cfg.n_layers else 0
+    moe = 0.0
+    if cfg.moe_layers:
+        n = len(cfg.moe_layers)
+        moe = (total["routers"] + total["shared_experts"] + total["routed_experts"] / ep) / n
+    return int(attn + max(dense, moe))
+
+
+def memory_per_gpu(cfg: ModelConfig, req: PlanRequest, gpus: int) -> dict[str, float]:
+    """Bytes per GPU by part at `gpus` GPUs (see the module docstring)."""
+    n = cfg.num_params()
+    if req.mode == "serve":
+        prefill = min(PREFILL_TOKENS, req.batch * req.context)
+        transient = prefill * 2.0 * (4 * cfg.dim + 3 * _widest_ffn(cfg)) + req.batch * cfg.vocab_size * 4.0
+        return {"weights": _weight_bytes(cfg, req.precision) / gpus, "gradients": 0.0, "optimizer": 0.0,
+                "activations": transient / gpus,
+                "kv_cache": cache_bytes(cfg, req.batch, req.context)["total"] / gpus}
+    compute_bytes = 1.0 if req.precision == "fp8" else 2.0
+    tokens = req.batch * req.context
+    checkpoints = cfg.n_layers * tokens * cfg.dim * 2.0
+    logits = min(tokens, 1024) * cfg.vocab_size * 4.0  # fp32 logits of one 1,024-token loss chunk
+    gathered = 2 * compute_bytes * _gathered_layer_params(cfg, expert_parallel_degree(cfg, gpus))
+    return {"weights": 4.0 * n / gpus + gathered, "gradients": 4.0 * n / gpus,
+            "optimizer": 8.0 * n / gpus,
+            "activations": checkpoints + tokens * _block_activation_bytes(cfg) + logits, "kv_cache": 0.0}
+
+
+def _fits(cfg: ModelConfig, req: PlanRequest, gpus: int) -> bool:
+    return sum(memory_per_gpu(cfg, req, gpus).values()) <= USABLE * req.gpu_mem_gb * GB
+
+
+def min_gpus(cfg: ModelConfig, req: PlanRequest) -> int | None:
+    """The fewest GPUs (of `req.gpu_mem_gb`) on which the plan fits; None if no count up to 2^20 does."""
+    if not _fits(cfg, req, MAX_GPUS):
+        return None
+    lo, hi = 1, MAX_GPUS  # memory per GPU only falls as GPUs are added: bisect
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if _fits(cfg, req, mid) else (mid + 1, hi)
+    return lo
+
+
+def plan(cfg: ModelConfig, req: PlanRequest, name: str = "") -> dict:
+    """The whole answer as a dict (what `behemoth plan --json` prints)."""
+    req.check()
+    mem = memory_per_gpu(cfg, req, req.gpus)
+    total = sum(mem.values())
+    train_fpt = cfg.train_flops_per_token(req.context)
+    fpt = train_fpt if req.mode == "train" else train_fpt / 3
+    rate = req.gpus * req.tflops * 1e12  # FLOP/s of the whole job
+    out = {
+        "model": name, "mode": req.mode, "gpus": req.gpus, "gpu_mem_gb": req.gpu_mem_gb,
+        "precision": req.precision, "context": req.context, "batch": req.batch,
+        "total_params": cfg.num_params(), "active_params": cfg.num_active_params(),
+        "memory_gb_per_gpu": {k: v / GB for k, v in mem.items()} | {"total": total / GB},
+        "usable_gb_per_gpu": USABLE * req.gpu_mem_gb,
+        "fits": total <= USABLE * req.gpu_mem_gb * GB,
+        "min_gpus": min_gpus(cfg, req),
+        "flops_per_token": fpt, "sustained_tflops_per_gpu": req.tflops,
+    }
+    if req.mode == "train":
+        out["ep"] = expert_parallel_degree(cfg, req.gpus)
+        step_tokens = req.gpus * req.batch * req.context
+        out["tokens_per_step"] = step_tokens
+        out["seconds_per_step"] = fpt * step_tokens / rate
+    else:
+        out["seconds_per_token"] = fpt / rate  # compute-bound: one token of one sequence, all GPUs on it
+        out["seconds_per_decode_step"] = fpt * req.batch / rate
+    if req.tokens is not None:
+        out["tokens"] = req.tokens
+        out["total_seconds"] = fpt * req.tokens / rate
+        out["total_days"] = out["total_seconds"] / 86400
+    return out
+
+
+def format_plan(p: dict) -> str:
+    """The human-readable table of `plan`'s answer."""
+    rows = [f"{p['model'] or 'model'}: {p['total_params']:,} parameters, {p['active_params']:,} active per token; "
+            f"{p['mode']} in {p['precision']} on {p['gpus']:,} x {p['gpu_mem_gb']:g} GB, context {p['context']:,}, "
+            f"batch {p['batch']:,}{' per GPU' if p['mode'] == 'train' else ''}",
+            f"{'memory per GPU':<22}{'GB':>12}"]
+    for part, gb in p["memory_gb_per_gpu"].items():
+        rows.append(f"  {part:<20}{gb:>12,.2f}")
+    verdict = "fits" if p["fits"] else "does NOT fit"
+    rows.append(f"{verdict} in {p['usable_gb_per_gpu']:,.1f} GB usable per GPU (90%); fewest GPUs that fit: "
+                + (f"{p['min_gpus']:,}" if p["min_gpus"] is not None else
+                   "none (what does not shrink with more GPUs is already too much"
+                   + ("; lower --batch or --context, or add tensor/pipeline parallelism)" if p["mode"] == "train"
+                      else ")")))
+    if p["mode"] == "train":
+        rows.append(f"parallelism: FSDP over {p['gpus']:,} GPUs, experts split {p['ep']}-way (EP)")
+    rows.append(f"FLOPs per token: {p['flops_per_token']:.4g} ({'training' if p['mode'] == 'train' else 'forward'})")
+    tf = p["sustained_tflops_per_gpu"]
+    if p["mode"] == "train":
+        rows.append(f"at {tf:g} TFLOP/s per GPU: {p['seconds_per_step']:.3g} s per step of "
+                    f"{p['tokens_per_step']:,} tokens")
+    else:
+        rows.append(f"at {tf:g} TFLOP/s per GPU (compute bound): {p['seconds_per_token'] * 1e3:.3g} ms per token, "
+                    f"{p['seconds_per_decode_step'] * 1e3:.3g} ms per decode step of {p['batch']:,} sequences")
+    if "total_seconds" in p:
+        rows.append(f"{p['tokens']:.4g} tokens: {p['total_seconds']:.4g} s = {p['total_days']:.1f} days")
+    return "\n".join(rows)
