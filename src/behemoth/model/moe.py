@@ -103,8 +103,11 @@ class GroupedExperts(nn.Module):
     `w2` [E, F, D] (down).
 
     `grouped` picks the kernel: None lets `use_grouped_mm` decide, True forces `torch._grouped_mm`,
-    False forces the per-expert loop.
+    False forces the per-expert loop. `direct_ok`: the weights hold every expert, so `MoE` may index them
+    by expert id for decode-sized inputs (a subclass holding a slice of the experts sets it False).
     """
+
+    direct_ok = True
 
     def __init__(self, dim: int, hidden_dim: int, num_experts: int):
         super().__init__()
@@ -182,7 +185,8 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(-1, D)
         scores_TK, ids_TK, logits_TE = self.router(x_TD)
         few = not self.training and not self.use_loop and x_TD.shape[0] * self.top_k <= self.num_experts
-        if few and not self.experts.use_grouped_mm(x_TD):  # where the grouped GEMM runs, it is sync-free already
+        # where the grouped GEMM runs, it is sync-free already
+        if few and self.experts.direct_ok and not self.experts.use_grouped_mm(x_TD):
             return self._forward_few(x_TD, scores_TK, ids_TK).view(B, S, D)
         ids_M = ids_TK.flatten()
         order_M = torch.argsort(ids_M, stable=True)  # slot m = t*K + k, sorted by expert id
