@@ -1,0 +1,45 @@
+"""The training run shared by the 2-process worker and the one-process reference."""
+
+import torch
+import torch.distributed as dist
+
+import behemoth
+from behemoth.config import PRESETS
+from behemoth.data.loader import Batch
+from behemoth.parallel.distributed import all_reduce_counts, clip_grad_norm
+from behemoth.train.config import OptimSection, RouterSection
+from behemoth.train.optim import build_optimizer, update_expert_bias
+from behemoth.train.steps import PretrainStep, moe_layers
+
+CFG = PRESETS["debug"].replace(moe={"num_experts": 4, "top_k": 2})
+ROWS, SEQ = 4, 32
+
+
+def batch(step: int, rank: int, world: int) -> Batch:
+    """This rank's rows of step `step`'s global batch [ROWS, SEQ] (two batches in turn, so it can learn)."""
+    ids = torch.randint(3, CFG.vocab_size, (ROWS, SEQ + 1), generator=torch.Generator().manual_seed(step % 2))
+    ids = ids[rank * ROWS // world:(rank + 1) * ROWS // world]
+    rows = len(ids)
+    return Batch(ids[:, :-1], ids[:, 1:], torch.arange(SEQ).expand(rows, SEQ), torch.zeros(rows, SEQ, dtype=torch.long))
+
+
+def train(steps: int, rank: int, world: int, wrap=lambda m: m) -> list[dict]:
+    model = wrap(behemoth.build_model(CFG, seed=0).train())
+    step_fn = PretrainStep(model, RouterSection(bias_update_rate=0.01))
+    opt = build_optimizer([model], OptimSection(lr=3e-3))
+    moes = moe_layers(model)
+    out = []
+    for s in range(steps):
+        m = step_fn.forward_backward(batch(s, rank, world), 1.0)
+        loss = torch.tensor(m["loss"])
+        if dist.is_initialized():
+            dist.all_reduce(loss)
+        norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        all_reduce_counts(moes)
+        for moe in moes:
+            update_expert_bias(moe.router.expert_bias, moe.tokens_per_expert, 0.01)
+            moe.tokens_per_expert.zero_()
+        out.append({"loss": float(loss) / world, "grad_norm": norm})
+    return out

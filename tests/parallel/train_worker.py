@@ -1,0 +1,30 @@
+"""N training steps of the debug model on 2 processes (FSDP, or EP composed with FSDP), run by torchrun from
+test_distributed_training.py: the real training step (`PretrainStep`), global gradient clipping, AdamW and
+the aux-loss-free bias update on globally reduced counts. Rank 0 writes the losses to OUT/losses.json.
+Arguments: OUT EP STEPS."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from train_common import train  # noqa: E402
+
+from behemoth.parallel.distributed import parallelize, setup_distributed  # noqa: E402
+
+
+def main() -> None:
+    out, ep, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    info = setup_distributed("cpu")
+    losses = train(steps, info.rank, info.world, lambda m: parallelize(m, info.world, ep))
+    if info.is_main:
+        with open(f"{out}/losses.json", "w") as f:
+            json.dump(losses, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()
