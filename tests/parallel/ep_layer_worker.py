@@ -5,6 +5,7 @@ output, input gradient and parameter gradients to OUT/rank{r}.pt; the test compa
 Arguments: OUT TOP_K BIAS (BIAS: comma-separated router biases, e.g. "0,0,0,0" or "20,0,0,0").
 """
 
+import os
 import sys
 
 import torch
@@ -27,8 +28,10 @@ def main() -> None:
     (y * g).sum().backward()
     torch.save({"y": y.detach(), "x_grad": x.grad, "grads": {n: p.grad for n, p in layer.named_parameters()},
                 "tokens_per_expert": layer.tokens_per_expert.clone()}, f"{out}/rank{rank}.pt")
+    dist.barrier()  # both ranks done with every collective before the group goes
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    os._exit(0)  # results are written; skip interpreter teardown, where gloo intermittently aborts (std::terminate)

@@ -4,6 +4,7 @@ the aux-loss-free bias update on globally reduced counts. Rank 0 writes the loss
 Arguments: OUT EP STEPS."""
 
 import json
+import os
 import sys
 
 import torch
@@ -22,9 +23,11 @@ def main() -> None:
     if info.is_main:
         with open(f"{out}/losses.json", "w") as f:
             json.dump(losses, f)
+    dist.barrier()  # both ranks done with every collective before the group goes
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     torch.manual_seed(0)
     main()
+    os._exit(0)  # results are written; skip interpreter teardown, where gloo intermittently aborts (std::terminate)

@@ -108,7 +108,7 @@ def _vision_section(v: dict, run_dir: Path, plt) -> str:
     train = [r for r in read_metrics(run_dir) if r.get("type") == "train"]
     ax2.plot([r["step"] for r in train], [r["loss"] for r in train])
     ax2.set_xlabel("step")
-    ax2.set_ylabel("answer loss")
+    ax2.set_ylabel("training loss (answer text)")
     ax2.set_yscale("log")
     ax2.grid(alpha=0.3)
     chart = _png(fig)
