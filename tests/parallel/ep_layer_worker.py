@@ -17,6 +17,10 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from ep_common import build_layer, rank_inputs  # noqa: E402
 
 
+def local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def main() -> None:
     out, top_k, bias = sys.argv[1], int(sys.argv[2]), [float(b) for b in sys.argv[3].split(",")]
     dist.init_process_group("gloo")
@@ -26,7 +30,7 @@ def main() -> None:
     x.requires_grad_(True)
     y = layer(x)
     (y * g).sum().backward()
-    torch.save({"y": y.detach(), "x_grad": x.grad, "grads": {n: p.grad for n, p in layer.named_parameters()},
+    torch.save({"y": y.detach(), "x_grad": x.grad, "grads": {n: local(p.grad) for n, p in layer.named_parameters()},
                 "tokens_per_expert": layer.tokens_per_expert.clone()}, f"{out}/rank{rank}.pt")
     dist.barrier()  # both ranks done with every collective before the group goes
     dist.destroy_process_group()

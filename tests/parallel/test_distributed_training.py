@@ -1,5 +1,6 @@
 """Training on 2 processes (torchrun, gloo) follows the one-process loss curve: FSDP over both ranks, and
-expert parallelism (EP=2) composed with FSDP."""
+expert parallelism (EP=2) composed with FSDP; distributed checkpoints written at one world size resume
+exactly at the other."""
 
 from __future__ import annotations
 
@@ -22,14 +23,32 @@ def reference():
     return train(STEPS, rank=0, world=1)
 
 
-@pytest.mark.parametrize("ep", [1, 2], ids=["fsdp2", "ep2-with-fsdp"])
-def test_two_processes_follow_the_one_process_loss_curve(tmp_path, reference, ep):
+def two_processes(out: Path, ep: int, *resume: str) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(WORKER),
-           str(tmp_path), str(ep), str(STEPS)]
+           str(out), str(ep), str(STEPS), *resume]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    got = json.loads((tmp_path / "losses.json").read_text())
+    return json.loads((out / "losses.json").read_text())
+
+
+@pytest.mark.parametrize("ep", [1, 2], ids=["fsdp2", "ep2-with-fsdp"])
+def test_two_processes_follow_the_one_process_loss_curve(tmp_path, reference, ep):
+    got = two_processes(tmp_path, ep)
     assert reference[-1]["loss"] < reference[0]["loss"] - 0.5  # it trains
     for i, (a, b) in enumerate(zip(got, reference, strict=True)):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (i, a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * b["grad_norm"], (i, a, b)
+
+
+def test_checkpoint_written_by_two_processes_resumes_on_one_and_back(tmp_path, reference):
+    """EP=2 + FSDP saves after step 8 (torch.distributed.checkpoint); one process resumes it for steps 8-13
+    and saves; EP=2 + FSDP resumes that for the rest. Every loss equals the uninterrupted run's."""
+    half = STEPS // 2 - 2
+    first = two_processes(tmp_path, 2, "0", "-", str(tmp_path / "ckpt_w2"), str(half))[:half]
+    middle = train(half + 6, rank=0, world=1, start=half, load=str(tmp_path / "ckpt_w2"),
+                   save=str(tmp_path / "ckpt_w1"), save_at=half + 6)
+    last = two_processes(tmp_path, 2, str(half + 6), str(tmp_path / "ckpt_w1"), "-", "0")
+    got = first + middle + last
+    assert len(got) == STEPS
+    for i, (a, b) in enumerate(zip(got, reference, strict=True)):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (i, a, b)

@@ -23,13 +23,30 @@ def batch(step: int, rank: int, world: int) -> Batch:
     return Batch(ids[:, :-1], ids[:, 1:], torch.arange(SEQ).expand(rows, SEQ), torch.zeros(rows, SEQ, dtype=torch.long))
 
 
-def train(steps: int, rank: int, world: int, wrap=lambda m: m) -> list[dict]:
+def _state(model, opt) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+
+
+def train(steps: int, rank: int, world: int, wrap=lambda m: m, start: int = 0, load: str | None = None,
+          save: str | None = None, save_at: int | None = None) -> list[dict]:
+    """Steps start..steps-1; `load`: resume from a distributed checkpoint first; `save`: write one after
+    step `save_at` (`torch.distributed.checkpoint`, at whatever world size this run has)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
     model = wrap(behemoth.build_model(CFG, seed=0).train())
     step_fn = PretrainStep(model, RouterSection(bias_update_rate=0.01))
     opt = build_optimizer([model], OptimSection(lr=3e-3))
     moes = moe_layers(model)
+    if load is not None:
+        state = _state(model, opt)
+        dcp.load(state, checkpoint_id=load)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
     out = []
-    for s in range(steps):
+    for s in range(start, steps):
         m = step_fn.forward_backward(batch(s, rank, world), 1.0)
         loss = torch.tensor(m["loss"])
         if dist.is_initialized():
@@ -42,4 +59,6 @@ def train(steps: int, rank: int, world: int, wrap=lambda m: m) -> list[dict]:
             update_expert_bias(moe.router.expert_bias, moe.tokens_per_expert, 0.01)
             moe.tokens_per_expert.zero_()
         out.append({"loss": float(loss) / world, "grad_norm": norm})
+        if save is not None and s + 1 == save_at:
+            dcp.save(_state(model, opt), checkpoint_id=save)
     return out

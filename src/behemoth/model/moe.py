@@ -121,9 +121,14 @@ class GroupedExperts(nn.Module):
         the operands (x, w13, w2 and the [M, F] activation) meet its 16-byte alignment; else the loop."""
         if x_MD.device.type != "cuda" or not grouped_mm_supported(x_MD.device, x_MD.dtype):
             return False
-        same_dtype = self.w13.dtype == self.w2.dtype == x_MD.dtype
+        w13, w2 = self.weights()
+        same_dtype = w13.dtype == w2.dtype == x_MD.dtype
         act_aligned = self.hidden_dim * x_MD.element_size() % 16 == 0
-        return same_dtype and act_aligned and all(_aligned_16(t) for t in (x_MD, self.w13, self.w2))
+        return same_dtype and act_aligned and all(_aligned_16(t) for t in (x_MD, w13, w2))
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13, w2) as the kernels use them (a subclass holding distributed tensors returns its local part)."""
+        return self.w13, self.w2
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x [M, D] sorted by expert, counts [E] (slots per expert) -> [M, D]."""
@@ -133,8 +138,9 @@ class GroupedExperts(nn.Module):
     def forward_grouped(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Two grouped GEMMs over the sorted slots; offsets are int32 cumulative counts [E]."""
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        gate_MF, up_MF = torch._grouped_mm(x_MD, self.w13, offs=offs_E).chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate_MF) * up_MF, self.w2, offs=offs_E)
+        w13, w2 = self.weights()
+        gate_MF, up_MF = torch._grouped_mm(x_MD, w13, offs=offs_E).chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate_MF) * up_MF, w2, offs=offs_E)
 
     def forward_loop(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """One matmul pair per expert over its contiguous slice [n, D]; experts with no slots are skipped.
@@ -145,7 +151,8 @@ class GroupedExperts(nn.Module):
         """
         counts = counts_E.tolist()
         outs = []
-        slices = zip(x_MD.split(counts), self.w13.unbind(0), self.w2.unbind(0), counts, strict=True)
+        w13, w2 = self.weights()
+        slices = zip(x_MD.split(counts), w13.unbind(0), w2.unbind(0), counts, strict=True)
         for x_nD, w13_DF2, w2_FD, n in slices:
             if n == 0:
                 continue

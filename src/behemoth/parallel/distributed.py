@@ -86,7 +86,7 @@ def parallelize(model: nn.Module, world: int, ep: int = 1, device_type: str = "c
 
     dp_mesh, expert_mesh = build_meshes(world, ep, device_type)
     if ep > 1:
-        apply_expert_parallel(model, expert_mesh.get_group("ep"))
+        apply_expert_parallel(model, expert_mesh["ep"])
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:

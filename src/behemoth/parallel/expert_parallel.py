@@ -2,8 +2,10 @@
 routed slots travel to the rank that holds their expert and back with all-to-all.
 
 Applied from outside the model (`apply_expert_parallel`): each `MoE.experts` is replaced by an
-`ExpertParallelExperts` holding this rank's consecutive slice of experts under the same parameter names
-(`w13` [E/ep, D, 2F], `w2` [E/ep, F, D]). The router, the shared expert and everything else stay whole on
+`ExpertParallelExperts` whose `w13` [E, D, 2F] and `w2` [E, F, D] are DTensors sharded on dim 0 over the
+"ep" device mesh: this rank stores and computes with its consecutive E/ep experts, while names and global
+shapes stay those of one device, so `torch.distributed.checkpoint` can save at one world size and load at
+another. The router, the shared expert and everything else stay whole on
 every rank (data parallel). One MoE forward, for ep ranks holding E_l = E / ep experts each:
 
   1. the layer has routed its T tokens and sorted the M = T*K slots by global expert id: x [M, D] and
@@ -31,6 +33,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from behemoth.model.moe import GroupedExperts, MoE
 
@@ -57,18 +60,23 @@ class ExpertParallelExperts(GroupedExperts):
 
     direct_ok = False  # the weights hold E_l experts: `MoE._forward_few` must not index them by global id
 
-    def __init__(self, experts: GroupedExperts, group: dist.ProcessGroup | None = None):
+    def __init__(self, experts: GroupedExperts, mesh):
         nn.Module.__init__(self)
-        self.group = group if group is not None else dist.group.WORLD
-        self.ep, self.ep_rank = dist.get_world_size(group), dist.get_rank(group)
+        self.group = mesh.get_group()
+        self.ep, self.ep_rank = mesh.size(), mesh.get_local_rank()
         E = experts.w13.shape[0]
         if E % self.ep:
             raise ValueError(f"{E} experts cannot be split evenly over {self.ep} expert-parallel ranks")
         self.num_experts, self.local_experts = E, E // self.ep
-        lo, hi = self.ep_rank * self.local_experts, (self.ep_rank + 1) * self.local_experts
         self.hidden_dim, self.grouped = experts.hidden_dim, experts.grouped
-        self.w13 = nn.Parameter(experts.w13.detach()[lo:hi].clone(), requires_grad=experts.w13.requires_grad)
-        self.w2 = nn.Parameter(experts.w2.detach()[lo:hi].clone(), requires_grad=experts.w2.requires_grad)
+        for name in ("w13", "w2"):
+            full = getattr(experts, name)
+            local = distribute_tensor(full.detach(), mesh, [Shard(0)])
+            setattr(self, name, nn.Parameter(local, requires_grad=full.requires_grad))
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's experts as plain tensors [E/ep, ...] (differentiable into the DTensor parameters)."""
+        return tuple(w.to_local() if isinstance(w, DTensor) else w for w in (self.w13, self.w2))
 
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         return self._dispatch(x_MD, counts_E, loop=False)
@@ -98,17 +106,24 @@ class ExpertParallelExperts(GroupedExperts):
         if y_RD.shape[0] == 0:
             # nothing arrived: stay on x's graph, so that this rank joins the backward all-to-all, and on the
             # weights' (zero gradients rather than none, so data-parallel reduction sees the same tensors)
-            y_RD = x_RD * 0 + (self.w13.sum() + self.w2.sum()) * 0
+            w13, w2 = self.weights()
+            y_RD = x_RD * 0 + (w13.sum() + w2.sum()) * 0
         y_RD = torch.empty_like(y_RD).index_copy_(0, order_R, y_RD)
         return _all_to_all(y_RD, in_splits, out_splits, self.group)
 
 
-def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup | None = None) -> nn.Module:
-    """Shard the routed experts of every MoE layer of `model` over the ranks of `group` (default: all).
+def apply_expert_parallel(model: nn.Module, mesh=None) -> nn.Module:
+    """Shard the routed experts of every MoE layer of `model` over the 1-D device mesh `mesh` (default: every
+    rank, on the CPU or the current CUDA device).
 
     Every rank must hold the same full weights before (same seed or the same checkpoint); afterwards each
     keeps its slice. Returns the model."""
+    if mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        device = "cuda" if next(model.parameters()).is_cuda else "cpu"
+        mesh = init_device_mesh(device, (dist.get_world_size(),), mesh_dim_names=("ep",))
     for m in model.modules():
         if isinstance(m, MoE) and not isinstance(m.experts, ExpertParallelExperts):
-            m.experts = ExpertParallelExperts(m.experts, group)
+            m.experts = ExpertParallelExperts(m.experts, mesh)
     return model
