@@ -5,8 +5,8 @@ Applied from outside the model (`apply_expert_parallel`): each `MoE.experts` is 
 `ExpertParallelExperts` whose `w13` [E, D, 2F] and `w2` [E, F, D] are DTensors sharded on dim 0 over the
 "ep" device mesh: this rank stores and computes with its consecutive E/ep experts, while names and global
 shapes stay those of one device, so `torch.distributed.checkpoint` can save at one world size and load at
-another. The router, the shared expert and everything else stay whole on
-every rank (data parallel). One MoE forward, for ep ranks holding E_l = E / ep experts each:
+another. The router, the shared expert and everything else stay whole on every rank (data parallel).
+One MoE forward, for ep ranks holding E_l = E / ep experts each:
 
   1. the layer has routed its T tokens and sorted the M = T*K slots by global expert id: x [M, D] and
      counts [E] (as on one device);
