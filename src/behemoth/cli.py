@@ -84,12 +84,16 @@ def format_info(r: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_info(args: argparse.Namespace) -> None:
+def model_from_args(args: argparse.Namespace) -> tuple[ModelConfig, str]:
+    """(config, name) from `--preset NAME` or `--config` (a config.json, or a checkpoint directory)."""
     if args.config:
         path = Path(args.config)
-        cfg, name = load_config_file(path / "config.json" if path.is_dir() else path), str(path)
-    else:
-        cfg, name = get_preset(args.preset), args.preset
+        return load_config_file(path / "config.json" if path.is_dir() else path), str(path)
+    return get_preset(args.preset), args.preset
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    cfg, name = model_from_args(args)
     if (args.context is not None and args.context < 1) or args.batch < 1:
         raise UsageError("behemoth info: error: --context and --batch must be >= 1")
     report = info_report(cfg, name, args.context, args.batch)
@@ -288,11 +292,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     """Memory per GPU by part, whether it fits, the fewest GPUs that fit, FLOPs and time (`behemoth.plan`)."""
     from behemoth.plan import PlanRequest, format_plan, plan
 
-    if args.config:
-        path = Path(args.config)
-        cfg, name = load_config_file(path / "config.json" if path.is_dir() else path), str(path)
-    else:
-        cfg, name = get_preset(args.preset), args.preset
+    cfg, name = model_from_args(args)
     req = PlanRequest(mode=args.mode, gpus=args.gpus, gpu_mem_gb=args.gpu_mem_gb, precision=args.precision,
                       context=args.context, batch=args.batch, tflops=args.tflops, tokens=args.tokens)
     try:

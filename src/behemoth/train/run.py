@@ -55,6 +55,17 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
     return mc.replace(vocab_size=m.vocab_size) if m.vocab_size else mc
 
 
+def _fixed_tokenizer(d: DataSection, run_dir: Path, resume: bool, tokenizer: Tokenizer | None) -> Tokenizer | None:
+    """The tokenizer a run is bound to, in order: its own (on resume), `data.tokenizer`, `tokenizer` (a
+    distillation teacher's); None when the run makes its own from the data."""
+    saved = run_dir / "tokenizer.json"
+    if resume and saved.is_file():
+        return Tokenizer.load(saved)
+    if d.tokenizer:
+        return Tokenizer.load(d.tokenizer)
+    return tokenizer
+
+
 def build_data(d: DataSection, run_dir: Path, seed: int, resume: bool, say,
                tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, TokenStore, TokenStore]:
     """Tokenizer and train/validation token stores: the built-in tasks, or a corpus on disk.
@@ -62,23 +73,17 @@ def build_data(d: DataSection, run_dir: Path, seed: int, resume: bool, say,
     The tokenizer is, in order: the run's own (on resume), `data.tokenizer`, `tokenizer` (a
     distillation teacher's), the character tokenizer of the built-in tasks, or a BPE trained on the
     corpus."""
-    saved = run_dir / "tokenizer.json"
     paths = None
     if d.path is not None:
         from behemoth.data.corpus import iter_documents, resolve_paths
 
         paths = resolve_paths(d.path)
-    if resume and saved.is_file():
-        tok = Tokenizer.load(saved)
-    elif d.tokenizer:
-        tok = Tokenizer.load(d.tokenizer)
-    elif tokenizer is not None:
-        tok = tokenizer
-    elif paths is None:
+    tok = _fixed_tokenizer(d, run_dir, resume, tokenizer)
+    if tok is None and paths is None:
         from behemoth.data.tasks import ALPHABET
 
         tok = Tokenizer.from_chars(ALPHABET)
-    else:
+    elif tok is None:
         say(f"tokenizer: training a byte-level BPE ({d.tokenizer_vocab_size} tokens) on {d.path}")
         tok = Tokenizer.train(iter_documents(paths, d.field), vocab_size=d.tokenizer_vocab_size)
     if paths is None:
@@ -104,7 +109,6 @@ def build_image_data(d: DataSection, run_dir: Path, seed: int, resume: bool, say
 
     if vision is None:
         raise ValueError("data.images needs a model with a vision tower (e.g. --model.preset=mini-maverick-vl)")
-    saved = run_dir / "tokenizer.json"
     if d.path is None:
         from behemoth.data.vision_tasks import generate as generate_visual
 
@@ -117,17 +121,12 @@ def build_image_data(d: DataSection, run_dir: Path, seed: int, resume: bool, say
         examples = read_jsonl(d.path, image_field=d.image_field, text_field=d.field, prompt_field=d.prompt_field)
         train_ex, val_ex = split_examples(examples, d.val_fraction)
         say(f"data: {d.path}: {len(train_ex):,} image-text examples for training, {len(val_ex):,} held out")
-    if resume and saved.is_file():
-        tok = Tokenizer.load(saved)
-    elif d.tokenizer:
-        tok = Tokenizer.load(d.tokenizer)
-    elif tokenizer is not None:
-        tok = tokenizer
-    elif d.path is None:
+    tok = _fixed_tokenizer(d, run_dir, resume, tokenizer)
+    if tok is None and d.path is None:
         from behemoth.data.tasks import ALPHABET
 
         tok = Tokenizer.from_chars(ALPHABET, IMAGE_SPECIAL_TOKENS)
-    else:
+    elif tok is None:
         say(f"tokenizer: training a byte-level BPE ({d.tokenizer_vocab_size} tokens) on {d.path}, plus image tokens")
         bpe = Tokenizer.train((ex.prompt + ex.text for ex in train_ex), vocab_size=d.tokenizer_vocab_size)
         bpe.hf.add_special_tokens(list(IMAGE_SPECIAL_TOKENS))
