@@ -321,3 +321,25 @@ def test_router_bias_round_trips_natively_and_blocks_a_lossy_export(make_model, 
     assert not (tmp_path / "hf").exists()
     export_hf(model, tmp_path / "hf", drop_router_bias=True)
     assert not behemoth.load_model(str(tmp_path / "hf")).layers[1].feed_forward.router.expert_bias.any()
+
+
+def test_sharded_model_directory_in_one_process(tmp_path):
+    """`save_sharded_model` (torch.distributed.checkpoint files) round-trips bitwise through `load_checkpoint`;
+    a config that does not fit the files, or an existing target, is a one-line error naming the directory."""
+    import json
+
+    import behemoth
+    from behemoth.checkpoint.io import CheckpointError, save_sharded_model
+
+    model = behemoth.build_model("debug", seed=3)
+    save_sharded_model(model, tmp_path / "m")
+    back = behemoth.load_model(str(tmp_path / "m"))
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values(), strict=True))
+    assert json.loads((tmp_path / "m" / "meta.json").read_text())["sharded"] is True
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_sharded_model(model, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["model"]["ffn_dim"] = 96
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"m/model.dcp: cannot be read into this config"):
+        behemoth.load_model(str(tmp_path / "m"))

@@ -52,3 +52,33 @@ def test_checkpoint_written_by_two_processes_resumes_on_one_and_back(tmp_path, r
     assert len(got) == STEPS
     for i, (a, b) in enumerate(zip(got, reference, strict=True)):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"]), (i, a, b)
+
+
+def test_sharded_model_loads_in_one_process_and_converts_to_transformers(tmp_path, capsys):
+    """The model EP=2 + FSDP trained, saved by both ranks, loads with `load_model` (the same weights as the
+    one-process run, within float noise) and converts to a transformers directory that loads there (without
+    the routing biases training moved, which transformers' Llama 4 lacks)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    import behemoth
+    from behemoth.cli import main
+
+    two_processes(tmp_path, 2, "0", "-", "-", "0", str(tmp_path / "ep2_model"))
+    train(STEPS, rank=0, world=1, save_model=str(tmp_path / "one_model"))
+    assert not list(tmp_path.glob(".*.partial"))
+    a = behemoth.load_model(str(tmp_path / "ep2_model")).state_dict()
+    b = behemoth.load_model(str(tmp_path / "one_model")).state_dict()
+    assert a.keys() == b.keys() and a["layers.1.feed_forward.experts.w13"].shape[0] == 4  # every expert, once
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
+    assert main(["convert", "native-to-hf", str(tmp_path / "ep2_model"), str(tmp_path / "hf"),
+                 "--drop-router-bias"]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(3, 200, (1, 16))
+    model = behemoth.load_model(str(tmp_path / "ep2_model"))
+    for name, buf in model.named_buffers():
+        if name.endswith("expert_bias"):
+            buf.zero_()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=1e-4)

@@ -30,9 +30,10 @@ def _state(model, opt) -> dict:
 
 
 def train(steps: int, rank: int, world: int, wrap=lambda m: m, start: int = 0, load: str | None = None,
-          save: str | None = None, save_at: int | None = None) -> list[dict]:
+          save: str | None = None, save_at: int | None = None, save_model: str | None = None) -> list[dict]:
     """Steps start..steps-1; `load`: resume from a distributed checkpoint first; `save`: write one after
-    step `save_at` (`torch.distributed.checkpoint`, at whatever world size this run has)."""
+    step `save_at` (`torch.distributed.checkpoint`, at whatever world size this run has); `save_model`: the
+    model at the end, by `save_sharded_model`."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
@@ -61,4 +62,8 @@ def train(steps: int, rank: int, world: int, wrap=lambda m: m, start: int = 0, l
         out.append({"loss": float(loss) / world, "grad_norm": norm})
         if save is not None and s + 1 == save_at:
             dcp.save(_state(model, opt), checkpoint_id=save)
+    if save_model is not None:
+        from behemoth.checkpoint.io import save_sharded_model
+
+        save_sharded_model(model, save_model)
     return out

@@ -89,6 +89,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
         cfg = load_config_file(directory / "config.json")
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+    if fmt == "native" and (directory / SHARDED_DIR / ".metadata").is_file():
+        return _load_sharded(directory, cfg, dtype, device)
     files, index_file = weight_files(directory)
     prefix = ""
     if fmt == "native":
@@ -132,6 +134,27 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
     fill_dtype = dtype or next(iter(state.values())).dtype  # absent routing biases: zeros, like the weights
     for k, shape in absent_ok.items():
         state[k] = torch.zeros(shape, device=device, dtype=fill_dtype)
+    model.load_state_dict(state, assign=True, strict=True)
+    _materialize_buffers(model, torch.device(device))
+    return model.eval()
+
+
+def _load_sharded(directory: Path, cfg: ModelConfig, dtype: torch.dtype | None, device) -> Transformer:
+    """A `save_sharded_model` directory, read in one process whatever world size wrote it (DCP reshards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    state = {k: torch.empty(v.shape, dtype=torch.float32, device=device) for k, v in model.state_dict().items()}
+    try:
+        dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR))
+    except (Exception, CheckpointException) as e:  # DCP wraps each rank's error (a BaseException)
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        raise CheckpointError(f"{directory / SHARDED_DIR}: cannot be read into this config "
+                              f"({type(cause).__name__}: {str(cause).splitlines()[0][:200]})") from None
+    if dtype is not None:
+        state = {k: t.to(dtype) for k, t in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
     _materialize_buffers(model, torch.device(device))
     return model.eval()
@@ -204,6 +227,45 @@ def _write_model_files(model: Transformer, directory: Path, max_shard_bytes: int
 def save_model(model: Transformer, directory: str | Path, max_shard_bytes: int | None = None, **meta) -> Path:
     """Write a native checkpoint directory (config.json + safetensors + meta.json), atomically."""
     return _write_atomically(Path(directory), lambda tmp: _write_model_files(model, tmp, max_shard_bytes, **meta))
+
+
+SHARDED_DIR = "model.dcp"  # torch.distributed.checkpoint files of a model saved by several processes
+
+
+def save_sharded_model(model: Transformer, directory: str | Path, **meta) -> Path:
+    """Every rank calls this: the model's state (FSDP and expert shards as they lie) as
+    `torch.distributed.checkpoint` files in `directory/model.dcp`, with config.json and meta.json from rank 0.
+    `load_checkpoint` reads it in one process and DCP at any world size, so `load_model` and `convert` work
+    on it. Written into a temporary sibling that rank 0 renames once every rank has finished."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    directory = Path(directory)
+    if directory.exists():
+        raise CheckpointError(f"{directory}: already exists")
+    multi = dist.is_initialized()
+    rank0 = not multi or dist.get_rank() == 0
+    tmp = directory.with_name(f".{directory.name}.partial")
+    if rank0 and tmp.exists():
+        shutil.rmtree(tmp)  # a torn earlier attempt
+    if multi:
+        dist.barrier()
+    state = get_model_state_dict(model)
+    dcp.save(state, checkpoint_id=str(tmp / SHARDED_DIR))
+    if rank0:
+        cfg = model.config
+        (tmp / "config.json").write_text(json.dumps({"format": FORMAT, "model": cfg.to_dict()}, indent=2))
+        (tmp / "meta.json").write_text(json.dumps(_meta(cfg, state, sharded=True, **meta), indent=2))
+    if multi:
+        dist.barrier()
+    if rank0:
+        _fsync_tree(tmp)
+        os.replace(tmp, directory)
+        fsync_path(directory.parent)
+    if multi:
+        dist.barrier()
+    return directory
 
 
 # ---- training checkpoints: <run>/checkpoints/step_0000100/, with a `latest` pointer ---------------
