@@ -67,13 +67,22 @@ def task_accuracy(model: nn.Module, tokenizer: Tokenizer, problems: Sequence[Pro
     Prompts of any lengths share a batch (the cached generator pads them without changing any result).
     """
     model.eval()
-    newline = tokenizer.encode("\n")
-    stop = tuple(newline[-1:]) + (tokenizer.eos_id,)
     encoded = [tokenizer.encode(p.prompt) for p in problems]
     outputs: list[str] = []
     for start in range(0, len(encoded), batch_size):
-        rows = generate(model, encoded[start:start + batch_size], max_new_tokens=max_new_tokens, stop_ids=stop)
+        rows = generate(model, encoded[start:start + batch_size], max_new_tokens=max_new_tokens,
+                        stop_ids=_stop_ids(tokenizer))
         outputs += [tokenizer.decode(r) for r in rows]
+    return _graded(problems, outputs, samples)
+
+
+def _stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
+    """An answer ends at its newline (the task format) or at EOS."""
+    return tuple(tokenizer.encode("\n")[-1:]) + (tokenizer.eos_id,)
+
+
+def _graded(problems: Sequence[Problem], outputs: list[str], samples: int) -> dict:
+    """`data.tasks.accuracy` of the outputs, plus the first `samples` prompts with their answers."""
     result = accuracy(problems, outputs)
     result["samples"] = [{"prompt": p.prompt, "expected": p.answer, "generated": g}
                          for p, g in zip(problems[:samples], outputs[:samples], strict=True)]
@@ -92,7 +101,6 @@ def visual_task_accuracy(model: nn.Module, tokenizer: Tokenizer, problems: Seque
     if vision is None:
         raise ValueError("visual tasks need a model with a vision tower")
     device = next(model.parameters()).device
-    stop = tuple(tokenizer.encode("\n")[-1:]) + (tokenizer.eos_id,)
     outputs: list[str] = []
     for start in range(0, len(problems), batch_size):
         rows, tiles = [], []
@@ -100,13 +108,10 @@ def visual_task_accuracy(model: nn.Module, tokenizer: Tokenizer, problems: Seque
             ids, pixels = encode_image(p.image(), tokenizer, vision, max_tiles)
             rows.append(ids + tokenizer.encode(p.problem.prompt))
             tiles.append(pixels)
-        out = generate(model, rows, max_new_tokens=max_new_tokens, stop_ids=stop,
+        out = generate(model, rows, max_new_tokens=max_new_tokens, stop_ids=_stop_ids(tokenizer),
                        pixel_values=torch.cat(tiles).to(device))
         outputs += [tokenizer.decode(r) for r in out]
-    result = accuracy([p.problem for p in problems], outputs)
-    result["samples"] = [{"prompt": p.problem.prompt, "expected": p.problem.answer, "generated": g}
-                         for p, g in zip(problems[:samples], outputs[:samples], strict=True)]
-    return result
+    return _graded([p.problem for p in problems], outputs, samples)
 
 
 def majority_baseline(train: Sequence[Problem], test: Sequence[Problem]) -> dict:
