@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -132,8 +133,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     cfg = build_config(args.config, args.overrides)
     summary = run_training(cfg, resume=args.resume, mode=args.mode)
-    print(f"done: {summary['step']} steps, {summary['tokens']:,} tokens, {summary['nonfinite_steps']} skipped; "
-          f"run dir {cfg.train.out_dir}")
+    if _rank()[0] == 0:
+            print(f"done: {summary['step']} steps, {summary['tokens']:,} tokens, {summary['nonfinite_steps']} skipped; "
+              f"run dir {cfg.train.out_dir}")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -440,7 +442,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _rank() -> tuple[int, bool]:
+    """(this process's rank under torchrun, whether it has joined a process group)."""
+    import torch.distributed as dist
+
+    return int(os.environ.get("RANK", "0")), dist.is_available() and dist.is_initialized()
+
+
+def _report(msg: str, every_rank: bool = False) -> None:
+    """An error line on stderr. In a distributed run rank 0 reports what every rank meets alike (bad
+    settings, checked before the process group forms; an interruption); a later error on another rank
+    is reported by that rank, marked with its number."""
+    rank, joined = _rank()
+    if rank == 0:
+        print(msg, file=sys.stderr)
+    elif every_rank and joined:
+        print(f"[rank {rank}] {msg}", file=sys.stderr)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -449,19 +469,34 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = extra
         args.fn(args)
     except UsageError as e:
-        print(str(e), file=sys.stderr)
+        _report(str(e))
         return 2
     except Interrupted as e:
-        print(f"behemoth: {e}; continue with --resume", file=sys.stderr)
+        _report(f"behemoth: {e}; continue with --resume")
         return 128 + e.signum
     except TrainingStopped as e:
-        print(f"behemoth train: stopped: {e}", file=sys.stderr)
+        _report(f"behemoth train: stopped: {e}")
         return 1
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         cmd = getattr(locals().get("args"), "command", "")
-        print(f"behemoth {cmd}: error: {e}".replace("  ", " "), file=sys.stderr)
+        _report(f"behemoth {cmd}: error: {e}".replace("  ", " "), every_rank=True)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    code = _run(argv)
+    if _rank()[1]:  # a distributed run (torchrun) in this process
+        from behemoth.parallel.distributed import teardown
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if code == 0:  # on failure the other ranks may be stuck in a collective: torchrun stops them
+            teardown()
+        # gloo's threads can abort the interpreter's shutdown after a finished run (std::terminate), turning
+        # success into a failure torchrun reports: leave without it
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

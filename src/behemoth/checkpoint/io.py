@@ -148,7 +148,7 @@ def _load_sharded(directory: Path, cfg: ModelConfig, dtype: torch.dtype | None, 
         model = Transformer(cfg)
     state = {k: torch.empty(v.shape, dtype=torch.float32, device=device) for k, v in model.state_dict().items()}
     try:
-        dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR))
+        dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR), no_dist=True)  # whole, in this process
     except (Exception, CheckpointException) as e:  # DCP wraps each rank's error (a BaseException)
         cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
         raise CheckpointError(f"{directory / SHARDED_DIR}: cannot be read into this config "
@@ -232,39 +232,65 @@ def save_model(model: Transformer, directory: str | Path, max_shard_bytes: int |
 SHARDED_DIR = "model.dcp"  # torch.distributed.checkpoint files of a model saved by several processes
 
 
+def _write_sharded_model(model: Transformer, directory: Path, rank0: bool, **meta) -> None:
+    """Every rank: its shards of `model` into `directory/model.dcp`; rank 0: config.json and meta.json."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model)
+    dcp.save(state, checkpoint_id=str(directory / SHARDED_DIR), no_dist=not _joined())
+    if rank0:
+        cfg = model.config
+        (directory / "config.json").write_text(json.dumps({"format": FORMAT, "model": cfg.to_dict()}, indent=2))
+        (directory / "meta.json").write_text(json.dumps(_meta(cfg, state, sharded=True, **meta), indent=2))
+
+
+def _joined() -> bool:
+    """Whether this process is part of a process group (else DCP reads and writes alone)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not _joined() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _fresh_partial(directory: Path) -> Path:
+    """A temporary sibling for `directory`, emptied by rank 0; every rank returns once it is ready."""
+    tmp = directory.with_name(f".{directory.name}.partial")
+    if _is_rank0():
+        shutil.rmtree(tmp, ignore_errors=True)  # a torn earlier attempt
+        tmp.mkdir(parents=True)
+    _barrier()
+    return tmp
+
+
 def save_sharded_model(model: Transformer, directory: str | Path, **meta) -> Path:
     """Every rank calls this: the model's state (FSDP and expert shards as they lie) as
     `torch.distributed.checkpoint` files in `directory/model.dcp`, with config.json and meta.json from rank 0.
     `load_checkpoint` reads it in one process and DCP at any world size, so `load_model` and `convert` work
     on it. Written into a temporary sibling that rank 0 renames once every rank has finished."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
     directory = Path(directory)
     if directory.exists():
         raise CheckpointError(f"{directory}: already exists")
-    multi = dist.is_initialized()
-    rank0 = not multi or dist.get_rank() == 0
-    tmp = directory.with_name(f".{directory.name}.partial")
-    if rank0 and tmp.exists():
-        shutil.rmtree(tmp)  # a torn earlier attempt
-    if multi:
-        dist.barrier()
-    state = get_model_state_dict(model)
-    dcp.save(state, checkpoint_id=str(tmp / SHARDED_DIR))
-    if rank0:
-        cfg = model.config
-        (tmp / "config.json").write_text(json.dumps({"format": FORMAT, "model": cfg.to_dict()}, indent=2))
-        (tmp / "meta.json").write_text(json.dumps(_meta(cfg, state, sharded=True, **meta), indent=2))
-    if multi:
-        dist.barrier()
-    if rank0:
+    tmp = _fresh_partial(directory)
+    _write_sharded_model(model, tmp, _is_rank0(), **meta)
+    _barrier()
+    if _is_rank0():
         _fsync_tree(tmp)
         os.replace(tmp, directory)
         fsync_path(directory.parent)
-    if multi:
-        dist.barrier()
+    _barrier()
     return directory
 
 
@@ -297,6 +323,12 @@ def save_training_checkpoint(run_dir: str | Path, step: int, models: dict[str, T
         write_state(train_state, tmp, "train_state")
 
     _write_atomically(final, write)
+    _publish(ckpt_root, final, keep_last)
+    return final
+
+
+def _publish(ckpt_root: Path, final: Path, keep_last: int) -> None:
+    """Point `latest` at the complete checkpoint `final`, then prune all but the last `keep_last`."""
     pointer_tmp = ckpt_root / "latest.tmp"
     pointer_tmp.write_text(final.name)
     fsync_path(pointer_tmp)
@@ -306,7 +338,80 @@ def save_training_checkpoint(run_dir: str | Path, step: int, models: dict[str, T
     for old in steps[:-keep_last] if keep_last > 0 else []:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
+
+
+OPTIM_SHARDED_DIR = "optim.dcp"  # a distributed run's optimizer state, beside its models' model.dcp
+
+
+def save_distributed_training_checkpoint(run_dir: str | Path, step: int, models: dict[str, nn.Module], optimizer,
+                                         train_state: dict, keep_last: int,
+                                         extra_files: dict[str, bytes] | None = None) -> Path:
+    """Every rank calls this: the distributed form of `save_training_checkpoint`, the same layout with
+    `torch.distributed.checkpoint` files in place of safetensors. Each model as `save_sharded_model` writes it
+    (so `load_model(step_dir)` reads it in one process), the optimizer state of all models in `optim.dcp/`
+    (parameters named "<model>.<parameter>"), and from rank 0 `train_state` (the trainer's state without the
+    optimizer) and `extra_files`. Rank 0 renames the temporary directory once every rank has written, then
+    moves `latest` and prunes. `load_optimizer_state` reads it back at any world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    ckpt_root = Path(run_dir) / "checkpoints"
+    final = ckpt_root / f"step_{step:07d}"
+    tmp = _fresh_partial(final)
+    rank0 = _is_rank0()
+    for name, model in models.items():
+        target = tmp if name == "model" else tmp / name
+        _write_sharded_model(model, target, rank0, step=step)
+        for fname, data in (extra_files or {}).items() if rank0 else ():
+            (target / fname).write_bytes(data)
+    optim_state = get_optimizer_state_dict(nn.ModuleDict(models), optimizer)
+    dcp.save({"optimizer": optim_state}, checkpoint_id=str(tmp / OPTIM_SHARDED_DIR), no_dist=not _joined())
+    if rank0:
+        write_state(train_state, tmp, "train_state")
+    _barrier()
+    if rank0:
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving the same step (the final save right after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _publish(ckpt_root, final, keep_last)
+    _barrier()
     return final
+
+
+def load_optimizer_state(models: dict[str, nn.Module], optimizer, ckpt_dir: Path, train_state: dict) -> None:
+    """A training checkpoint's optimizer state into `optimizer` over `models` as they are now (one process,
+    or parallelized at any world size): a distributed run's `optim.dcp/` is resharded by DCP; a one-process
+    run's `train_state["optimizer"]` (indexed by parameter order) is loaded as it is into one process, and
+    into parallelized models as a full state dict keyed by parameter name, from which every rank takes its
+    shards. Every rank calls this."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    container = nn.ModuleDict(models)
+    sharded = Path(ckpt_dir) / OPTIM_SHARDED_DIR
+    if (sharded / ".metadata").is_file():
+        import torch.distributed.checkpoint as dcp
+
+        target = {"optimizer": get_optimizer_state_dict(container, optimizer)}
+        dcp.load(target, checkpoint_id=str(sharded), no_dist=not _joined())
+        set_optimizer_state_dict(container, optimizer, target["optimizer"])
+        return
+    saved = train_state.get("optimizer")
+    if saved is None:
+        raise CheckpointError(f"{ckpt_dir}: no optimizer state ({OPTIM_SHARDED_DIR}/ or train_state's)")
+    if not dist.is_initialized():
+        optimizer.load_state_dict(saved)
+        return
+    names = {id(p): n for n, p in container.named_parameters()}
+    fqns = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    full = {"state": {fqns[int(i)]: v for i, v in saved["state"].items()},
+            "param_groups": [{**g, "params": [fqns[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_optimizer_state_dict(container, optimizer, full, options=StateDictOptions(full_state_dict=True))
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -45,6 +45,15 @@ class Batch:
                        for t in (self.input_ids, self.labels, self.positions, self.segment_ids)),
                      offsets=self.offsets, pixel_values=pixels)
 
+    def rows(self, start: int, stop: int) -> Batch:
+        """Rows [start, stop) of the batch (one rank's share in data-parallel training). Text batches only:
+        a batch's image tiles are not split by row."""
+        if self.pixel_values is not None:
+            raise ValueError("a batch with images cannot be split by rows")
+        offsets = None if self.offsets is None else self.offsets[start:stop]
+        return Batch(*(t[start:stop] for t in (self.input_ids, self.labels, self.positions, self.segment_ids)),
+                     offsets=offsets)
+
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()

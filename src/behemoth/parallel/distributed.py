@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -58,13 +59,22 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
-def build_meshes(world: int, ep: int, device_type: str):
-    """({"dp": 1-D mesh of every rank}, 2-D expert mesh ("efsdp", "ep")); ep must divide the world."""
+def build_meshes(world: int, ep: int, device_type: str, dp_shard: int = -1):
+    """(data-parallel mesh, 2-D expert mesh ("efsdp", "ep")); ep and dp_shard must divide the world.
+
+    The data-parallel mesh is 1-D ("dp", every rank: FSDP), or with 0 < dp_shard < world 2-D
+    ("dp_replicate", "dp_shard"): HSDP, each parameter sharded over dp_shard ranks and replicated
+    world / dp_shard times."""
     from torch.distributed.device_mesh import init_device_mesh
 
     if ep < 1 or world % ep:
         raise ValueError(f"parallel.ep={ep}: must divide the number of processes ({world})")
-    dp = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
+    if dp_shard == -1 or dp_shard == world:
+        dp = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
+    elif dp_shard >= 1 and world % dp_shard == 0:
+        dp = init_device_mesh(device_type, (world // dp_shard, dp_shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+    else:
+        raise ValueError(f"parallel.dp_shard={dp_shard}: must be -1 or divide the number of processes ({world})")
     experts = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("efsdp", "ep"))
     return dp, experts
 
@@ -79,14 +89,18 @@ def _set_divide_factor(module, factor: float) -> None:
 
 
 def parallelize(model: nn.Module, world: int, ep: int = 1, device_type: str = "cpu",
-                activation_checkpointing: bool = False, compile: bool = False) -> nn.Module:
+                activation_checkpointing: bool = False, compile: bool = False, dp_shard: int = -1) -> nn.Module:
     """Apply expert parallelism, activation checkpointing, compile and FSDP2, in that order (module
-    docstring). Every rank must hold the same weights before (same seed or checkpoint). Returns the model."""
+    docstring); `dp_shard` as in `build_meshes`. Every rank must hold the same weights before (same seed or
+    checkpoint). Returns the model."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    dp_mesh, expert_mesh = build_meshes(world, ep, device_type)
+    dp_mesh, expert_mesh = build_meshes(world, ep, device_type, dp_shard)
     if ep > 1:
         apply_expert_parallel(model, expert_mesh["ep"])
+        # the all-to-all's result is a view; `MoE` only reads it (index_copy_ into a new tensor), so FSDP's
+        # caution about in-place ops on a wrapped module's view output does not apply
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPExpertParallelExperts\) returned a view")
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
@@ -108,14 +122,25 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _replicas(t: torch.Tensor) -> int:
+    """How many ranks hold the same local part of `t`: a DTensor's replicated mesh dimensions (HSDP's
+    replicate dimension); a plain tensor is whole on every rank."""
+    if hasattr(t, "placements"):
+        return math.prod(t.device_mesh.size(i) for i, p in enumerate(t.placements) if p.is_replicate())
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 @torch.no_grad()
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     """Global gradient norm over every rank's shards, and clipping to `max_norm` (inf: norm only).
 
-    Under `parallelize` each rank holds a distinct part of every parameter (FSDP shards over all ranks,
-    experts over ep x efsdp), so the squared norm is the all-reduced sum of the local shards'."""
-    grads = [_local(p.grad) for p in params if p.grad is not None]
-    sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+    Under `parallelize` each rank holds a part of every parameter (FSDP shards, experts over ep x efsdp),
+    so the squared norm is the all-reduced sum of the local parts', each divided by the number of ranks
+    that hold the same part (1, or HSDP's replicas)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    parts = [_local(g).float().pow(2).sum() / _replicas(g) for g in grads]
+    sq = torch.stack(parts).sum() if parts else torch.zeros(())
+    grads = [_local(g) for g in grads]
     if dist.is_initialized():
         dist.all_reduce(sq)
     norm = float(sq.sqrt())
@@ -135,3 +160,82 @@ def all_reduce_counts(moes: list[MoE]) -> None:
         dist.all_reduce(counts)
         for m, c in zip(moes, counts, strict=True):
             m.tokens_per_expert.copy_(c)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (e.g. a non-finite loss: all ranks must skip the
+    backward together, since FSDP's backward is collective); `flag` itself without a process group."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_reduce_metrics(metrics: dict, entropy: torch.Tensor | None) -> tuple[dict, torch.Tensor | None]:
+    """One optimizer step's metrics over all ranks: "tokens" summed, every other float averaged (each rank
+    holds the mean over its equal share of the batch, so the average is the whole batch's mean), the
+    per-layer router entropy averaged. Unchanged without a process group."""
+    if not dist.is_initialized():
+        return metrics, entropy
+    keys = [k for k, v in metrics.items() if isinstance(v, float)]
+    world = dist.get_world_size()
+    parts = [torch.tensor([float(metrics[k]) for k in keys] + [float(metrics["tokens"])], dtype=torch.float64)]
+    if entropy is not None:
+        parts.append(entropy.detach().double().cpu().flatten())
+    flat = torch.cat(parts)
+    dist.all_reduce(flat)
+    out = {**metrics, **{k: float(flat[i]) / world for i, k in enumerate(keys)}, "tokens": int(flat[len(keys)])}
+    if entropy is not None:
+        entropy = (flat[len(keys) + 1:] / world).to(entropy.dtype).view(entropy.shape)
+    return out, entropy
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Element-wise sums over all ranks (e.g. a validation loss's sum and token count)."""
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class ShardedBatches:
+    """This rank's rows of every batch of a loader that every rank draws in the same order: rows
+    [rank * B/world, (rank + 1) * B/world) of each global batch of B rows. The loader's state is the same
+    on every rank and the same as one process drawing the whole batch, so a checkpoint resumes at any
+    world size. (Every rank reads the whole batch; packed token windows are cheap to read.)"""
+
+    def __init__(self, loader, rank: int, world: int):
+        B = loader.batch_size
+        if B % world:
+            raise ValueError(f"train.batch_size={B}: must be divisible by the number of processes ({world}); "
+                             "it is the global batch, split evenly over the ranks")
+        self.loader, self.start, self.stop = loader, rank * B // world, (rank + 1) * B // world
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.loader).rows(self.start, self.stop)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+
+
+def broadcast_from_rank0(obj):
+    """Rank 0's `obj` on every rank (any picklable value; the others pass None). A rank waits here until
+    rank 0 arrives, which makes it a gate: rank 0 prepares (data, checks), then releases the others."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def teardown() -> None:
+    """Leave the process group (after a barrier, so no rank is still in a collective)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -133,6 +133,15 @@ class CheckpointSection:
 
 
 @dataclass
+class ParallelSection:
+    """Degrees of a run launched by `torchrun --nproc-per-node N` (ignored by a single process)."""
+
+    ep: int = 1  # expert parallelism: each MoE layer's routed experts split over this many ranks (divides N)
+    dp_shard: int = -1  # ranks each non-expert parameter is sharded over (FSDP2); -1: all N; fewer: HSDP,
+    # replicated over N / dp_shard groups
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -143,6 +152,7 @@ class TrainConfig:
     log: LogSection = field(default_factory=LogSection)
     health: HealthSection = field(default_factory=HealthSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,6 +173,8 @@ class TrainConfig:
             ("log.every", self.log.every >= 1), ("log.health_every", self.log.health_every >= 1),
             ("checkpoint.keep_last", self.checkpoint.keep_last >= 1),
             ("health.collapse_share", 0 < self.health.collapse_share <= 1),
+            ("parallel.ep", self.parallel.ep >= 1),
+            ("parallel.dp_shard", self.parallel.dp_shard == -1 or self.parallel.dp_shard >= 1),
         ]
         for key, ok in checks:
             if not ok:

@@ -25,10 +25,11 @@ from behemoth.data.packing import TokenStore, build_in_memory, tokenize_corpus
 from behemoth.data.teacher_cache import TeacherCache, check_out_dir, teacher_fingerprint, write_cache
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.parallel import apply_activation_checkpointing, apply_compile
+from behemoth.parallel.distributed import DistInfo, ShardedBatches, broadcast_from_rank0, parallelize, setup_distributed
 from behemoth.train.config import DataSection, TrainConfig
 from behemoth.train.kd import topk_targets
 from behemoth.train.steps import CachedDistillStep, CodistillStep, DistillStep, PretrainStep, autocast_context
-from behemoth.train.trainer import MetricsLog, RunInfo, Trainer, stdout_say
+from behemoth.train.trainer import MetricsLog, NullLog, RunInfo, Trainer, stdout_say
 
 # Dense bf16 peak of GPUs whose MFU we report (FLOP/s); elsewhere MFU is shown as n/a.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
@@ -210,6 +211,54 @@ def make_loader(data: TokenStore | ImageTextData, batch_size: int, seq_len: int,
     return DataLoader(data, batch_size, seq_len, seed=seed, shuffle=shuffle)
 
 
+def start_distributed(cfg: TrainConfig, device: torch.device, model_cfg: ModelConfig) -> DistInfo:
+    """The run's processes: one, or those `torchrun` started (WORLD_SIZE > 1), which join one process group.
+    The parallel settings are checked first, on every rank alike (so only rank 0 need report them)."""
+    import os
+
+    world, p = int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel
+    if world == 1:
+        if p.ep > 1:
+            raise ValueError(f"parallel.ep={p.ep}: expert parallelism needs {p.ep} processes or a multiple; launch "
+                             f"with torchrun --nproc-per-node {p.ep} -m behemoth ...")
+        return DistInfo(0, 1, 0, device)
+    if world % p.ep:
+        raise ValueError(f"parallel.ep={p.ep}: must divide the number of processes ({world})")
+    if p.dp_shard != -1 and world % p.dp_shard:
+        raise ValueError(f"parallel.dp_shard={p.dp_shard}: must be -1 or divide the number of processes ({world})")
+    experts = model_cfg.moe.num_experts if model_cfg.moe is not None else 0
+    if p.ep > 1 and experts % p.ep:
+        raise ValueError(f"parallel.ep={p.ep}: the model's {experts} routed experts cannot be split evenly over "
+                         f"{p.ep} ranks")
+    if cfg.train.batch_size % world:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size}: must be divisible by the number of processes "
+                         f"({world}); it is the global micro-batch, split evenly over the ranks")
+    if cfg.data.images:
+        raise ValueError("data.images: distributed runs take text data; train on image-text data in one process")
+    return setup_distributed(device.type)
+
+
+def _quiet(msg: str) -> None:
+    """`say` on ranks other than 0."""
+
+
+def _tokenizer_from_json(text: str) -> Tokenizer:
+    import tokenizers
+
+    return Tokenizer(tokenizers.Tokenizer.from_str(text), source="rank 0's tokenizer")
+
+
+def _parallelize_models(cfg: TrainConfig, mode: str, world: int, device: torch.device, model, teacher) -> None:
+    """FSDP2 (+ expert parallelism, activation checkpointing, compile) on the student and any teacher: a
+    frozen teacher is sharded the same way (forward only: no checkpointing, no compile)."""
+    p, t = cfg.parallel, cfg.train
+    parallelize(model, world, p.ep, device.type, t.activation_checkpointing, t.compile, p.dp_shard)
+    if teacher is not None:
+        trained = mode == "codistill"
+        parallelize(teacher, world, p.ep, device.type, trained and t.activation_checkpointing,
+                    trained and t.compile, p.dp_shard)
+
+
 def build_step(mode: str, cfg: TrainConfig, model, teacher, autocast_dtype, cache=None):
     if mode == "pretrain":
         return PretrainStep(model, cfg.router, autocast_dtype)
@@ -234,11 +283,16 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
         raise ValueError(f"{run_dir}: already holds a run's checkpoints; pass --resume to continue it or choose "
                          "another --train.out_dir")
     device = resolve_device(cfg.train.device)
+    model_cfg = model_config(cfg)
+    dist_info = start_distributed(cfg, device, model_cfg)
+    device, world, rank0 = dist_info.device, dist_info.world, dist_info.is_main
+    # the other ranks wait until rank 0 has built the data and checked the run, then take its tokenizer
+    shared_tok = None if rank0 else _tokenizer_from_json(broadcast_from_rank0(None))
+    say = say if rank0 else _quiet
     use_bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
     autocast_dtype = torch.bfloat16 if use_bf16 else None
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    model_cfg = model_config(cfg)
     teacher = teacher_tok = cache = None
     if mode == "distill" and cfg.distill.cache:
         if cfg.data.images:
@@ -253,11 +307,12 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
             raise ValueError("distill.teacher: set it to the teacher's checkpoint directory (or distill.cache to a "
                              "teacher cache from behemoth distill-cache)")
         teacher, teacher_tok = load_teacher(cfg.distill.teacher, device)
+    given_tok = shared_tok or teacher_tok  # on ranks > 0, rank 0's choice (which its own precedence made)
     if cfg.data.images:
         tok, train_store, val_store = build_image_data(cfg.data, run_dir, cfg.train.seed, ckpt is not None, say,
-                                                       model_cfg.vision, teacher_tok)
+                                                       model_cfg.vision, given_tok)
     else:
-        tok, train_store, val_store = build_data(cfg.data, run_dir, cfg.train.seed, ckpt is not None, say, teacher_tok)
+        tok, train_store, val_store = build_data(cfg.data, run_dir, cfg.train.seed, ckpt is not None, say, given_tok)
     if tok.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary holds "
                          f"{model_cfg.vocab_size}; set --model.vocab_size={tok.vocab_size} or use a smaller tokenizer")
@@ -294,38 +349,48 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
                 raise ValueError(f"distill.teacher_preset={cfg.distill.teacher_preset!r} has a smaller vocabulary "
                                  f"({tcfg.vocab_size}) than the student ({model_cfg.vocab_size})")
             teacher = build_model(tcfg, device=device, seed=cfg.train.seed + 1)
-    for m in (model, teacher if mode == "codistill" else None):
-        if m is not None and cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(m)
-        if m is not None and cfg.train.compile:
-            apply_compile(m)
+    if world > 1:
+        if rank0:
+            broadcast_from_rank0(tok.hf.to_str())  # the run is checked: the other ranks may start
+        _parallelize_models(cfg, mode, world, device, model, teacher)
+        train_loader = ShardedBatches(train_loader, dist_info.rank, world)
+    else:
+        for m in (model, teacher if mode == "codistill" else None):
+            if m is not None and cfg.train.activation_checkpointing:
+                apply_activation_checkpointing(m)
+            if m is not None and cfg.train.compile:
+                apply_compile(m)
 
     def val_batches():
         loader = make_loader(val_store, cfg.train.batch_size, cfg.data.seq_len, cfg.train.seed, shuffle=False)
-        return itertools.islice(loader, min(cfg.log.eval_batches, loader.num_windows // cfg.train.batch_size or 1))
+        n = min(cfg.log.eval_batches, loader.num_windows // cfg.train.batch_size or 1)
+        return itertools.islice(loader if world == 1 else ShardedBatches(loader, dist_info.rank, world), n)
 
     flops = model_cfg.train_flops_per_token(cfg.data.seq_len)
     if teacher is not None:  # a frozen teacher runs forward only (1/3 of a training step's FLOPs)
         t_flops = teacher.config.train_flops_per_token(cfg.data.seq_len)
         flops += t_flops if mode == "codistill" else t_flops / 3
-    info = RunInfo(run_dir, flops, peak_flops(device, autocast_dtype), device)
+    info = RunInfo(run_dir, flops, peak_flops(device, autocast_dtype), device, world)
     trainer = Trainer(cfg, build_step(mode, cfg, model, teacher, autocast_dtype, cache), train_loader, val_batches,
                       info, say)
     if state is not None:
-        trainer.load_state_dict(state)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "tokenizer.json").is_file():
-        tok.save(run_dir / "tokenizer.json")
-    (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        trainer.load_state_dict(state, ckpt)
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "tokenizer.json").is_file():
+            tok.save(run_dir / "tokenizer.json")
+        (run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    where = (f"{world} processes (parallel.ep={cfg.parallel.ep}, dp_shard={cfg.parallel.dp_shard}), {device.type}"
+             if world > 1 else f"device {device}")
     say(f"model: {model_cfg.num_params():,} parameters, {model_cfg.num_active_params():,} active per token; "
-        f"device {device}{' (bf16 autocast)' if autocast_dtype else ''}; {cfg.train.steps} steps of "
+        f"{where}{' (bf16 autocast)' if autocast_dtype else ''}; {cfg.train.steps} steps of "
         f"{cfg.train.batch_size * cfg.train.grad_accum} x {cfg.data.seq_len} tokens; run dir {run_dir}")
-    log = MetricsLog(run_dir, cfg.log.tensorboard, trainer.step if state is not None else None)
+    log = MetricsLog(run_dir, cfg.log.tensorboard, trainer.step if state is not None else None) if rank0 else NullLog()
     try:
         summary = trainer.fit(log)
     finally:
         log.close()
-        if cfg.log.plots:
+        if cfg.log.plots and rank0:
             from behemoth.train.plots import plot_run
 
             for png in plot_run(run_dir):

@@ -20,6 +20,7 @@ from torch import nn
 
 from behemoth.data.loader import Batch
 from behemoth.model.moe import MoE
+from behemoth.parallel.distributed import any_rank
 from behemoth.train.config import DistillSection, RouterSection
 from behemoth.train.kd import Divergence, KDWeight, Teacher, TopK, distill_loss, topk_targets
 from behemoth.train.losses import IGNORE_INDEX, balance_loss, chunked_cross_entropy, router_entropy, router_z_loss
@@ -88,7 +89,8 @@ class PretrainStep:
         """Router losses of the trained model, the non-finite check, backward."""
         loss, router = self._router_losses(loss, moes, labelled_share(batch))
         metrics.update(router)
-        metrics["nonfinite"] = not bool(torch.isfinite(loss))
+        # agreed over all ranks in a distributed run: they skip the (collective) backward together
+        metrics["nonfinite"] = any_rank(not bool(torch.isfinite(loss)))
         if not metrics["nonfinite"]:
             (loss * loss_scale).backward()
         return metrics

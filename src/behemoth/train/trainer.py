@@ -19,8 +19,15 @@ from pathlib import Path
 
 import torch
 
-from behemoth.checkpoint.io import save_training_checkpoint
+from behemoth.checkpoint.io import load_optimizer_state, save_distributed_training_checkpoint, save_training_checkpoint
 from behemoth.data.loader import Batch, DataLoader
+from behemoth.parallel.distributed import (
+    all_reduce_counts,
+    all_reduce_metrics,
+    all_reduce_sum,
+    any_rank,
+    clip_grad_norm,
+)
 from behemoth.train.config import TrainConfig
 from behemoth.train.health import RoutingHealth
 from behemoth.train.optim import build_optimizer, lr_at, update_expert_bias
@@ -47,6 +54,7 @@ class RunInfo:
     flops_per_token: float  # model FLOPs per trained token (forward + backward)
     peak_flops: float | None  # device peak for MFU; None where unknown (CPU)
     device: torch.device
+    world: int = 1  # processes of a distributed run (torchrun); each trains on 1/world of every batch
 
 
 class MetricsLog:
@@ -84,6 +92,16 @@ class MetricsLog:
             self.tb.close()
 
 
+class NullLog:
+    """The metrics log of ranks other than 0 in a distributed run: rank 0 writes the run's files."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _fmt_time(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -108,18 +126,26 @@ class Trainer:
         self.tokens_seen = 0
         self.elapsed = 0.0
         self._signal: int | None = None
+        self._signal_at = 0.0
 
     # ---- state for exact resume -------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "data": self.loader.state_dict(),
-                "health": self.health.state_dict(), "nonfinite_total": self.nonfinite_total,
-                "nonfinite_streak": self.nonfinite_streak, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                "config": self.cfg.to_dict()}
+        """Everything but the models; the optimizer's state too in one process (a distributed run saves it
+        sharded, beside the models). The data position, counters and RNG are the same on every rank."""
+        state = {"step": self.step, "data": self.loader.state_dict(),
+                 "health": self.health.state_dict(), "nonfinite_total": self.nonfinite_total,
+                 "nonfinite_streak": self.nonfinite_streak, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
+                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                 "config": self.cfg.to_dict()}
+        if self.info.world == 1:
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, ckpt_dir: Path) -> None:
+        """Resume from a checkpoint written at any world size (`ckpt_dir`: its directory, for a sharded
+        optimizer state)."""
         self.step = int(state["step"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.models, self.optimizer, ckpt_dir, state)
         self.loader.load_state_dict(state["data"])
         self.health.load_state_dict(state["health"])
         self.nonfinite_total, self.nonfinite_streak = int(state["nonfinite_total"]), int(state["nonfinite_streak"])
@@ -130,6 +156,9 @@ class Trainer:
     def save(self) -> Path:
         tok = self.info.run_dir / "tokenizer.json"
         extra = {"tokenizer.json": tok.read_bytes()} if tok.is_file() else None
+        if self.info.world > 1:
+            return save_distributed_training_checkpoint(self.info.run_dir, self.step, self.models, self.optimizer,
+                                                        self.state_dict(), self.cfg.checkpoint.keep_last, extra)
         return save_training_checkpoint(self.info.run_dir, self.step, self.models, self.state_dict(),
                                         self.cfg.checkpoint.keep_last, extra)
 
@@ -155,6 +184,8 @@ class Trainer:
                     window_n += 1
                     window_tokens += metrics["tokens"]
                     self.tokens_seen += metrics["tokens"]
+                if self.info.world > 1 and any_rank(self._signal is not None):  # one rank's signal stops all
+                    self._signal = self._signal or signal.SIGTERM  # after the same step
                 if self.step % cfg.log.every == 0 or self.step == total:
                     now = time.perf_counter()
                     dt = now - window_t
@@ -201,14 +232,19 @@ class Trainer:
             agg["tokens"] += m["tokens"]
             if "router_entropy" in m:
                 entropy = m["router_entropy"] / accum if entropy is None else entropy + m["router_entropy"] / accum
+        agg, entropy = all_reduce_metrics(agg, entropy)  # the whole batch's, over all ranks
         params = [p for model in self.models.values() for p in model.parameters() if p.requires_grad]
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        if self.info.world > 1:
+            grad_norm = clip_grad_norm(params, clip)  # over every rank's shards
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         if not math.isfinite(grad_norm):
             return self._skip(f"non-finite gradient norm at step {self.step + 1}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_streak = 0
+        all_reduce_counts(self.moes)  # the bias moves by the global load, identically on every rank
         counts = torch.stack([m.tokens_per_expert for m in self.primary_moes]) if self.primary_moes else None
         if cfg.router.bias_update_rate > 0:
             for m in self.moes:
@@ -236,14 +272,17 @@ class Trainer:
             m.tokens_per_expert.zero_()
 
     def _on_signal(self, signum, frame) -> None:
-        if self._signal is not None:  # a second Ctrl-C: stop now, without saving
-            raise KeyboardInterrupt
-        self._signal = signum
+        if self._signal is not None:
+            if self.info.world > 1 and time.monotonic() - self._signal_at < 5:
+                return  # the same request again: torchrun passes on a Ctrl-C its workers received themselves
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+        self._signal, self._signal_at = signum, time.monotonic()
         self.say(f"\nsignal {signum}: saving a checkpoint after this step, then stopping")
 
     # ---- reporting -------------------------------------------------------------------------------
     def _train_record(self, lr: float, loss: float, tokens_per_s: float, last: dict | None, total: int) -> dict:
-        mfu = tokens_per_s * self.info.flops_per_token / self.info.peak_flops if self.info.peak_flops else None
+        peak = self.info.peak_flops * self.info.world if self.info.peak_flops else None
+        mfu = tokens_per_s * self.info.flops_per_token / peak if peak else None
         steps_per_s = self.step / max(self.elapsed, 1e-9)
         rec = {"type": "train", "step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
                "mfu": mfu, "tokens": self.tokens_seen, "elapsed_s": self.elapsed,
@@ -281,6 +320,7 @@ class Trainer:
         for batch in self.val_batches():
             s, k = self.step_fn.eval_loss(batch.to(self.info.device))
             total, n = total + s, n + k
+        total, n = all_reduce_sum([total, n])  # each rank evaluated its rows of every batch
         for m in self.models.values():
             m.train()
         if n:
