@@ -12,10 +12,12 @@ crash never leaves a half-written checkpoint under the final name.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -148,7 +150,8 @@ def _load_sharded(directory: Path, cfg: ModelConfig, dtype: torch.dtype | None, 
         model = Transformer(cfg)
     state = {k: torch.empty(v.shape, dtype=torch.float32, device=device) for k, v in model.state_dict().items()}
     try:
-        dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR), no_dist=True)  # whole, in this process
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR), no_dist=True)  # whole, in this process
     except (Exception, CheckpointException) as e:  # DCP wraps each rank's error (a BaseException)
         cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
         raise CheckpointError(f"{directory / SHARDED_DIR}: cannot be read into this config "
@@ -238,11 +241,21 @@ def _write_sharded_model(model: Transformer, directory: Path, rank0: bool, **met
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(model)
-    dcp.save(state, checkpoint_id=str(directory / SHARDED_DIR), no_dist=not _joined())
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=str(directory / SHARDED_DIR), no_dist=not _joined())
     if rank0:
         cfg = model.config
         (directory / "config.json").write_text(json.dumps({"format": FORMAT, "model": cfg.to_dict()}, indent=2))
         (directory / "meta.json").write_text(json.dumps(_meta(cfg, state, sharded=True, **meta), indent=2))
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every read or write in one process; here that is the intent (reading a sharded
+    checkpoint whole, resuming a distributed run in one process)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized")
+        yield
 
 
 def _joined() -> bool:
@@ -365,7 +378,8 @@ def save_distributed_training_checkpoint(run_dir: str | Path, step: int, models:
         for fname, data in (extra_files or {}).items() if rank0 else ():
             (target / fname).write_bytes(data)
     optim_state = get_optimizer_state_dict(nn.ModuleDict(models), optimizer)
-    dcp.save({"optimizer": optim_state}, checkpoint_id=str(tmp / OPTIM_SHARDED_DIR), no_dist=not _joined())
+    with _quiet_single_process():
+        dcp.save({"optimizer": optim_state}, checkpoint_id=str(tmp / OPTIM_SHARDED_DIR), no_dist=not _joined())
     if rank0:
         write_state(train_state, tmp, "train_state")
     _barrier()
@@ -398,7 +412,8 @@ def load_optimizer_state(models: dict[str, nn.Module], optimizer, ckpt_dir: Path
         import torch.distributed.checkpoint as dcp
 
         target = {"optimizer": get_optimizer_state_dict(container, optimizer)}
-        dcp.load(target, checkpoint_id=str(sharded), no_dist=not _joined())
+        with _quiet_single_process():
+            dcp.load(target, checkpoint_id=str(sharded), no_dist=not _joined())
         set_optimizer_state_dict(container, optimizer, target["optimizer"])
         return
     saved = train_state.get("optimizer")
