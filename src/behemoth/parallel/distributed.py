@@ -110,7 +110,7 @@ def parallelize(model: nn.Module, world: int, ep: int = 1, device_type: str = "c
         if isinstance(ff, MoE) and isinstance(ff.experts, ExpertParallelExperts):
             fully_shard(ff.experts, mesh=expert_mesh["efsdp"])
             _set_divide_factor(ff.experts, float(world))
-        fully_shard(block, mesh=dp_mesh)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=world > 1)
     # the root (embeddings, final norm, head) stays gathered from forward to backward: the training steps call
     # `hidden_states` (registered as an FSDP forward method) and then the head chunk by chunk
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)

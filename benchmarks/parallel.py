@@ -1,15 +1,17 @@
-"""Training throughput on 1 process against the parallel wrappers on this CPU, and the all-to-all traffic of
-expert parallelism, measured in one run.
+"""Training throughput on 1 process against the parallel wrappers, and the all-to-all traffic of expert
+parallelism, measured in one run, on the CPU or on GPUs.
 
 The same global batch, model and step (`PretrainStep`, global grad-norm clipping, AdamW, bias update on
-global counts) in four configurations: one plain process, then under `torchrun --nproc-per-node N`: FSDP
-over one rank (what the wrappers cost), FSDP over two ranks, and EP=2 composed with FSDP over two ranks.
-The cores are shared out evenly (threads per process = the plain process's count / N). Tokens/s is the
-global batch over the median step time after warm-up. All-to-all bytes are counted in the forward
-dispatch and combine of every MoE layer (rows sent to the other rank x row bytes); the backward sends the
-same rows the other way, so a step moves twice that.
+global counts) in up to four configurations: one plain process, then under `torchrun --nproc-per-node N`:
+FSDP over one rank (what the wrappers cost), FSDP over two ranks, and EP=2 composed with FSDP over two
+ranks (the two-rank ones on a CPU, or with two GPUs or more). On a CPU the cores are shared out evenly
+(threads per process = the plain process's count / N); on GPUs each process has one GPU and runs under
+bf16 autocast. Tokens/s is the global batch over the median step time after warm-up. All-to-all bytes are
+counted in the forward dispatch and combine of every MoE layer (rows sent to the other rank x row bytes);
+the backward sends the same rows the other way, so a step moves twice that.
 
-    .venv/bin/python benchmarks/parallel_cpu.py            # writes benchmarks/results/parallel_cpu.json
+    .venv/bin/python benchmarks/parallel.py                 # CPU: results/parallel_cpu.json
+    .venv/bin/python benchmarks/parallel.py --device cuda   # bench-1b, 8 x 2048: results/parallel_cuda.json
 """
 
 from __future__ import annotations
@@ -51,17 +53,19 @@ def _counting_all_to_all(real):
 
 def run(args, rank: int, world: int, ep: int | None) -> dict:
     cfg = behemoth.get_preset(args.preset)
-    model = behemoth.build_model(cfg, seed=0).train()
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    model = behemoth.build_model(cfg, seed=0, device=device).train()
     if ep is not None:
-        model = parallelize(model, world, ep)
-    step_fn = PretrainStep(model, RouterSection())
+        model = parallelize(model, world, ep, device.type)
+    step_fn = PretrainStep(model, RouterSection(), torch.bfloat16 if device.type == "cuda" else None)
     opt = build_optimizer([model], OptimSection(lr=1e-3))
     moes = moe_layers(model)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=g)
     rows = ids[rank * args.batch // world:(rank + 1) * args.batch // world]
     n, S = len(rows), args.seq_len
-    batch = Batch(rows[:, :-1], rows[:, 1:], torch.arange(S).expand(n, S), torch.zeros(n, S, dtype=torch.long))
+    batch = Batch(rows[:, :-1], rows[:, 1:], torch.arange(S).expand(n, S),
+                  torch.zeros(n, S, dtype=torch.long)).to(device)
     times, sent = [], []
     for i in range(args.warmup + args.steps):
         SENT["bytes"] = 0
@@ -74,6 +78,8 @@ def run(args, rank: int, world: int, ep: int | None) -> dict:
         for m in moes:
             update_expert_bias(m.router.expert_bias, m.tokens_per_expert, 1e-3)
             m.tokens_per_expert.zero_()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         if dist.is_initialized():
             dist.barrier()
         if i >= args.warmup:
@@ -94,18 +100,22 @@ def run(args, rank: int, world: int, ep: int | None) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="mini-maverick")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--preset", help="default: mini-maverick on the CPU, bench-1b on GPUs")
     p.add_argument("--batch", type=int, default=8, help="global batch (sequences)")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, help="default: 256 on the CPU, 2048 on GPUs")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--worker-ep", type=int, help=argparse.SUPPRESS)  # set when started by torchrun
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--out")
     args = p.parse_args()
+    gpu = args.device == "cuda"
+    args.preset = args.preset or ("bench-1b" if gpu else "mini-maverick")
+    args.seq_len = args.seq_len or (2048 if gpu else 256)
     expert_parallel._all_to_all = _counting_all_to_all(expert_parallel._all_to_all)
     if args.worker_ep is not None:
-        info = setup_distributed("cpu")
+        info = setup_distributed(args.device)
         res = run(args, info.rank, info.world, args.worker_ep)
         if info.is_main:
             Path(args.worker_out).write_text(json.dumps(res))
@@ -115,12 +125,14 @@ def main() -> None:
     results = [run(args, 0, 1, None)]
     print(json.dumps(results[-1]), flush=True)
     threads = torch.get_num_threads()
-    for nproc, ep in ((1, 1), (2, 1), (2, 2)):
+    two = not gpu or torch.cuda.device_count() >= 2
+    for nproc, ep in ((1, 1), (2, 1), (2, 2)) if two else ((1, 1),):
         with tempfile.TemporaryDirectory() as tmp:
             part = Path(tmp) / "r.json"
             env = {**os.environ, "OMP_NUM_THREADS": str(threads // nproc)}  # the same cores in every configuration
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", __file__,
-                   "--preset", args.preset, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+                   "--device", args.device, "--preset", args.preset, "--batch", str(args.batch),
+                   "--seq-len", str(args.seq_len),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--worker-ep", str(ep),
                    "--worker-out", str(part)]
             r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -131,12 +143,12 @@ def main() -> None:
     base = results[0]["tokens_per_s"]
     for r in results[1:]:
         r["vs_one_process"] = r["tokens_per_s"] / base
-    result = {"benchmark": "parallel_cpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "device": device_info(torch.device("cpu")),
+    result = {"benchmark": f"parallel_{args.device}", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "device": device_info(torch.device(args.device)),
               "versions": {"python": platform.python_version(), "torch": torch.__version__},
               "preset": args.preset, "global_batch": args.batch, "seq_len": args.seq_len, "steps": args.steps,
               "results": results}
-    out = Path(args.out or Path(__file__).parent / "results" / "parallel_cpu.json")
+    out = Path(args.out or Path(__file__).parent / "results" / f"parallel_{args.device}.json")
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 
