@@ -87,14 +87,15 @@ def test_two_processes_follow_one_and_resume_across_world_sizes(tmp_path, refere
 
 
 def test_distill_and_codistill_on_two_processes_follow_one(tmp_path, reference):
-    """Online distillation (the teacher sharded with EP=2 like the student), offline from a teacher cache,
-    and codistillation under HSDP (parallel.dp_shard=1: replicated over both ranks) match one process."""
+    """Online distillation (the teacher sharded with EP=2 like the student; activation checkpointing),
+    offline from a teacher cache, and codistillation under HSDP (parallel.dp_shard=1: replicated over both
+    ranks; 2 micro-batches per step) match one process."""
     teacher = reference / "checkpoints" / "step_0000020"
     assert main(["distill-cache", "--teacher", str(teacher), "--out", str(tmp_path / "cache"), "--top-k", "16",
                  "--seq-len", "32", "--num-problems", "500", "--device=cpu"]) == 0
-    runs = {"distill": ["distill", f"--distill.teacher={teacher}"],
+    runs = {"distill": ["distill", f"--distill.teacher={teacher}", "--train.activation_checkpointing=true"],
             "cached": ["distill", f"--distill.cache={tmp_path / 'cache'}"],
-            "codistill": ["codistill", "--distill.teacher_preset=debug"]}
+            "codistill": ["codistill", "--distill.teacher_preset=debug", "--train.grad_accum=2"]}
     parallel = {"distill": ["--parallel.ep=2"], "cached": ["--parallel.ep=2"], "codistill": ["--parallel.dp_shard=1"]}
     for name, args in runs.items():
         one, two = tmp_path / f"{name}1", tmp_path / f"{name}2"
