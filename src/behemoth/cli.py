@@ -450,14 +450,14 @@ def _rank() -> tuple[int, bool]:
 
 
 def _report(msg: str, every_rank: bool = False) -> None:
-    """An error line on stderr. In a distributed run rank 0 reports what every rank meets alike (bad
-    settings, checked before the process group forms; an interruption); a later error on another rank
-    is reported by that rank, marked with its number."""
+    """An error line on stderr. In a distributed run rank 0 reports what every rank meets alike (an
+    interruption; bad settings, checked before the process group forms, which the first rank of every
+    other machine reports too, in case that machine differs); a later error on another rank is reported by
+    that rank. Ranks other than 0 mark their lines with their number."""
     rank, joined = _rank()
-    if rank == 0:
-        print(msg, file=sys.stderr)
-    elif every_rank and joined:
-        print(f"[rank {rank}] {msg}", file=sys.stderr)
+    first_here = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if rank == 0 or (every_rank and (joined or first_here)):
+        print(msg if rank == 0 else f"[rank {rank}] {msg}", file=sys.stderr)
 
 
 def _run(argv: list[str] | None) -> int:
