@@ -59,8 +59,9 @@ def reference(tmp_path_factory) -> Path:
 
 def test_two_processes_follow_one_and_resume_across_world_sizes(tmp_path, reference, capsys):
     """EP=2 + FSDP on 2 processes for steps 1-8 (a distributed checkpoint), one process resumes it for 9-14
-    (a one-process checkpoint), FSDP without EP on 2 processes resumes that for 15-20: the 20 losses, grad
-    norms and validation losses are the uninterrupted one-process run's."""
+    (a one-process checkpoint, which rank 0 reads and sends), FSDP without EP on 2 processes resumes that for
+    15-17, EP=2 resumes that (every rank reading its shards) for 18-20: the 20 losses, grad norms and
+    validation losses are the uninterrupted one-process run's."""
     run = tmp_path / "run"
     r = torchrun("train", *RUN, "--train.steps=8", f"--train.out_dir={run}", "--parallel.ep=2")
     assert "2 processes (parallel.ep=2" in r.stdout and r.stdout.count("done: 8 steps") == 1  # rank 0 speaks
@@ -69,7 +70,8 @@ def test_two_processes_follow_one_and_resume_across_world_sizes(tmp_path, refere
     assert main(["train", *RUN, "--train.steps=14", f"--train.out_dir={run}", "--resume"]) == 0
     assert "resuming from" in capsys.readouterr().out
     assert (run / "checkpoints" / "step_0000014" / "model.safetensors").is_file()
-    torchrun("train", *RUN, "--train.steps=20", f"--train.out_dir={run}", "--resume")
+    torchrun("train", *RUN, "--train.steps=17", f"--train.out_dir={run}", "--resume")
+    torchrun("train", *RUN, "--train.steps=20", f"--train.out_dir={run}", "--resume", "--parallel.ep=2")
     assert_same_curve(run, reference, 20)
 
     # the distributed checkpoint is a model directory: load_model and convert read it in one process
@@ -82,7 +84,9 @@ def test_two_processes_follow_one_and_resume_across_world_sizes(tmp_path, refere
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4, msg=k)
-    assert main(["convert", "native-to-hf", str(step8), str(tmp_path / "hf"), "--drop-router-bias"]) == 0
+    step17 = run / "checkpoints" / "step_0000017"  # written by FSDP alone
+    assert (step17 / "model.dcp").is_dir()
+    assert main(["convert", "native-to-hf", str(step17), str(tmp_path / "hf"), "--drop-router-bias"]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llama4_text"
 
 

@@ -83,6 +83,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
     and missing index entries raise `CheckpointError` naming the file and key. Tensors are read one
     file at a time and each is converted (dtype, device) as soon as it is complete, so the model's
     weights are never held twice; only safetensors files are read (nothing is unpickled).
+    `device="meta"` gives the model's structure from config.json alone (no weight is read).
     """
     directory = Path(path)
     raw = _read_config(directory)
@@ -91,7 +92,10 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
         cfg = load_config_file(directory / "config.json")
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    if fmt == "native" and (directory / SHARDED_DIR / ".metadata").is_file():
+    if torch.device(device).type == "meta":
+        with torch.device("meta"):
+            return Transformer(cfg).eval()
+    if fmt == "native" and sharded_model_files(directory):
         return _load_sharded(directory, cfg, dtype, device)
     files, index_file = weight_files(directory)
     prefix = ""
@@ -233,6 +237,12 @@ def save_model(model: Transformer, directory: str | Path, max_shard_bytes: int |
 
 
 SHARDED_DIR = "model.dcp"  # torch.distributed.checkpoint files of a model saved by several processes
+
+
+def sharded_model_files(directory: str | Path) -> Path | None:
+    """`directory/model.dcp` when the directory holds a model saved by several processes, else None."""
+    path = Path(directory) / SHARDED_DIR
+    return path if (path / ".metadata").is_file() else None
 
 
 def _write_sharded_model(model: Transformer, directory: Path, rank0: bool, **meta) -> None:

@@ -118,6 +118,40 @@ def parallelize(model: nn.Module, world: int, ep: int = 1, device_type: str = "c
     return model
 
 
+def shard_model(model: nn.Module, world: int, ep: int = 1, device: torch.device | str = "cpu",
+                activation_checkpointing: bool = False, compile: bool = False, dp_shard: int = -1,
+                sharded_files: str | None = None) -> nn.Module:
+    """`model` parallelized (as `parallelize`) without any rank holding it whole on `device`. Every rank
+    builds a meta-device copy from `model.config`, parallelizes it and allocates only its own shards on
+    `device`; then rank 0 sends each tensor of `model` (whole, in CPU memory, on rank 0 only; the other
+    ranks pass a meta-device shell) and every rank keeps its part, or, with `sharded_files` (a
+    `torch.distributed.checkpoint` directory such as a checkpoint's model.dcp), every rank reads its own
+    shards and `model` may be a shell everywhere. Returns the new model (in `model`'s train/eval mode)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    from behemoth.model import Transformer
+
+    device = torch.device(device)
+    whole = model.state_dict() if sharded_files is None and dist.get_rank() == 0 else {}
+    with torch.device("meta"):
+        out = Transformer(model.config)
+    out.train(model.training)
+    parallelize(out, world, ep, device.type, activation_checkpointing, compile, dp_shard)
+    out.to_empty(device=device)
+    for m in out.modules():
+        if isinstance(m, MoE):
+            m.tokens_per_expert.zero_()  # not in any state dict
+    if sharded_files is not None:
+        import torch.distributed.checkpoint as dcp
+
+        state = get_model_state_dict(out)
+        dcp.load(state, checkpoint_id=str(sharded_files))
+        set_model_state_dict(out, state)
+    else:
+        set_model_state_dict(out, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return out
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 

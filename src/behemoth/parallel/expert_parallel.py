@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
 
 from behemoth.model.moe import GroupedExperts, MoE
 
@@ -69,9 +69,10 @@ class ExpertParallelExperts(GroupedExperts):
             raise ValueError(f"{E} experts cannot be split evenly over {self.ep} expert-parallel ranks")
         self.num_experts, self.local_experts = E, E // self.ep
         self.hidden_dim, self.grouped = experts.hidden_dim, experts.grouped
+        lo, hi = self.ep_rank * self.local_experts, (self.ep_rank + 1) * self.local_experts
         for name in ("w13", "w2"):
-            full = getattr(experts, name)
-            local = distribute_tensor(full.detach(), mesh, [Shard(0)])
+            full = getattr(experts, name)  # the same on every rank (or a meta-device shell): keep this rank's part
+            local = DTensor.from_local(full.detach()[lo:hi].clone(), mesh, [Shard(0)], run_check=False)
             setattr(self, name, nn.Parameter(local, requires_grad=full.requires_grad))
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from behemoth import build_model
-from behemoth.checkpoint.io import latest_checkpoint, load_checkpoint, load_training_state
+from behemoth.checkpoint.io import latest_checkpoint, load_checkpoint, load_training_state, sharded_model_files
 from behemoth.config import ModelConfig, get_preset, load_config_file
 from behemoth.data.image_text import ImageTextData, ImageTextLoader, read_jsonl, split_examples, visual_task_examples
 from behemoth.data.loader import DataLoader
@@ -25,7 +25,7 @@ from behemoth.data.packing import TokenStore, build_in_memory, tokenize_corpus
 from behemoth.data.teacher_cache import TeacherCache, check_out_dir, teacher_fingerprint, write_cache
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.parallel import apply_activation_checkpointing, apply_compile
-from behemoth.parallel.distributed import DistInfo, ShardedBatches, broadcast_from_rank0, parallelize, setup_distributed
+from behemoth.parallel.distributed import DistInfo, ShardedBatches, broadcast_from_rank0, setup_distributed, shard_model
 from behemoth.train.config import DataSection, TrainConfig
 from behemoth.train.kd import topk_targets
 from behemoth.train.steps import CachedDistillStep, CodistillStep, DistillStep, PretrainStep, autocast_context
@@ -248,15 +248,33 @@ def _tokenizer_from_json(text: str) -> Tokenizer:
     return Tokenizer(tokenizers.Tokenizer.from_str(text), source="rank 0's tokenizer")
 
 
-def _parallelize_models(cfg: TrainConfig, mode: str, world: int, device: torch.device, model, teacher) -> None:
-    """FSDP2 (+ expert parallelism, activation checkpointing, compile) on the student and any teacher: a
-    frozen teacher is sharded the same way (forward only: no checkpointing, no compile)."""
+def _load_device(dist_info: DistInfo, source: Path | str | None = None) -> torch.device:
+    """Where a model is built or loaded before training: the run's device in one process. In a distributed
+    run no rank holds a model whole on its device (`shard_model` gives each its shards): rank 0 holds it in
+    CPU memory and the others a meta-device shell, or every rank a shell when `source` holds sharded files
+    (which every rank reads its part of)."""
+    if dist_info.world == 1:
+        return dist_info.device
+    if dist_info.is_main and (source is None or not sharded_model_files(source)):
+        return torch.device("cpu")
+    return torch.device("meta")
+
+
+def _parallelize_models(cfg: TrainConfig, mode: str, dist_info: DistInfo, model, teacher,
+                        sources: tuple[Path | None, Path | None]):
+    """(model, teacher) sharded by `shard_model` with FSDP2 (+ expert parallelism, activation checkpointing,
+    compile); a frozen teacher is sharded the same way (forward only: no checkpointing, no compile)."""
     p, t = cfg.parallel, cfg.train
-    parallelize(model, world, p.ep, device.type, t.activation_checkpointing, t.compile, p.dp_shard)
+
+    def shard(m, source, trained: bool):
+        files = sharded_model_files(source) if source is not None else None
+        return shard_model(m, dist_info.world, p.ep, dist_info.device, trained and t.activation_checkpointing,
+                           trained and t.compile, p.dp_shard, files)
+
+    model = shard(model, sources[0], True)
     if teacher is not None:
-        trained = mode == "codistill"
-        parallelize(teacher, world, p.ep, device.type, trained and t.activation_checkpointing,
-                    trained and t.compile, p.dp_shard)
+        teacher = shard(teacher, sources[1], mode == "codistill")
+    return model, teacher
 
 
 def build_step(mode: str, cfg: TrainConfig, model, teacher, autocast_dtype, cache=None):
@@ -306,7 +324,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
         if not cfg.distill.teacher:
             raise ValueError("distill.teacher: set it to the teacher's checkpoint directory (or distill.cache to a "
                              "teacher cache from behemoth distill-cache)")
-        teacher, teacher_tok = load_teacher(cfg.distill.teacher, device)
+        teacher, teacher_tok = load_teacher(cfg.distill.teacher, _load_device(dist_info, cfg.distill.teacher))
     given_tok = shared_tok or teacher_tok  # on ranks > 0, rank 0's choice (which its own precedence made)
     if cfg.data.images:
         tok, train_store, val_store = build_image_data(cfg.data, run_dir, cfg.train.seed, ckpt is not None, say,
@@ -332,14 +350,15 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
             f"{cache.manifest['mean_captured_mass']:.4f})")
     if ckpt is not None:
         state = load_training_state(ckpt)
-        model = load_checkpoint(ckpt, dtype=torch.float32, device=device)
+        model = load_checkpoint(ckpt, dtype=torch.float32, device=_load_device(dist_info, ckpt))
         _check_resume(cfg, state["config"], model_cfg, model.config, ckpt)
         if mode == "codistill":
-            teacher = load_checkpoint(ckpt / "teacher", dtype=torch.float32, device=device)
+            teacher = load_checkpoint(ckpt / "teacher", dtype=torch.float32,
+                                      device=_load_device(dist_info, ckpt / "teacher"))
         say(f"resuming from {ckpt} (step {state['step']})")
     else:
         state = None
-        model = build_model(model_cfg, device=device, seed=cfg.train.seed)
+        model = build_model(model_cfg, device=_load_device(dist_info), seed=cfg.train.seed)
         if mode == "codistill":
             tcfg = get_preset(cfg.distill.teacher_preset)
             if cfg.data.images:
@@ -348,11 +367,13 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
             if tcfg.vocab_size < model_cfg.vocab_size:
                 raise ValueError(f"distill.teacher_preset={cfg.distill.teacher_preset!r} has a smaller vocabulary "
                                  f"({tcfg.vocab_size}) than the student ({model_cfg.vocab_size})")
-            teacher = build_model(tcfg, device=device, seed=cfg.train.seed + 1)
+            teacher = build_model(tcfg, device=_load_device(dist_info), seed=cfg.train.seed + 1)
     if world > 1:
         if rank0:
             broadcast_from_rank0(tok.hf.to_str())  # the run is checked: the other ranks may start
-        _parallelize_models(cfg, mode, world, device, model, teacher)
+        sources = (ckpt, ckpt / "teacher" if ckpt and mode == "codistill" else
+                   Path(cfg.distill.teacher) if teacher is not None and mode == "distill" else None)
+        model, teacher = _parallelize_models(cfg, mode, dist_info, model, teacher, sources)
         train_loader = ShardedBatches(train_loader, dist_info.rank, world)
     else:
         for m in (model, teacher if mode == "codistill" else None):
