@@ -111,6 +111,20 @@ def test_distill_and_codistill_on_two_processes_follow_one(tmp_path, reference):
     assert (tmp_path / "codistill2" / "checkpoints" / "step_0000010" / "teacher" / "model.dcp").is_dir()
 
 
+def test_image_text_training_on_two_processes_follows_one(tmp_path):
+    """Image-text rows label different numbers of tokens, so the ranks hold unequal shares of the batch's
+    loss: normalised by the whole batch's count (and each rank decoding only its rows' pictures), 2 processes
+    under EP=2 still follow one process."""
+    args = ["--model.preset=mini-maverick-vl", "--data.images=true", "--data.seq_len=96", "--data.num_problems=200",
+            "--train.steps=6", "--log.eval_every=3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", *RUN, *args, f"--train.out_dir={one}"]) == 0
+    torchrun("train", *RUN, *args, f"--train.out_dir={two}", "--parallel.ep=2")
+    assert_same_curve(two, one, 6)
+    seen = [0] + [r["tokens"] for r in records(one, "train")]  # labelled tokens so far
+    assert len({b - a for a, b in zip(seen, seen[1:], strict=False)}) > 1  # steps label different numbers
+
+
 def test_bad_settings_stop_every_rank_with_one_error(tmp_path):
     """A setting that does not fit the launch is reported once (by rank 0) and every rank exits non-zero;
     a failure on rank 0 while the others wait for it (missing data) stops them too; nothing is written."""

@@ -211,5 +211,5 @@ class ImageTextLoader(EpochOrder):
         super().__init__(len(data), batch_size, data.seq_len, seed, shuffle)
         self.data = data
 
-    def __next__(self) -> Batch:
-        return self.data.batch(self._take(self.batch_size))
+    def _batch_of(self, indices: np.ndarray) -> Batch:
+        return self.data.batch(indices)

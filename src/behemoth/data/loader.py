@@ -45,15 +45,6 @@ class Batch:
                        for t in (self.input_ids, self.labels, self.positions, self.segment_ids)),
                      offsets=self.offsets, pixel_values=pixels)
 
-    def rows(self, start: int, stop: int) -> Batch:
-        """Rows [start, stop) of the batch (one rank's share in data-parallel training). Text batches only:
-        a batch's image tiles are not split by row."""
-        if self.pixel_values is not None:
-            raise ValueError("a batch with images cannot be split by rows")
-        offsets = None if self.offsets is None else self.offsets[start:stop]
-        return Batch(*(t[start:stop] for t in (self.input_ids, self.labels, self.positions, self.segment_ids)),
-                     offsets=offsets)
-
     @property
     def num_tokens(self) -> int:
         return self.input_ids.numel()
@@ -91,6 +82,17 @@ class EpochOrder:
 
     def __iter__(self):
         return self
+
+    def __next__(self) -> Batch:
+        return self._batch_of(self._take(self.batch_size))
+
+    def next_rows(self, start: int, stop: int) -> Batch:
+        """Rows [start, stop) of the next batch, the order advancing by the whole batch (one rank's share in
+        data-parallel training: every rank draws the same batches and builds only its rows)."""
+        return self._batch_of(self._take(self.batch_size)[start:stop])
+
+    def _batch_of(self, indices: np.ndarray) -> Batch:
+        raise NotImplementedError
 
     def _take(self, n: int) -> np.ndarray:
         """The next `n` item indices, advancing (epoch, index) across epoch boundaries."""
@@ -149,8 +151,8 @@ class DataLoader(EpochOrder):
             raise ValueError(f"{where}: {store.num_tokens} tokens, too few for one window of seq_len + 1 = "
                              f"{self.seq_len + 1} tokens")
 
-    def __next__(self) -> Batch:
-        return window_batch(self.store, self.seq_len, self._take(self.batch_size))
+    def _batch_of(self, indices: np.ndarray) -> Batch:
+        return window_batch(self.store, self.seq_len, indices)
 
 
 def window_batch(store: TokenStore, seq_len: int, windows: np.ndarray) -> Batch:

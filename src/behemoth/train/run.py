@@ -233,8 +233,6 @@ def start_distributed(cfg: TrainConfig, device: torch.device, model_cfg: ModelCo
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size={cfg.train.batch_size}: must be divisible by the number of processes "
                          f"({world}); it is the global micro-batch, split evenly over the ranks")
-    if cfg.data.images:
-        raise ValueError("data.images: distributed runs take text data; train on image-text data in one process")
     return setup_distributed(device.type)
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from behemoth.data.loader import Batch
 from behemoth.model.moe import MoE
-from behemoth.parallel.distributed import any_rank
+from behemoth.parallel.distributed import any_rank, mean_over_ranks
 from behemoth.train.config import DistillSection, RouterSection
 from behemoth.train.kd import Divergence, KDWeight, Teacher, TopK, distill_loss, topk_targets
 from behemoth.train.losses import IGNORE_INDEX, balance_loss, chunked_cross_entropy, router_entropy, router_z_loss
@@ -31,8 +31,16 @@ def moe_layers(model: nn.Module) -> list[MoE]:
 
 
 def labelled_share(batch: Batch) -> float:
-    """The share of the batch's positions that have a label (1.0 for packed text)."""
-    return int((batch.labels != IGNORE_INDEX).sum()) / max(batch.labels.numel(), 1)
+    """The share of the batch's positions that have a label (1.0 for packed text); in a distributed run the
+    whole batch's, over all ranks (each holds the same number of positions)."""
+    return mean_over_ranks(int((batch.labels != IGNORE_INDEX).sum())) / max(batch.labels.numel(), 1)
+
+
+def token_mean_divisor(n: int) -> float:
+    """What a loss summed over a micro-batch's `n` labelled tokens is divided by: `n` (1 when there are
+    none) in one process; in a distributed run the ranks' mean count, so that the ranks' average is the mean
+    over the whole batch's tokens (`parallel.distributed.mean_over_ranks`)."""
+    return mean_over_ranks(n) or 1
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -68,7 +76,7 @@ class PretrainStep:
         h_BSD = self._hidden(batch)
         with autocast_context(batch.input_ids.device, self.autocast_dtype):
             ce_sum, n = chunked_cross_entropy(h_BSD.flatten(0, 1), self.model.logits, batch.labels.flatten())
-        ce = ce_sum / max(n, 1)
+        ce = ce_sum / token_mean_divisor(n)
         return self._finish(ce, {"loss": ce.item(), "tokens": n}, self.moes, loss_scale, batch)
 
     def _router_losses(self, loss: torch.Tensor, moes: list[MoE], share: float) -> tuple[torch.Tensor, dict]:
@@ -164,7 +172,7 @@ class DistillStep(PretrainStep):
             small = h_BSD.shape[0] * h_BSD.shape[1] * self.model.config.vocab_size <= self.MATERIALIZE_LOGITS
             res = distill_loss(h_BSD.flatten(0, 1), self.model.logits, batch.labels.flatten(), teacher, self.div,
                                self.weight, self.step, self.total, max_padded_mass=None, recompute=not small)
-        n = max(res.tokens, 1)
+        n = token_mean_divisor(res.tokens)
         metrics = {"loss": res.ce_sum.item() / n, "kd_loss": res.kd_sum.item() / n,
                    "kd_weight": res.alpha_sum.item() / n, "tokens": res.tokens}
         return res.loss_sum / n, metrics
@@ -197,11 +205,12 @@ class CodistillStep(DistillStep):
         with autocast_context(device, self.autocast_dtype):
             h_t = self.teacher.hidden_states(batch.input_ids, **batch.model_inputs)
             t_ce_sum, n = chunked_cross_entropy(h_t.flatten(0, 1), self.teacher.logits, batch.labels.flatten())
-        teacher_loss = t_ce_sum / max(n, 1)
+        d = token_mean_divisor(n)
+        teacher_loss = t_ce_sum / d
         teacher_loss, t_metrics = self._router_losses(teacher_loss, self.teacher_moes, labelled_share(batch))
         targets = self._teacher_targets(h_t.detach().flatten(0, 1), self.teacher.logits)
         loss, metrics = self._distill(batch, self._hidden(batch), targets)
-        metrics["teacher_loss"] = t_ce_sum.item() / max(n, 1)
+        metrics["teacher_loss"] = t_ce_sum.item() / d
         metrics.update({f"teacher_{k}": v for k, v in t_metrics.items() if k != "router_entropy"})
         return self._finish(loss + teacher_loss, metrics, self.moes, loss_scale, batch)
 
