@@ -44,8 +44,8 @@ class DistInfo:
 
 
 def setup_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group `torchrun` describes (RANK, WORLD_SIZE, LOCAL_RANK; gloo on CPU, NCCL on
-    CUDA); a single process without those variables gets world size 1 and no process group."""
+    """Join the process group `torchrun` describes (RANK, WORLD_SIZE, LOCAL_RANK; gloo on CPU, NCCL for
+    CUDA tensors on GPUs); a single process without those variables gets world size 1 and no process group."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -55,7 +55,8 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # on GPUs NCCL for CUDA tensors and gloo for the few CPU ones (the trainer's scalar agreements)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo")
     return DistInfo(rank, world, local, dev)
 
 
