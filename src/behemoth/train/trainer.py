@@ -235,8 +235,10 @@ class Trainer:
         agg, entropy = all_reduce_metrics(agg, entropy)  # the whole batch's, over all ranks
         params = [p for model in self.models.values() for p in model.parameters() if p.requires_grad]
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        # over every rank's shards; fp32 sums of squares (torch's CPU norm kernel can be off by 1e-4 relative)
-        grad_norm = clip_grad_norm(params, clip)
+        if self.info.world > 1:
+            grad_norm = clip_grad_norm(params, clip)  # over every rank's shards
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         if not math.isfinite(grad_norm):
             return self._skip(f"non-finite gradient norm at step {self.step + 1}")
         self.optimizer.step()
