@@ -134,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = build_config(args.config, args.overrides)
     summary = run_training(cfg, resume=args.resume, mode=args.mode)
     if _rank()[0] == 0:
-            print(f"done: {summary['step']} steps, {summary['tokens']:,} tokens, {summary['nonfinite_steps']} skipped; "
+        print(f"done: {summary['step']} steps, {summary['tokens']:,} tokens, {summary['nonfinite_steps']} skipped; "
               f"run dir {cfg.train.out_dir}")
 
 

@@ -239,10 +239,14 @@ def save_model(model: Transformer, directory: str | Path, max_shard_bytes: int |
 SHARDED_DIR = "model.dcp"  # torch.distributed.checkpoint files of a model saved by several processes
 
 
+def _dcp_files(path: Path) -> Path | None:
+    """`path` when it holds `torch.distributed.checkpoint` files (their .metadata written last), else None."""
+    return path if (path / ".metadata").is_file() else None
+
+
 def sharded_model_files(directory: str | Path) -> Path | None:
     """`directory/model.dcp` when the directory holds a model saved by several processes, else None."""
-    path = Path(directory) / SHARDED_DIR
-    return path if (path / ".metadata").is_file() else None
+    return _dcp_files(Path(directory) / SHARDED_DIR)
 
 
 def _write_sharded_model(model: Transformer, directory: Path, rank0: bool, **meta) -> None:
@@ -284,7 +288,7 @@ def _is_rank0() -> bool:
 def _barrier() -> None:
     import torch.distributed as dist
 
-    if dist.is_initialized():
+    if _joined():
         dist.barrier()
 
 
@@ -417,8 +421,8 @@ def load_optimizer_state(models: dict[str, nn.Module], optimizer, ckpt_dir: Path
     )
 
     container = nn.ModuleDict(models)
-    sharded = Path(ckpt_dir) / OPTIM_SHARDED_DIR
-    if (sharded / ".metadata").is_file():
+    sharded = _dcp_files(Path(ckpt_dir) / OPTIM_SHARDED_DIR)
+    if sharded is not None:
         import torch.distributed.checkpoint as dcp
 
         target = {"optimizer": get_optimizer_state_dict(container, optimizer)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -214,8 +215,6 @@ def make_loader(data: TokenStore | ImageTextData, batch_size: int, seq_len: int,
 def start_distributed(cfg: TrainConfig, device: torch.device, model_cfg: ModelConfig) -> DistInfo:
     """The run's processes: one, or those `torchrun` started (WORLD_SIZE > 1), which join one process group.
     The parallel settings are checked first, on every rank alike (so only rank 0 need report them)."""
-    import os
-
     world, p = int(os.environ.get("WORLD_SIZE", "1")), cfg.parallel
     if world == 1:
         if p.ep > 1:
