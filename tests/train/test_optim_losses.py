@@ -83,7 +83,7 @@ def test_router_losses_are_weighted_by_the_labelled_share():
     import behemoth
     from behemoth.data.loader import Batch
     from behemoth.train.config import RouterSection
-    from behemoth.train.steps import PretrainStep, labelled_share
+    from behemoth.train.steps import PretrainStep, token_counts
 
     model = behemoth.build_model("debug", seed=0)
     ids = torch.randint(3, 200, (2, 16))
@@ -94,7 +94,7 @@ def test_router_losses_are_weighted_by_the_labelled_share():
     step = PretrainStep(model, RouterSection(z_loss_coef=0.01, balance_loss_coef=0.02))
     for lab, share in ((labels, 1.0), (sparse, 0.25)):
         batch = Batch(ids, lab, pos, torch.zeros_like(ids))
-        assert labelled_share(batch) == share
+        assert token_counts(batch)[1] == share
         model(ids)
-        added, m = step._router_losses(torch.tensor(0.0), step.moes, labelled_share(batch))
+        added, m = step._router_losses(torch.tensor(0.0), step.moes, token_counts(batch)[1])
         assert added.item() == pytest.approx(share * (0.01 * m["z_loss"] + 0.02 * m["balance_loss"]), rel=1e-6)

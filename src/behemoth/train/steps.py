@@ -30,17 +30,15 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def labelled_share(batch: Batch) -> float:
-    """The share of the batch's positions that have a label (1.0 for packed text); in a distributed run the
-    whole batch's, over all ranks (each holds the same number of positions)."""
-    return mean_over_ranks(int((batch.labels != IGNORE_INDEX).sum())) / max(batch.labels.numel(), 1)
+def token_counts(batch: Batch) -> tuple[float, float]:
+    """(divisor, labelled share) of a micro-batch, from its number n of labelled tokens.
 
-
-def token_mean_divisor(n: int) -> float:
-    """What a loss summed over a micro-batch's `n` labelled tokens is divided by: `n` (1 when there are
-    none) in one process; in a distributed run the ranks' mean count, so that the ranks' average is the mean
-    over the whole batch's tokens (`parallel.distributed.mean_over_ranks`)."""
-    return mean_over_ranks(n) or 1
+    divisor: what its losses summed over labelled tokens are divided by: n (1 when there are none) in one
+    process; in a distributed run the ranks' mean n (`parallel.distributed.mean_over_ranks`), so that the
+    ranks' average is the mean over the whole batch's tokens. share: the fraction of the batch's positions
+    that have a label (1.0 for packed text), over all ranks (each holds the same number of positions)."""
+    mean = mean_over_ranks(int((batch.labels != IGNORE_INDEX).sum()))
+    return mean or 1, mean / max(batch.labels.numel(), 1)
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
@@ -76,8 +74,9 @@ class PretrainStep:
         h_BSD = self._hidden(batch)
         with autocast_context(batch.input_ids.device, self.autocast_dtype):
             ce_sum, n = chunked_cross_entropy(h_BSD.flatten(0, 1), self.model.logits, batch.labels.flatten())
-        ce = ce_sum / token_mean_divisor(n)
-        return self._finish(ce, {"loss": ce.item(), "tokens": n}, self.moes, loss_scale, batch)
+        divisor, share = token_counts(batch)
+        ce = ce_sum / divisor
+        return self._finish(ce, {"loss": ce.item(), "tokens": n}, self.moes, loss_scale, share)
 
     def _router_losses(self, loss: torch.Tensor, moes: list[MoE], share: float) -> tuple[torch.Tensor, dict]:
         """Add the z-loss and balance loss of `moes` (mean over layers) from their last forward, weighted by
@@ -93,9 +92,10 @@ class PretrainStep:
         loss = loss + share * (self.router_cfg.z_loss_coef * z + self.router_cfg.balance_loss_coef * bal)
         return loss, {"z_loss": z.item(), "balance_loss": bal.item(), "router_entropy": entropy}
 
-    def _finish(self, loss: torch.Tensor, metrics: dict, moes: list[MoE], loss_scale: float, batch: Batch) -> dict:
-        """Router losses of the trained model, the non-finite check, backward."""
-        loss, router = self._router_losses(loss, moes, labelled_share(batch))
+    def _finish(self, loss: torch.Tensor, metrics: dict, moes: list[MoE], loss_scale: float, share: float) -> dict:
+        """Router losses of the trained model (weighted by the labelled `share`), the non-finite check,
+        backward."""
+        loss, router = self._router_losses(loss, moes, share)
         metrics.update(router)
         # agreed over all ranks in a distributed run: they skip the (collective) backward together
         metrics["nonfinite"] = any_rank(not bool(torch.isfinite(loss)))
@@ -163,7 +163,10 @@ class DistillStep(PretrainStep):
                  for s in range(0, h_ND.shape[0], 1024)]
         return TopK(torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts]))
 
-    def _distill(self, batch: Batch, h_BSD: torch.Tensor, teacher: Teacher) -> tuple[torch.Tensor, dict]:
+    def _distill(self, batch: Batch, h_BSD: torch.Tensor, teacher: Teacher,
+                 divisor: float) -> tuple[torch.Tensor, dict]:
+        """The mixed CE + KD loss over the batch's labelled tokens (summed, then divided by `divisor`, see
+        `token_counts`) and its metrics."""
         with autocast_context(batch.input_ids.device, self.autocast_dtype):
             # The tokenizers were checked identical before the first step, so teacher columns beyond the
             # student's vocabulary are padding: dropped and the teacher renormalised, without a mass check.
@@ -172,15 +175,15 @@ class DistillStep(PretrainStep):
             small = h_BSD.shape[0] * h_BSD.shape[1] * self.model.config.vocab_size <= self.MATERIALIZE_LOGITS
             res = distill_loss(h_BSD.flatten(0, 1), self.model.logits, batch.labels.flatten(), teacher, self.div,
                                self.weight, self.step, self.total, max_padded_mass=None, recompute=not small)
-        n = token_mean_divisor(res.tokens)
-        metrics = {"loss": res.ce_sum.item() / n, "kd_loss": res.kd_sum.item() / n,
-                   "kd_weight": res.alpha_sum.item() / n, "tokens": res.tokens}
-        return res.loss_sum / n, metrics
+        metrics = {"loss": res.ce_sum.item() / divisor, "kd_loss": res.kd_sum.item() / divisor,
+                   "kd_weight": res.alpha_sum.item() / divisor, "tokens": res.tokens}
+        return res.loss_sum / divisor, metrics
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> dict:
         teacher = self._teacher_targets(self._teacher_hidden(batch), self.teacher.logits)
-        loss, metrics = self._distill(batch, self._hidden(batch), teacher)
-        return self._finish(loss, metrics, self.moes, loss_scale, batch)
+        divisor, share = token_counts(batch)
+        loss, metrics = self._distill(batch, self._hidden(batch), teacher, divisor)
+        return self._finish(loss, metrics, self.moes, loss_scale, share)
 
 
 class CodistillStep(DistillStep):
@@ -205,14 +208,14 @@ class CodistillStep(DistillStep):
         with autocast_context(device, self.autocast_dtype):
             h_t = self.teacher.hidden_states(batch.input_ids, **batch.model_inputs)
             t_ce_sum, n = chunked_cross_entropy(h_t.flatten(0, 1), self.teacher.logits, batch.labels.flatten())
-        d = token_mean_divisor(n)
-        teacher_loss = t_ce_sum / d
-        teacher_loss, t_metrics = self._router_losses(teacher_loss, self.teacher_moes, labelled_share(batch))
+        divisor, share = token_counts(batch)
+        teacher_loss = t_ce_sum / divisor
+        teacher_loss, t_metrics = self._router_losses(teacher_loss, self.teacher_moes, share)
         targets = self._teacher_targets(h_t.detach().flatten(0, 1), self.teacher.logits)
-        loss, metrics = self._distill(batch, self._hidden(batch), targets)
-        metrics["teacher_loss"] = t_ce_sum.item() / d
+        loss, metrics = self._distill(batch, self._hidden(batch), targets, divisor)
+        metrics["teacher_loss"] = t_ce_sum.item() / divisor
         metrics.update({f"teacher_{k}": v for k, v in t_metrics.items() if k != "router_entropy"})
-        return self._finish(loss + teacher_loss, metrics, self.moes, loss_scale, batch)
+        return self._finish(loss + teacher_loss, metrics, self.moes, loss_scale, share)
 
 
 class CachedDistillStep(DistillStep):
@@ -236,5 +239,6 @@ class CachedDistillStep(DistillStep):
             raise ValueError("cached distillation needs Batch.offsets (batches from behemoth.data.DataLoader)")
         targets = self.cache.targets(batch.offsets, top_k=self.cfg.top_k or None,
                                      vocab_size=self.model.config.vocab_size, device=batch.input_ids.device)
-        loss, metrics = self._distill(batch, self._hidden(batch), targets)
-        return self._finish(loss, metrics, self.moes, loss_scale, batch)
+        divisor, share = token_counts(batch)
+        loss, metrics = self._distill(batch, self._hidden(batch), targets, divisor)
+        return self._finish(loss, metrics, self.moes, loss_scale, share)
