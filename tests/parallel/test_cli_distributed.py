@@ -89,6 +89,15 @@ def test_two_processes_follow_one_and_resume_across_world_sizes(tmp_path, refere
     assert main(["convert", "native-to-hf", str(step17), str(tmp_path / "hf"), "--drop-router-bias"]) == 0
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "llama4_text"
 
+    # a damaged distributed checkpoint is one error naming it; it stays where it is
+    step20 = run / "checkpoints" / "step_0000020"
+    (step20 / "optim.dcp" / ".metadata").write_text("garbage")
+    capsys.readouterr()
+    assert main(["train", *RUN, "--train.steps=22", f"--train.out_dir={run}", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{step20 / 'optim.dcp'}: cannot be read" in err
+    assert (step20 / "model.dcp").is_dir() and (run / "checkpoints" / "latest").read_text() == step20.name
+
 
 def test_distill_and_codistill_on_two_processes_follow_one(tmp_path, reference):
     """Online distillation (the teacher sharded with EP=2 like the student; activation checkpointing),

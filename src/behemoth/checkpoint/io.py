@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import logging
 import os
 import shutil
 import warnings
@@ -145,21 +146,28 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
     return model.eval()
 
 
-def _load_sharded(directory: Path, cfg: ModelConfig, dtype: torch.dtype | None, device) -> Transformer:
-    """A `save_sharded_model` directory, read in one process whatever world size wrote it (DCP reshards)."""
+def read_dcp(state: dict, path: Path, alone: bool = False) -> None:
+    """`torch.distributed.checkpoint.load` of the files in `path` into `state` (by every rank of the process
+    group, or with `alone` by this process by itself). Missing or corrupt files, or tensors that do not fit
+    `state`, raise one `CheckpointError` naming `path` and the first cause."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
+    try:
+        with _quiet_dcp():
+            dcp.load(state, checkpoint_id=str(path), no_dist=alone or not _joined())
+    except (Exception, CheckpointException) as e:  # DCP wraps each rank's error (a BaseException)
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        first = str(cause).splitlines()[0][:200] if str(cause) else ""
+        raise CheckpointError(f"{path}: cannot be read into this config ({type(cause).__name__}: {first})") from None
+
+
+def _load_sharded(directory: Path, cfg: ModelConfig, dtype: torch.dtype | None, device) -> Transformer:
+    """A `save_sharded_model` directory, read in one process whatever world size wrote it (DCP reshards)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     state = {k: torch.empty(v.shape, dtype=torch.float32, device=device) for k, v in model.state_dict().items()}
-    try:
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(directory / SHARDED_DIR), no_dist=True)  # whole, in this process
-    except (Exception, CheckpointException) as e:  # DCP wraps each rank's error (a BaseException)
-        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
-        raise CheckpointError(f"{directory / SHARDED_DIR}: cannot be read into this config "
-                              f"({type(cause).__name__}: {str(cause).splitlines()[0][:200]})") from None
+    read_dcp(state, directory / SHARDED_DIR, alone=True)  # whole, in this process
     if dtype is not None:
         state = {k: t.to(dtype) for k, t in state.items()}
     model.load_state_dict(state, assign=True, strict=True)
@@ -255,7 +263,7 @@ def _write_sharded_model(model: Transformer, directory: Path, rank0: bool, **met
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     state = get_model_state_dict(model)
-    with _quiet_single_process():
+    with _quiet_dcp():
         dcp.save(state, checkpoint_id=str(directory / SHARDED_DIR), no_dist=not _joined())
     if rank0:
         cfg = model.config
@@ -263,13 +271,24 @@ def _write_sharded_model(model: Transformer, directory: Path, rank0: bool, **met
         (directory / "meta.json").write_text(json.dumps(_meta(cfg, state, sharded=True, **meta), indent=2))
 
 
+def _from_dcp(record: logging.LogRecord) -> bool:
+    return "torch/distributed/checkpoint" not in record.pathname.replace("\\", "/")
+
+
 @contextlib.contextmanager
-def _quiet_single_process():
-    """DCP warns on every read or write in one process; here that is the intent (reading a sharded
-    checkpoint whole, resuming a distributed run in one process)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized")
-        yield
+def _quiet_dcp():
+    """DCP warns on every read or write in one process, which here is the intent (reading a sharded
+    checkpoint whole, resuming a distributed run in one process), and logs a traceback to the root logger
+    for each metadata file it cannot read, before raising; `read_dcp` reports that failure in one line."""
+    root = logging.getLogger()
+    root.addFilter(_from_dcp)
+    alone = r"torch\.distributed is (disabled, )?unavailable or uninitialized"
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=alone)
+            yield
+    finally:
+        root.removeFilter(_from_dcp)
 
 
 def _joined() -> bool:
@@ -392,7 +411,7 @@ def save_distributed_training_checkpoint(run_dir: str | Path, step: int, models:
         for fname, data in (extra_files or {}).items() if rank0 else ():
             (target / fname).write_bytes(data)
     optim_state = get_optimizer_state_dict(nn.ModuleDict(models), optimizer)
-    with _quiet_single_process():
+    with _quiet_dcp():
         dcp.save({"optimizer": optim_state}, checkpoint_id=str(tmp / OPTIM_SHARDED_DIR), no_dist=not _joined())
     if rank0:
         write_state(train_state, tmp, "train_state")
@@ -423,11 +442,8 @@ def load_optimizer_state(models: dict[str, nn.Module], optimizer, ckpt_dir: Path
     container = nn.ModuleDict(models)
     sharded = _dcp_files(Path(ckpt_dir) / OPTIM_SHARDED_DIR)
     if sharded is not None:
-        import torch.distributed.checkpoint as dcp
-
         target = {"optimizer": get_optimizer_state_dict(container, optimizer)}
-        with _quiet_single_process():
-            dcp.load(target, checkpoint_id=str(sharded), no_dist=not _joined())
+        read_dcp(target, sharded)
         set_optimizer_state_dict(container, optimizer, target["optimizer"])
         return
     saved = train_state.get("optimizer")

@@ -21,6 +21,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -143,10 +144,10 @@ def shard_model(model: nn.Module, world: int, ep: int = 1, device: torch.device 
         if isinstance(m, MoE):
             m.tokens_per_expert.zero_()  # not in any state dict
     if sharded_files is not None:
-        import torch.distributed.checkpoint as dcp
+        from behemoth.checkpoint.io import read_dcp
 
         state = get_model_state_dict(out)
-        dcp.load(state, checkpoint_id=str(sharded_files))
+        read_dcp(state, Path(sharded_files))
         set_model_state_dict(out, state)
     else:
         set_model_state_dict(out, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
