@@ -61,6 +61,14 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local, dev)
 
 
+def check_degrees(world: int, ep: int, dp_shard: int = -1) -> None:
+    """`ValueError` naming the setting when `ep` or `dp_shard` (-1: every rank) does not divide `world`."""
+    if ep < 1 or world % ep:
+        raise ValueError(f"parallel.ep={ep}: must divide the number of processes ({world})")
+    if dp_shard != -1 and (dp_shard < 1 or world % dp_shard):
+        raise ValueError(f"parallel.dp_shard={dp_shard}: must be -1 or divide the number of processes ({world})")
+
+
 def build_meshes(world: int, ep: int, device_type: str, dp_shard: int = -1):
     """(data-parallel mesh, 2-D expert mesh ("efsdp", "ep")); ep and dp_shard must divide the world.
 
@@ -69,14 +77,11 @@ def build_meshes(world: int, ep: int, device_type: str, dp_shard: int = -1):
     world / dp_shard times."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    if ep < 1 or world % ep:
-        raise ValueError(f"parallel.ep={ep}: must divide the number of processes ({world})")
+    check_degrees(world, ep, dp_shard)
     if dp_shard == -1 or dp_shard == world:
         dp = init_device_mesh(device_type, (world,), mesh_dim_names=("dp",))
-    elif dp_shard >= 1 and world % dp_shard == 0:
-        dp = init_device_mesh(device_type, (world // dp_shard, dp_shard), mesh_dim_names=("dp_replicate", "dp_shard"))
     else:
-        raise ValueError(f"parallel.dp_shard={dp_shard}: must be -1 or divide the number of processes ({world})")
+        dp = init_device_mesh(device_type, (world // dp_shard, dp_shard), mesh_dim_names=("dp_replicate", "dp_shard"))
     experts = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("efsdp", "ep"))
     return dp, experts
 

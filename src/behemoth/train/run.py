@@ -26,7 +26,14 @@ from behemoth.data.packing import TokenStore, build_in_memory, tokenize_corpus
 from behemoth.data.teacher_cache import TeacherCache, check_out_dir, teacher_fingerprint, write_cache
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.parallel import apply_activation_checkpointing, apply_compile
-from behemoth.parallel.distributed import DistInfo, ShardedBatches, broadcast_from_rank0, setup_distributed, shard_model
+from behemoth.parallel.distributed import (
+    DistInfo,
+    ShardedBatches,
+    broadcast_from_rank0,
+    check_degrees,
+    setup_distributed,
+    shard_model,
+)
 from behemoth.train.config import DataSection, TrainConfig
 from behemoth.train.kd import topk_targets
 from behemoth.train.steps import CachedDistillStep, CodistillStep, DistillStep, PretrainStep, autocast_context
@@ -221,10 +228,7 @@ def start_distributed(cfg: TrainConfig, device: torch.device, model_cfg: ModelCo
             raise ValueError(f"parallel.ep={p.ep}: expert parallelism needs {p.ep} processes or a multiple; launch "
                              f"with torchrun --nproc-per-node {p.ep} -m behemoth ...")
         return DistInfo(0, 1, 0, device)
-    if world % p.ep:
-        raise ValueError(f"parallel.ep={p.ep}: must divide the number of processes ({world})")
-    if p.dp_shard != -1 and world % p.dp_shard:
-        raise ValueError(f"parallel.dp_shard={p.dp_shard}: must be -1 or divide the number of processes ({world})")
+    check_degrees(world, p.ep, p.dp_shard)
     experts = model_cfg.moe.num_experts if model_cfg.moe is not None else 0
     if p.ep > 1 and experts % p.ep:
         raise ValueError(f"parallel.ep={p.ep}: the model's {experts} routed experts cannot be split evenly over "
