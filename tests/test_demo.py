@@ -15,6 +15,12 @@ TINY = Recipe(teacher_steps=3, student_steps=3, batch_size=2, seq_len=64, teache
 TINY_VISION = VisionRecipe(steps=2, batch_size=4, seq_len=80, lr=1e-3, problems=60, eval_problems=9)
 
 
+def recovered(score: dict) -> float | None:
+    """(distilled - scratch) / (teacher - scratch); undefined (None) when teacher and scratch score the same."""
+    t, d, s = score["teacher"], score["distilled"], score["scratch"]
+    return None if t == s else (d - s) / (t - s)
+
+
 def test_demo_pipeline_and_report(tmp_path):
     lines = []
     report = run_demo(tmp_path / "d", recipe=TINY, say=lines.append)
@@ -26,13 +32,43 @@ def test_demo_pipeline_and_report(tmp_path):
     assert models["distilled"]["params"] == models["scratch"]["params"]
     assert models["distilled"]["train_tokens"] == models["scratch"]["train_tokens"]  # the same tokens
     acc = {k: v["tasks"]["overall"] for k, v in models.items()}
-    g = report["gap_recovered"]["accuracy"]
-    if acc["teacher"] != acc["scratch"]:
-        assert g == pytest.approx((acc["distilled"] - acc["scratch"]) / (acc["teacher"] - acc["scratch"]))
+    loss = {k: v["heldout"]["loss"] for k, v in models.items()}
+    expected = {"accuracy": recovered(acc), "heldout_loss": recovered(loss)}
+    assert report["gap_recovered"] == expected and saved["gap_recovered"] == expected
+    assert report["story_holds"] == {"teacher_ahead": acc["teacher"] > max(acc["distilled"], acc["scratch"]),
+                                     "distilled_ahead_of_scratch": acc["distilled"] > acc["scratch"]}
+    shown = {k: "n/a" if v is None else f"{v:.0%}" for k, v in expected.items()}
+    line = f"gap recovered by distillation: accuracy {shown['accuracy']}, held-out loss {shown['heldout_loss']}"
+    assert line in lines and line in format_table(report).splitlines()
     html = (tmp_path / "d" / "report.html").read_text()
-    assert "Gap recovered" in html and html.count("data:image/png;base64") >= 2
-    assert any("gap recovered by distillation" in line for line in lines)
+    assert f"accuracy: {shown['accuracy']}, heldout loss: {shown['heldout_loss']}." in html
+    assert html.count("data:image/png;base64") >= 2
     assert "vision" not in report and "Learning from pictures" not in html
+
+
+def table_report(acc: dict, loss: dict) -> dict:
+    models = {name: {"params": 1000, "active_params": 500, "tokens_per_s": 2.0, "tasks": {"overall": acc[name]},
+                     "heldout": {"loss": loss[name], "ppl": 3.0}} for name in ("teacher", "distilled", "scratch")}
+    return {"models": models, "gap_recovered": {"accuracy": recovered(acc), "heldout_loss": recovered(loss)},
+            "story_holds": {"teacher_ahead": acc["teacher"] > max(acc["distilled"], acc["scratch"]),
+                            "distilled_ahead_of_scratch": acc["distilled"] > acc["scratch"]}}
+
+
+def test_table_prints_the_gap_and_na_when_teacher_equals_scratch():
+    """Both forms of the gap line, whatever a tiny training run happens to produce."""
+    report = table_report(acc={"teacher": 0.8, "distilled": 0.5, "scratch": 0.2},
+                          loss={"teacher": 1.0, "distilled": 1.5, "scratch": 3.0})
+    assert report["gap_recovered"] == {"accuracy": pytest.approx(0.5), "heldout_loss": 0.75}
+    lines = format_table(report).splitlines()
+    assert "gap recovered by distillation: accuracy 50%, held-out loss 75%" in lines
+    assert not any(line.startswith("note:") for line in lines)
+    report = table_report(acc={"teacher": 0.0, "distilled": 0.0, "scratch": 0.0},
+                          loss={"teacher": 2.0, "distilled": 2.5, "scratch": 2.0})
+    assert report["gap_recovered"] == {"accuracy": None, "heldout_loss": None}
+    lines = format_table(report).splitlines()
+    assert "gap recovered by distillation: accuracy n/a, held-out loss n/a" in lines
+    assert ("note: in this run the teacher is not ahead of both students; the distilled student is not ahead of "
+            "the scratch student") in lines
 
 
 def test_demo_vision_part(tmp_path):

@@ -16,7 +16,11 @@ from behemoth.checkpoint import CheckpointError, export_hf, save_model
 from behemoth.checkpoint.convert import hf_to_native_key, is_native_only, native_to_hf_key, write_safetensors
 from behemoth.model import Transformer
 
-TOL = 1e-5
+# fp32 logits against transformers. Measured on CPU (torch 2.13, transformers 5.23.0), every comparison in this
+# file, text and images, run three times: max |diff| 1.9e-7 to 2.4e-7 with logits up to ~1.2 (a few fp32 ulps).
+# The tolerance leaves a margin of about 8x and still sees small slips that a 1e-4 bound would pass: the vision
+# tower's GELU on its tanh approximation moves the image logits by 1.6e-5 to 2.7e-5.
+TOL = 2e-6
 
 
 def run(model, ids: torch.Tensor) -> torch.Tensor:
@@ -127,7 +131,7 @@ def test_load_transformers_conditional_generation(shard, mm_cfg, ids, tmp_path):
         with torch.no_grad():
             ref = hf(input_ids=prompt, pixel_values=pixels).logits
             got = model(prompt, pixel_values=pixels)
-        assert max_diff(got, ref) <= 1e-4, f"{tiles} tile(s)"
+        assert max_diff(got, ref) <= TOL, f"{tiles} tile(s)"
 
 
 def test_multimodal_export_round_trip(mm_cfg, make_model, tmp_path):
@@ -138,7 +142,7 @@ def test_multimodal_export_round_trip(mm_cfg, make_model, tmp_path):
     hf = transformers.Llama4ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     prompt, pixels = image_prompt(mm_cfg, 2)
     with torch.no_grad():
-        assert max_diff(model(prompt, pixel_values=pixels), hf(input_ids=prompt, pixel_values=pixels).logits) <= 1e-4
+        assert max_diff(model(prompt, pixel_values=pixels), hf(input_ids=prompt, pixel_values=pixels).logits) <= TOL
     back = behemoth.load_model(str(tmp_path / "hf"))
     assert_bitwise_equal(back.state_dict(), model.state_dict())
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tokenizers
 import torch
-from tokenizers import models
+from tokenizers import models, processors
 
 from behemoth.data import Tokenizer
 
@@ -46,9 +46,22 @@ def test_byte_level_round_trip_is_exact(byte_tokenizer, text):
 
 def test_encode_adds_no_special_tokens_and_ignores_special_strings(byte_tokenizer):
     tok = byte_tokenizer
-    ids = tok.encode("a <|end_of_text|> b <|begin_of_text|>")
+    text = "a <|end_of_text|> b <|begin_of_text|>"
+    ids = tok.encode(text)
     assert not {tok.bos_id, tok.eos_id, tok.pad_id} & set(ids)  # literal text cannot inject control tokens
-    assert tok.encode("hello") == tok.encode("hello")
+    assert tok.decode(ids) == text  # the special strings survive as text (decode would drop control tokens)
+    hello = tok.encode("hello")
+    assert "".join(tok.hf.id_to_token(i) for i in hello) == "hello"  # only pieces of the text, nothing added
+    # a post-processor that wraps every sequence in BOS ... EOS (Llama 4's tokenizer.json prepends BOS) changes
+    # encode_prompt, never encode
+    hf = tokenizers.Tokenizer.from_str(tok.hf.to_str())
+    hf.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A <|end_of_text|>",
+        special_tokens=[("<|begin_of_text|>", tok.bos_id), ("<|end_of_text|>", tok.eos_id)])
+    wrapped = Tokenizer(hf)
+    assert wrapped.encode("hello") == hello and wrapped.encode(text) == ids
+    assert wrapped.encode_prompt("hello") == [tok.bos_id, *hello, tok.eos_id]
+    assert tok.encode_prompt("hello") == hello  # ours have no post-processor
 
 
 def test_decode_skips_special_tokens_and_accepts_arrays(byte_tokenizer):

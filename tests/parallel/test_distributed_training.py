@@ -80,5 +80,7 @@ def test_sharded_model_loads_in_one_process_and_converts_to_transformers(tmp_pat
     for name, buf in model.named_buffers():
         if name.endswith("expert_bias"):
             buf.zero_()
+    # fp32 on both sides; measured (CPU, torch 2.13, transformers 5.23.0): max |diff| 9.5e-7 over 200 draws of
+    # `ids`, with logits up to ~3 (a few fp32 ulps)
     with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=1e-4)
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=5e-6)

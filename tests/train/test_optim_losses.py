@@ -58,8 +58,17 @@ def test_router_losses_closed_forms():
     assert balance_loss(uniform_logits, ids).item() == pytest.approx(1.0)
     collapsed = torch.zeros(32, 8)
     collapsed[:, 0] = 10.0
-    assert balance_loss(collapsed, torch.zeros(32, 1, dtype=torch.long)).item() > 1.5  # 8 * 1/(1 + 7/2)
+    # every slot on expert 0 (f = e_0), whose normalised sigmoid affinity is s / (s + 7 * sigmoid(0)) with
+    # s = sigmoid(10): E * sum_e f_e P_e = 8 s / (s + 3.5) = 1.77771 (a softmax affinity would give 7.995)
+    s = 1 / (1 + math.exp(-10))
+    want = 8 * s / (s + 3.5)
+    assert balance_loss(collapsed, torch.zeros(32, 1, dtype=torch.long)).item() == pytest.approx(want, rel=1e-6)
     assert router_entropy(uniform_logits).item() == pytest.approx(1.0)
+    # softmax of (10, 0 x 7): p = e^10 / (e^10 + 7) on expert 0 and q = 1 / (e^10 + 7) on each other one; fp32
+    # rounds p (0.99936) by ~6e-8, which moves p log p by as much: measured 5e-8 off this 1.68e-3
+    p, q = math.exp(10) / (math.exp(10) + 7), 1 / (math.exp(10) + 7)
+    entropy = -(p * math.log(p) + 7 * q * math.log(q)) / math.log(8)
+    assert router_entropy(collapsed).item() == pytest.approx(entropy, abs=2e-7)
     assert router_entropy(collapsed * 10).item() < 1e-3
 
 
