@@ -47,7 +47,8 @@ class ChatFormat:
     stop_strings: tuple[str, ...]
 
     def encode(self, messages: Iterable[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        """Prompt ids for `messages` (dicts with "role" and "content" strings)."""
+        """Prompt ids for `messages` (dicts with a "role" and a "content": a string or a list of parts, see
+        the module docstring)."""
         msgs = _check(messages)
         tok = self.tokenizer
         if self.name == "llama4":

@@ -3,7 +3,8 @@ temperature tuning, chunked causal masks (iRoPE). Follows meta-llama/llama-model
 `models/llama4/model.py` and transformers' `modeling_llama4.py`, which agree on all of it.
 
 Masks are built from absolute positions, so one function serves a plain forward, padded batches
-(per-sequence positions) and, later, a KV cache (key positions differ from query positions).
+(per-sequence positions) and the KV cache of `inference/cache.py` (key positions differ from query
+positions).
 
 Shape legend: B batch, S query length, K key length, D model dim, N query heads, G KV heads,
 H head dim.

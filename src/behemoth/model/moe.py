@@ -10,12 +10,10 @@ Semantics (Meta's llama-models `moe.py` and transformers' `Llama4TextMoe` agree)
 Routed slots are sorted by expert so that every expert multiplies one contiguous slice; no FLOPs are
 spent on experts a token did not choose. Two kernels compute the experts, equal up to rounding:
   * `torch._grouped_mm` (one grouped GEMM per projection, no host sync): on CUDA, where the build
-    supports the dtype (bf16 on Hopper for torch <= 2.8) and the operands are 16-byte aligned;
-  * a loop of plain matmuls, one pair per expert, everywhere else. On CPU `_grouped_mm` is itself a
-    loop of GEMMs: whole-layer timings with benchmarks/moe_layer.py (torch 2.13, fp32) were within
-    +-10% of this loop either way, and the loop also runs on torch < 2.9 (no CPU kernel there), needs
-    no 16-byte alignment (torch <= 2.10) and takes any gradient layout (the 2.13 CPU backward rejects
-    stride-0 output gradients), so the CPU default is the loop.
+    runs it for the dtype (`grouped_mm_supported`) and the operands are 16-byte aligned;
+  * a loop of plain matmuls, one pair per expert, everywhere else. The CPU default is the loop because
+    there `_grouped_mm` is itself a loop of GEMMs, no faster, while the loop runs on every torch version,
+    with any alignment and gradient layout (measured in benchmarks/README.md, `moe_layer.py`).
 `MoE.use_loop` forces the loop (the reference the tests compare against); `GroupedExperts.grouped =
 True` forces the grouped kernel.
 
@@ -167,10 +165,12 @@ class MoE(nn.Module):
     forward: route (fp32) -> sort slots by expert -> scale inputs by score -> experts -> unsort ->
     sum over k -> + shared_expert(x).
 
-    In training mode only: `tokens_per_expert` (non-persistent) accumulates routed counts, which the
+    In training mode only: `tokens_per_expert` [E] (non-persistent) accumulates routed counts, which the
     trainer reads and resets for balance statistics and bias updates; and `last_router_logits` [T, E]
     (fp32, with grad) and `last_expert_ids` [T, K] keep the latest forward's routing for the router
-    losses. `use_loop` routes the experts through `GroupedExperts.forward_loop`, the reference.
+    losses. `record_routing = False` turns that bookkeeping off, so that a wrapper which runs a forward a
+    second time (activation checkpointing's recomputation in backward) records each token once.
+    `use_loop` routes the experts through `GroupedExperts.forward_loop`, the reference.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -183,6 +183,7 @@ class MoE(nn.Module):
         self.shared_expert = FeedForward(cfg.dim, m.expert_dim) if m.num_shared_experts else None
         self.register_buffer("tokens_per_expert", torch.zeros(m.num_experts), persistent=False)
         self.use_loop = False
+        self.record_routing = True
         self.last_router_logits: torch.Tensor | None = None
         self.last_expert_ids: torch.Tensor | None = None
 
@@ -198,7 +199,7 @@ class MoE(nn.Module):
         ids_M = ids_TK.flatten()
         order_M = torch.argsort(ids_M, stable=True)  # slot m = t*K + k, sorted by expert id
         counts_E = ids_M.new_zeros(self.num_experts).scatter_add_(0, ids_M, torch.ones_like(ids_M))  # no host sync
-        if self.training:
+        if self.training and self.record_routing:
             self.last_router_logits, self.last_expert_ids = logits_TE, ids_TK
             with torch.no_grad():
                 self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
