@@ -28,3 +28,13 @@ bench: setup
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
+
+# Every GPU figure in one run (benchmarks/gpu_check.py, under 8 minutes on one H100/H200). On a bare GPU
+# machine without the venv: `make gpu-check GPU_PYTHON=python3 GPU_OUT=out/gpu` (src/ goes on PYTHONPATH);
+# rehearse on the CPU with `make gpu-check GPU_ARGS=--dry-run`.
+GPU_PYTHON ?= $(BIN)/python
+GPU_OUT ?= out/gpu-check
+GPU_ARGS ?=
+.PHONY: gpu-check
+gpu-check: $(if $(filter $(BIN)/python,$(GPU_PYTHON)),setup)
+	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_OUT) $(GPU_ARGS)

@@ -58,12 +58,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int)
     p.add_argument("--no-compile", action="store_true", help="skip `ours_compile`")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--device", help="override the preset's device (e.g. cpu for a dry run of --preset h100)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="override the preset's dtype")
     p.add_argument("--out", help="result file (default: results/decode_<device>_<preset>.json)")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     args.models = args.models or preset["models"]
     args.repeats = args.repeats or preset["repeats"]
-    args.dtype, args.device = preset["dtype"], preset["device"]
+    args.dtype, args.device = args.dtype or preset["dtype"], args.device or preset["device"]
     return args
 
 

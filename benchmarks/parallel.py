@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -106,6 +107,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, help="default: 256 on the CPU, 2048 on GPUs")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--max-procs", type=int, default=2,
+                   help="only the torchrun configurations with at most this many processes (1: what one GPU holds)")
     p.add_argument("--worker-ep", type=int, help=argparse.SUPPRESS)  # set when started by torchrun
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--out")
@@ -124,9 +127,13 @@ def main() -> None:
         os._exit(0)  # skip interpreter teardown, where gloo intermittently aborts (std::terminate)
     results = [run(args, 0, 1, None)]
     print(json.dumps(results[-1]), flush=True)
+    if gpu:  # give back this process's cached memory: the torchrun workers below share its GPU
+        gc.collect()
+        torch.cuda.empty_cache()
     threads = torch.get_num_threads()
     two = not gpu or torch.cuda.device_count() >= 2
-    for nproc, ep in ((1, 1), (2, 1), (2, 2)) if two else ((1, 1),):
+    configs = ((1, 1), (2, 1), (2, 2)) if two else ((1, 1),)
+    for nproc, ep in [(n, ep) for n, ep in configs if n <= args.max_procs]:
         with tempfile.TemporaryDirectory() as tmp:
             part = Path(tmp) / "r.json"
             env = {**os.environ, "OMP_NUM_THREADS": str(threads // nproc)}  # the same cores in every configuration
