@@ -142,10 +142,11 @@ def stdlib_documents(first: int, count: int, chunk_chars: int = 4000) -> list[st
 
 
 def run_real(work: Path, teacher: str | None, train_steps: int, bpe_vocab: int, k: int, seq_len: int, say) -> dict:
-    from behemoth.checkpoint.io import latest_checkpoint
+    from behemoth.checkpoint.locate import latest_checkpoint
     from behemoth.config import PRESETS
     from behemoth.train.config import DataSection, build_config
-    from behemoth.train.run import run_distill_cache, run_training
+    from behemoth.train.distill_cache import run_distill_cache
+    from behemoth.train.run import run_training
 
     def write_jsonl(path: Path, docs: list[str]) -> Path:
         path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))

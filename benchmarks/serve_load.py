@@ -40,7 +40,7 @@ from common import device_info  # noqa: E402
 from behemoth import build_model  # noqa: E402
 from behemoth.checkpoint import save_model  # noqa: E402
 from behemoth.config import get_preset  # noqa: E402
-from behemoth.data.tasks import ALPHABET, generate  # noqa: E402
+from behemoth.data.tasks import ALPHABET, make_problems  # noqa: E402
 from behemoth.data.tokenizer import Tokenizer  # noqa: E402
 from behemoth.inference.runner import Runner  # noqa: E402
 from behemoth.inference.sampling import SamplingParams  # noqa: E402
@@ -141,7 +141,7 @@ def main(argv=None) -> None:
     runner = Runner.load(d)
     n = args.clients * args.requests
     prompts = [q.prompt.removeprefix("Q: ").removesuffix("\nA:") if i % 4 >= 2 else q.prompt
-               for i, q in enumerate(generate("test", n, seed=0))]
+               for i, q in enumerate(make_problems("test", n, seed=0))]
     expected = {(q, i % 4 >= 2): offline_answer(runner, q, args.max_tokens, i % 4 >= 2) for i, q in enumerate(prompts)}
     runs = [load(d, runner, mb, c, prompts, expected, args) for mb, c in ((8, False), (1, False), (8, True))]
     tmp.cleanup()

@@ -18,7 +18,7 @@ the routing; our load (max / mean tokens per expert, per MoE layer) is recorded.
 
 tokens/s = batch x seq_len / median step time. MFU = tokens/s x ModelConfig.train_flops_per_token(seq_len)
 / peak (PaLM convention: 6 x active params + attention); the peak comes from --peak-tflops or, for bf16
-on a known GPU, `behemoth.train.run.PEAK_BF16` (989 TFLOP/s on H100). On CPU, achieved TFLOP/s only.
+on a known GPU, `behemoth.train.device.PEAK_BF16` (989 TFLOP/s on H100). On CPU, achieved TFLOP/s only.
 
 On CPU every implementation stays resident and steps are interleaved one by one. On GPU a 4B-parameter
 model with fp32 AdamW state does not fit next to another, so implementations are built one at a time
@@ -60,9 +60,9 @@ from behemoth.model.layers import FeedForward, RMSNorm
 from behemoth.model.moe import GroupedExperts, MoE, Router
 from behemoth.parallel import apply_activation_checkpointing, apply_compile
 from behemoth.train.config import OptimSection, RouterSection
+from behemoth.train.device import PEAK_BF16
 from behemoth.train.losses import IGNORE_INDEX
 from behemoth.train.optim import build_optimizer, update_expert_bias
-from behemoth.train.run import PEAK_BF16
 from behemoth.train.steps import PretrainStep, moe_layers
 
 PRESETS: dict[str, dict] = {
@@ -148,7 +148,7 @@ def peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[float |
         name = torch.cuda.get_device_name(device)
         for key, flops in PEAK_BF16.items():
             if key in name:
-                return flops / 1e12, f"behemoth.train.run.PEAK_BF16[{key!r}] (dense bf16)"
+                return flops / 1e12, f"behemoth.train.device.PEAK_BF16[{key!r}] (dense bf16)"
     return None, None
 
 

@@ -20,7 +20,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from behemoth.checkpoint.io import latest_checkpoint
+from behemoth.checkpoint.locate import latest_checkpoint
+from behemoth.checkpoint.model_dir import load_model
+from behemoth.config import PRESETS
+from behemoth.data.tokenizer import Tokenizer
+from behemoth.data.vision_tasks import make_visual_problems
+from behemoth.eval import evaluate_model
+from behemoth.eval.metrics import majority_baseline, visual_task_accuracy
+from behemoth.eval.report import write_html
 from behemoth.train.config import build_config
 from behemoth.train.run import run_training
 
@@ -68,7 +75,7 @@ def _common(r: Recipe, steps: int, lr: float, out: Path) -> dict:
 
 
 def _train(name: str, over: dict, mode: str, say) -> tuple[Path, dict, float]:
-    cfg = build_config(None, [f"--{k}={v}" for k, v in over.items()])
+    cfg = build_config(updates=over)
     t0 = time.perf_counter()
     summary = run_training(cfg, mode=mode, say=lambda line: say(f"[{name}] {line}"))
     return latest_checkpoint(cfg.train.out_dir), summary, time.perf_counter() - t0
@@ -79,9 +86,6 @@ def run_demo(out_dir: str | Path, quick: bool = False, say=print, force: bool = 
     """Run the story into `out_dir` and return the report. An earlier demo there is an error, or is
     replaced with `force`. `recipe` overrides the full / quick recipes (tests use a tiny one); `vision`
     adds the multimodal student (`vision_recipe` likewise)."""
-    from behemoth.eval import evaluate_model
-    from behemoth.eval.report import write_html
-
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -140,22 +144,20 @@ def run_vision(out: Path, r: VisionRecipe, say) -> dict:
     """Train `mini-maverick-vl` from scratch on the built-in visual tasks (count, digit, bigger); measure
     exact match on held-out pictures, next to the accuracy of always giving each task's most common
     training answer (what a model blind to the picture can reach). Sample pictures go to `out/samples`."""
-    import behemoth
-    from behemoth.data.tokenizer import Tokenizer
-    from behemoth.data.vision_tasks import generate
-    from behemoth.eval.metrics import majority_baseline, visual_task_accuracy
-
     say(f"vision: mini-maverick-vl on the built-in visual tasks, {r.steps} steps of {r.batch_size} pictures")
-    over = {"model.preset": "mini-maverick-vl", "data.images": True, "data.max_tiles": 1,
+    # the preset's own vocabulary (a new model would otherwise take the 70-token tokenizer's size)
+    over = {"model.preset": "mini-maverick-vl", "model.vocab_size": PRESETS["mini-maverick-vl"].vocab_size,
+            "data.images": True, "data.max_tiles": 1,
             "data.num_problems": r.problems, "data.seq_len": r.seq_len, "train.batch_size": r.batch_size,
             "train.steps": r.steps, "optim.lr": r.lr, "optim.warmup_steps": max(1, r.steps // 20),
             "log.every": max(1, r.steps // 10), "log.health_every": max(1, r.steps // 6), "log.eval_every": 0,
             "checkpoint.every": 0, "log.tensorboard": False, "train.out_dir": str(out)}
     ckpt, summary, seconds = _train("vision", over, "pretrain", say)
-    model, tok = behemoth.load_model(str(ckpt)), Tokenizer.load(ckpt)
-    test = generate("test", r.eval_problems, seed=1)
+    model, tok = load_model(ckpt), Tokenizer.load(ckpt)
+    test = make_visual_problems("test", r.eval_problems, seed=1)
     acc = visual_task_accuracy(model, tok, test, max_tiles=1, samples=6)
-    base = majority_baseline([p.problem for p in generate("train", r.problems, seed=0)], [p.problem for p in test])
+    base = majority_baseline([p.problem for p in make_visual_problems("train", r.problems, seed=0)],
+                             [p.problem for p in test])
     (out / "samples").mkdir(exist_ok=True)
     for i, (p, s) in enumerate(zip(test, acc["samples"], strict=False)):
         p.image().save(out / "samples" / f"{i}.png")

@@ -1,9 +1,19 @@
-"""Durable file writes shared by checkpoints, token stores and teacher caches."""
+"""Durable files and directories: the one home of write-to-temp, flush, rename.
+
+Everything behemoth writes that a crash must not leave half-written (checkpoints, token stores, teacher
+caches, pointers and manifests) goes through these helpers: the content is written under a temporary
+hidden name beside its destination, flushed to disk (files and directories), and only then renamed into
+place, so a reader either sees the complete thing under its final name or nothing.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -19,6 +29,77 @@ def fsync_path(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file and directory under `directory`, and `directory` itself, so a rename never
+    publishes unwritten data."""
+    for root, dirs, files in os.walk(directory):
+        for name in files + dirs:
+            fsync_path(Path(root) / name)
+    fsync_path(directory)
+
+
+def temp_sibling(path: Path, tag: str = "tmp", unique: bool = True) -> Path:
+    """A hidden name beside `path` for its content in the making. `unique=False` gives the same name to
+    every process (the ranks of a distributed save write into one directory)."""
+    suffix = f"-{os.getpid()}-{secrets.token_hex(4)}" if unique else ""
+    return path.parent / f".{path.name}.{tag}{suffix}"
+
+
+def write_file_atomically(path: Path, data: bytes | str) -> None:
+    """Replace `path` with `data` (str: UTF-8): a temporary sibling, flushed, renamed over it."""
+    path = Path(path)
+    tmp = temp_sibling(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def write_json_atomically(path: Path, obj: dict) -> None:
+    write_file_atomically(path, json.dumps(obj, indent=2) + "\n")
+
+
+def remove_dir(path: Path) -> None:
+    """Rename aside, then delete, so `path` never names a partly deleted directory."""
+    doomed = temp_sibling(path, "old")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def publish_dir(tmp: Path, final: Path) -> Path:
+    """Flush the finished directory `tmp` and rename it to `final`. An existing `final` is removed first,
+    only now that its replacement is complete."""
+    fsync_tree(tmp)
+    if final.exists():
+        remove_dir(final)
+    os.rename(tmp, final)
+    fsync_path(final.parent)
+    return final
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Write a directory atomically: `with atomic_dir(final) as tmp:` fill `tmp`; on success it is flushed
+    and renamed to `final` (replacing what was there), on any failure it is removed and `final` is left
+    untouched. Whether `final` may be replaced is the caller's decision, made before."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(final, "partial")
+    tmp.mkdir()
+    try:
+        yield tmp
+        publish_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_format_json(file: Path, fmt: str, version: int, what: str) -> dict:

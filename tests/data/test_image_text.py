@@ -12,7 +12,6 @@ from PIL import Image
 
 from behemoth.config import PRESETS, VisionConfig
 from behemoth.data.image_text import (
-    IGNORE,
     ImageTextData,
     ImageTextExample,
     ImageTextLoader,
@@ -21,9 +20,10 @@ from behemoth.data.image_text import (
     visual_task_examples,
 )
 from behemoth.data.images import IMAGE_SPECIAL_TOKENS, PATCH, image_to_tiles
+from behemoth.data.loader import IGNORE_INDEX
 from behemoth.data.tasks import ALPHABET
 from behemoth.data.tokenizer import Tokenizer
-from behemoth.data.vision_tasks import generate
+from behemoth.data.vision_tasks import make_visual_problems
 
 VISION = VisionConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=128, image_size=32, patch_size=8, adapter_dim=32)
 
@@ -43,7 +43,7 @@ def test_char_tokenizer_with_image_tokens(tok):
 
 
 def test_row_layout_labels_and_tiles(tok):
-    problems = generate("train", 3, seed=0, tasks=["digit"])
+    problems = make_visual_problems("train", 3, seed=0, tasks=["digit"])
     data = ImageTextData(visual_task_examples(problems), tok, VISION, seq_len=80, max_tiles=4)
     # a 64-pixel picture on 32-pixel tiles: a 2 x 2 grid plus the global tile, 4 tokens each
     block = [tok.token_to_id(t) for t in ("<|image_start|>",)]
@@ -61,14 +61,14 @@ def test_row_layout_labels_and_tiles(tok):
         labels = b.labels[row].tolist()
         # the loss covers exactly the text and EOS, each label the next input token
         assert labels[n_ctx - 1:n_ctx - 1 + len(text)] == text
-        assert all(x == IGNORE for x in labels[:n_ctx - 1] + labels[n_ctx - 1 + len(text):])
+        assert all(x == IGNORE_INDEX for x in labels[:n_ctx - 1] + labels[n_ctx - 1 + len(text):])
         assert ids[n_ctx:n_ctx + len(text) - 1] == text[:-1]
     tiles = [image_to_tiles(p.image(), tile=32, max_tiles=4).pixels for p in (problems[0], problems[2])]
     assert torch.equal(b.pixel_values, torch.cat(tiles))  # row by row, in order
 
 
 def test_too_long_row_names_the_example(tok):
-    ex = visual_task_examples(generate("train", 1, seed=0, tasks=["count"]))
+    ex = visual_task_examples(make_visual_problems("train", 1, seed=0, tasks=["count"]))
     with pytest.raises(ValueError, match=r"count problem .*needs \d+ tokens.*data.seq_len"):
         ImageTextData(ex, tok, VISION, seq_len=20, max_tiles=1)
 
@@ -133,7 +133,8 @@ def test_split_is_by_content_not_order():
 
 @pytest.mark.parametrize("k", [1, 3, 7])
 def test_loader_resume_reproduces_the_uninterrupted_run(tok, k):
-    data = ImageTextData(visual_task_examples(generate("train", 9, seed=0)), tok, VISION, seq_len=100, max_tiles=1)
+    examples = visual_task_examples(make_visual_problems("train", 9, seed=0))
+    data = ImageTextData(examples, tok, VISION, seq_len=100, max_tiles=1)
     whole = ImageTextLoader(data, batch_size=4, seed=5)
     ref = [next(whole) for _ in range(8)]
     first = ImageTextLoader(data, batch_size=4, seed=5)

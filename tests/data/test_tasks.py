@@ -15,7 +15,7 @@ from behemoth.data.tasks import (
     accuracy,
     check,
     extract_answer,
-    generate,
+    make_problems,
     split_of,
 )
 
@@ -149,7 +149,7 @@ def test_required_tasks_exist():
 @pytest.mark.parametrize("difficulty", [1, 2, 3])
 def test_every_document_is_correct_and_well_formed(difficulty):
     for split in ("train", "test"):
-        problems = generate(split, 700, seed=difficulty, difficulty=difficulty)
+        problems = make_problems(split, 700, seed=difficulty, difficulty=difficulty)
         assert {p.task for p in problems} == set(TASKS)
         for p in problems:
             assert p.text == p.prompt + p.solution and p.prompt.endswith("\nA:")
@@ -159,7 +159,7 @@ def test_every_document_is_correct_and_well_formed(difficulty):
 
 
 def test_documents_are_short_at_difficulty_1():
-    lengths = [len(p.text) for p in generate("train", 2000, seed=3)]
+    lengths = [len(p.text) for p in make_problems("train", 2000, seed=3)]
     assert max(lengths) <= 60
     assert sum(lengths) / len(lengths) < 48
 
@@ -169,30 +169,30 @@ def test_alphabet_covers_every_character():
     seen = set()
     for d in (1, 2, 3, 4):
         for split in ("train", "test"):
-            for p in generate(split, 700, seed=d, difficulty=d):
+            for p in make_problems(split, 700, seed=d, difficulty=d):
                 seen |= set(p.text)
     assert seen <= set(ALPHABET), sorted(seen - set(ALPHABET))
     assert set("0123456789+*%-/=?,;#") <= seen
 
 
 def test_deterministic_and_prefix_stable():
-    a = generate("train", 300, seed=7, difficulty=2)
-    assert a == generate("train", 300, seed=7, difficulty=2)
-    assert a[:100] == generate("train", 100, seed=7, difficulty=2)
-    assert a != generate("train", 300, seed=8, difficulty=2)
-    assert generate("test", 50, seed=7) != generate("train", 50, seed=7)
-    assert generate("train", 10, tasks="add,mul") == generate("train", 10, tasks=["add", "mul"])
+    a = make_problems("train", 300, seed=7, difficulty=2)
+    assert a == make_problems("train", 300, seed=7, difficulty=2)
+    assert a[:100] == make_problems("train", 100, seed=7, difficulty=2)
+    assert a != make_problems("train", 300, seed=8, difficulty=2)
+    assert make_problems("test", 50, seed=7) != make_problems("train", 50, seed=7)
+    assert make_problems("train", 10, tasks="add,mul") == make_problems("train", 10, tasks=["add", "mul"])
 
 
 def test_pinned_documents():
     """Exact documents for a fixed call: generation must not depend on the process (`hash`) or change
     silently (trained checkpoints depend on the format)."""
-    assert [p.text for p in generate("train", 3, seed=0, tasks=["add", "lineq", "units"])] == [
+    assert [p.text for p in make_problems("train", 3, seed=0, tasks=["add", "lineq", "units"])] == [
         "Q: 49+68=?\nA: 9+8=17; 4+6+1=11; #### 117\n",
         "Q: 6x+1=-11, x=?\nA: 6x=-11-1=-12; x=-12/6=-2; #### -2\n",
         "Q: 82 l to ml=?\nA: 82*1000=82000; #### 82000\n",
     ]
-    assert [p.text for p in generate("test", 2, seed=0, tasks=["mod", "count"])] == [
+    assert [p.text for p in make_problems("test", 2, seed=0, tasks=["mod", "count"])] == [
         "Q: 49%4=?\nA: 12*4=48; 49-48=1; #### 1\n",
         "Q: count 3 in aa12\nA: 0; #### 0\n",
     ]
@@ -200,32 +200,32 @@ def test_pinned_documents():
 
 
 def test_rounds_robin_over_the_tasks():
-    problems = generate("train", 70)
+    problems = make_problems("train", 70)
     assert [p.task for p in problems[:7]] == list(TASKS)
     assert all(sum(p.task == t for p in problems) == 10 for t in TASKS)
-    assert [p.task for p in generate("test", 6, tasks=["sort", "sort", "mod"])] == ["sort", "sort", "mod"] * 2
+    assert [p.task for p in make_problems("test", 6, tasks=["sort", "sort", "mod"])] == ["sort", "sort", "mod"] * 2
 
 
 def test_train_and_test_are_disjoint_by_construction():
     train, test = set(), set()
     for seed in (0, 1, 2):
-        train |= {_key(p) for p in generate("train", 20000, seed=seed)}
-        test |= {_key(p) for p in generate("test", 2000, seed=seed)}
+        train |= {_key(p) for p in make_problems("train", 20000, seed=seed)}
+        test |= {_key(p) for p in make_problems("test", 2000, seed=seed)}
     assert train and test and not train & test
     # across difficulties too: the key does not depend on the difficulty
-    hard_train = {_key(p) for p in generate("train", 5000, seed=0, difficulty=2)}
+    hard_train = {_key(p) for p in make_problems("train", 5000, seed=0, difficulty=2)}
     assert not hard_train & test
     # and the buckets are what `split_of` says, about TEST_FRACTION of each task's problem space
     assert all(split_of(k) == "test" for k in test) and all(split_of(k) == "train" for k in train)
     keys = [f"mul:{a},{b}" for a in range(100) for b in range(2, 10)]
     share = sum(split_of(k) == "test" for k in keys) / len(keys)
     assert abs(share - TEST_FRACTION) < 0.03
-    test_mul = {_key(p) for p in generate("test", 2000, tasks=["mul"])}
+    test_mul = {_key(p) for p in make_problems("test", 2000, tasks=["mul"])}
     assert test_mul == {k for k in keys if split_of(k) == "test"}  # all of them, and only them
 
 
 def test_commutative_problems_share_a_split():
-    for p in generate("test", 300, tasks=["add", "sort"]):
+    for p in make_problems("test", 300, tasks=["add", "sort"]):
         if p.task == "add":
             a, b = map(int, p.prompt[3:-5].split("+"))  # b+a is the same problem: held out with it
             assert split_of(TASKS["add"].canonical_key((b, a))) == "test"
@@ -254,16 +254,16 @@ def test_difficulty_increases_operand_sizes():
     for task in TASKS:
         means = []
         for d in (1, 2, 3):
-            sizes = [_size(p) for p in generate("train", 200, seed=0, tasks=[task], difficulty=d)]
+            sizes = [_size(p) for p in make_problems("train", 200, seed=0, tasks=[task], difficulty=d)]
             means.append(sum(sizes) / len(sizes))
         assert means[0] < means[1] < means[2], (task, means)
-    assert max(len(a) for p in generate("train", 300, tasks=["add"], difficulty=1)
+    assert max(len(a) for p in make_problems("train", 300, tasks=["add"], difficulty=1)
                for a in p.prompt[3:-5].split("+")) == 2
-    assert max(len(a) for p in generate("train", 300, tasks=["add"], difficulty=3)
+    assert max(len(a) for p in make_problems("train", 300, tasks=["add"], difficulty=3)
                for a in p.prompt[3:-5].split("+")) == 4
     # unit conversions: one hop at difficulty 1, several at 3
-    hops = [len(p.solution.split("; ")) - 1 for p in generate("train", 300, tasks=["units"], difficulty=3)]
-    assert all(h == 1 for p in generate("train", 100, tasks=["units"])
+    hops = [len(p.solution.split("; ")) - 1 for p in make_problems("train", 300, tasks=["units"], difficulty=3)]
+    assert all(h == 1 for p in make_problems("train", 100, tasks=["units"])
                for h in [len(p.solution.split("; ")) - 1]) and max(hops) == 3
 
 
@@ -281,7 +281,7 @@ def test_extract_answer_and_check():
 
 
 def test_accuracy():
-    problems = generate("test", 6, tasks=["add", "mul", "sort"])
+    problems = make_problems("test", 6, tasks=["add", "mul", "sort"])
     gens = [p.solution for p in problems]
     gens[0] = " #### 0\n"  # add wrong
     gens[4] = "garbage"    # mul wrong
@@ -304,4 +304,4 @@ def test_accuracy():
 def test_bad_arguments_raise_naming_the_option(kwargs, match):
     args = dict(split="train", n=5) | kwargs
     with pytest.raises(ValueError, match=match):
-        generate(**args)
+        make_problems(**args)

@@ -16,19 +16,12 @@ from behemoth.cli import main
 from behemoth.config import PRESETS
 from behemoth.data.loader import DataLoader
 from behemoth.data.packing import build_in_memory
-from behemoth.data.tasks import ALPHABET, generate
-from behemoth.data.teacher_cache import (
-    MANIFEST,
-    VALUE_RANGE,
-    TeacherCache,
-    decode_record,
-    encode_record,
-    u8_error_bound,
-    write_cache,
-)
+from behemoth.data.tasks import ALPHABET, make_problems
+from behemoth.data.teacher_cache import MANIFEST, TeacherCache, write_cache
+from behemoth.data.teacher_codec import VALUE_RANGE, decode_record, encode_record, u8_error_bound
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.train.config import DistillSection, RouterSection
-from behemoth.train.run import teacher_topk_fn
+from behemoth.train.distill_cache import teacher_topk_fn
 from behemoth.train.steps import CachedDistillStep, DistillStep
 
 LLAMA4_VOCAB = 202048
@@ -128,7 +121,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def store(tok):
-    return build_in_memory((p.text for p in generate("train", 60, seed=0)), tok)
+    return build_in_memory((p.text for p in make_problems("train", 60, seed=0)), tok)
 
 
 def fake_targets(batch):
@@ -159,15 +152,15 @@ def test_cache_covers_every_window_in_stream_order(tmp_path, store, tok):
     loader = DataLoader(store, 5, S, seed=3)
     for _ in range(4):
         batch = next(loader)
-        t = cache.targets(batch.offsets)
+        ids, lps = cache.targets(batch.offsets)
         want_ids, want_lp = sorted_by_id(*fake_targets(batch))
-        assert torch.equal(t.ids, torch.from_numpy(want_ids))
-        assert (t.logprobs - torch.from_numpy(want_lp)).abs().max() <= 0.0395
-    sub = cache.targets(batch.offsets, top_k=3)
-    full = cache.targets(batch.offsets)
-    assert torch.equal(sub.logprobs, full.logprobs.topk(3, -1).values)
-    cut = cache.targets(batch.offsets, vocab_size=2500)  # a student vocabulary below the teacher's: padding
-    assert torch.equal(torch.isneginf(cut.logprobs), full.ids >= 2500) and (cut.ids < 2500).all()
+        assert torch.equal(ids, torch.from_numpy(want_ids))
+        assert (lps - torch.from_numpy(want_lp)).abs().max() <= 0.0395
+    _, sub_lps = cache.targets(batch.offsets, top_k=3)
+    full_ids, full_lps = cache.targets(batch.offsets)
+    assert torch.equal(sub_lps, full_lps.topk(3, -1).values)
+    cut_ids, cut_lps = cache.targets(batch.offsets, vocab_size=2500)  # a student vocabulary below the teacher's
+    assert torch.equal(torch.isneginf(cut_lps), full_ids >= 2500) and (cut_ids < 2500).all()
 
 
 def test_resume_after_interruptions_gives_identical_files(tmp_path, store, tok):
@@ -256,7 +249,7 @@ def test_manifest_is_checked_against_the_run_field_by_field(tmp_path, store, tok
     other_tokens = np.array(store.tokens)
     other_tokens[5] = (other_tokens[5] + 1) % tok.vocab_size
     other = type(store)(other_tokens, store.doc_starts, store.meta)
-    shorter = build_in_memory((p.text for p in generate("train", 59, seed=0)), tok)
+    shorter = build_in_memory((p.text for p in make_problems("train", 59, seed=0)), tok)
     bad = {"tokenizer": {"tokenizer_fingerprint": "0" * 64}, "num_tokens": {"store": shorter},
            "data fingerprint": {"store": other}, "seq_len": {"seq_len": 32}, "vocab_size": {"vocab_size": V + 1},
            "top_k": {"top_k": K + 1}, "temperature": {"temperature": 1.0}}
@@ -313,8 +306,8 @@ TRAIN = {"model.preset": "debug", "train.steps": 1, "train.batch_size": 2, "data
 
 def test_cli_distill_cache_then_distill_from_it(tmp_path, teacher_dir, capsys):
     out = tmp_path / "cache"
-    argv = ["distill-cache", "--teacher", str(teacher_dir), "--out", str(out), "--num-problems", "40",
-            "--seq-len", "16", "--top-k", "16", "--shard-tokens", "256"]
+    argv = ["distill-cache", "--teacher", str(teacher_dir), "--out", str(out), "--data.num_problems=40",
+            "--data.seq_len=16", "--top-k", "16", "--shard-tokens", "256"]
     assert main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert "bytes/token" in last and "mean teacher mass captured" in last
@@ -340,10 +333,13 @@ def test_cli_distill_cache_then_distill_from_it(tmp_path, teacher_dir, capsys):
     (["--top-k", "300"], "top_k"),
     (["--temperature", "0"], "temperature"),
     (["--values", "u4"], "invalid choice"),
-    (["--seq-len", "1"], "seq_len"),
+    (["--data.seq_len", "1"], "seq_len"),
+    (["--data.seq_len", "x"], "data.seq_len"),
+    (["--data.seqlen", "16"], "did you mean 'data.seq_len'"),
 ])
 def test_cli_distill_cache_bad_input_is_one_line_exit_2(argv, msg, tmp_path, teacher_dir, capsys):
-    base = {"--teacher": str(teacher_dir), "--out": str(tmp_path / "c"), "--num-problems": "20", "--seq-len": "16"}
+    base = {"--teacher": str(teacher_dir), "--out": str(tmp_path / "c"), "--data.num_problems": "20",
+            "--data.seq_len": "16"}
     for i in range(0, len(argv), 2):
         base[argv[i]] = argv[i + 1]
     assert main(["distill-cache", *[x for kv in base.items() for x in kv]]) == 2

@@ -6,21 +6,21 @@ import numpy as np
 import pytest
 
 from behemoth.data.tasks import ALPHABET, check
-from behemoth.data.vision_tasks import COLOURS, VISION_TASKS, generate
+from behemoth.data.vision_tasks import COLOURS, VISION_TASKS, make_visual_problems
 
 
 def test_reproducible_and_held_out():
-    a, b = generate("train", 60, seed=3), generate("train", 60, seed=3)
+    a, b = make_visual_problems("train", 60, seed=3), make_visual_problems("train", 60, seed=3)
     assert [p.problem for p in a] == [p.problem for p in b]
     assert all(np.array_equal(np.asarray(x.image()), np.asarray(y.image())) for x, y in zip(a[:6], b[:6], strict=True))
-    train = {p.problem.key for p in generate("train", 600, seed=0)}
-    test = {p.problem.key for p in generate("test", 200, seed=0)}
+    train = {p.problem.key for p in make_visual_problems("train", 600, seed=0)}
+    test = {p.problem.key for p in make_visual_problems("test", 200, seed=0)}
     assert not train & test and len(test) >= 195  # a few scenes repeat within a split; none across splits
     assert {p.task for p in a} == set(VISION_TASKS)
 
 
 def test_text_is_in_the_task_alphabet_and_graded_by_check():
-    for p in generate("test", 30):
+    for p in make_visual_problems("test", 30):
         assert set(p.problem.text) <= set(ALPHABET)
         assert check(p.problem, p.problem.solution) and not check(p.problem, " #### wrong")
 
@@ -43,7 +43,7 @@ def _components(mask: np.ndarray) -> int:
 
 
 def test_answers_can_be_read_from_the_pixels():
-    for p in generate("train", 90, seed=1):
+    for p in make_visual_problems("train", 90, seed=1):
         px = np.asarray(p.image()).astype(int)
         if p.task == "count":
             rgb = np.array(COLOURS[p.scene[0]])
@@ -58,6 +58,6 @@ def test_answers_can_be_read_from_the_pixels():
 
 def test_unknown_task_and_split():
     with pytest.raises(ValueError, match="unknown visual task"):
-        generate("train", 3, tasks=["colour"])
+        make_visual_problems("train", 3, tasks=["colour"])
     with pytest.raises(ValueError, match="split"):
-        generate("dev", 3)
+        make_visual_problems("dev", 3)

@@ -95,7 +95,7 @@ def test_two_processes_follow_one_and_resume_across_world_sizes(tmp_path, refere
     capsys.readouterr()
     assert main(["train", *RUN, "--train.steps=22", f"--train.out_dir={run}", "--resume"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{step20 / 'optim.dcp'}: cannot be read" in err
+    assert err.count("\n") == 1 and f"{step20 / 'optim.dcp' / '.metadata'}: not a readable DCP metadata file" in err
     assert (step20 / "model.dcp").is_dir() and (run / "checkpoints" / "latest").read_text() == step20.name
 
 
@@ -105,7 +105,7 @@ def test_distill_and_codistill_on_two_processes_follow_one(tmp_path, reference):
     ranks; 2 micro-batches per step) match one process."""
     teacher = reference / "checkpoints" / "step_0000020"
     assert main(["distill-cache", "--teacher", str(teacher), "--out", str(tmp_path / "cache"), "--top-k", "16",
-                 "--seq-len", "32", "--num-problems", "500", "--device=cpu"]) == 0
+                 "--data.seq_len=32", "--data.num_problems=500", "--device=cpu"]) == 0
     runs = {"distill": ["distill", f"--distill.teacher={teacher}", "--train.activation_checkpointing=true"],
             "cached": ["distill", f"--distill.cache={tmp_path / 'cache'}"],
             "codistill": ["codistill", "--distill.teacher_preset=debug", "--train.grad_accum=2"]}

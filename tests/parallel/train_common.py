@@ -63,7 +63,7 @@ def train(steps: int, rank: int, world: int, wrap=lambda m: m, start: int = 0, l
         if save is not None and s + 1 == save_at:
             dcp.save(_state(model, opt), checkpoint_id=save)
     if save_model is not None:
-        from behemoth.checkpoint.io import save_sharded_model
+        from behemoth.checkpoint.model_dir import save_sharded_model
 
         save_sharded_model(model, save_model)
     return out

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import behemoth
-from behemoth.checkpoint.io import latest_checkpoint
+from behemoth.checkpoint.locate import latest_checkpoint
 from behemoth.cli import main
 from behemoth.config import PRESETS
 from behemoth.data.tokenizer import Tokenizer
@@ -61,20 +61,22 @@ def test_distill_trains_a_different_shape_student(teacher_dir, student_config, t
     assert all("kd_loss" in r and "kd_weight" in r for r in rec)
     assert rec[0]["kd_weight"] == pytest.approx(0.0) and rec[-1]["kd_weight"] == pytest.approx(0.8)
     student = behemoth.load_model(str(latest_checkpoint(out)))
-    assert student.config.dim == 32 and student.config.vocab_size == 256  # the teacher's padding is not copied
+    # the student takes the shared tokenizer's vocabulary: the teacher's padding is not copied
+    assert student.config.dim == 32 and student.config.vocab_size == Tokenizer.load(teacher_dir).vocab_size
+    assert behemoth.load_model(str(teacher_dir)).config.vocab_size > student.config.vocab_size
     assert Tokenizer.load(latest_checkpoint(out)).fingerprint == Tokenizer.load(teacher_dir).fingerprint
 
 
 def test_distill_step_gradients_reach_only_the_student(teacher_dir):
     from behemoth.data.loader import DataLoader
     from behemoth.data.packing import build_in_memory
-    from behemoth.data.tasks import generate
+    from behemoth.data.tasks import make_problems
     from behemoth.train.config import DistillSection, RouterSection
 
     tok = Tokenizer.load(teacher_dir)
     teacher = behemoth.load_model(str(teacher_dir))
     student = behemoth.build_model(PRESETS["debug"]).train()
-    batch = next(DataLoader(build_in_memory((p.text for p in generate("train", 50)), tok), 2, 32))
+    batch = next(DataLoader(build_in_memory((p.text for p in make_problems("train", 50)), tok), 2, 32))
     with torch.no_grad():  # make the teacher rank its padding columns (ids 256..319) highest
         teacher.output.weight[256:] = teacher.output.weight[:64] * 3
     for kind, top_k in (("forward_kl", 0), ("jsd", 8), ("tvd", 0)):
@@ -98,7 +100,8 @@ def test_tokenizer_mismatch_and_missing_teacher_are_errors(teacher_dir, tmp_path
     behemoth.checkpoint.save_model(behemoth.build_model("debug"), bare)
     assert main(["distill", *args, f"--distill.teacher={bare}"]) == 2
     assert "tokenizer" in capsys.readouterr().err
-    assert main(["distill", *args, f"--distill.teacher={teacher_dir}", "--model.preset=mini-maverick"]) == 2
+    assert main(["distill", *args, f"--distill.teacher={teacher_dir}", "--model.preset=mini-maverick",
+                 "--model.vocab_size=2048"]) == 2
     assert "smaller than the student's" in capsys.readouterr().err
 
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import behemoth
-from behemoth.checkpoint.io import latest_checkpoint
+from behemoth.checkpoint.locate import latest_checkpoint
 from behemoth.cli import main
 from behemoth.config import PRESETS
 from behemoth.data.images import PATCH
@@ -77,14 +77,15 @@ def test_every_vision_parameter_gets_a_gradient_and_the_loss_depends_on_the_pict
     from behemoth.data.image_text import ImageTextData, visual_task_examples
     from behemoth.data.images import IMAGE_SPECIAL_TOKENS
     from behemoth.data.tasks import ALPHABET
-    from behemoth.data.vision_tasks import generate
+    from behemoth.data.vision_tasks import make_visual_problems
     from behemoth.train.config import RouterSection
     from behemoth.train.steps import PretrainStep
 
     tok = Tokenizer.from_chars(ALPHABET, IMAGE_SPECIAL_TOKENS)
     cfg = load_config_file(vl_config).replace(image_token_id=tok.token_to_id(PATCH))
     model = behemoth.build_model(cfg, seed=0)
-    data = ImageTextData(visual_task_examples(generate("train", 4, seed=0)), tok, cfg.vision, 96, max_tiles=1)
+    examples = visual_task_examples(make_visual_problems("train", 4, seed=0))
+    data = ImageTextData(examples, tok, cfg.vision, 96, max_tiles=1)
     batch = data.batch(range(4))
     PretrainStep(model, RouterSection(z_loss_coef=0.0)).forward_backward(batch, 1.0)
     vision = {n: p for n, p in model.named_parameters() if n.startswith("vision_")}

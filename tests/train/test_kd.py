@@ -8,22 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from behemoth.train.kd import (
-    KINDS,
-    MISSING_MASS,
-    Divergence,
-    KDWeight,
-    TopK,
-    certainty_weight,
-    confidence_weight,
-    distill_loss,
-    kd_loss,
-    loss_ratio_weight,
-    token_divergence,
-    topk_targets,
-    truncate_teacher_vocab,
-)
-from behemoth.train.losses import IGNORE_INDEX
+from behemoth.data.loader import IGNORE_INDEX
+from behemoth.train.kd import KINDS, MISSING_MASS, Divergence, TopK, teacher_topk, token_divergence, topk_targets
+from behemoth.train.kd_loss import distill_loss, kd_loss
+from behemoth.train.kd_weight import KDWeight, certainty_weight, confidence_weight, loss_ratio_weight
 
 N, V = 6, 13
 
@@ -254,19 +242,30 @@ def test_padded_teacher_vocabulary():
     wide = torch.cat([t, pad], -1)
     div = Divergence("forward_kl", temperature=2.0)
     torch.testing.assert_close(kd_loss(hidden, head, wide, div=div)[0], kd_loss(hidden, head, t, div=div)[0])
-    torch.testing.assert_close(truncate_teacher_vocab(wide, V), t)
     wide[3, V + 1] = 5.0  # a real token beyond the student's vocabulary
     with pytest.raises(ValueError, match="beyond the student's vocabulary"):
         kd_loss(hidden, head, wide, div=div)
-    with pytest.raises(ValueError, match="beyond the student's vocabulary"):
-        truncate_teacher_vocab(wide, V)
     mask = torch.ones(10, dtype=torch.bool)
     mask[3] = False  # ... unless that token is not counted
     kd_loss(hidden, head, wide, mask, div=div)
     with pytest.raises(ValueError, match="smaller than the student"):
         kd_loss(hidden, head, t[:, :-1], div=div)
-    with pytest.raises(ValueError, match="truncate_teacher_vocab"):
+    with pytest.raises(ValueError, match="drops padding columns"):
         token_divergence(head(hidden), wide)
+
+
+def test_teacher_topk_in_chunks_equals_topk_of_the_whole_logits():
+    """The one top-k of online distillation and distill-cache: the head applied chunk by chunk gives the
+    top-k of the whole logits, and with `vocab_size` only the student's columns are ranked."""
+    hidden, head = _student()
+    logits = head(hidden).detach()
+    for vocab in (None, V - 4):
+        got = teacher_topk(head, hidden, 3, temperature=1.5, vocab_size=vocab, chunk=3)
+        want = topk_targets(logits.float()[:, :vocab], 3, temperature=1.5)
+        assert torch.equal(got.ids, want.ids)
+        torch.testing.assert_close(got.logprobs, want.logprobs, rtol=0, atol=1e-6)
+        assert not got.logprobs.requires_grad
+    assert (teacher_topk(head, hidden, 3, vocab_size=V - 4).ids < V - 4).all()
 
 
 def test_only_the_student_gets_gradients():

@@ -13,8 +13,9 @@ import textwrap
 import pytest
 import torch
 
-from behemoth.checkpoint.io import latest_checkpoint
+from behemoth.checkpoint.locate import latest_checkpoint
 from behemoth.cli import main
+from behemoth.data.tokenizer import Tokenizer
 from behemoth.train.config import build_config
 from behemoth.train.run import run_training
 from behemoth.train.steps import PretrainStep
@@ -76,7 +77,8 @@ def test_run_shows_progress_health_and_learns(reference_run):
     assert (step_dir / "tokenizer.json").read_bytes() == (run_dir / "tokenizer.json").read_bytes()
     import behemoth
 
-    assert behemoth.load_model(str(step_dir)).config.vocab_size == 256
+    # a new model takes its tokenizer's vocabulary (the debug preset's 256 is not kept)
+    assert behemoth.load_model(str(step_dir)).config.vocab_size == Tokenizer.load(run_dir).vocab_size == 54
 
 
 def test_bias_update_moves_and_recentres(reference_run):
@@ -111,7 +113,7 @@ def test_kill_during_save_leaves_previous_checkpoint_and_resume_is_exact(referen
     """A process killed (os._exit, like kill -9) while writing its second checkpoint."""
     cfg_args = [f"--{k}={v}" for k, v in {**BASE, "train.out_dir": str(tmp_path)}.items()]
     script = textwrap.dedent(f"""
-        import os, behemoth.checkpoint.io as io
+        import os, behemoth.checkpoint.training as io
         from behemoth.train.config import build_config
         from behemoth.train.run import run_training
         real, calls = io.write_state, []
@@ -201,9 +203,23 @@ def test_tokenizer_larger_than_vocabulary(tmp_path, capsys):
     tok = tmp_path / "tok.json"
     assert main(["tokenizer", "train", "--data", str(corpus), "--vocab-size", "600", "--out", str(tok)]) == 0
     args = {**BASE, "train.out_dir": str(tmp_path / "run"), "data.path": str(corpus), "data.tokenizer": str(tok),
-            "data.cache_dir": str(tmp_path / "cache")}
+            "data.cache_dir": str(tmp_path / "cache"), "model.vocab_size": 256}
     assert main(["train", *[f"--{k}={v}" for k, v in args.items()]]) == 2
     assert "vocabulary holds 256" in capsys.readouterr().err
+
+
+def test_a_new_model_takes_its_vocabulary_from_the_tokenizer_unless_set(tmp_path):
+    """No --model.vocab_size: the tokenizer's size (54 characters of the built-in tasks, not the preset's 256);
+    set: that size, which may exceed the tokenizer's; a resumed run keeps the checkpoint's."""
+    import behemoth
+
+    fast = {"train.steps": 1, "log.eval_every": 0, "checkpoint.every": 0}
+    run_training(cfg_for(tmp_path / "a", **fast), say=lambda s: None)
+    assert behemoth.load_model(str(tmp_path / "a")).config.vocab_size == Tokenizer.load(tmp_path / "a").vocab_size
+    run_training(cfg_for(tmp_path / "b", **fast, **{"model.vocab_size": 300}), say=lambda s: None)
+    assert behemoth.load_model(str(tmp_path / "b")).config.vocab_size == 300
+    run_training(cfg_for(tmp_path / "a", **{**fast, "train.steps": 2}), resume=True, say=lambda s: None)
+    assert behemoth.load_model(str(tmp_path / "a")).config.vocab_size == 54
 
 
 def test_existing_run_and_incompatible_resume_are_refused(reference_run, capsys):

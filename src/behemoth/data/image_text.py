@@ -40,10 +40,9 @@ from behemoth.data.images import (
     image_tokens,
     load_image,
 )
-from behemoth.data.loader import Batch, EpochOrder
+from behemoth.data.loader import IGNORE_INDEX, Batch, EpochOrder
 from behemoth.data.tokenizer import Tokenizer
 
-IGNORE = -100
 MAX_TILES = 16  # tiles per image at most, as in Llama 4
 
 
@@ -194,7 +193,7 @@ class ImageTextData:
         0.. per row, one segment per row, and the tiles of all their images."""
         idx = np.asarray(indices, dtype=np.int64)
         rows, trained = self.tokens[idx], self.trained[idx]
-        labels = np.where(trained[:, 1:], rows[:, 1:], IGNORE)
+        labels = np.where(trained[:, 1:], rows[:, 1:], IGNORE_INDEX)
         B, S = len(idx), self.seq_len
         tiles = [image_to_tiles(ref.load(), tile=self.vision.image_size, max_tiles=self.max_tiles).pixels
                  for i in idx.tolist() for ref in self.examples[i].images]

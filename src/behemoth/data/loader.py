@@ -23,6 +23,8 @@ import torch
 
 from behemoth.data.packing import TokenStore
 
+IGNORE_INDEX = -100  # the label of a position that is not trained on (an image token, a prompt)
+
 
 @dataclass
 class Batch:

@@ -195,12 +195,6 @@ def _encode_chunk(chunk: list[Document], tokenizer: Tokenizer, dtype: np.dtype) 
 
 # ---- the cached, split corpus --------------------------------------------------------------------
 
-def cache_key(paths: PathSpec, tokenizer: Tokenizer, field: str = "text", val_fraction: float = 0.01,
-              seed: int = 0) -> str:
-    """The cache directory name `tokenize_corpus` uses for these inputs (hashes the corpus content)."""
-    return _cache_key(corpus_fingerprint(paths), tokenizer, field, val_fraction, seed)
-
-
 def _cache_key(corpus_fp: str, tokenizer: Tokenizer, field: str, val_fraction: float, seed: int) -> str:
     material = {"format": FORMAT, "version": FORMAT_VERSION, "corpus": corpus_fp, "tokenizer": tokenizer.fingerprint,
                 "field": field, "val_fraction": float(val_fraction), "seed": int(seed)}

@@ -18,7 +18,7 @@ time, unit conversions one hop of the unit chain at a time, a running count of t
 
 Test problems are held out by construction. Each candidate problem has a canonical key (task name
 and operands; commutative operands sorted, so "85+47" and "47+85" are one problem) whose sha256
-picks a bucket; `TEST_FRACTION` of the buckets are test, the rest train, and `generate` draws each
+picks a bucket; `TEST_FRACTION` of the buckets are test, the rest train, and `make_problems` draws each
 split only from its own buckets. No test problem can appear in training data, whatever the seeds,
 the sample sizes or the difficulties (the key does not depend on the difficulty).
 """
@@ -250,7 +250,7 @@ TASKS: dict[str, TaskSpec] = {
 
 # ---- generation ----------------------------------------------------------------------------------
 
-def generate(split: str, n: int, seed: int = 0, tasks: Sequence[str] | str | None = None,
+def make_problems(split: str, n: int, seed: int = 0, tasks: Sequence[str] | str | None = None,
              difficulty: int = 1) -> list[Problem]:
     """`n` problems of `split` ("train" or "test"), deterministic in (split, n, seed, tasks, difficulty).
 

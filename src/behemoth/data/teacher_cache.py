@@ -1,69 +1,10 @@
-"""Offline teacher targets: a teacher's top-k log-probabilities over a token store, compact, sharded,
-resumable and self-describing.
+"""A teacher cache directory: a teacher's top-k log-probabilities over a token store, in shards of encoded
+records (`teacher_codec`) with an index and a manifest; written resumably, read memory-mapped, checked
+against the run that trains from it. The format is specified in docs/teacher_cache.md.
 
-`behemoth distill-cache` runs a teacher once over the training token store, window by window in stream
-order with the same `seq_len` windows the `DataLoader` cuts (window w holds stream offsets
-`w*S .. w*S + S - 1`, with the same per-document positions and segments), so each position's cached
-targets are exactly what the online teacher sees for it. Training then reads the targets of a batch's
-windows by their stream offsets (`Batch.offsets`) instead of running the teacher.
-
-Directory layout:
-
-* `manifest.json`: format and version, the teacher's fingerprint, the tokenizer's and the data's
-  fingerprints, seq_len, k, temperature, the teacher's vocabulary size, the number of windows and
-  positions, the value codec, every finished shard (file names, windows, bytes, crc32 of its index),
-  bytes per token (shards and indexes / positions), mean captured teacher mass (the top-k's
-  probability at the temperature, averaged over positions), creation date; `complete` once every
-  window is written.
-* `tokenizer.json`: the teacher's tokenizer (a student trained from the cache uses it).
-* `shard_00000.bin`: the encoded records of a run of consecutive windows, one record per window;
-  `shard_00000.idx`: its index, uint64 byte offsets [n + 1] then the crc32 of each record, uint32 [n].
-
-Shards are written to `*.tmp` files, flushed, renamed into place, and only then listed in the manifest,
-which is itself replaced atomically (tmp + rename); so a shard is read only when the manifest lists it.
-A resumed writer continues after the last listed shard and overwrites anything else (a `.tmp` file, a
-renamed shard that never made it into the manifest). Readers check every listed file's size, the
-index's crc32 and each record's crc32, and raise `ValueError` naming the file otherwise.
-
-Training from a cache (`behemoth distill --distill.cache=DIR`, `TeacherCache.validate`) first checks
-the manifest against the run: the tokenizer and the training store (token count, then fingerprint of
-its tokens and document starts) must be the cache's, seq_len == data.seq_len, and the teacher's
-vocabulary at least the student's (ids beyond the student's are padding and become absent entries).
-distill.top_k = 0 uses the cache's k; top_k <= k uses each position's top_k largest stored entries
-(the teacher's top-k' is part of its top-k, up to quantization ties); top_k > k is an error.
-distill.temperature must equal the cache's: stored log-probs are at the cache's temperature, and with
-only the top-k known they cannot be re-tempered exactly (the missing mass is known only as a total).
-
-Record of one window (S positions, k entries each; little-endian):
-
-    values   u8:  hi float32 [S], scale float16 [S], codes uint8 [S, k]
-             f16: log-probs float16 [S, k];  f32: log-probs float32 [S, k]
-    l        uint8 [S, C]: the low-bit width of each id chunk (C = ceil(k / 32) chunks of 32 ids)
-    low      bit-packed low parts of all ids, MSB first, chunk after chunk
-    high     bit-packed unary high parts (Elias-Fano), chunk after chunk
-
-Ids. A position's k ids are sorted ascending (values follow them) and split into chunks of 32. Each
-chunk is Elias-Fano coded relative to the id after the previous chunk's last (0 for the first): with
-l low bits, value x is stored as its low l bits plus a 1 bit at position (x >> l) + i in the chunk's
-unary stream (i: its index in the chunk), which ends at its last 1. A chunk of c ids with largest
-relative value m costs c*l + c + (m >> l) bits; l is chosen per chunk to minimise that. For k ids spread
-uniformly over a vocabulary of V that is about k * (2 + log2(V / k)) bits: at V = 202,048, k = 128,
-measured 200 bytes, 4% above the information bound log2(C(V, k)) / 8 = 192 bytes (plus 4 bytes of
-chunk widths). Chunking lets clustered ids (a teacher's top-k leans toward frequent, low-id tokens)
-take fewer low bits. Decoding is
-vectorised numpy over all entries of a record (no per-token Python loop).
-
-Values (`values`):
-  u8   (default) per position hi = its largest finite log-prob (float32, exact), a step `scale`
-       (float16, rounded up) = min(hi - lowest, VALUE_RANGE) / 254, and codes c = round((hi - lp) / scale)
-       clipped to 0..254; decoded as hi - c * scale; 255 = absent (-inf). Error bound: for every entry
-       within VALUE_RANGE = 20 nats of its position's top, |decoded - lp| <= scale / 2 <=
-       min(hi - lowest, 20) / 508 * (1 + 2^-10) + 3e-8 <= 0.0394 nats, and the top entry is exact (code 0).
-       Entries further below are stored as about hi - 20: both true and stored probability are below
-       e^-20 (2e-9) times the top's. The bound shrinks with the position's own range (a flat teacher,
-       or a higher temperature, gets a finer step).
-  f16  log-probs as float16: relative error <= 2^-11.
-  f32  log-probs exactly as the teacher produced them (training equals online top-k training).
+A shard is written to temporary files, flushed, renamed and only then listed in the manifest (itself
+replaced atomically), so a reader never takes a torn shard; a resumed writer continues after the last
+listed shard. Every read checks the files' sizes and checksums and raises `ValueError` naming the file.
 """
 
 from __future__ import annotations
@@ -80,177 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from behemoth.fsutil import fsync_path, read_format_json
+from behemoth.data.teacher_codec import ID_CHUNK, VALUE_CODECS, VALUE_RANGE, decode_record, encode_record
+from behemoth.fsutil import fsync_path, read_format_json, write_file_atomically, write_json_atomically
+from behemoth.progress import format_duration
 
 FORMAT = "behemoth-teacher-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
-ID_CHUNK = 32  # ids per Elias-Fano chunk
-VALUE_RANGE = 20.0  # u8: log-probs more than this many nats below their position's top are clamped
-VALUE_CODECS = ("u8", "f16", "f32")
-_U8_ABSENT = 255
-_U8_STEPS = 254  # codes 0..254 are finite
-
-
-# ---------------------------------------------------------------------------------------------------
-# Encoding of one record: [n, k] ids and log-probabilities
-
-
-def _chunks(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(first entry, size) of each id chunk [C], and each entry's chunk and index within it [k]."""
-    starts = np.arange(0, k, ID_CHUNK, dtype=np.int64)
-    sizes = np.minimum(starts + ID_CHUNK, k) - starts
-    entry = np.arange(k, dtype=np.int64)
-    return starts, sizes, entry // ID_CHUNK, entry % ID_CHUNK
-
-
-def max_low_bits(vocab_size: int) -> int:
-    return max(1, int(vocab_size - 1).bit_length())
-
-
-def encode_record(ids_NK: np.ndarray, logprobs_NK: np.ndarray, vocab_size: int, values: str = "u8") -> bytes:
-    """One record: the k (distinct) ids < vocab_size and their log-probabilities at each of n positions."""
-    ids_NK = np.asarray(ids_NK)
-    lp_NK = np.asarray(logprobs_NK, dtype=np.float32)
-    if ids_NK.ndim != 2 or ids_NK.shape != lp_NK.shape or ids_NK.shape[1] < 1:
-        raise ValueError(f"ids {ids_NK.shape} and logprobs {lp_NK.shape} must both be [n, k] with k >= 1")
-    if values not in VALUE_CODECS:
-        raise ValueError(f"values={values!r}: expected one of {', '.join(VALUE_CODECS)}")
-    N, K = ids_NK.shape
-    order = np.argsort(ids_NK, axis=1, kind="stable")
-    ids_NK = np.take_along_axis(ids_NK, order, 1).astype(np.int64)
-    lp_NK = np.take_along_axis(lp_NK, order, 1)
-    if N and (ids_NK[:, 0].min() < 0 or ids_NK[:, -1].max() >= vocab_size):
-        raise ValueError(f"ids must lie in [0, {vocab_size})")
-    if K > 1 and N and (np.diff(ids_NK, axis=1) <= 0).any():
-        raise ValueError("the ids of a position must be distinct")
-    if np.isnan(lp_NK).any() or np.isposinf(lp_NK).any():
-        raise ValueError("log-probabilities must not be NaN or +inf")
-    parts = [_encode_values(lp_NK, values)]
-    starts, sizes, chunk_of, index_in = _chunks(K)
-    C = len(starts)
-    last = starts + sizes - 1
-    base_NC = np.zeros((N, C), dtype=np.int64)
-    base_NC[:, 1:] = ids_NK[:, last[:-1]] + 1
-    rel_NK = ids_NK - base_NC[:, chunk_of]
-    top_NC = rel_NK[:, last]
-    L = np.arange(max_low_bits(vocab_size) + 1, dtype=np.int64)
-    cost_NCL = sizes[None, :, None] * L + (top_NC[:, :, None] >> L)
-    l_NC = cost_NCL.argmin(-1).astype(np.int64)
-    parts.append(l_NC.astype(np.uint8).tobytes())
-    # low parts: l bits of each entry, MSB first
-    l_E = l_NC[:, chunk_of].ravel()
-    rel_E = rel_NK.ravel()
-    off_E = np.cumsum(l_E) - l_E
-    low_bits = np.zeros(int(l_E.sum()), dtype=np.uint8)
-    for b in range(int(l_E.max(initial=0))):
-        m = l_E > b
-        low_bits[off_E[m] + b] = (rel_E[m] >> (l_E[m] - 1 - b)) & 1
-    parts.append(np.packbits(low_bits).tobytes())
-    # high parts: a 1 at (x >> l) + i in each chunk's unary stream, which ends at its last 1
-    length_NC = sizes[None, :] + (top_NC >> l_NC)
-    start_NC = (np.cumsum(length_NC.ravel()) - length_NC.ravel()).reshape(N, C)
-    high_bits = np.zeros(int(length_NC.sum()), dtype=np.uint8)
-    high_bits[(start_NC[:, chunk_of] + (rel_NK >> l_NC[:, chunk_of]) + index_in).ravel()] = 1
-    parts.append(np.packbits(high_bits).tobytes())
-    return b"".join(parts)
-
-
-def _encode_values(lp_NK: np.ndarray, values: str) -> bytes:
-    if values == "f32":
-        return lp_NK.astype("<f4").tobytes()
-    if values == "f16":
-        return lp_NK.astype("<f2").tobytes()
-    finite_NK = np.isfinite(lp_NK)
-    any_N = finite_NK.any(1)
-    hi_N = np.where(any_N, np.where(finite_NK, lp_NK, -np.inf).max(1), 0.0).astype(np.float32)
-    lo_N = np.where(any_N, np.where(finite_NK, lp_NK, np.inf).min(1), 0.0).astype(np.float32)
-    rng_N = np.minimum(hi_N.astype(np.float64) - lo_N, VALUE_RANGE)
-    scale_N = (rng_N / _U8_STEPS).astype(np.float16)
-    short = scale_N.astype(np.float64) * _U8_STEPS < rng_N  # float16 rounded down: one ulp up
-    scale_N[short] = np.nextafter(scale_N[short], np.float16(np.inf))
-    s_N = scale_N.astype(np.float32)
-    q_NK = np.where(s_N[:, None] > 0, (hi_N[:, None] - np.where(finite_NK, lp_NK, hi_N[:, None]))
-                    / np.where(s_N > 0, s_N, 1.0)[:, None], 0.0)
-    codes_NK = np.where(finite_NK, np.clip(np.rint(q_NK), 0, _U8_STEPS), _U8_ABSENT).astype(np.uint8)
-    return hi_N.astype("<f4").tobytes() + scale_N.astype("<f2").tobytes() + codes_NK.tobytes()
-
-
-def _values_bytes(n: int, k: int, values: str) -> int:
-    return {"u8": n * (4 + 2 + k), "f16": 2 * n * k, "f32": 4 * n * k}[values]
-
-
-def decode_record(buf, n: int, k: int, vocab_size: int, values: str = "u8",
-                  where: str = "record") -> tuple[np.ndarray, np.ndarray]:
-    """The (ids int64 [n, k] ascending per row, log-probs float32 [n, k]) of `encode_record`'s bytes.
-
-    Malformed bytes raise `ValueError` naming `where`."""
-    buf = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
-    starts, sizes, chunk_of, index_in = _chunks(k)
-    C = len(starts)
-    pos = _values_bytes(n, k, values)
-    if len(buf) < pos + n * C:
-        raise ValueError(f"{where}: truncated ({len(buf)} bytes)")
-    lp_NK = _decode_values(buf[:pos], n, k, values)
-    l_NC = buf[pos:pos + n * C].reshape(n, C).astype(np.int64)
-    pos += n * C
-    if n and l_NC.max() > max_low_bits(vocab_size):
-        raise ValueError(f"{where}: corrupt (low-bit width {l_NC.max()})")
-    l_E = l_NC[:, chunk_of].ravel()
-    off_E = np.cumsum(l_E) - l_E
-    low_len = (int(l_E.sum()) + 7) // 8
-    low = buf[pos:pos + low_len]
-    high = buf[pos + low_len:]
-    if len(low) != low_len:
-        raise ValueError(f"{where}: truncated ({len(buf)} bytes)")
-    # low parts: the big-endian 64-bit word at each entry's byte, shifted and masked
-    padded = np.zeros(low_len + 8, dtype=np.uint8)
-    padded[:low_len] = low
-    words = np.ndarray((low_len + 1,), dtype=">u8", buffer=padded, strides=(1,))
-    word_E = words[off_E >> 3].astype(np.uint64)
-    shift_E = (64 - (off_E & 7) - l_E).astype(np.uint64)
-    mask_E = (np.uint64(1) << l_E.astype(np.uint64)) - np.uint64(1)
-    low_E = ((word_E >> np.minimum(shift_E, np.uint64(63))) & mask_E).astype(np.int64)
-    # high parts: the m-th 1 of the stream is entry m; its chunk starts after the previous chunk's last 1
-    ones = np.flatnonzero(np.unpackbits(high))
-    E = n * k
-    if len(ones) != E or (E and len(high) != ones[-1] // 8 + 1):
-        raise ValueError(f"{where}: corrupt (id stream holds {len(ones)} entries, expected {E})")
-    first_NC = np.arange(n, dtype=np.int64)[:, None] * k + starts[None, :]
-    chunk_start = np.where(first_NC > 0, ones[np.maximum(first_NC - 1, 0)] + 1, 0)
-    high_E = ones - chunk_start[:, chunk_of].ravel() - np.tile(index_in, n)
-    if E and high_E.min() < 0:
-        raise ValueError(f"{where}: corrupt (id stream out of order)")
-    rel_NK = ((high_E << l_E) | low_E).reshape(n, k)
-    base_NC = np.zeros((n, C), dtype=np.int64)
-    base_NC[:, 1:] = np.cumsum(rel_NK[:, starts[:-1] + sizes[:-1] - 1] + 1, axis=1)
-    ids_NK = rel_NK + base_NC[:, chunk_of]
-    if E and ids_NK[:, -1].max() >= vocab_size:
-        raise ValueError(f"{where}: corrupt (id {ids_NK[:, -1].max()} >= vocabulary size {vocab_size})")
-    return ids_NK, lp_NK
-
-
-def _decode_values(buf: np.ndarray, n: int, k: int, values: str) -> np.ndarray:
-    if values == "f32":
-        return buf.view("<f4").astype(np.float32).reshape(n, k)
-    if values == "f16":
-        return buf.view("<f2").astype(np.float32).reshape(n, k)
-    if values != "u8":
-        raise ValueError(f"values={values!r}: expected one of {', '.join(VALUE_CODECS)}")
-    hi_N = buf[:4 * n].view("<f4").astype(np.float32)
-    s_N = buf[4 * n:6 * n].view("<f2").astype(np.float32)
-    codes_NK = buf[6 * n:].reshape(n, k)
-    lp_NK = hi_N[:, None] - codes_NK.astype(np.float32) * s_N[:, None]
-    lp_NK[codes_NK == _U8_ABSENT] = -np.inf
-    return lp_NK
-
-
-def u8_error_bound(hi: float, lowest: float) -> float:
-    """The largest |decoded - true| log-prob error of the u8 codec for a position whose finite log-probs
-    span [lowest, hi], for entries within VALUE_RANGE of hi."""
-    rng = min(hi - lowest, VALUE_RANGE)
-    return rng / (2 * _U8_STEPS) * (1 + 2.0**-10) + 3e-8
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -321,18 +99,8 @@ def shard_name(i: int) -> str:
     return f"shard_{i:05d}"
 
 
-def _write_file_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
 def _write_manifest(directory: Path, manifest: dict) -> None:
-    _write_file_atomically(directory / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_json_atomically(directory / MANIFEST, manifest)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -356,13 +124,6 @@ def _index_bytes(offsets: list[int], crcs: list[int]) -> bytes:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _fmt_time(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -413,7 +174,7 @@ def write_cache(out_dir: str | os.PathLike, store, seq_len: int, targets_fn: Tar
                     "num_docs": store.num_docs, "batch_size": batch_size, **(info or {}), "shards": [],
                     "complete": False, "bytes": 0, "bytes_per_token": None, "mean_captured_mass": None,
                     "created": _now()}
-        _write_file_atomically(out / TOKENIZER, tokenizer.hf.to_str(pretty=True).encode())
+        write_file_atomically(out / TOKENIZER, tokenizer.hf.to_str(pretty=True))
         _write_manifest(out, manifest)
     if manifest["complete"]:
         say(f"{out}: already complete")
@@ -446,7 +207,7 @@ def write_cache(out_dir: str | os.PathLike, store, seq_len: int, targets_fn: Tar
             f.flush()
             os.fsync(f.fileno())
         index = _index_bytes(offsets, crcs)
-        _write_file_atomically(out / f"{name}.idx", index)
+        write_file_atomically(out / f"{name}.idx", index)
         os.replace(tmp_bin, out / f"{name}.bin")
         fsync_path(out)
         manifest["shards"].append({"bin": f"{name}.bin", "idx": f"{name}.idx", "first_window": first,
@@ -481,7 +242,7 @@ def _progress(done: int, total: int, tokens_now: int, elapsed: float, seq_len: i
     rate = tokens_now / elapsed if elapsed > 0 else float("nan")
     eta = (total - done) * seq_len / rate if rate > 0 else float("nan")
     return (f"{done:,}/{total:,} windows ({100 * done / total:.1f}%), {rate:,.0f} tokens/s, "
-            f"ETA {_fmt_time(eta)}")
+            f"ETA {format_duration(eta)}")
 
 
 def check_out_dir(out_dir: str | os.PathLike, resume: bool) -> None:
@@ -618,13 +379,12 @@ class TeacherCache:
         return ids, lps
 
     def targets(self, offsets, top_k: int | None = None, vocab_size: int | None = None, device=None):
-        """The `TopK` targets [B*S, k'] of the windows starting at stream `offsets` [B] (`Batch.offsets`).
+        """(ids [B*S, k'], log-probs [B*S, k']) tensors of the windows starting at stream `offsets` [B]
+        (`Batch.offsets`): the sparse teacher targets (`train.kd.TopK`) of a batch.
 
         `top_k` < k keeps each position's top_k largest entries (the teacher's top-k' is part of its top-k).
         Ids >= `vocab_size` (a teacher vocabulary padded beyond the student's) become absent entries."""
         import torch
-
-        from behemoth.train.kd import TopK
 
         offs = np.asarray(offsets.cpu() if hasattr(offsets, "cpu") else offsets, dtype=np.int64).reshape(-1)
         if (offs % self.seq_len).any():
@@ -641,7 +401,7 @@ class TeacherCache:
             ids_NK = ids_NK.masked_fill(padded, 0)
         if device is not None:
             ids_NK, lp_NK = ids_NK.to(device, non_blocking=True), lp_NK.to(device, non_blocking=True)
-        return TopK(ids_NK, lp_NK)
+        return ids_NK, lp_NK
 
     def validate(self, *, tokenizer_fingerprint: str, store, seq_len: int, vocab_size: int, top_k: int,
                  temperature: float) -> None:

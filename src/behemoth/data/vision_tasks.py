@@ -127,7 +127,7 @@ def build(task: str, scene: tuple) -> VisualProblem:
     return VisualProblem(scene, Problem(task, f"Q: {question}\nA:", f" {ANSWER_MARK} {answer}\n", answer, key))
 
 
-def generate(split: str, n: int, seed: int = 0, tasks: Sequence[str] | None = None) -> list[VisualProblem]:
+def make_visual_problems(split: str, n: int, seed: int = 0, tasks: Sequence[str] | None = None) -> list[VisualProblem]:
     """`n` problems of `split` ("train" or "test"), tasks in turn, reproducible from `seed`."""
     names = list(tasks or VISION_TASKS)
     unknown = [t for t in names if t not in SAMPLERS]

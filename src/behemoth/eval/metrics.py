@@ -10,15 +10,20 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from behemoth.checkpoint.locate import resolve_model_dir
+from behemoth.checkpoint.model_dir import load_model
+from behemoth.data.corpus import iter_documents, resolve_paths
+from behemoth.data.image_text import encode_image
 from behemoth.data.loader import DataLoader
 from behemoth.data.packing import TokenStore, build_in_memory
-from behemoth.data.tasks import ANSWER_MARK, Problem, accuracy
+from behemoth.data.tasks import ANSWER_MARK, Problem, accuracy, make_problems
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.inference.generate import generate
-from behemoth.train.losses import IGNORE_INDEX
+from behemoth.train.kd import Divergence
+from behemoth.train.kd_loss import kd_loss
+from behemoth.train.losses import chunked_cross_entropy
 
 
 def _batches(store: TokenStore, seq_len: int, batch_size: int, max_batches: int | None, device):
@@ -30,14 +35,14 @@ def _batches(store: TokenStore, seq_len: int, batch_size: int, max_batches: int 
 @torch.no_grad()
 def heldout_loss(model: nn.Module, store: TokenStore, seq_len: int, batch_size: int = 8,
                  max_batches: int | None = 32, device: str | torch.device = "cpu") -> dict:
-    """Mean next-token cross-entropy (nats) and perplexity over the first batches of `store`."""
+    """Mean next-token cross-entropy (nats) and perplexity over the first batches of `store`, the output head
+    applied a chunk of tokens at a time (as in training: the full [B, S, V] logits never exist at once)."""
     model.eval()
     total, n = 0.0, 0
     for b in _batches(store, seq_len, batch_size, max_batches, device):
-        logits_BSV = model(b.input_ids, **b.model_inputs).float()
-        total += F.cross_entropy(logits_BSV.flatten(0, 1), b.labels.flatten(), ignore_index=IGNORE_INDEX,
-                                 reduction="sum").item()
-        n += int((b.labels != IGNORE_INDEX).sum())
+        h_ND = model.hidden_states(b.input_ids, **b.model_inputs).flatten(0, 1)
+        ce_sum, count = chunked_cross_entropy(h_ND, model.logits, b.labels.flatten())
+        total, n = total + ce_sum.item(), n + count
     loss = total / max(n, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": n}
 
@@ -45,17 +50,18 @@ def heldout_loss(model: nn.Module, store: TokenStore, seq_len: int, batch_size: 
 @torch.no_grad()
 def teacher_kl(student: nn.Module, teacher: nn.Module, store: TokenStore, seq_len: int, batch_size: int = 8,
                max_batches: int | None = 16, device: str | torch.device = "cpu") -> dict:
-    """Mean per-token KL(teacher || student) in nats, on the same batches. A teacher vocabulary padded
-    beyond the student's is cut to the student's size and renormalised."""
+    """Mean per-token KL(teacher || student) in nats over every position of the same batches: the forward-KL
+    divergence of distillation (`train.kd_loss.kd_loss`), both output heads applied chunk by chunk. A
+    teacher vocabulary padded beyond the student's is cut to the student's size and renormalised."""
     student.eval()
     teacher.eval()
     total, n = 0.0, 0
     for b in _batches(store, seq_len, batch_size, max_batches, device):
-        s_NV = student(b.input_ids, **b.model_inputs).float().flatten(0, 1)
-        t_NV = teacher(b.input_ids, **b.model_inputs).float().flatten(0, 1)[:, : s_NV.shape[-1]]
-        t_log = torch.log_softmax(t_NV, -1)
-        total += (t_log.exp() * (t_log - torch.log_softmax(s_NV, -1))).sum().item()
-        n += s_NV.shape[0]
+        h_ND = student.hidden_states(b.input_ids, **b.model_inputs).flatten(0, 1)
+        t_ND = teacher.hidden_states(b.input_ids, **b.model_inputs).flatten(0, 1)
+        kl_sum, count = kd_loss(h_ND, student.logits, lambda s, e, t_ND=t_ND: teacher.logits(t_ND[s:e]).float(),
+                                div=Divergence("forward_kl"), max_padded_mass=None)
+        total, n = total + kl_sum.item(), n + count
     return {"kl": total / max(n, 1), "tokens": n}
 
 
@@ -94,8 +100,6 @@ def visual_task_accuracy(model: nn.Module, tokenizer: Tokenizer, problems: Seque
                          batch_size: int = 64, samples: int = 3, max_tiles: int = 16) -> dict:
     """`task_accuracy` for visual problems (`data.vision_tasks.VisualProblem`): each prompt is the
     picture's image block then the question, exactly as the model trained on them (`data.image_text`)."""
-    from behemoth.data.image_text import encode_image
-
     model.eval()
     vision = model.config.vision
     if vision is None:
@@ -128,26 +132,24 @@ def majority_baseline(train: Sequence[Problem], test: Sequence[Problem]) -> dict
 def evaluate_model(model_dir: str, teacher_dir: str | None = None, data: str | None = None, problems: int = 200,
                    difficulty: int = 1, seq_len: int = 256, seed: int = 0, max_new_tokens: int = 64) -> dict:
     """Held-out loss/perplexity, KL to a teacher (if given) and, on the built-in tasks, exact-match
-    accuracy of greedy answers. Data: the built-in held-out test problems, or every document of `data`."""
-    from behemoth import load_model
-    from behemoth.data.tasks import generate
-
+    accuracy of greedy answers. Data: the built-in held-out test problems, or every document of `data`.
+    `model_dir` and `teacher_dir` are model directories or run directories (their latest checkpoint)."""
+    model_dir = str(resolve_model_dir(model_dir))
     model = load_model(model_dir, dtype=torch.float32)
     tok = Tokenizer.load(model_dir)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"{model_dir}: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
     if data is None:
-        test = generate("test", problems, seed=seed, difficulty=difficulty)
+        test = make_problems("test", problems, seed=seed, difficulty=difficulty)
         store = build_in_memory((p.text for p in test), tok)
     else:
-        from behemoth.data.corpus import iter_documents, resolve_paths
-
         test, store = None, build_in_memory(iter_documents(resolve_paths(data)), tok)
     seq_len = min(seq_len, store.num_tokens - 1)  # a small held-out set still gives one window
     report: dict = {"model": model_dir, "params": model.config.num_params(),
                     "active_params": model.config.num_active_params(),
                     "heldout": heldout_loss(model, store, seq_len, max_batches=None)}
     if teacher_dir:
+        teacher_dir = str(resolve_model_dir(teacher_dir))
         teacher = load_model(teacher_dir, dtype=torch.float32)
         if Tokenizer.load(teacher_dir).fingerprint != tok.fingerprint:
             raise ValueError(f"{teacher_dir}: the teacher's tokenizer differs from the model's")

@@ -7,7 +7,7 @@ import html
 import io
 from pathlib import Path
 
-from behemoth.train.plots import read_metrics
+from behemoth.runlog import read_metrics
 
 
 def _png(fig) -> str:

@@ -26,9 +26,9 @@ import torch
 
 from behemoth.inference.cache import KVCache
 from behemoth.inference.generate import compiled_decode_step, decode_step, prefill
-from behemoth.inference.runner import Completion, Runner
+from behemoth.inference.runner import Runner
 from behemoth.inference.sampling import SamplingParams, sample
-from behemoth.inference.text import TextStream
+from behemoth.inference.text import Completer
 
 _ids = itertools.count()
 DEFAULT_CONTEXT = 8192
@@ -55,11 +55,10 @@ class Request:
 @dataclass
 class _Slot:
     request: Request
-    text: TextStream
+    text: Completer
     generator: torch.Generator | None
     pos: int  # position of `last`
     last: int = 0  # the latest sampled token: the next decode step runs it
-    generated: int = 0
 
 
 @dataclass
@@ -148,7 +147,7 @@ class Engine:
             gen = None
             if req.params.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(req.params.seed)
-            text = TextStream(self.runner.tokenizer, req.stop_strings, req.lstrip)
+            text = Completer(self.runner.tokenizer, req.params, req.stop_strings, req.lstrip)
             self.slots[i] = _Slot(req, text, gen, pos=len(req.prompt_ids) - 1)
         prompts = [req.prompt_ids for _, req in new]
         tiles = [req.pixel_values for _, req in new if req.pixel_values is not None]
@@ -194,24 +193,19 @@ class Engine:
             self.stats.cancelled += 1
             self.slots[i] = None
             return
-        s.generated += 1
         self.stats.tokens += 1
-        if token in req.params.stop_ids:
-            return self._finish(i, "stop")
         piece = s.text.push(token)
         if piece:
             req.events.put(("text", piece))
-        if s.text.stopped:
-            return self._finish(i, "stop")
-        if s.generated >= req.params.max_new_tokens:
-            return self._finish(i, "length")
+        if s.text.reason:
+            return self._finish(i)
         s.last, s.pos = token, s.pos + 1
 
-    def _finish(self, i: int, reason: str) -> None:
+    def _finish(self, i: int) -> None:
         s = self.slots[i]
         rest = s.text.finish()
         if rest:
             s.request.events.put(("text", rest))
-        s.request.events.put(("done", Completion(s.text.text, s.text.ids, reason)))
+        s.request.events.put(("done", s.text.completion()))
         self.stats.completed += 1
         self.slots[i] = None

@@ -13,8 +13,9 @@ from typing import TextIO
 
 import torch
 
-from behemoth.inference.runner import Completion, Runner
+from behemoth.inference.runner import Runner
 from behemoth.inference.sampling import SamplingParams
+from behemoth.inference.text import Completion
 
 HELP = ("commands: /reset (forget the conversation), /system TEXT (set the system message), "
         "/image PATH (attach an image to your next message), /exit")

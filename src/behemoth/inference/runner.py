@@ -9,52 +9,30 @@ beside the weights.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
 
+from behemoth.checkpoint.locate import resolve_model_dir
+from behemoth.checkpoint.model_dir import load_model
 from behemoth.data.image_text import encode_image
 from behemoth.data.images import PATCH, load_image
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.inference.chat import ChatFormat, chat_format
 from behemoth.inference.generate import generate, token_steps
 from behemoth.inference.sampling import SamplingParams
-from behemoth.inference.text import TextStream
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """`path` itself if it holds config.json; a run directory's latest checkpoint otherwise."""
-    from behemoth.checkpoint.io import latest_checkpoint
-
-    p = Path(path)
-    if not p.exists():
-        raise ValueError(f"{p}: no such directory")
-    if (p / "config.json").is_file():
-        return p
-    latest = latest_checkpoint(p)
-    if latest is None:
-        raise ValueError(f"{p}: neither a model directory (no config.json) nor a run with checkpoints")
-    return latest
+from behemoth.inference.text import Completer, Completion
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-@dataclass
-class Completion:
-    """Generated text, its tokens, and why it ended: "stop" (a stop token or string) or "length"."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-
-
 class Runner:
-    """`max_tiles`: the most 336-pixel tiles one image is cut into (16, as in Llama 4)."""
+    """`max_tiles`: the most tiles (each `VisionConfig.image_size` pixels square) one image is cut into
+    (16, as in Llama 4)."""
 
     def __init__(self, model: nn.Module, tokenizer: Tokenizer, chat: ChatFormat | None = None, name: str = "model",
                  max_tiles: int = 16):
@@ -90,8 +68,6 @@ class Runner:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
              chat: str | None = None) -> Runner:
-        from behemoth import load_model
-
         directory = resolve_model_dir(path)
         device = torch.device(device)
         tokenizer = Tokenizer.load(directory)
@@ -125,35 +101,29 @@ class Runner:
         `pixel_values`: the tiles of all the prompts' images, in order)."""
         out = []
         for ids in generate(self.model, prompts_ids, params, compile=compile, pixel_values=pixel_values):
-            ts = TextStream(self.tokenizer, tuple(stop_strings), lstrip)
+            done = Completer(self.tokenizer, params, tuple(stop_strings), lstrip)
             for t in ids:
-                ts.push(t)
-                if ts.stopped:
+                done.push(t)
+                if done.reason:
                     break
-            ts.finish()
-            stopped = ts.stopped or len(ids) < params.max_new_tokens
-            out.append(Completion(ts.text, ts.ids, "stop" if stopped else "length"))
+            if len(ids) < params.max_new_tokens:
+                done.end("stop")  # `generate` cut the row at a stop id
+            done.finish()
+            out.append(done.completion())
         return out
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
                stop_strings: Sequence[str] = (), lstrip: bool = False, compile: bool = False,
                pixel_values: torch.Tensor | None = None) -> Iterator[str]:
         """One prompt, text pieces as they become final; `StopIteration.value` is the `Completion`."""
-        ts = TextStream(self.tokenizer, tuple(stop_strings), lstrip)
-        stop = set(params.stop_ids)
-        reason = "length"
+        done = Completer(self.tokenizer, params, tuple(stop_strings), lstrip)
         for next_B in token_steps(self.model, [prompt_ids], params, compile=compile, pixel_values=pixel_values):
-            t = int(next_B[0])
-            if t in stop:
-                reason = "stop"
-                break
-            piece = ts.push(t)
+            piece = done.push(int(next_B[0]))
             if piece:
                 yield piece
-            if ts.stopped:
-                reason = "stop"
+            if done.reason:
                 break
-        rest = ts.finish()
+        rest = done.finish()
         if rest:
             yield rest
-        return Completion(ts.text, ts.ids, reason)
+        return done.completion()

@@ -34,8 +34,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from behemoth.inference.engine import Engine, Request
-from behemoth.inference.runner import Completion, Runner
+from behemoth.inference.runner import Runner
 from behemoth.inference.sampling import SamplingParams
+from behemoth.inference.text import Completion
 
 MAX_BODY = 32 << 20  # bytes (base64 images included)
 MAX_IMAGES = 8  # per request

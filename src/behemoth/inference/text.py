@@ -8,7 +8,19 @@ prefix of the final text.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from behemoth.data.tokenizer import Tokenizer
+from behemoth.inference.sampling import SamplingParams
+
+
+@dataclass
+class Completion:
+    """Generated text, its tokens, and why it ended: "stop" (a stop token or string) or "length"."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
 
 
 class TextStream:
@@ -50,6 +62,44 @@ class TextStream:
         delta = self._full[len(self.text):end]
         self.text = self._full[:end]
         return delta
+
+
+class Completer:
+    """One completion in the making: the one place that decides when generation ends and what text it
+    gave. Each sampled token ends it (a stop id: not part of the text; a stop string: the text ends just
+    before it; the `max_new_tokens` budget) or adds text; `push` returns the text that became final and
+    `reason` is set once it has ended. `generate`, `chat` and the serving engine all finish through it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams, stop_strings: tuple[str, ...] = (),
+                 lstrip: bool = False):
+        self.text = TextStream(tokenizer, stop_strings, lstrip)
+        self.stop_ids, self.max_new_tokens = frozenset(params.stop_ids), params.max_new_tokens
+        self.generated = 0  # tokens sampled, stop ids included
+        self.reason: str | None = None  # "stop" or "length" once ended
+
+    def push(self, token: int) -> str:
+        self.generated += 1
+        if token in self.stop_ids:
+            self.reason = "stop"
+            return ""
+        piece = self.text.push(token)
+        if self.text.stopped:
+            self.reason = "stop"
+        elif self.generated >= self.max_new_tokens:
+            self.reason = "length"
+        return piece
+
+    def end(self, reason: str) -> None:
+        """Ended outside `push` (e.g. at a stop id the generator already dropped), unless it had ended."""
+        self.reason = self.reason or reason
+
+    def finish(self) -> str:
+        """The held-back rest of the text, once generation has ended."""
+        return self.text.finish()
+
+    def completion(self) -> Completion:
+        return Completion(self.text.text, self.text.ids, self.reason or "length")
 
 
 def _overlap(text: str, stop: str) -> int:

@@ -21,7 +21,6 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -127,19 +126,20 @@ def parallelize(model: nn.Module, world: int, ep: int = 1, device_type: str = "c
 
 def shard_model(model: nn.Module, world: int, ep: int = 1, device: torch.device | str = "cpu",
                 activation_checkpointing: bool = False, compile: bool = False, dp_shard: int = -1,
-                sharded_files: str | None = None) -> nn.Module:
+                from_rank0: bool = True) -> nn.Module:
     """`model` parallelized (as `parallelize`) without any rank holding it whole on `device`. Every rank
     builds a meta-device copy from `model.config`, parallelizes it and allocates only its own shards on
-    `device`; then rank 0 sends each tensor of `model` (whole, in CPU memory, on rank 0 only; the other
-    ranks pass a meta-device shell) and every rank keeps its part, or, with `sharded_files` (a
-    `torch.distributed.checkpoint` directory such as a checkpoint's model.dcp), every rank reads its own
-    shards and `model` may be a shell everywhere. Returns the new model (in `model`'s train/eval mode)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+    `device`; then, with `from_rank0`, rank 0 sends each tensor of `model` (whole, in CPU memory, on rank 0
+    only; the other ranks pass a meta-device shell) and every rank keeps its part. Without it the shards
+    are left for the caller to fill (every rank reading its own from a sharded checkpoint:
+    `checkpoint.dcp.load_sharded_state`), and `model` may be a shell everywhere. Returns the new model (in
+    `model`'s train/eval mode)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     from behemoth.model import Transformer
 
     device = torch.device(device)
-    whole = model.state_dict() if sharded_files is None and dist.get_rank() == 0 else {}
+    whole = model.state_dict() if from_rank0 and dist.get_rank() == 0 else {}
     with torch.device("meta"):
         out = Transformer(model.config)
     out.train(model.training)
@@ -148,13 +148,7 @@ def shard_model(model: nn.Module, world: int, ep: int = 1, device: torch.device 
     for m in out.modules():
         if isinstance(m, MoE):
             m.tokens_per_expert.zero_()  # not in any state dict
-    if sharded_files is not None:
-        from behemoth.checkpoint.io import read_dcp
-
-        state = get_model_state_dict(out)
-        read_dcp(state, Path(sharded_files))
-        set_model_state_dict(out, state)
-    else:
+    if from_rank0:
         set_model_state_dict(out, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return out
 

@@ -27,7 +27,7 @@ except ModuleNotFoundError:  # Python 3.10
 class ModelSection:
     preset: str = "mini-behemoth"  # a name from behemoth.PRESETS
     config_file: str | None = None  # or a config.json (native or transformers); overrides preset
-    vocab_size: int | None = None  # override the preset's vocabulary (must hold the tokenizer's)
+    vocab_size: int | None = None  # None: a new model takes its tokenizer's size; set: this size (>= it)
 
 
 @dataclass
@@ -295,10 +295,13 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
-def build_config(config_file: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults, then the TOML file, then the command-line overrides; validated."""
+def build_config(config_file: str | None = None, overrides: list[str] | None = None,
+                 updates: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the TOML file, then the command-line overrides (["--optim.lr=3e-4"]), then `updates`
+    (typed values by dotted key, for programs: {"optim.lr": 3e-4}); validated."""
     cfg = TrainConfig()
     if config_file:
         apply(cfg, load_toml(config_file), where=f"{config_file}: ")
     apply(cfg, parse_overrides(overrides or []))
+    apply(cfg, updates or {})
     return cfg.validate()

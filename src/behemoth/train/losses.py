@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-IGNORE_INDEX = -100
+from behemoth.data.loader import IGNORE_INDEX
 
 
 def chunked_cross_entropy(hidden_ND: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],

@@ -1,29 +1,42 @@
 """Steps: the forward, loss and backward of one micro-batch, one class per training paradigm.
 
-The trainer owns the loop (schedule, clipping, optimizer, logging, checkpoints) and knows nothing
-of losses; a step knows nothing of the loop. Distillation adds steps here, not branches there.
-
-A step provides:
-  trained_models() -> {"model": module, ...}   what the optimizer updates and checkpoints save
-  forward_backward(batch, loss_scale) -> dict   losses as floats, "tokens", "nonfinite", and
-                                                "router_entropy" [L] for the MoE layers
-  eval_loss(batch) -> (sum of token losses, number of tokens)
-  begin_step(step, total)   (optional) called before each optimizer step, for scheduled losses
+The trainer owns the loop (schedule, clipping, optimizer, logging, checkpoints) and knows nothing of
+losses; a step knows nothing of the loop. A new paradigm is a new `Step` here (and one entry in
+`train/run.py`'s table of modes), not a branch in the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from behemoth.data.loader import Batch
+from behemoth.data.loader import IGNORE_INDEX, Batch
 from behemoth.model.moe import MoE
 from behemoth.parallel.distributed import any_rank, mean_over_ranks
 from behemoth.train.config import DistillSection, RouterSection
-from behemoth.train.kd import Divergence, KDWeight, Teacher, TopK, distill_loss, topk_targets
-from behemoth.train.losses import IGNORE_INDEX, balance_loss, chunked_cross_entropy, router_entropy, router_z_loss
+from behemoth.train.kd import Divergence, Teacher, TopK, teacher_topk
+from behemoth.train.kd_loss import distill_loss
+from behemoth.train.kd_weight import KDWeight
+from behemoth.train.losses import balance_loss, chunked_cross_entropy, router_entropy, router_z_loss
+
+
+class Step(Protocol):
+    """What the trainer calls, once per micro-batch (`forward_backward`) or per optimizer step."""
+
+    def trained_models(self) -> dict[str, nn.Module]:
+        """What the optimizer updates and checkpoints save ("model" first)."""
+
+    def begin_step(self, index: int, total: int) -> None:
+        """Called before optimizer step `index` (0-based) of `total`, for losses that follow a schedule."""
+
+    def forward_backward(self, batch: Batch, loss_scale: float) -> dict:
+        """Losses as floats, "tokens", "nonfinite", and "router_entropy" [L] for the MoE layers."""
+
+    def eval_loss(self, batch: Batch) -> tuple[float, int]:
+        """(sum of token losses, number of tokens) of the trained model, without gradients."""
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:
@@ -46,6 +59,13 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
+@torch.no_grad()
+def teacher_hidden(teacher: nn.Module, batch: Batch, autocast: torch.dtype | None) -> torch.Tensor:
+    """A frozen teacher's final hidden states [B*S, D] for a batch (no gradients, under `autocast`)."""
+    with autocast_context(batch.input_ids.device, autocast):
+        return teacher.hidden_states(batch.input_ids, **batch.model_inputs).flatten(0, 1)
+
+
 class PretrainStep:
     """Next-token cross-entropy (mean over labelled tokens) + router z-loss and balance loss.
 
@@ -53,9 +73,8 @@ class PretrainStep:
     means over every routed token while the cross-entropy is a mean over the labelled ones, so they are
     weighted by the batch's labelled share: packed text (every position labelled) is unchanged, and data
     whose loss covers a few tokens per row (image-text examples: the answer after a picture and a
-    question) keeps the ratio of the two. Unweighted, the z-loss gradient reaching the 16 image tokens of
-    each row outweighs the answer's and flattens the image features (mini-maverick-vl on the visual
-    tasks, 12% of positions labelled: no learning in 1200 steps at z_loss_coef 1e-3, learning at 0).
+    question) keeps the ratio of the two. Unweighted, the z-loss gradient reaching the few image tokens of
+    each row outweighs the answer's and flattens the image features.
     """
 
     def __init__(self, model: nn.Module, router: RouterSection, autocast_dtype: torch.dtype | None = None):
@@ -65,15 +84,19 @@ class PretrainStep:
     def trained_models(self) -> dict[str, nn.Module]:
         return {"model": self.model}
 
+    def begin_step(self, index: int, total: int) -> None:
+        """The next-token loss has no schedule."""
+
     def _hidden(self, batch: Batch) -> torch.Tensor:
-        device = batch.input_ids.device
-        with autocast_context(device, self.autocast_dtype):
+        with autocast_context(batch.input_ids.device, self.autocast_dtype):
             return self.model.hidden_states(batch.input_ids, **batch.model_inputs)
 
-    def forward_backward(self, batch: Batch, loss_scale: float) -> dict:
-        h_BSD = self._hidden(batch)
+    def _cross_entropy(self, model: nn.Module, h_BSD: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
         with autocast_context(batch.input_ids.device, self.autocast_dtype):
-            ce_sum, n = chunked_cross_entropy(h_BSD.flatten(0, 1), self.model.logits, batch.labels.flatten())
+            return chunked_cross_entropy(h_BSD.flatten(0, 1), model.logits, batch.labels.flatten())
+
+    def forward_backward(self, batch: Batch, loss_scale: float) -> dict:
+        ce_sum, n = self._cross_entropy(self.model, self._hidden(batch), batch)
         divisor, share = token_counts(batch)
         ce = ce_sum / divisor
         return self._finish(ce, {"loss": ce.item(), "tokens": n}, self.moes, loss_scale, share)
@@ -105,21 +128,8 @@ class PretrainStep:
 
     @torch.no_grad()
     def eval_loss(self, batch: Batch) -> tuple[float, int]:
-        h_BSD = self._hidden(batch)
-        with autocast_context(batch.input_ids.device, self.autocast_dtype):
-            ce_sum, n = chunked_cross_entropy(h_BSD.flatten(0, 1), self.model.logits, batch.labels.flatten())
+        ce_sum, n = self._cross_entropy(self.model, self._hidden(batch), batch)
         return ce_sum.item(), n
-
-
-def _divergence(cfg: DistillSection) -> Divergence:
-    return Divergence(kind=cfg.loss, temperature=cfg.temperature, beta=cfg.beta, skew=cfg.skew,
-                      missing_mass=cfg.missing_mass)
-
-
-def _weight(cfg: DistillSection) -> KDWeight:
-    return KDWeight(schedule=cfg.schedule, alpha=cfg.alpha, alpha_start=cfg.alpha_start, alpha_end=cfg.alpha_end,
-                    warmup_fraction=cfg.warmup_fraction, decay_fraction=cfg.decay_fraction,
-                    token_rule=cfg.token_rule)
 
 
 class DistillStep(PretrainStep):
@@ -128,40 +138,45 @@ class DistillStep(PretrainStep):
 
     The teacher's trunk runs once per micro-batch; its output head runs chunk by chunk inside the KD
     loss, so neither model's full [N, V] logits are held at once. With `top_k` the student sees only
-    the teacher's top-k log-probabilities, exactly what an offline cache would hold.
+    the teacher's top-k log-probabilities, exactly what an offline cache would hold. Where the teacher's
+    targets come from is `_targets`: subclasses change that alone.
     """
 
     MATERIALIZE_LOGITS = 2**25  # logits elements (tokens x vocab) held at once rather than recomputed per chunk
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, router: RouterSection, distill: DistillSection,
-                 autocast_dtype: torch.dtype | None = None):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, router: RouterSection,
+                 distill: DistillSection, autocast_dtype: torch.dtype | None = None):
         super().__init__(student, router, autocast_dtype)
-        self.teacher = teacher.eval().requires_grad_(False)
-        self.cfg, self.div, self.weight = distill, _divergence(distill), _weight(distill)
-        self.step, self.total = 0, 1
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        self.cfg = distill
+        self.div = Divergence(kind=distill.loss, temperature=distill.temperature, beta=distill.beta,
+                              skew=distill.skew, missing_mass=distill.missing_mass)
+        self.weight = KDWeight(schedule=distill.schedule, alpha=distill.alpha, alpha_start=distill.alpha_start,
+                               alpha_end=distill.alpha_end, warmup_fraction=distill.warmup_fraction,
+                               decay_fraction=distill.decay_fraction, token_rule=distill.token_rule)
+        self.schedule_at = (0, 1)  # (optimizer step, total): where the KD weight's schedule stands
 
-    def begin_step(self, step: int, total: int) -> None:
-        self.step, self.total = step, total
+    def begin_step(self, index: int, total: int) -> None:
+        self.schedule_at = (index, total)
 
-    def _teacher_hidden(self, batch: Batch) -> torch.Tensor:
-        with torch.no_grad(), autocast_context(batch.input_ids.device, self.autocast_dtype):
-            return self.teacher.hidden_states(batch.input_ids, **batch.model_inputs).flatten(0, 1)
+    def _targets_from_hidden(self, h_ND: torch.Tensor) -> Teacher:
+        """The teacher's targets from its hidden states: dense logits, chunk by chunk (or at once when small
+        enough to hold), or its top-k over the student's vocabulary."""
+        head = self.teacher.logits
+        if self.cfg.top_k:
+            return teacher_topk(head, h_ND, self.cfg.top_k, self.div.temperature, self.model.config.vocab_size)
 
-    def _teacher_targets(self, h_ND: torch.Tensor, head) -> Teacher:
-        """Dense logits computed chunk by chunk from the teacher's hidden states, or its top-k."""
         def logits(start: int, end: int) -> torch.Tensor:
             with torch.no_grad():
                 return head(h_ND[start:end]).float()
 
-        if not self.cfg.top_k:
-            N, Vt = h_ND.shape[0], self.teacher.config.vocab_size
-            # Small enough to hold (e.g. 2k tokens x 2k vocab = 16 MB): compute the teacher's logits once
-            # rather than per chunk. At Llama 4's vocabulary (8k tokens x 202k = 6.6 GB) they stay chunked.
-            return logits(0, N) if N * Vt <= self.MATERIALIZE_LOGITS else logits
-        V = self.model.config.vocab_size  # a padded teacher vocabulary: rank only the student's tokens
-        parts = [topk_targets(logits(s, s + 1024)[:, :V], self.cfg.top_k, self.div.temperature)
-                 for s in range(0, h_ND.shape[0], 1024)]
-        return TopK(torch.cat([p.ids for p in parts]), torch.cat([p.logprobs for p in parts]))
+        # Small enough to hold (e.g. 2k tokens x 2k vocab = 16 MB): compute the teacher's logits once
+        # rather than per chunk. At Llama 4's vocabulary (8k tokens x 202k = 6.6 GB) they stay chunked.
+        small = h_ND.shape[0] * self.teacher.config.vocab_size <= self.MATERIALIZE_LOGITS
+        return logits(0, h_ND.shape[0]) if small else logits
+
+    def _targets(self, batch: Batch) -> Teacher:
+        return self._targets_from_hidden(teacher_hidden(self.teacher, batch, self.autocast_dtype))
 
     def _distill(self, batch: Batch, h_BSD: torch.Tensor, teacher: Teacher,
                  divisor: float) -> tuple[torch.Tensor, dict]:
@@ -170,20 +185,41 @@ class DistillStep(PretrainStep):
         with autocast_context(batch.input_ids.device, self.autocast_dtype):
             # The tokenizers were checked identical before the first step, so teacher columns beyond the
             # student's vocabulary are padding: dropped and the teacher renormalised, without a mass check.
-            # Logits small enough to hold at once (e.g. 2k tokens x 2k vocab = 16 MB): keep each chunk's
-            # activations for backward instead of recomputing them. At Llama 4's vocabulary they are not.
+            # Logits small enough to hold at once: keep each chunk's activations for backward instead of
+            # recomputing them. At Llama 4's vocabulary they are not.
             small = h_BSD.shape[0] * h_BSD.shape[1] * self.model.config.vocab_size <= self.MATERIALIZE_LOGITS
             res = distill_loss(h_BSD.flatten(0, 1), self.model.logits, batch.labels.flatten(), teacher, self.div,
-                               self.weight, self.step, self.total, max_padded_mass=None, recompute=not small)
+                               self.weight, *self.schedule_at, max_padded_mass=None, recompute=not small)
         metrics = {"loss": res.ce_sum.item() / divisor, "kd_loss": res.kd_sum.item() / divisor,
                    "kd_weight": res.alpha_sum.item() / divisor, "tokens": res.tokens}
         return res.loss_sum / divisor, metrics
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> dict:
-        teacher = self._teacher_targets(self._teacher_hidden(batch), self.teacher.logits)
+        teacher = self._targets(batch)
         divisor, share = token_counts(batch)
         loss, metrics = self._distill(batch, self._hidden(batch), teacher, divisor)
         return self._finish(loss, metrics, self.moes, loss_scale, share)
+
+
+class CachedDistillStep(DistillStep):
+    """Offline distillation: DistillStep with the teacher's top-k read from a `TeacherCache` (written by
+    `behemoth distill-cache`) for the batch's windows (`Batch.offsets`) instead of a teacher forward.
+
+    The cache holds, for every window the loader can cut, the top-k the online teacher would compute for
+    it, so this trains as DistillStep with `distill.top_k` = the cache's k does (exactly, with f32 values;
+    within the quantization bound with u8). `distill.top_k` < k uses each position's top `top_k` entries.
+    """
+
+    def __init__(self, student: nn.Module, cache, router: RouterSection, distill: DistillSection,
+                 autocast_dtype: torch.dtype | None = None):
+        super().__init__(student, None, router, distill, autocast_dtype)
+        self.cache = cache
+
+    def _targets(self, batch: Batch) -> Teacher:
+        if batch.offsets is None:
+            raise ValueError("cached distillation needs Batch.offsets (batches from behemoth.data.DataLoader)")
+        return TopK(*self.cache.targets(batch.offsets, top_k=self.cfg.top_k or None,
+                                        vocab_size=self.model.config.vocab_size, device=batch.input_ids.device))
 
 
 class CodistillStep(DistillStep):
@@ -204,41 +240,13 @@ class CodistillStep(DistillStep):
         return {"model": self.model, "teacher": self.teacher}
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> dict:
-        device = batch.input_ids.device
-        with autocast_context(device, self.autocast_dtype):
+        with autocast_context(batch.input_ids.device, self.autocast_dtype):
             h_t = self.teacher.hidden_states(batch.input_ids, **batch.model_inputs)
-            t_ce_sum, n = chunked_cross_entropy(h_t.flatten(0, 1), self.teacher.logits, batch.labels.flatten())
+        t_ce_sum, _ = self._cross_entropy(self.teacher, h_t, batch)
         divisor, share = token_counts(batch)
-        teacher_loss = t_ce_sum / divisor
-        teacher_loss, t_metrics = self._router_losses(teacher_loss, self.teacher_moes, share)
-        targets = self._teacher_targets(h_t.detach().flatten(0, 1), self.teacher.logits)
+        teacher_loss, t_metrics = self._router_losses(t_ce_sum / divisor, self.teacher_moes, share)
+        targets = self._targets_from_hidden(h_t.detach().flatten(0, 1))
         loss, metrics = self._distill(batch, self._hidden(batch), targets, divisor)
         metrics["teacher_loss"] = t_ce_sum.item() / divisor
         metrics.update({f"teacher_{k}": v for k, v in t_metrics.items() if k != "router_entropy"})
         return self._finish(loss + teacher_loss, metrics, self.moes, loss_scale, share)
-
-
-class CachedDistillStep(DistillStep):
-    """Offline distillation: DistillStep with the teacher's top-k read from a `TeacherCache` (written by
-    `behemoth distill-cache`) for the batch's windows (`Batch.offsets`) instead of a teacher forward.
-
-    The cache holds, for every window the loader can cut, the top-k the online teacher would compute for
-    it, so this trains as DistillStep with `distill.top_k` = the cache's k does (exactly, with f32 values;
-    within the quantization bound with u8). `distill.top_k` < k uses each position's top `top_k` entries.
-    """
-
-    def __init__(self, student: nn.Module, cache, router: RouterSection, distill: DistillSection,
-                 autocast_dtype: torch.dtype | None = None):
-        PretrainStep.__init__(self, student, router, autocast_dtype)
-        self.teacher, self.cache = None, cache
-        self.cfg, self.div, self.weight = distill, _divergence(distill), _weight(distill)
-        self.step, self.total = 0, 1
-
-    def forward_backward(self, batch: Batch, loss_scale: float) -> dict:
-        if batch.offsets is None:
-            raise ValueError("cached distillation needs Batch.offsets (batches from behemoth.data.DataLoader)")
-        targets = self.cache.targets(batch.offsets, top_k=self.cfg.top_k or None,
-                                     vocab_size=self.model.config.vocab_size, device=batch.input_ids.device)
-        divisor, share = token_counts(batch)
-        loss, metrics = self._distill(batch, self._hidden(batch), targets, divisor)
-        return self._finish(loss, metrics, self.moes, loss_scale, share)

@@ -19,7 +19,11 @@ from pathlib import Path
 
 import torch
 
-from behemoth.checkpoint.io import load_optimizer_state, save_distributed_training_checkpoint, save_training_checkpoint
+from behemoth.checkpoint.training import (
+    load_optimizer_state,
+    save_distributed_training_checkpoint,
+    save_training_checkpoint,
+)
 from behemoth.data.loader import Batch, DataLoader
 from behemoth.parallel.distributed import (
     all_reduce_counts,
@@ -28,10 +32,12 @@ from behemoth.parallel.distributed import (
     any_rank,
     clip_grad_norm,
 )
+from behemoth.progress import format_duration
+from behemoth.runlog import METRICS_FILE
 from behemoth.train.config import TrainConfig
 from behemoth.train.health import RoutingHealth
 from behemoth.train.optim import build_optimizer, lr_at, update_expert_bias
-from behemoth.train.steps import moe_layers
+from behemoth.train.steps import Step, moe_layers
 
 
 class TrainingStopped(Exception):
@@ -61,7 +67,7 @@ class MetricsLog:
     """metrics.jsonl next to the checkpoints (and TensorBoard scalars when available)."""
 
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None):
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         if resume_step is not None and self.path.exists():  # drop what the interrupted run logged after its checkpoint
             lines = self.path.read_text().splitlines()
             keep = [ln for ln in lines if ln and json.loads(ln).get("step", 0) <= resume_step]
@@ -102,15 +108,12 @@ class NullLog:
         pass
 
 
-def _fmt_time(s: float) -> str:
-    s = int(max(0, s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
 class Trainer:
-    def __init__(self, cfg: TrainConfig, step, train_loader: DataLoader, val_batches: Callable[[], Iterator[Batch]],
-                 info: RunInfo, say: Callable[[str], None] = print):
-        self.cfg, self.step_fn, self.loader, self.val_batches, self.info, self.say = (
+    """The loop over optimizer steps of one `Step` (`global_step` counts those done)."""
+
+    def __init__(self, cfg: TrainConfig, step: Step, train_loader: DataLoader,
+                 val_batches: Callable[[], Iterator[Batch]], info: RunInfo, say: Callable[[str], None] = print):
+        self.cfg, self.step, self.loader, self.val_batches, self.info, self.say = (
             cfg, step, train_loader, val_batches, info, say)
         self.models = step.trained_models()
         self.optimizer = build_optimizer(list(self.models.values()), cfg.optim)
@@ -120,7 +123,7 @@ class Trainer:
         layer_ids = [i for i, blk in enumerate(primary.layers) if blk.is_moe]
         E = self.primary_moes[0].num_experts if self.primary_moes else 1
         self.health = RoutingHealth(layer_ids, E, cfg.health)
-        self.step = 0
+        self.global_step = 0
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
         self.tokens_seen = 0
@@ -132,7 +135,7 @@ class Trainer:
     def state_dict(self) -> dict:
         """Everything but the models; the optimizer's state too in one process (a distributed run saves it
         sharded, beside the models). The data position, counters and RNG are the same on every rank."""
-        state = {"step": self.step, "data": self.loader.state_dict(),
+        state = {"step": self.global_step, "data": self.loader.state_dict(),
                  "health": self.health.state_dict(), "nonfinite_total": self.nonfinite_total,
                  "nonfinite_streak": self.nonfinite_streak, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
@@ -144,7 +147,7 @@ class Trainer:
     def load_state_dict(self, state: dict, ckpt_dir: Path) -> None:
         """Resume from a checkpoint written at any world size (`ckpt_dir`: its directory, for a sharded
         optimizer state)."""
-        self.step = int(state["step"])
+        self.global_step = int(state["step"])
         load_optimizer_state(self.models, self.optimizer, ckpt_dir, state)
         self.loader.load_state_dict(state["data"])
         self.health.load_state_dict(state["health"])
@@ -157,9 +160,10 @@ class Trainer:
         tok = self.info.run_dir / "tokenizer.json"
         extra = {"tokenizer.json": tok.read_bytes()} if tok.is_file() else None
         if self.info.world > 1:
-            return save_distributed_training_checkpoint(self.info.run_dir, self.step, self.models, self.optimizer,
-                                                        self.state_dict(), self.cfg.checkpoint.keep_last, extra)
-        return save_training_checkpoint(self.info.run_dir, self.step, self.models, self.state_dict(),
+            return save_distributed_training_checkpoint(self.info.run_dir, self.global_step, self.models,
+                                                        self.optimizer, self.state_dict(),
+                                                        self.cfg.checkpoint.keep_last, extra)
+        return save_training_checkpoint(self.info.run_dir, self.global_step, self.models, self.state_dict(),
                                         self.cfg.checkpoint.keep_last, extra)
 
     # ---- the loop --------------------------------------------------------------------------------
@@ -171,14 +175,14 @@ class Trainer:
         self._zero_counts()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         window_t, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
-        last_saved = self.step
+        last_saved = self.global_step
         try:
-            while self.step < total:
-                lr = lr_at(self.step, total, cfg.optim)
+            while self.global_step < total:
+                lr = lr_at(self.global_step, total, cfg.optim)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 metrics = self._optimizer_step()
-                self.step += 1
+                self.global_step += 1
                 if metrics is not None:
                     window_loss += metrics["loss"]
                     window_n += 1
@@ -186,7 +190,7 @@ class Trainer:
                     self.tokens_seen += metrics["tokens"]
                 if self.info.world > 1 and any_rank(self._signal is not None):  # one rank's signal stops all
                     self._signal = self._signal or signal.SIGTERM  # after the same step
-                if self.step % cfg.log.every == 0 or self.step == total:
+                if self.global_step % cfg.log.every == 0 or self.global_step == total:
                     now = time.perf_counter()
                     dt = now - window_t
                     self.elapsed += dt
@@ -195,22 +199,23 @@ class Trainer:
                     log.write(rec)
                     self._progress(rec, total)
                     window_t, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
-                if self.health.layer_ids and (self.step % cfg.log.health_every == 0 or self.step == total):
+                at_end = self.global_step == total
+                if self.health.layer_ids and (self.global_step % cfg.log.health_every == 0 or at_end):
                     self._report_health(log)
-                if cfg.log.eval_every and (self.step % cfg.log.eval_every == 0 or self.step == total):
+                if cfg.log.eval_every and (self.global_step % cfg.log.eval_every == 0 or self.global_step == total):
                     self._evaluate(log)
                 if self._signal is not None:
                     self.save()
-                    raise Interrupted(self._signal, self.step)
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    raise Interrupted(self._signal, self.global_step)
+                if cfg.checkpoint.every and self.global_step % cfg.checkpoint.every == 0:
                     self.save()
-                    last_saved = self.step
-            if last_saved != self.step or cfg.checkpoint.every == 0:
+                    last_saved = self.global_step
+            if last_saved != self.global_step or cfg.checkpoint.every == 0:
                 self.save()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-        return {"step": self.step, "tokens": self.tokens_seen, "nonfinite_steps": self.nonfinite_total,
+        return {"step": self.global_step, "tokens": self.tokens_seen, "nonfinite_steps": self.nonfinite_total,
                 "elapsed_s": self.elapsed}
 
     def _optimizer_step(self) -> dict | None:
@@ -219,13 +224,12 @@ class Trainer:
         accum = cfg.train.grad_accum
         agg: dict = {"tokens": 0}
         entropy = None
-        if hasattr(self.step_fn, "begin_step"):  # steps whose loss follows the schedule (KD weight)
-            self.step_fn.begin_step(self.step, cfg.train.steps)
+        self.step.begin_step(self.global_step, cfg.train.steps)
         for _ in range(accum):
             batch = next(self.loader).to(self.info.device)
-            m = self.step_fn.forward_backward(batch, 1.0 / accum)
+            m = self.step.forward_backward(batch, 1.0 / accum)
             if m["nonfinite"]:
-                return self._skip(f"non-finite loss at step {self.step + 1}")
+                return self._skip(f"non-finite loss at step {self.global_step + 1}")
             for k, v in m.items():  # every float a step reports is averaged over micro-batches and logged
                 if isinstance(v, float):
                     agg[k] = agg.get(k, 0.0) + v / accum
@@ -240,7 +244,7 @@ class Trainer:
         else:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         if not math.isfinite(grad_norm):
-            return self._skip(f"non-finite gradient norm at step {self.step + 1}")
+            return self._skip(f"non-finite gradient norm at step {self.global_step + 1}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_streak = 0
@@ -263,7 +267,7 @@ class Trainer:
         self.say(f"warning: {why}; step skipped ({self.nonfinite_streak} in a row, {self.nonfinite_total} in all)")
         if self.nonfinite_streak >= self.cfg.train.max_nonfinite:
             raise TrainingStopped(f"{self.nonfinite_streak} non-finite steps in a row (train.max_nonfinite="
-                                  f"{self.cfg.train.max_nonfinite}); stopped at step {self.step + 1}, the last "
+                                  f"{self.cfg.train.max_nonfinite}); stopped at step {self.global_step + 1}, the last "
                                   "checkpoint is intact: lower optim.lr or check the data")
         return None
 
@@ -283,10 +287,10 @@ class Trainer:
     def _train_record(self, lr: float, loss: float, tokens_per_s: float, last: dict | None, total: int) -> dict:
         peak = self.info.peak_flops * self.info.world if self.info.peak_flops else None
         mfu = tokens_per_s * self.info.flops_per_token / peak if peak else None
-        steps_per_s = self.step / max(self.elapsed, 1e-9)
-        rec = {"type": "train", "step": self.step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
+        steps_per_s = self.global_step / max(self.elapsed, 1e-9)
+        rec = {"type": "train", "step": self.global_step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s,
                "mfu": mfu, "tokens": self.tokens_seen, "elapsed_s": self.elapsed,
-               "eta_s": (total - self.step) / max(steps_per_s, 1e-9), "skipped_steps": self.nonfinite_total}
+               "eta_s": (total - self.global_step) / max(steps_per_s, 1e-9), "skipped_steps": self.nonfinite_total}
         if last is not None:
             rec.update({k: v for k, v in last.items() if k not in ("loss", "tokens")})
         return rec
@@ -296,16 +300,17 @@ class Trainer:
         filled = int(20 * rec["step"] / total)
         bar = f"[{'#' * filled}{'.' * (20 - filled)}]"
         self.say(f"{bar} step {rec['step']:>{len(str(total))}}/{total} | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
-                 f"{rec['tokens_per_s']:,.0f} tok/s | MFU {mfu} | ETA {_fmt_time(rec['eta_s'])}"
+                 f"{rec['tokens_per_s']:,.0f} tok/s | MFU {mfu} | ETA {format_duration(rec['eta_s'])}"
                  + (f" | skipped {rec['skipped_steps']}" if rec["skipped_steps"] else ""))
 
     def _report_health(self, log: MetricsLog) -> None:
         biases = torch.stack([m.router.expert_bias.detach().float().cpu() for m in self.primary_moes])
-        rec, warnings = self.health.report(self.step, biases)
+        rec, warnings = self.health.report(self.global_step, biases)
         log.write(rec)
         worst = max(rec["layers"], key=lambda r: r["max_over_mean"])
         dead = sum(r["dead"] for r in rec["layers"])
-        self.say(f"  routing @ {self.step}: worst max/mean load {worst['max_over_mean']:.2f} (layer {worst['layer']}), "
+        self.say(f"  routing @ {self.global_step}: worst max/mean load {worst['max_over_mean']:.2f} "
+                 f"(layer {worst['layer']}), "
                  f"mean router entropy {sum(r['router_entropy'] for r in rec['layers']) / len(rec['layers']):.2f}, "
                  f"dead experts {dead}, bias range [{float(biases.min()):+.3f}, {float(biases.max()):+.3f}]")
         for w in warnings:
@@ -318,15 +323,15 @@ class Trainer:
             m.eval()
         total, n = 0.0, 0
         for batch in self.val_batches():
-            s, k = self.step_fn.eval_loss(batch.to(self.info.device))
+            s, k = self.step.eval_loss(batch.to(self.info.device))
             total, n = total + s, n + k
         total, n = all_reduce_sum([total, n])  # each rank evaluated its rows of every batch
         for m in self.models.values():
             m.train()
         if n:
             loss = total / n
-            log.write({"type": "eval", "step": self.step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
-            self.say(f"  eval @ {self.step}: val loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f})")
+            log.write({"type": "eval", "step": self.global_step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
+            self.say(f"  eval @ {self.global_step}: val loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f})")
 
 
 def stdout_say(msg: str) -> None:

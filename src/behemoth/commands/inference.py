@@ -1,0 +1,107 @@
+"""`behemoth generate`, `chat`, `serve`: a model answering, from one prompt to many clients."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from behemoth.commands.common import DTYPES
+
+
+def _runner(args: argparse.Namespace):
+    from behemoth.inference.runner import Runner
+
+    return Runner.load(args.model, device=args.device, dtype=DTYPES[args.dtype] if args.dtype else None,
+                       chat=args.chat_format)
+
+
+def _sampling(args: argparse.Namespace, runner, chat: bool):
+    return runner.params(chat, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, seed=args.seed)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from behemoth.inference.interactive import run_generate
+
+    runner = _runner(args)
+    run_generate(runner, args.prompt, _sampling(args, runner, args.chat), tuple(args.stop), chat=args.chat,
+                 system=args.system, stream=args.stream, compile=args.compile, images=args.image)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    from behemoth.inference.interactive import chat_loop
+
+    runner = _runner(args)
+    chat_loop(runner, _sampling(args, runner, True), system=args.system)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from behemoth.inference.server import make_server
+
+    runner = _runner(args)
+    server, engine = make_server(runner, args.host, args.port, max_batch=args.max_batch,
+                                 max_tokens_limit=args.max_tokens_limit, model_name=args.name, max_len=args.max_len,
+                                 compile=args.compile)
+    host, port = server.server_address[:2]
+    print(f"serving {server.RequestHandlerClass.api.model_name} on http://{host}:{port}/v1 "
+          f"(batch {args.max_batch}, context {engine.max_len}); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+        engine.close()
+
+
+def _add_model_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--model", required=True,
+                   help="a checkpoint directory (native or transformers), or a run directory (its latest checkpoint); "
+                        "its tokenizer.json is used")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    s.add_argument("--chat-format", choices=["llama4", "plain"],
+                   help="default: llama4 when the tokenizer has its header tokens, else plain (Q:/A:)")
+
+
+def _add_sampling_args(s: argparse.ArgumentParser, max_new: int) -> None:
+    s.add_argument("--max-new-tokens", type=int, default=max_new)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--seed", type=int, help="makes sampling reproducible")
+    s.add_argument("--system", help="a system message (chat)")
+
+
+def register(sub) -> None:
+    s = sub.add_parser("generate", help="complete prompts (raw text, or --chat for a user turn)")
+    _add_model_args(s)
+    s.add_argument("--prompt", action="append", required=True, help="the prompt; repeat for a batch")
+    _add_sampling_args(s, 128)
+    s.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    s.add_argument("--chat", action="store_true", help="wrap the prompt in the chat format as a user message")
+    s.add_argument("--stream", action="store_true", help="print tokens as they are generated (one prompt)")
+    s.add_argument("--compile", action="store_true", help="compile the decode step (pays off for long outputs)")
+    s.add_argument("--image", action="append", default=[],
+                   help="an image file placed before the prompt's text (repeatable; needs a vision model)")
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("chat", help="an interactive chat that keeps the conversation (/reset, /system, /exit)")
+    _add_model_args(s)
+    _add_sampling_args(s, 512)
+    s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--name", help="the model id clients use (default: the directory name)")
+    s.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    s.add_argument("--max-len", type=int,
+                   help="context per request, allocated up front (default: the model's max_seq_len, at most 8192)")
+    s.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    s.add_argument("--compile", action="store_true",
+                   help="compile the decode step (CUDA graphs on GPU); the first request waits for compilation")
+    s.set_defaults(fn=cmd_serve)

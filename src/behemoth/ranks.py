@@ -1,0 +1,37 @@
+"""Where this process stands in a distributed run: the few questions every layer may ask.
+
+Checkpoint writers (every rank writes its shards, rank 0 publishes), the trainer and the CLI (rank 0
+speaks) ask these; the process group itself is made and used in `parallel/`.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def joined() -> bool:
+    """Whether this process is part of a torch.distributed process group."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank: the process group's, else torchrun's RANK (0 for a plain process)."""
+    if joined():
+        import torch.distributed as dist
+
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing without a process group)."""
+    if joined():
+        import torch.distributed as dist
+
+        dist.barrier()
