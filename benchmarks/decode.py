@@ -38,7 +38,8 @@ from common import device_info, transformers_version  # noqa: E402
 
 from behemoth import build_model  # noqa: E402
 from behemoth.checkpoint.convert import is_native_only, native_to_hf_key  # noqa: E402
-from behemoth.config import get_preset, to_hf_config  # noqa: E402
+from behemoth.config import get_preset  # noqa: E402
+from behemoth.config_io import to_hf_config  # noqa: E402
 from behemoth.inference.generate import generate  # noqa: E402
 
 PRESETS = {

@@ -53,7 +53,8 @@ from torch import nn
 
 from behemoth import build_model
 from behemoth.checkpoint.convert import is_native_only, native_to_hf_key
-from behemoth.config import ModelConfig, get_preset, to_hf_config
+from behemoth.config import ModelConfig, get_preset
+from behemoth.config_io import to_hf_config
 from behemoth.data.loader import Batch
 from behemoth.model.attention import Attention
 from behemoth.model.layers import FeedForward, RMSNorm

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from behemoth.checkpoint.convert import hf_to_native_key
-from behemoth.config import ModelConfig, to_hf_config
+from behemoth.config import ModelConfig
+from behemoth.config_io import to_hf_config
 from behemoth.model import Transformer
 
 transformers = pytest.importorskip("transformers")

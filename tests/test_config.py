@@ -9,15 +9,8 @@ import torch
 from torch import nn
 
 from behemoth import build_model
-from behemoth.config import (
-    PRESETS,
-    ModelConfig,
-    MoEConfig,
-    RopeScaling,
-    from_hf_config,
-    load_config_file,
-    to_hf_config,
-)
+from behemoth.config import PRESETS, ModelConfig, MoEConfig, RopeScaling
+from behemoth.config_io import from_hf_config, load_config_file, to_hf_config
 from behemoth.model.moe import MoE
 
 

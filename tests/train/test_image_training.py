@@ -73,7 +73,7 @@ def test_trains_the_vision_tower_on_the_visual_tasks(reference_run, vl_config):
 
 
 def test_every_vision_parameter_gets_a_gradient_and_the_loss_depends_on_the_picture(vl_config):
-    from behemoth.config import load_config_file
+    from behemoth.config_io import load_config_file
     from behemoth.data.image_text import ImageTextData, visual_task_examples
     from behemoth.data.images import IMAGE_SPECIAL_TOKENS
     from behemoth.data.tasks import ALPHABET

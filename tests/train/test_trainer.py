@@ -236,7 +236,9 @@ def test_existing_run_and_incompatible_resume_are_refused(reference_run, capsys)
 
 
 def test_activation_checkpointing_changes_nothing(reference_run, tmp_path):
-    """Recomputing activations in backward gives bitwise the same run (the doubled routing counts
-    do not change the signed, re-centred bias update)."""
+    """Recomputing activations in backward gives bitwise the same run, and the same logged routing counts
+    (the recomputation does not count its tokens a second time)."""
     run_training(cfg_for(tmp_path, **{"train.activation_checkpointing": True}), say=lambda s: None)
     assert_same_weights(final_state(tmp_path), final_state(reference_run[0]))
+    health = [records(d, "routing") for d in (tmp_path, reference_run[0])]
+    assert health[0] and health[0] == health[1]

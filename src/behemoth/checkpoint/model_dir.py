@@ -36,7 +36,8 @@ from behemoth.checkpoint.convert import (
 )
 from behemoth.checkpoint.dcp import dcp_files, read_dcp, write_dcp
 from behemoth.checkpoint.locate import run_or_model_dir
-from behemoth.config import ModelConfig, load_config_file, to_hf_config
+from behemoth.config import ModelConfig
+from behemoth.config_io import load_config_file, to_hf_config
 from behemoth.fsutil import atomic_dir, publish_dir, temp_sibling
 from behemoth.model import Transformer
 from behemoth.version import __version__

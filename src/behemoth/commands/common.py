@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from behemoth.config import PRESETS, ModelConfig, get_preset, load_config_file
+from behemoth.config import PRESETS, ModelConfig, get_preset
+from behemoth.config_io import load_config_file
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}

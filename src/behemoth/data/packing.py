@@ -26,7 +26,6 @@ import datetime
 import hashlib
 import json
 import os
-import secrets
 import shutil
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,7 +35,7 @@ import numpy as np
 
 from behemoth.data.corpus import PathSpec, corpus_fingerprint, iter_documents, resolve_paths
 from behemoth.data.tokenizer import Tokenizer
-from behemoth.fsutil import read_format_json
+from behemoth.fsutil import fsync_tree, publish_dir, read_format_json, remove_dir, temp_sibling, write_json_atomically
 
 FORMAT = "behemoth-tokens"
 FORMAT_VERSION = 1
@@ -116,7 +115,7 @@ class TokenStore:
         """
         directory = Path(directory)
         _check_replaceable(directory)  # before the work, not after
-        tmp = _tmp_sibling(directory)
+        tmp = temp_sibling(directory)
         writer = None
         try:
             writer = _Writer(tmp, tokenizer)
@@ -226,18 +225,39 @@ def tokenize_corpus(paths: PathSpec, tokenizer: Tokenizer, cache_dir: str | os.P
             return _open_split(final)
         except ValueError as e:  # only possible if something outside this code damaged the directory
             warnings.warn(f"{final}: unusable tokenized-corpus cache, rebuilding ({e})", stacklevel=2)
-            _remove_dir(final)
+            remove_dir(final)
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(final)
-    writers: dict[str, _Writer] = {}
+    tmp = temp_sibling(final)
     try:
-        writers["train"] = _Writer(tmp / "train", tokenizer)
-        writers["val"] = _Writer(tmp / "val", tokenizer)
-        # The last document of each split is held back until the end, so that one can move to the other
-        # split when a split would otherwise be empty; documents stay in corpus order within a split.
+        counts = _split_into(tmp, encode_documents(iter_documents(files, field), tokenizer), tokenizer, seed,
+                             val_fraction)
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "key": key, "corpus": corpus_fp,
+                "files": [str(f) for f in files], "field": field, "val_fraction": val_fraction, "seed": seed,
+                "tokenizer": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size, **counts,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        write_json_atomically(tmp / META_FILE, meta)  # its presence under the final name marks the cache complete
+        fsync_tree(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / META_FILE).is_file():  # not a concurrent run finishing first: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _open_split(final)
+
+
+def _split_into(directory: Path, docs: Iterator[np.ndarray], tokenizer: Tokenizer, seed: int,
+                val_fraction: float) -> dict[str, dict[str, int]]:
+    """Write `docs` (token arrays, in corpus order) into `directory/train` and `directory/val` by
+    `in_validation`; returns each split's counts. The last document of each split is held back until the
+    end, so that one can move to the other split when a split would otherwise be empty; documents stay in
+    corpus order within a split."""
+    writers = {"train": _Writer(directory / "train", tokenizer), "val": _Writer(directory / "val", tokenizer)}
+    try:
         held: dict[str, np.ndarray | None] = {"train": None, "val": None}
-        for i, ids in enumerate(encode_documents(iter_documents(files, field), tokenizer)):
+        for i, ids in enumerate(docs):
             split = "val" if val_fraction > 0 and in_validation(i, seed, val_fraction) else "train"
             if held[split] is not None:
                 writers[split].add(held[split])
@@ -251,23 +271,10 @@ def tokenize_corpus(paths: PathSpec, tokenizer: Tokenizer, cache_dir: str | os.P
                 writers[split].add(ids)
         for w in writers.values():
             w.finish()
-        meta = {"format": FORMAT, "version": FORMAT_VERSION, "key": key, "corpus": corpus_fp,
-                "files": [str(f) for f in files], "field": field, "val_fraction": val_fraction, "seed": seed,
-                "tokenizer": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
-                "train": {"num_tokens": writers["train"].num_tokens, "num_docs": writers["train"].num_docs},
-                "val": {"num_tokens": writers["val"].num_tokens, "num_docs": writers["val"].num_docs},
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-        _write_json(tmp / META_FILE, meta)  # its presence under the final name marks the cache complete
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / META_FILE).is_file():  # not a concurrent run finishing first: a real error
-                raise
     finally:
         for w in writers.values():
             w.close()
-        shutil.rmtree(tmp, ignore_errors=True)
-    return _open_split(final)
+    return {split: {"num_tokens": w.num_tokens, "num_docs": w.num_docs} for split, w in writers.items()}
 
 
 def _open_split(directory: Path) -> tuple[TokenStore, TokenStore]:
@@ -302,7 +309,7 @@ class _Writer:
             f.flush()
             os.fsync(f.fileno())
         self.close()
-        _write_json(self.directory / META_FILE, _meta(self.tokenizer, self.num_tokens, self.num_docs))
+        write_json_atomically(self.directory / META_FILE, _meta(self.tokenizer, self.num_tokens, self.num_docs))
 
     def close(self) -> None:
         self._tokens.close()
@@ -326,24 +333,6 @@ def _map(file: Path, dtype: np.dtype, count: int) -> np.ndarray:
     return np.memmap(file, dtype=dtype, mode="r", shape=(count,))
 
 
-def _write_json(file: Path, obj: dict) -> None:
-    with open(file, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _tmp_sibling(path: Path) -> Path:
-    return path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _remove_dir(path: Path) -> None:
-    """Rename aside, then delete, so `path` never holds a partly deleted directory."""
-    doomed = _tmp_sibling(path)
-    os.rename(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
 def _check_replaceable(final: Path) -> None:
     """`final` may be (re)written: absent, an empty directory, or a token store."""
     if final.exists() and not (final.is_dir() and ((final / META_FILE).is_file() or not any(final.iterdir()))):
@@ -354,5 +343,4 @@ def _replace_dir(new: Path, final: Path) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists():
         _check_replaceable(final)
-        _remove_dir(final)
-    os.rename(new, final)
+    publish_dir(new, final)

@@ -10,8 +10,6 @@ listed shard. Every read checks the files' sizes and checksums and raises `Value
 from __future__ import annotations
 
 import datetime
-import hashlib
-import json
 import math
 import os
 import time
@@ -21,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from behemoth.data.fingerprint import data_fingerprint
 from behemoth.data.teacher_codec import ID_CHUNK, VALUE_CODECS, VALUE_RANGE, decode_record, encode_record
 from behemoth.fsutil import fsync_path, read_format_json, write_file_atomically, write_json_atomically
 from behemoth.progress import format_duration
@@ -29,66 +28,6 @@ FORMAT = "behemoth-teacher-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Fingerprints
-
-
-def _sha256_file(path: Path, h) -> None:
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-
-
-_FULL_HASH_BYTES = 256 << 20  # weight files up to this size are hashed whole
-_SAMPLES, _SAMPLE_BYTES = 64, 1 << 16
-
-
-def teacher_fingerprint(directory: str | os.PathLike) -> str:
-    """sha256 of a checkpoint directory's config.json (canonical JSON) and its safetensors files: each
-    file's name, size and header, and its content (whole up to 256 MiB; beyond, 64 blocks of 64 KiB at
-    evenly spaced offsets, so a multi-TB teacher is fingerprinted in seconds and still changes when its
-    weights do)."""
-    directory = Path(directory)
-    cfg_file = directory / "config.json"
-    if not cfg_file.is_file():
-        raise ValueError(f"{cfg_file}: missing (the teacher's checkpoint directory needs config.json)")
-    h = hashlib.sha256()
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
-    h.update(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode())
-    files = sorted(directory.glob("*.safetensors")) + sorted(directory.glob("*.safetensors.index.json"))
-    if not files:
-        raise ValueError(f"{directory}: no safetensors weights to fingerprint")
-    for f in files:
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}:".encode())
-        if size <= _FULL_HASH_BYTES:
-            _sha256_file(f, h)
-            continue
-        with open(f, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            h.update(fh.read(min(n, 100 << 20)))
-            for i in range(_SAMPLES):
-                fh.seek((size - _SAMPLE_BYTES) * i // (_SAMPLES - 1))
-                h.update(fh.read(_SAMPLE_BYTES))
-    return h.hexdigest()
-
-
-def data_fingerprint(store) -> str:
-    """sha256 of a `TokenStore`'s tokens (as little-endian uint32, whatever the stored width) and its
-    document starts: the teacher's context at every position depends on both."""
-    h = hashlib.sha256(b"behemoth-token-store:")
-    tokens = store.tokens
-    step = 1 << 24
-    for s in range(0, len(tokens), step):
-        h.update(np.ascontiguousarray(tokens[s:s + step], dtype="<u4").tobytes())
-    h.update(b":doc_starts:")
-    h.update(np.ascontiguousarray(store.doc_starts, dtype="<i8").tobytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,9 +84,45 @@ def write_cache(out_dir: str | os.PathLike, store, seq_len: int, targets_fn: Tar
     finished shard (an absent or empty `out_dir` starts afresh); without it an existing cache is an
     error. Returns the final manifest. `info`: extra fields recorded in the manifest (teacher path...).
     """
-    from behemoth.data.loader import window_batch
-
     out = Path(out_dir)
+    settings = _settings(store, seq_len, top_k, temperature, vocab_size, teacher_fingerprint, tokenizer, values,
+                         windows_per_shard, batch_size)
+    num_windows = settings["num_windows"]
+    manifest = _start(out, settings, resume, say)
+    if manifest is None:
+        manifest = {"format": FORMAT, "version": FORMAT_VERSION, **settings, "positions": num_windows * seq_len,
+                    "num_docs": store.num_docs, "batch_size": batch_size, **(info or {}), "shards": [],
+                    "complete": False, "bytes": 0, "bytes_per_token": None, "mean_captured_mass": None,
+                    "created": _now()}
+        write_file_atomically(out / TOKENIZER, tokenizer.hf.to_str(pretty=True))
+        _write_manifest(out, manifest)
+    if manifest["complete"]:
+        say(f"{out}: already complete")
+        say(_summary(out, manifest))
+        return manifest
+    num_shards = -(-num_windows // windows_per_shard)
+    progress = _Progress(sum(s["windows"] for s in manifest["shards"]), num_windows, seq_len, progress_every, say)
+    for i in range(len(manifest["shards"]), num_shards):
+        first, stop = i * windows_per_shard, min((i + 1) * windows_per_shard, num_windows)
+        shard = _write_shard(out, shard_name(i), first, stop, store, settings, targets_fn, batch_size, progress)
+        manifest["shards"].append(shard)
+        manifest["bytes"] = sum(s["bytes"] + _index_size(s["windows"]) for s in manifest["shards"])
+        manifest["updated"] = _now()
+        _write_manifest(out, manifest)  # only now is the shard part of the cache
+        say(f"shard {i + 1}/{num_shards} written ({shard['bin']}, {shard['bytes']:,} bytes); " + progress.line())
+    positions = num_windows * seq_len
+    manifest["complete"] = True
+    manifest["bytes_per_token"] = manifest["bytes"] / positions
+    manifest["mean_captured_mass"] = sum(s["mass_sum"] for s in manifest["shards"]) / positions
+    manifest["updated"] = _now()
+    _write_manifest(out, manifest)
+    say(_summary(out, manifest))
+    return manifest
+
+
+def _settings(store, seq_len: int, top_k: int, temperature: float, vocab_size: int, teacher_fingerprint: str,
+              tokenizer, values: str, windows_per_shard: int, batch_size: int) -> dict:
+    """The manifest fields that define a cache (`SETTINGS`), after checking every option (`ValueError`)."""
     if values not in VALUE_CODECS:
         raise ValueError(f"values={values!r}: expected one of {', '.join(VALUE_CODECS)}")
     for name, v in (("seq_len", seq_len), ("top_k", top_k), ("windows_per_shard", windows_per_shard),
@@ -163,69 +138,66 @@ def write_cache(out_dir: str | os.PathLike, store, seq_len: int, targets_fn: Tar
     num_windows = max(store.num_tokens - 1, 0) // seq_len
     if num_windows < 1:
         raise ValueError(f"{store.num_tokens} tokens, too few for one window of seq_len + 1 = {seq_len + 1}")
-    settings = {"teacher": teacher_fingerprint, "tokenizer": tokenizer.fingerprint, "data": data_fingerprint(store),
-                "num_tokens": store.num_tokens, "seq_len": seq_len, "num_windows": num_windows, "top_k": top_k,
-                "temperature": float(temperature), "vocab_size": int(vocab_size), "values": values,
-                "value_range": VALUE_RANGE if values == "u8" else None, "id_chunk": ID_CHUNK,
-                "windows_per_shard": windows_per_shard}
-    manifest = _start(out, settings, resume, say)
-    if manifest is None:
-        manifest = {"format": FORMAT, "version": FORMAT_VERSION, **settings, "positions": num_windows * seq_len,
-                    "num_docs": store.num_docs, "batch_size": batch_size, **(info or {}), "shards": [],
-                    "complete": False, "bytes": 0, "bytes_per_token": None, "mean_captured_mass": None,
-                    "created": _now()}
-        write_file_atomically(out / TOKENIZER, tokenizer.hf.to_str(pretty=True))
-        _write_manifest(out, manifest)
-    if manifest["complete"]:
-        say(f"{out}: already complete")
-        say(_summary(out, manifest))
-        return manifest
-    num_shards = -(-num_windows // windows_per_shard)
-    done_windows = sum(s["windows"] for s in manifest["shards"])
-    t0, last_say, done_now = time.perf_counter(), time.perf_counter(), 0
-    for i in range(len(manifest["shards"]), num_shards):
-        first, stop = i * windows_per_shard, min((i + 1) * windows_per_shard, num_windows)
-        name = shard_name(i)
-        tmp_bin = out / f"{name}.bin.tmp"
-        offsets, crcs, mass_sum = [0], [], 0.0
-        with open(tmp_bin, "wb") as f:
-            for b0 in range(first, stop, batch_size):
-                windows = np.arange(b0, min(b0 + batch_size, stop), dtype=np.int64)
-                ids, lps = targets_fn(window_batch(store, seq_len, windows))
-                ids = np.asarray(ids).reshape(len(windows), seq_len, top_k)
-                lps = np.asarray(lps, dtype=np.float32).reshape(len(windows), seq_len, top_k)
-                mass_sum += float(np.exp(lps.astype(np.float64)).sum())
-                for w in range(len(windows)):
-                    rec = encode_record(ids[w], lps[w], vocab_size, values)
-                    f.write(rec)
-                    offsets.append(offsets[-1] + len(rec))
-                    crcs.append(zlib.crc32(rec))
-                done_now += len(windows)
-                if time.perf_counter() - last_say >= progress_every:
-                    last_say = time.perf_counter()
-                    say(_progress(done_windows + done_now, num_windows, done_now * seq_len, last_say - t0, seq_len))
-            f.flush()
-            os.fsync(f.fileno())
-        index = _index_bytes(offsets, crcs)
-        write_file_atomically(out / f"{name}.idx", index)
-        os.replace(tmp_bin, out / f"{name}.bin")
-        fsync_path(out)
-        manifest["shards"].append({"bin": f"{name}.bin", "idx": f"{name}.idx", "first_window": first,
-                                   "windows": stop - first, "bytes": offsets[-1], "index_crc32": zlib.crc32(index),
-                                   "mass_sum": mass_sum})
-        manifest["bytes"] = sum(s["bytes"] + _index_size(s["windows"]) for s in manifest["shards"])
-        manifest["updated"] = _now()
-        _write_manifest(out, manifest)  # only now is the shard part of the cache
-        say(f"shard {i + 1}/{num_shards} written ({name}.bin, {offsets[-1]:,} bytes); "
-            + _progress(done_windows + done_now, num_windows, done_now * seq_len, time.perf_counter() - t0, seq_len))
-    positions = num_windows * seq_len
-    manifest["complete"] = True
-    manifest["bytes_per_token"] = manifest["bytes"] / positions
-    manifest["mean_captured_mass"] = sum(s["mass_sum"] for s in manifest["shards"]) / positions
-    manifest["updated"] = _now()
-    _write_manifest(out, manifest)
-    say(_summary(out, manifest))
-    return manifest
+    return {"teacher": teacher_fingerprint, "tokenizer": tokenizer.fingerprint, "data": data_fingerprint(store),
+            "num_tokens": store.num_tokens, "seq_len": seq_len, "num_windows": num_windows, "top_k": top_k,
+            "temperature": float(temperature), "vocab_size": int(vocab_size), "values": values,
+            "value_range": VALUE_RANGE if values == "u8" else None, "id_chunk": ID_CHUNK,
+            "windows_per_shard": windows_per_shard}
+
+
+def _write_shard(out: Path, name: str, first: int, stop: int, store, settings: dict, targets_fn: TargetsFn,
+                 batch_size: int, progress: _Progress) -> dict:
+    """Windows first..stop-1 as one shard: records into `<name>.bin.tmp` (flushed), the index written
+    atomically, then the shard renamed into place. Returns its manifest entry (not yet listed)."""
+    from behemoth.data.loader import window_batch
+
+    S, k, V, values = settings["seq_len"], settings["top_k"], settings["vocab_size"], settings["values"]
+    tmp_bin = out / f"{name}.bin.tmp"
+    offsets, crcs, mass_sum = [0], [], 0.0
+    with open(tmp_bin, "wb") as f:
+        for b0 in range(first, stop, batch_size):
+            windows = np.arange(b0, min(b0 + batch_size, stop), dtype=np.int64)
+            ids, lps = targets_fn(window_batch(store, S, windows))
+            ids = np.asarray(ids).reshape(len(windows), S, k)
+            lps = np.asarray(lps, dtype=np.float32).reshape(len(windows), S, k)
+            mass_sum += float(np.exp(lps.astype(np.float64)).sum())
+            for w in range(len(windows)):
+                rec = encode_record(ids[w], lps[w], V, values)
+                f.write(rec)
+                offsets.append(offsets[-1] + len(rec))
+                crcs.append(zlib.crc32(rec))
+            progress.advance(len(windows))
+        f.flush()
+        os.fsync(f.fileno())
+    index = _index_bytes(offsets, crcs)
+    write_file_atomically(out / f"{name}.idx", index)
+    os.replace(tmp_bin, out / f"{name}.bin")
+    fsync_path(out)
+    return {"bin": f"{name}.bin", "idx": f"{name}.idx", "first_window": first, "windows": stop - first,
+            "bytes": offsets[-1], "index_crc32": zlib.crc32(index), "mass_sum": mass_sum}
+
+
+class _Progress:
+    """Windows done of a cache (those of earlier runs included), the rate of this run, said every
+    `every` seconds."""
+
+    def __init__(self, done_before: int, total: int, seq_len: int, every: float, say: Callable[[str], None]):
+        self.done_before, self.total, self.seq_len, self.every, self.say = done_before, total, seq_len, every, say
+        self.done_now, self.t0 = 0, time.perf_counter()
+        self.last_say = self.t0
+
+    def advance(self, windows: int) -> None:
+        self.done_now += windows
+        if time.perf_counter() - self.last_say >= self.every:
+            self.last_say = time.perf_counter()
+            self.say(self.line())
+
+    def line(self) -> str:
+        done, elapsed = self.done_before + self.done_now, time.perf_counter() - self.t0
+        rate = self.done_now * self.seq_len / elapsed if elapsed > 0 else float("nan")
+        eta = (self.total - done) * self.seq_len / rate if rate > 0 else float("nan")
+        return (f"{done:,}/{self.total:,} windows ({100 * done / self.total:.1f}%), {rate:,.0f} tokens/s, "
+                f"ETA {format_duration(eta)}")
 
 
 def _summary(out: Path, m: dict) -> str:
@@ -236,13 +208,6 @@ def _summary(out: Path, m: dict) -> str:
 
 def _index_size(windows: int) -> int:
     return 8 * (windows + 1) + 4 * windows
-
-
-def _progress(done: int, total: int, tokens_now: int, elapsed: float, seq_len: int) -> str:
-    rate = tokens_now / elapsed if elapsed > 0 else float("nan")
-    eta = (total - done) * seq_len / rate if rate > 0 else float("nan")
-    return (f"{done:,}/{total:,} windows ({100 * done / total:.1f}%), {rate:,.0f} tokens/s, "
-            f"ETA {format_duration(eta)}")
 
 
 def check_out_dir(out_dir: str | os.PathLike, resume: bool) -> None:

@@ -29,38 +29,8 @@ def write_html(report: dict, run_dirs: dict[str, Path], out: Path, vision_dir: P
     import matplotlib.pyplot as plt
 
     models = report["models"]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    for name, run in run_dirs.items():
-        train = [r for r in read_metrics(run) if r.get("type") == "train"]
-        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label=name)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("next-token loss (hard labels)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    loss_png = _png(fig)
-    plt.close(fig)
-
-    tasks = sorted(next(iter(models.values()))["tasks"]["per_task"])
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / len(models)
-    for i, (name, ev) in enumerate(models.items()):
-        ax.bar([t + i * width for t in range(len(tasks))], [ev["tasks"]["per_task"][t] for t in tasks], width,
-               label=f"{name} ({ev['tasks']['overall']:.0%})")
-    ax.set_xticks([t + width * (len(models) - 1) / 2 for t in range(len(tasks))], tasks)
-    ax.set_ylabel("exact match")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    acc_png = _png(fig)
-    plt.close(fig)
-
-    def row(name: str, ev: dict) -> str:
-        kl = f"{ev['teacher_kl']['kl']:.4f}" if "teacher_kl" in ev else "-"
-        cells = [html.escape(name), f"{ev['params']:,}", f"{ev['active_params']:,}", f"{ev['tokens_per_s']:,.0f}",
-                 f"{ev['heldout']['loss']:.4f}", f"{ev['heldout']['ppl']:.3f}", kl, f"{ev['tasks']['overall']:.1%}"]
-        return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
-
-    rows = "".join(row(n, ev) for n, ev in models.items())
+    loss_png, acc_png = _loss_chart(run_dirs, plt), _accuracy_chart(models, plt)
+    rows = "".join(_row(n, ev) for n, ev in models.items())
     gap = report["gap_recovered"]
     gap_text = ", ".join(f"{k.replace('_', ' ')}: {'n/a' if v is None else f'{v:.0%}'}" for k, v in gap.items())
     heatmaps = "".join(
@@ -89,6 +59,46 @@ Wall time {report['wall_seconds'] / 60:.1f} min.</p>
 </body></html>"""
     out.write_text(page)
     return out
+
+
+def _loss_chart(run_dirs: dict[str, Path], plt) -> str:
+    """Each run's next-token loss over training tokens (log scale), as a PNG data URI."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for name, run in run_dirs.items():
+        train = [r for r in read_metrics(run) if r.get("type") == "train"]
+        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label=name)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("next-token loss (hard labels)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def _accuracy_chart(models: dict[str, dict], plt) -> str:
+    """Exact match per task, one bar per model, as a PNG data URI."""
+    tasks = sorted(next(iter(models.values()))["tasks"]["per_task"])
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(models)
+    for i, (name, ev) in enumerate(models.items()):
+        ax.bar([t + i * width for t in range(len(tasks))], [ev["tasks"]["per_task"][t] for t in tasks], width,
+               label=f"{name} ({ev['tasks']['overall']:.0%})")
+    ax.set_xticks([t + width * (len(models) - 1) / 2 for t in range(len(tasks))], tasks)
+    ax.set_ylabel("exact match")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    png = _png(fig)
+    plt.close(fig)
+    return png
+
+
+def _row(name: str, ev: dict) -> str:
+    kl = f"{ev['teacher_kl']['kl']:.4f}" if "teacher_kl" in ev else "-"
+    cells = [html.escape(name), f"{ev['params']:,}", f"{ev['active_params']:,}", f"{ev['tokens_per_s']:,.0f}",
+             f"{ev['heldout']['loss']:.4f}", f"{ev['heldout']['ppl']:.3f}", kl, f"{ev['tasks']['overall']:.1%}"]
+    return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
 
 def _vision_section(v: dict, run_dir: Path, plt) -> str:

@@ -33,10 +33,6 @@ class RMSNorm(nn.Module):
         y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
         return y if self.weight is None else y * self.weight
 
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            nn.init.ones_(self.weight)
-
 
 def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> torch.Tensor:
     """Inverse frequencies [H/2] in fp32, with llama3 scaling applied when configured.

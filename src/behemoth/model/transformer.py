@@ -12,19 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from behemoth.config import ModelConfig
 from behemoth.model.attention import Attention, attention_mask
+from behemoth.model.cache import KVCacheProtocol
 from behemoth.model.layers import FeedForward, RMSNorm, rope_cos_sin, rope_inv_freq
 from behemoth.model.moe import MoE
 from behemoth.model.vision import VisionEmbeddings
-
-if TYPE_CHECKING:
-    from behemoth.inference.cache import KVCache
 
 
 class Block(nn.Module):
@@ -61,13 +58,13 @@ class Transformer(nn.Module):
         self._inv_freq_cache: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                segment_ids: torch.Tensor | None = None, cache: KVCacheProtocol | None = None,
                 pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, S] -> logits [B, S, V]. See `hidden_states` for the other arguments."""
         return self.logits(self.hidden_states(input_ids, positions, segment_ids, cache, pixel_values))
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      segment_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                      segment_ids: torch.Tensor | None = None, cache: KVCacheProtocol | None = None,
                       pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """The final-normed hidden states [B, S, D], before the output head.
 
@@ -76,9 +73,10 @@ class Transformer(nn.Module):
         when given, a token attends only to tokens of its own segment (packed documents, each with
         positions restarting at 0, then behave exactly as if run one by one).
 
-        cache: an `inference.KVCache` the caller owns. The new tokens' keys/values are stored in it
-        and attention also reads the earlier ones, so a prompt can be prefilled and then extended one
-        token per call (positions are then required: each row continues from its own length).
+        cache: a KV cache the caller owns (`model.cache.KVCacheProtocol`, e.g. `inference.KVCache`). The new
+        tokens' keys/values are stored in it and attention also reads the earlier ones, so a prompt can be
+        prefilled and then extended one token per call (positions are then required: each row continues
+        from its own length).
 
         pixel_values: [N, C, S, S] normalised image tiles (all images of the batch, in order); their
         projected features, [N * T, D], replace the embeddings of the `<|patch|>` tokens in sequence

@@ -172,9 +172,8 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     Under `parallelize` each rank holds a part of every parameter (FSDP shards, experts over ep x efsdp),
     so the squared norm is the all-reduced sum of the local parts', each divided by the number of ranks
     that hold the same part (1, or HSDP's replicas). Per-tensor fp32 sums of squares are exact to float
-    rounding; torch's `clip_grad_norm_`, which one-process training keeps, uses a CPU norm kernel that was
-    off by 8e-5 relative on a 262k-element output-head gradient, so on the CPU the grad norms of one and
-    several processes agree to ~1e-4, not 1e-7."""
+    rounding; one-process training keeps torch's `clip_grad_norm_`, whose CPU norm kernel rounds
+    differently, so on the CPU the grad norms of one and several processes agree to ~1e-4 relative."""
     grads = [p.grad for p in params if p.grad is not None]
     parts = [_local(g).float().pow(2).sum() / _replicas(g) for g in grads]
     sq = torch.stack(parts).sum() if parts else torch.zeros(())

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from behemoth.checkpoint.locate import resolve_model_dir
-from behemoth.data.teacher_cache import check_out_dir, teacher_fingerprint, write_cache
+from behemoth.data.fingerprint import teacher_fingerprint
+from behemoth.data.teacher_cache import check_out_dir, write_cache
 from behemoth.train.config import DataSection
 from behemoth.train.datasets import build_data
 from behemoth.train.device import autocast_dtype, resolve_device

@@ -16,7 +16,8 @@ from torch import nn
 
 from behemoth.checkpoint.model_dir import load_model
 from behemoth.checkpoint.training import load_training_state
-from behemoth.config import ModelConfig, get_preset, load_config_file
+from behemoth.config import ModelConfig, get_preset
+from behemoth.config_io import load_config_file
 from behemoth.data.images import PATCH
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.model import build_model

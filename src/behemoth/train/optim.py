@@ -54,8 +54,8 @@ def update_expert_bias(bias_E: torch.Tensor, counts_E: torch.Tensor, rate: float
     """b_e += rate * sign(mean load - load_e), then b -= mean(b).
 
     Underloaded experts become more likely to be selected, overloaded ones less. Re-centring keeps
-    the biases from drifting together (it changes no selection) and makes the update invariant to a
-    uniform scaling of the counts (e.g. doubled by activation-checkpoint recomputation).
+    the biases from drifting together (it changes no selection); the update depends on the counts only
+    through their signs against the mean, so it is invariant to a uniform scaling of them.
     """
     counts = counts_E.float()
     bias_E += rate * torch.sign(counts.mean() - counts).to(bias_E.dtype)
