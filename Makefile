@@ -1,8 +1,10 @@
 # The README's two commands: `make demo` (set-up + the main job) and `make test`.
-# Override the torch build with e.g. `make setup TORCH_SPEC="torch==2.6.0"` (or a CUDA wheel index).
+# Override the torch build with e.g. `make setup TORCH_SPEC="torch==2.6.0"`, and take a CUDA build from its
+# wheel index with e.g. `TORCH_SPEC="torch==2.9.1" TORCH_INDEX=https://download.pytorch.org/whl/cu128`.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test test-all bench lint
@@ -10,7 +12,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 

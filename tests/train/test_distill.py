@@ -100,6 +100,8 @@ def test_tokenizer_mismatch_and_missing_teacher_are_errors(teacher_dir, tmp_path
     behemoth.checkpoint.save_model(behemoth.build_model("debug"), bare)
     assert main(["distill", *args, f"--distill.teacher={bare}"]) == 2
     assert "tokenizer" in capsys.readouterr().err
+    assert main(["distill", *args, f"--distill.teacher={teacher_dir}", "--distill.top_k=55"]) == 2
+    assert "distill.top_k=55 exceeds the vocabulary (54 tokens)" in capsys.readouterr().err
     assert main(["distill", *args, f"--distill.teacher={teacher_dir}", "--model.preset=mini-maverick",
                  "--model.vocab_size=2048"]) == 2
     assert "smaller than the student's" in capsys.readouterr().err

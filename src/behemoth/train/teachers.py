@@ -95,6 +95,9 @@ def check_teacher(source: TeacherSource, cfg: TrainConfig, model_cfg: ModelConfi
                 raise ValueError(f"the teacher's image token is id {have}, but the shared tokenizer's {PATCH} is "
                                  f"id {patch}")
         check_vocabularies(source.model.config.vocab_size, source.tokenizer, model_cfg.vocab_size, tok)
+        if cfg.distill.top_k > model_cfg.vocab_size:
+            raise ValueError(f"distill.top_k={cfg.distill.top_k} exceeds the vocabulary ({model_cfg.vocab_size} "
+                             "tokens); set at most that, or 0 for the teacher's whole distribution")
     if source.cache is not None:
         cache, d = source.cache, cfg.distill
         cache.validate(tokenizer_fingerprint=tok.fingerprint, store=train, seq_len=cfg.data.seq_len,
