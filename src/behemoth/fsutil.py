@@ -15,6 +15,7 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 def fsync_path(path: Path) -> None:
@@ -47,13 +48,15 @@ def temp_sibling(path: Path, tag: str = "tmp", unique: bool = True) -> Path:
     return path.parent / f".{path.name}.{tag}{suffix}"
 
 
-def write_file_atomically(path: Path, data: bytes | str) -> None:
-    """Replace `path` with `data` (str: UTF-8): a temporary sibling, flushed, renamed over it."""
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """Write a file atomically: `with atomic_file(path) as f:` write to `f` (binary); on success it is
+    flushed and renamed over `path`, on any failure removed, and `path` is left as it was."""
     path = Path(path)
     tmp = temp_sibling(path)
     try:
         with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -61,6 +64,12 @@ def write_file_atomically(path: Path, data: bytes | str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def write_file_atomically(path: Path, data: bytes | str) -> None:
+    """Replace `path` with `data` (str: UTF-8), atomically (`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
 
 
 def write_json_atomically(path: Path, obj: dict) -> None:

@@ -192,12 +192,14 @@ def test_resume_after_interruptions_gives_identical_files(tmp_path, store, tok):
     assert (out / "shard_00002.bin.tmp").exists()  # a half-written shard, not listed
     (out / "shard_00003.bin").write_bytes(b"garbage")  # a stray shard the manifest does not list
     (out / "shard_00003.idx").write_bytes(b"garbage")
+    (out / ".shard_00003.idx.tmp-99-ab12cd34").write_bytes(b"x")  # an index killed before its rename
     m = json.loads((out / MANIFEST).read_text())
     assert [s["bin"] for s in m["shards"]] == ["shard_00000.bin", "shard_00001.bin"] and not m["complete"]
     lines = []
     write(out, store, tok, resume=True, say=lines.append)
     assert lines[0].startswith(f"resuming {out}: 12/")
     assert shard_files(out) == shard_files(tmp_path / "ref")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())
     a, b = (json.loads((d / MANIFEST).read_text()) for d in (tmp_path / "ref", out))
     for m in (a, b):
         m.pop("created"), m.pop("updated")

@@ -148,11 +148,12 @@ def _settings(store, seq_len: int, top_k: int, temperature: float, vocab_size: i
 def _write_shard(out: Path, name: str, first: int, stop: int, store, settings: dict, targets_fn: TargetsFn,
                  batch_size: int, progress: _Progress) -> dict:
     """Windows first..stop-1 as one shard: records into `<name>.bin.tmp` (flushed), the index written
-    atomically, then the shard renamed into place. Returns its manifest entry (not yet listed)."""
+    atomically, then the shard renamed into place. Returns its manifest entry (not yet listed: until the
+    manifest lists it, a reader ignores the shard)."""
     from behemoth.data.loader import window_batch
 
     S, k, V, values = settings["seq_len"], settings["top_k"], settings["vocab_size"], settings["values"]
-    tmp_bin = out / f"{name}.bin.tmp"
+    tmp_bin = out / f"{name}.bin.tmp"  # left behind by a killed run: removed when it resumes
     offsets, crcs, mass_sum = [0], [], 0.0
     with open(tmp_bin, "wb") as f:
         for b0 in range(first, stop, batch_size):
@@ -240,8 +241,8 @@ def _start(out: Path, settings: dict, resume: bool, say) -> dict | None:
                              "--out")
     listed = {s[kind] for s in manifest["shards"] for kind in ("bin", "idx")}
     for f in out.iterdir():
-        if f.name.startswith("shard_") and f.name not in listed:
-            f.unlink()  # half-written: a .tmp file or a shard renamed but never listed
+        if f.name.lstrip(".").startswith("shard_") and f.name not in listed:
+            f.unlink()  # half-written: a temporary file, or a shard renamed but never listed
     for s in manifest["shards"]:
         _check_shard(out, s)
     say(f"resuming {out}: {sum(s['windows'] for s in manifest['shards']):,}/{settings['num_windows']:,} windows "
