@@ -5,6 +5,7 @@ drops `pixel_values` for Llama 4 in 5.23, so it is not the reference); `generate
 from __future__ import annotations
 
 import io
+import threading
 
 import numpy as np
 import pytest
@@ -87,7 +88,7 @@ def test_server_answers_an_image_question_through_the_openai_client(mm_model_dir
     import base64
 
     openai = pytest.importorskip("openai")
-    from behemoth.inference.server import make_server, serve_in_thread
+    from behemoth.inference.server import make_server
 
     runner = Runner.load(mm_model_dir)
     img = picture(tmp_path / "d.png", 120, 50, seed=3)
@@ -97,7 +98,7 @@ def test_server_answers_an_image_question_through_the_openai_client(mm_model_dir
     params = SamplingParams(max_new_tokens=10, stop_ids=runner.chat.stop_ids)
     expected = runner.complete([ids], params, runner.chat.stop_strings, lstrip=True, pixel_values=pixels)[0].text
     server, engine = make_server(runner, port=0, model_name="mm", quiet=True)
-    serve_in_thread(server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x", max_retries=0)
         url = "data:image/png;base64," + base64.b64encode(img.read_bytes()).decode()

@@ -14,7 +14,7 @@ import pytest
 
 from behemoth.inference.runner import Runner
 from behemoth.inference.sampling import SamplingParams
-from behemoth.inference.server import make_server, serve_in_thread
+from behemoth.inference.server import make_server
 
 openai = pytest.importorskip("openai")
 
@@ -25,7 +25,7 @@ MODEL = "tiny"
 def server(char_model_dir):
     runner = Runner.load(char_model_dir)
     srv, engine = make_server(runner, port=0, model_name=MODEL, max_tokens_limit=1500, quiet=True)
-    serve_in_thread(srv)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv, engine, runner
     srv.shutdown()
     srv.server_close()

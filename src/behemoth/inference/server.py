@@ -25,7 +25,6 @@ import json
 import queue
 import select
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -414,9 +413,3 @@ def make_server(runner: Runner, host: str = "127.0.0.1", port: int = 8000, max_b
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server, engine
-
-
-def serve_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
-    t = threading.Thread(target=server.serve_forever, name="behemoth-http", daemon=True)
-    t.start()
-    return t
