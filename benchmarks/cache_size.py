@@ -42,13 +42,8 @@ import numpy as np
 import torch
 from common import device_info
 
-from behemoth.data.teacher_cache import (
-    VALUE_RANGE,
-    TeacherCache,
-    decode_record,
-    encode_record,
-    u8_error_bound,
-)
+from behemoth.data.teacher_cache import TeacherCache
+from behemoth.data.teacher_codec import VALUE_RANGE, decode_record, encode_record, u8_error_bound
 
 LLAMA4_VOCAB = 202048
 

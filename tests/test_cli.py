@@ -51,6 +51,8 @@ def test_help(sub, capsys):
     ["convert", "hf-to-native", "/no/such/dir", "/tmp/x"],
     ["convert", "sideways", "a", "b"],
     ["info", "--preset", "debug", "--context", "0"],
+    ["info", "--config", "/tmp"],  # a directory that is neither a model nor a run
+    ["train", "--model.config_file=/tmp"],  # a directory where a config.json is meant
 ])
 def test_bad_input_is_one_line_exit_2(argv, capsys):
     assert main(argv) == 2
@@ -93,3 +95,15 @@ def test_runtime_does_not_import_transformers():
             "assert 'transformers' not in sys.modules, 'transformers imported at run time'")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_info_and_plan_take_a_run_directory(tmp_path, capsys):
+    """`--config` names a config.json, a model directory or a run directory (its latest checkpoint's)."""
+    step = tmp_path / "run" / "checkpoints" / "step_0000003"
+    save_model(build_model("debug"), step)
+    (step / "train_state.json").write_text("{}")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text(step.name)
+    assert main(["info", "--config", str(tmp_path / "run"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_params"] == 255_040
+    assert main(["plan", "--config", str(tmp_path / "run"), "--mode", "serve", "--gpus", "1", "--gpu-mem-gb", "1",
+                 "--precision", "bf16"]) == 0

@@ -21,8 +21,8 @@ PINNED = {
     'train': '--config=None --resume=False',
     'distill': '--config=None --resume=False',
     'codistill': '--config=None --resume=False',
-    'distill-cache': ("--batch-size=8 --config=None --device='auto' --out=None --precision='auto' --resume=False "
-        "--shard-tokens=1048576 --teacher=None --temperature=1.0 --top-k=128 --values='u8'"),
+    'distill-cache': ("--batch-size=8 --config=None --device=None --out=None --precision=None --resume=False "
+        "--shard-tokens=1048576 --teacher=None --temperature=None --top-k=None --values='u8'"),
     'tokenizer train': "--data=None --field='text' --force=False --out=None --vocab-size=8192",
     'tokenizer': '',
     'eval': '--data=None --difficulty=1 --model=None --out=None --problems=200 --seq-len=256 --teacher=None',

@@ -34,7 +34,7 @@ def _report(msg: str, every_rank: bool = False) -> None:
     interruption; bad settings, checked before the process group forms, which the first rank of every
     other machine reports too, in case that machine differs); a later error on another rank is reported by
     that rank. Ranks other than 0 mark their lines with their number."""
-    rank, first_here = ranks.rank(), int(os.environ.get("LOCAL_RANK", "0")) == 0
+    rank, first_here = ranks.launcher_rank(), int(os.environ.get("LOCAL_RANK", "0")) == 0
     if rank == 0 or (every_rank and (ranks.joined() or first_here)):
         print(msg if rank == 0 else f"[rank {rank}] {msg}", file=sys.stderr)
 

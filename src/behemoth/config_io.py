@@ -193,6 +193,8 @@ def load_config_file(path: str | Path) -> ModelConfig:
         d = json.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: a directory; give its config.json") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     try:

@@ -16,8 +16,9 @@ def joined() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def rank() -> int:
-    """This process's rank: the process group's, else torchrun's RANK (0 for a plain process)."""
+def launcher_rank() -> int:
+    """This process's rank as the launcher numbered it: the process group's, else torchrun's RANK (0 for a
+    plain process). For who reports what before a group forms (bad settings are found on every rank)."""
     if joined():
         import torch.distributed as dist
 
@@ -26,7 +27,13 @@ def rank() -> int:
 
 
 def is_rank0() -> bool:
-    return rank() == 0
+    """Whether this process speaks for the run: rank 0 of its process group, or any process outside one (a
+    process alone writes its checkpoints itself, whatever its environment says)."""
+    if not joined():
+        return True
+    import torch.distributed as dist
+
+    return dist.get_rank() == 0
 
 
 def barrier() -> None:

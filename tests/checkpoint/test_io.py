@@ -214,7 +214,7 @@ def test_failed_save_keeps_an_empty_target(make_model, tmp_path):
 
 def test_path_errors(native_dir, tmp_path):
     missing = tmp_path / "nope"
-    assert str(missing) in load_error(missing) and "not a directory" in load_error(missing)
+    assert str(missing) in load_error(missing) and "no such directory" in load_error(missing)
     f = tmp_path / "file"
     f.write_text("x")
     assert "not a directory" in load_error(f)
@@ -354,3 +354,16 @@ def test_sharded_model_directory_in_one_process(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"m/model.dcp: cannot be read into this config"):
         behemoth.load_model(str(tmp_path / "m"))
+
+
+def test_a_process_alone_writes_its_sharded_model_whatever_its_rank_variable_says(tmp_path, monkeypatch):
+    """Outside a process group this process is the whole run: a RANK left in its environment (a launcher's)
+    does not stop it from publishing what it wrote."""
+    from behemoth.checkpoint.model_dir import save_sharded_model
+
+    monkeypatch.setenv("RANK", "1")
+    model = behemoth.build_model("debug", seed=3)
+    save_sharded_model(model, tmp_path / "m")
+    assert (tmp_path / "m" / "config.json").is_file() and not list(tmp_path.glob(".m.*"))
+    back = behemoth.load_model(str(tmp_path / "m"))
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), model.state_dict().values(), strict=True))

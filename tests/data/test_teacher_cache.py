@@ -349,6 +349,18 @@ def test_cli_distill_cache_bad_input_is_one_line_exit_2(argv, msg, tmp_path, tea
     assert len(err.splitlines()) == 1 and msg in err and "Traceback" not in err
 
 
+def test_cli_distill_cache_takes_the_distill_runs_settings(tmp_path, teacher_dir):
+    """Flags left out take the config's distill.top_k / distill.temperature, so a cache made from the distill
+    run's own settings fits it; a flag given wins."""
+    base = ["distill-cache", "--teacher", str(teacher_dir), "--data.num_problems=20", "--data.seq_len=16"]
+    assert main([*base, "--out", str(tmp_path / "a"), "--distill.top_k=8", "--distill.temperature=2"]) == 0
+    m = json.loads((tmp_path / "a" / MANIFEST).read_text())
+    assert (m["top_k"], m["temperature"]) == (8, 2.0)
+    assert main([*base, "--out", str(tmp_path / "b"), "--distill.top_k=8", "--top-k", "4"]) == 0
+    m = json.loads((tmp_path / "b" / MANIFEST).read_text())
+    assert (m["top_k"], m["temperature"]) == (4, 1.0)
+
+
 def test_cli_distill_cache_help(capsys):
     with pytest.raises(SystemExit) as e:
         main(["distill-cache", "--help"])

@@ -105,6 +105,20 @@ def test_tokenizer_mismatch_and_missing_teacher_are_errors(teacher_dir, tmp_path
     assert main(["distill", *args, f"--distill.teacher={teacher_dir}", "--model.preset=mini-maverick",
                  "--model.vocab_size=2048"]) == 2
     assert "smaller than the student's" in capsys.readouterr().err
+    codistill = [f"--{k}={v}" for k, v in {**BASE, "train.out_dir": str(tmp_path / "co")}.items()]
+    assert main(["codistill", *codistill, "--distill.teacher_preset=debug", "--distill.top_k=55"]) == 2
+    assert "distill.top_k=55 exceeds the vocabulary" in capsys.readouterr().err
+    assert not (tmp_path / "co").exists()  # checked before anything is written
+
+
+def test_a_teacher_run_directory_is_pinned_to_its_checkpoint(teacher_dir, tmp_path):
+    """A teacher named by its run directory is that run's latest checkpoint, recorded as such: a resume
+    (or another rank) takes the same teacher even if the teacher's run moves on."""
+    out = tmp_path / "run"
+    cfg = cfg_for(out, **{"distill.teacher": str(teacher_dir.parent.parent), "train.steps": 1})
+    run_training(cfg, say=lambda s: None, mode="distill")
+    saved = json.loads((out / "train_config.json").read_text())["distill"]["teacher"]
+    assert saved == str(teacher_dir)
 
 
 def test_codistill_trains_both_with_one_teacher_forward(tmp_path, monkeypatch, student_config):

@@ -220,6 +220,25 @@ def test_a_new_model_takes_its_vocabulary_from_the_tokenizer_unless_set(tmp_path
     assert behemoth.load_model(str(tmp_path / "b")).config.vocab_size == 300
     run_training(cfg_for(tmp_path / "a", **{**fast, "train.steps": 2}), resume=True, say=lambda s: None)
     assert behemoth.load_model(str(tmp_path / "a")).config.vocab_size == 54
+    # a run made at another size (by model.vocab_size, or before this rule) resumes at its checkpoint's size
+    run_training(cfg_for(tmp_path / "b", **{**fast, "train.steps": 2}), resume=True, say=lambda s: None)
+    assert behemoth.load_model(str(tmp_path / "b")).config.vocab_size == 300
+
+
+def test_too_little_data_is_an_error_before_any_model_is_built(tmp_path, monkeypatch, capsys):
+    import behemoth.train.models as models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the data were checked")
+
+    monkeypatch.setattr(models, "build_model", no_model)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("a b c\n")  # one short document: not one window of seq_len + 1 tokens
+    args = {**BASE, "train.out_dir": str(tmp_path / "run"), "data.path": str(corpus), "data.val_fraction": 0.0,
+            "data.cache_dir": str(tmp_path / "cache"), "data.tokenizer_vocab_size": 300}
+    assert main(["train", *[f"--{k}={v}" for k, v in args.items()]]) == 2
+    assert "too few for one window" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_existing_run_and_incompatible_resume_are_refused(reference_run, capsys):

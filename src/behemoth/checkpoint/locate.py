@@ -31,15 +31,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return target
 
 
-def run_or_model_dir(path: str | Path) -> Path:
-    """A run directory's latest checkpoint (a directory without config.json whose `checkpoints/latest`
-    exists); any other path as it is, for the caller to report precisely what is wrong with it."""
-    p = Path(path)
-    if p.is_dir() and not (p / "config.json").is_file() and (p / CHECKPOINTS / LATEST).is_file():
-        return latest_checkpoint(p)
-    return p
-
-
 def resolve_model_dir(path: str | Path) -> Path:
     """The model directory `path` names: `path` itself when it holds config.json (a native, sharded or
     transformers directory, or one training checkpoint), else a run directory's latest checkpoint; anything
@@ -53,5 +44,6 @@ def resolve_model_dir(path: str | Path) -> Path:
         raise CheckpointError(f"{p}: not a directory")
     latest = latest_checkpoint(p)
     if latest is None:
-        raise CheckpointError(f"{p}: neither a model directory (no config.json) nor a run with checkpoints")
+        raise CheckpointError(f"{p}: neither a model directory ({p / 'config.json'} is missing) nor a run with "
+                              "checkpoints")
     return latest

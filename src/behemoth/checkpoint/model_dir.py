@@ -35,7 +35,7 @@ from behemoth.checkpoint.convert import (
     write_safetensors,
 )
 from behemoth.checkpoint.dcp import dcp_files, read_dcp, write_dcp
-from behemoth.checkpoint.locate import run_or_model_dir
+from behemoth.checkpoint.locate import resolve_model_dir
 from behemoth.config import ModelConfig
 from behemoth.config_io import load_config_file, to_hf_config
 from behemoth.fsutil import atomic_dir, publish_dir, temp_sibling
@@ -94,7 +94,7 @@ def load_model(path: str | Path, dtype: torch.dtype | None = None, device: str |
     unpickler that admits only its own classes. `device="meta"` gives the model's structure from
     config.json alone (no weight is read).
     """
-    directory = run_or_model_dir(path)
+    directory = resolve_model_dir(path)
     raw = _read_config(directory)
     fmt = _format_of(raw, directory / "config.json")
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from behemoth.checkpoint.locate import resolve_model_dir
 from behemoth.config import PRESETS, ModelConfig, get_preset
 from behemoth.config_io import load_config_file
 
@@ -25,10 +26,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def model_from_args(args: argparse.Namespace) -> tuple[ModelConfig, str]:
-    """(config, name) from `--preset NAME` or `--config` (a config.json, or a checkpoint directory)."""
+    """(config, name) from `--preset NAME` or `--config` (a config.json, a model directory or a run
+    directory: its latest checkpoint's)."""
     if args.config:
         path = Path(args.config)
-        return load_config_file(path / "config.json" if path.is_dir() else path), str(path)
+        return load_config_file(resolve_model_dir(path) / "config.json" if path.is_dir() else path), str(path)
     return get_preset(args.preset), args.preset
 
 
@@ -36,7 +38,7 @@ def add_model_choice(s: argparse.ArgumentParser) -> None:
     """`--preset NAME` or `--config PATH`, one of them required."""
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--preset", choices=list(PRESETS), help="a built-in preset")
-    g.add_argument("--config", help="a config.json (native or transformers), or a checkpoint directory")
+    g.add_argument("--config", help="a config.json (native or transformers), or a checkpoint or run directory")
 
 
 def add_train_config(s: argparse.ArgumentParser) -> None:

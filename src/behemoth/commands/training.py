@@ -31,10 +31,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_distill_cache(args: argparse.Namespace) -> None:
     from behemoth.train.distill_cache import run_distill_cache
 
-    cfg = train_config(args)
-    run_distill_cache(args.teacher, args.out, cfg.data, seed=cfg.train.seed, top_k=args.top_k,
-                      temperature=args.temperature, resume=args.resume, batch_size=args.batch_size,
-                      shard_tokens=args.shard_tokens, device=args.device, precision=args.precision,
+    cfg = train_config(args)  # a flag left out takes the distill run's setting, so the two cannot disagree
+    top_k = args.top_k if args.top_k is not None else cfg.distill.top_k or 128
+    temperature = args.temperature if args.temperature is not None else cfg.distill.temperature
+    run_distill_cache(args.teacher, args.out, cfg.data, seed=cfg.train.seed, top_k=top_k, temperature=temperature,
+                      resume=args.resume, batch_size=args.batch_size, shard_tokens=args.shard_tokens,
+                      device=args.device or cfg.train.device, precision=args.precision or cfg.train.precision,
                       values=args.values, say=lambda line: print(line, flush=True))
 
 
@@ -134,14 +136,17 @@ def _register_distill_cache(sub) -> None:
                                                     "tokenizer.json)")
     s.add_argument("--out", required=True, help="the cache directory to write")
     add_train_config(s)
-    s.add_argument("--top-k", type=int, default=128, help="log-probabilities kept per position (default 128)")
-    s.add_argument("--temperature", type=float, default=1.0, help="the distillation temperature (default 1.0)")
+    s.add_argument("--top-k", type=int,
+                   help="log-probabilities kept per position (default: distill.top_k if set, else 128)")
+    s.add_argument("--temperature", type=float, help="the distillation temperature (default: distill.temperature, "
+                                                     "1.0 unless the config sets it)")
     s.add_argument("--resume", action="store_true", help="continue an interrupted cache after its last full shard")
     s.add_argument("--batch-size", type=int, default=8, help="windows per teacher forward (default 8)")
     s.add_argument("--shard-tokens", type=int, default=1 << 20, help="tokens per shard file (default 1048576)")
     s.add_argument("--values", choices=["u8", "f16", "f32"], default="u8",
                    help="log-prob storage: u8 (default; 1 byte, error <= 0.04 nats), f16, or f32 (exact)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    s.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="teacher forward: auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16")
+    s.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: train.device, auto unless set)")
+    s.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="teacher forward: auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16 (default: "
+                        "train.precision, auto unless set)")
     s.set_defaults(fn=cmd_distill_cache)

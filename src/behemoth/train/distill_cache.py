@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from behemoth.checkpoint.locate import resolve_model_dir
+from behemoth.checkpoint.model_dir import load_model
 from behemoth.data.fingerprint import teacher_fingerprint
 from behemoth.data.teacher_cache import check_out_dir, write_cache
 from behemoth.train.config import DataSection
@@ -21,7 +22,7 @@ from behemoth.train.datasets import build_data
 from behemoth.train.device import autocast_dtype, resolve_device
 from behemoth.train.kd import teacher_topk
 from behemoth.train.steps import teacher_hidden
-from behemoth.train.teachers import check_vocabularies, load_teacher
+from behemoth.train.teachers import check_vocabularies, load_teacher, load_teacher_tokenizer
 from behemoth.train.trainer import stdout_say
 
 
@@ -41,7 +42,7 @@ def run_distill_cache(teacher_dir: str, out_dir: str, data: DataSection, seed: i
                       say: Callable[[str], None] = stdout_say) -> dict:
     """Write a teacher cache of the teacher's top-k over the training token store that `behemoth distill`
     with the same data settings (`data`, `seed` = train.seed) builds, with the teacher's tokenizer. Returns
-    the manifest; `ValueError` for bad input, before any work."""
+    the manifest; `ValueError` for bad input, before the teacher's weights are loaded."""
     dev = resolve_device(device, "--device")
     autocast = autocast_dtype(precision, dev)
     if not isinstance(shard_tokens, int) or shard_tokens < 1:
@@ -52,17 +53,18 @@ def run_distill_cache(teacher_dir: str, out_dir: str, data: DataSection, seed: i
         raise ValueError("data.images: a teacher cache holds text windows only; distil image-text data online")
     check_out_dir(out_dir, resume)  # before the teacher is loaded or any data is built
     teacher_path = resolve_model_dir(teacher_dir)
-    teacher, teacher_tok = load_teacher(teacher_path, dev)
-    teacher.eval().requires_grad_(False)
-    if top_k > teacher.config.vocab_size:
-        raise ValueError(f"top_k={top_k} exceeds the teacher's vocabulary ({teacher.config.vocab_size})")
+    teacher_cfg, teacher_tok = load_model(teacher_path, device="meta").config, load_teacher_tokenizer(teacher_path)
+    if top_k > teacher_cfg.vocab_size:
+        raise ValueError(f"top_k={top_k} exceeds the teacher's vocabulary ({teacher_cfg.vocab_size})")
     out = Path(out_dir)
-    info = {"teacher_path": str(teacher_dir), "teacher_params": teacher.config.num_params(),
+    info = {"teacher_path": str(teacher_dir), "teacher_params": teacher_cfg.num_params(),
             "data_config": {**data.__dict__, "seed": seed}}
     if not data.tokenizer:  # the student of `distill` uses the teacher's tokenizer unless told otherwise
         data = DataSection(**{**data.__dict__, "tokenizer": str(teacher_path / "tokenizer.json")})
     tok, train_store, _ = build_data(data, out, seed, False, say)
-    check_vocabularies(teacher.config.vocab_size, teacher_tok, tok.vocab_size, tok)
+    check_vocabularies(teacher_cfg.vocab_size, teacher_tok, tok.vocab_size, tok)
+    teacher, _ = load_teacher(teacher_path, dev)
+    teacher.eval().requires_grad_(False)
     say(f"teacher: {teacher_dir} ({teacher.config.num_params():,} parameters, vocabulary "
         f"{teacher.config.vocab_size:,}) on {dev}{' (bf16 autocast)' if autocast else ''}; top-{top_k} at "
         f"temperature {temperature:g}, {values} values")

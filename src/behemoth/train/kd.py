@@ -1,4 +1,5 @@
-"""Knowledge distillation: teacher/student divergences, a chunked KD loss and soft/hard weighting.
+"""Knowledge distillation: teacher/student divergences, dense or over a teacher's top-k, and the teacher's
+top-k itself. The chunked losses built on them are `kd_loss.py`; the soft/hard weighting, `kd_weight.py`.
 
 Shape legend: N tokens, D model dim, V student vocabulary, K teacher top-k, S a support (V, K or K + 1).
 
@@ -53,9 +54,6 @@ softmax, from which m_q = 1 - sum_{v in K} q(v)):
                at all outside the ids (k = V), the bucket is dropped for both.
 With k = V (every id present) all three modes equal the dense divergence. Top-k entries with
 log-probability -inf are absent (padding for tokens with fewer than k entries); their ids are ignored.
-
-Soft/hard weighting: total = (1 - alpha) CE + alpha KD per token, with alpha in [0, 1] from `KDWeight`
-(a schedule over training times an optional per-token factor); see its docstring for the rules.
 """
 
 from __future__ import annotations
@@ -66,12 +64,9 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.utils.checkpoint
 
 KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
 MISSING_MASS = ("renormalize", "ignore", "residual")
-SCHEDULES = ("constant", "linear", "wsd")
-TOKEN_RULES = ("none", "confidence", "certainty", "loss_ratio")
 NEG_INF = float("-inf")
 
 

@@ -44,13 +44,16 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
     return mc.replace(vocab_size=m.vocab_size) if m.vocab_size else mc
 
 
-def fit_to_tokenizer(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, say) -> ModelConfig:
+def fit_to_tokenizer(cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, say,
+                     checkpoint: Path | None = None) -> ModelConfig:
     """The student's config for the run's tokenizer: its vocabulary size (unless `model.vocab_size` set one,
-    which must hold the tokenizer) and, on image-text data, its image token (the tokenizer's `<|patch|>`)."""
+    which must hold the tokenizer; a resumed run keeps its checkpoint's) and, on image-text data, its image
+    token (the tokenizer's `<|patch|>`)."""
     changes: dict = {}
     if cfg.model.vocab_size is None:
-        changes["vocab_size"] = tok.vocab_size
-    elif tok.vocab_size > model_cfg.vocab_size:
+        changes["vocab_size"] = (load_config_file(checkpoint / "config.json").vocab_size if checkpoint is not None
+                                 else tok.vocab_size)
+    if tok.vocab_size > changes.get("vocab_size", model_cfg.vocab_size):
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary holds "
                          f"{model_cfg.vocab_size}; set --model.vocab_size={tok.vocab_size} or use a smaller tokenizer")
     if cfg.data.images and model_cfg.image_token_id != (patch := image_token_id(tok)):

@@ -51,6 +51,11 @@ class Mode:
     teacher: Callable[[TrainConfig, RunContext], TeacherSource] = no_teacher
     trains_teacher: bool = False  # the teacher is built (or resumed) and trained with the student
 
+    @property
+    def distils(self) -> bool:
+        """Whether the student learns from a teacher (the `distill.*` settings apply)."""
+        return self.teacher is not no_teacher or self.trains_teacher
+
 
 MODES: dict[str, Mode] = {
     "pretrain": Mode(lambda cfg, model, _, autocast: PretrainStep(model, cfg.router, autocast)),
@@ -72,23 +77,26 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
     ctx, shared_tok = prepare(cfg, resume, say)
     teacher = spec.teacher(cfg, ctx)
     tok, train, val, model_cfg = build_run_data(cfg, ctx, shared_tok or teacher.tokenizer)
-    check_teacher(teacher, cfg, model_cfg, tok, train, ctx.say)  # before anything is built or written
+    d, t = cfg.data, cfg.train
+    train_loader = make_loader(train, t.batch_size, d.seq_len, t.seed, shuffle=True)  # enough data for a batch?
+    check_teacher(teacher, cfg, model_cfg, tok, train, ctx.say, spec.distils)  # before anything is built
     models = build_models(cfg, ctx, model_cfg, tok, spec.trains_teacher)
     if models.teacher is not None:
         teacher.model = models.teacher
-    if ctx.dist.world > 1 and ctx.dist.is_main:
-        broadcast_from_rank0(tok.hf.to_str())  # the run is checked: the other ranks may start
+    if ctx.dist.world > 1 and ctx.dist.is_main:  # the run is checked: the other ranks may start
+        broadcast_from_rank0({"tokenizer": tok.hf.to_str(), "teacher": cfg.distill.teacher})
     model, teacher.model = place(cfg, ctx, models, teacher, spec.trains_teacher)
     step = spec.step(cfg, model, teacher, ctx.autocast)
-    trainer = make_trainer(cfg, ctx, step, train, val, models.state, run_flops(cfg, model, teacher.model,
-                                                                               spec.trains_teacher))
+    trainer = make_trainer(cfg, ctx, step, train_loader, val, models.state,
+                           run_flops(cfg, model, teacher.model, spec.trains_teacher))
     return fit(cfg, ctx, trainer, tok, model_cfg, resumed=models.state is not None)
 
 
 def prepare(cfg: TrainConfig, resume: bool, say: Callable[[str], None]) -> tuple[RunContext, Tokenizer | None]:
     """The run's context: its directory (a new run refuses one that holds checkpoints), the checkpoint a
     resumed run continues from, device, processes, precision and seeds. Ranks other than 0 wait here until
-    rank 0 has built the data and checked the run, and take its tokenizer (returned; None on rank 0)."""
+    rank 0 has built the data and the models and checked the run, and take its tokenizer (returned; None
+    on rank 0) and the teacher checkpoint it resolved."""
     run_dir = Path(cfg.train.out_dir)
     ckpt = latest_checkpoint(run_dir) if resume else None
     if not resume and (run_dir / CHECKPOINTS).is_dir() and any((run_dir / CHECKPOINTS).iterdir()):
@@ -96,8 +104,11 @@ def prepare(cfg: TrainConfig, resume: bool, say: Callable[[str], None]) -> tuple
                          "another --train.out_dir")
     device = resolve_device(cfg.train.device)
     dist = start_processes(cfg, device, model_config(cfg))
-    shared = None if dist.is_main else Tokenizer(tokenizers.Tokenizer.from_str(broadcast_from_rank0(None)),
-                                                 source="rank 0's tokenizer")
+    shared = None
+    if not dist.is_main:
+        checked = broadcast_from_rank0(None)
+        shared = Tokenizer(tokenizers.Tokenizer.from_str(checked["tokenizer"]), source="rank 0's tokenizer")
+        cfg.distill.teacher = checked["teacher"]  # the checkpoint rank 0 took, should a run directory move on
     ctx = RunContext(run_dir, ckpt, dist, autocast_dtype(cfg.train.precision, dist.device),
                      say if dist.is_main else _quiet)
     torch.manual_seed(cfg.train.seed)
@@ -110,7 +121,8 @@ def _quiet(msg: str) -> None:
 
 
 def build_run_data(cfg: TrainConfig, ctx: RunContext, given: Tokenizer | None):
-    """(tokenizer, train data, validation data, the student's config fitted to the tokenizer)."""
+    """(tokenizer, train data, validation data, the student's config fitted to the tokenizer, or on resume
+    to the checkpoint's vocabulary)."""
     model_cfg = model_config(cfg)
     resumed = ctx.checkpoint is not None
     if cfg.data.images:
@@ -118,7 +130,7 @@ def build_run_data(cfg: TrainConfig, ctx: RunContext, given: Tokenizer | None):
                                            given)
     else:
         tok, train, val = build_data(cfg.data, ctx.run_dir, cfg.train.seed, resumed, ctx.say, given)
-    return tok, train, val, fit_to_tokenizer(cfg, model_cfg, tok, ctx.say)
+    return tok, train, val, fit_to_tokenizer(cfg, model_cfg, tok, ctx.say, ctx.checkpoint)
 
 
 def place(cfg: TrainConfig, ctx: RunContext, models: Models, teacher: TeacherSource, trains_teacher: bool):
@@ -142,11 +154,10 @@ def run_flops(cfg: TrainConfig, model, teacher, trains_teacher: bool) -> float:
     return flops
 
 
-def make_trainer(cfg: TrainConfig, ctx: RunContext, step: Step, train, val, state: dict | None,
+def make_trainer(cfg: TrainConfig, ctx: RunContext, step: Step, train_loader, val, state: dict | None,
                  flops: float) -> Trainer:
     """The loop over `step` with this rank's rows of every batch; restored from `state` on resume."""
     d, t, world = cfg.data, cfg.train, ctx.dist.world
-    train_loader = make_loader(train, t.batch_size, d.seq_len, t.seed, shuffle=True)
     if world > 1:
         train_loader = ShardedBatches(train_loader, ctx.dist.rank, world)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from behemoth.checkpoint.convert import CheckpointError
 from behemoth.checkpoint.locate import resolve_model_dir
 from behemoth.checkpoint.model_dir import load_model
 from behemoth.config import ModelConfig
@@ -54,20 +55,27 @@ def frozen_teacher(cfg: TrainConfig, ctx: RunContext) -> TeacherSource:
     if not d.teacher:
         raise ValueError("distill.teacher: set it to the teacher's checkpoint directory (or distill.cache to a "
                          "teacher cache from behemoth distill-cache)")
-    path = resolve_model_dir(d.teacher)
+    try:
+        path = resolve_model_dir(d.teacher)
+    except CheckpointError as e:
+        raise ValueError(f"distill.teacher: {e}") from None
+    d.teacher = str(path)  # pinned: a run directory's latest checkpoint may move on; this run (and its resume) stay
     model, tok = load_teacher(path, ctx.load_device(path))
     return TeacherSource(model=model, tokenizer=tok, path=path)
 
 
-def load_teacher(path: str | Path, device: torch.device) -> tuple[nn.Module, Tokenizer]:
-    """A teacher model (fp32) and its tokenizer, both from its model directory (or run directory)."""
-    directory = resolve_model_dir(path)
+def load_teacher(directory: Path, device: torch.device) -> tuple[nn.Module, Tokenizer]:
+    """A teacher model (fp32) and its tokenizer, both from its model directory (`resolve_model_dir`'s)."""
+    tok = load_teacher_tokenizer(directory)
+    return load_model(directory, dtype=torch.float32, device=device), tok
+
+
+def load_teacher_tokenizer(directory: Path) -> Tokenizer:
     try:
-        tok = Tokenizer.load(directory)
+        return Tokenizer.load(directory)
     except ValueError as e:
         raise ValueError(f"distill.teacher: {e}; the teacher's tokenizer is needed to check that teacher and "
                          "student share one") from None
-    return load_model(directory, dtype=torch.float32, device=device), tok
 
 
 def check_vocabularies(teacher_vocab: int, teacher_tok: Tokenizer, student_vocab: int, student_tok: Tokenizer) -> None:
@@ -83,10 +91,13 @@ def check_vocabularies(teacher_vocab: int, teacher_tok: Tokenizer, student_vocab
 
 
 def check_teacher(source: TeacherSource, cfg: TrainConfig, model_cfg: ModelConfig, tok: Tokenizer, train: Data,
-                  say) -> None:
+                  say, distils: bool) -> None:
     """A frozen teacher or cache against the student and its data, before anything is built or written: the
     same tokenizer, a vocabulary at least the student's, the same image tokens; a cache made from these
-    very training tokens with these settings."""
+    very training tokens with these settings. In every mode that distils, a top-k within the vocabulary."""
+    if distils and cfg.distill.top_k > model_cfg.vocab_size:
+        raise ValueError(f"distill.top_k={cfg.distill.top_k} exceeds the vocabulary ({model_cfg.vocab_size} "
+                         "tokens); set at most that, or 0 for the teacher's whole distribution")
     if source.model is not None:
         if cfg.data.images:
             check_same_image_tokens(model_cfg.vision, source.model.config.vision, "teacher")
@@ -95,9 +106,6 @@ def check_teacher(source: TeacherSource, cfg: TrainConfig, model_cfg: ModelConfi
                 raise ValueError(f"the teacher's image token is id {have}, but the shared tokenizer's {PATCH} is "
                                  f"id {patch}")
         check_vocabularies(source.model.config.vocab_size, source.tokenizer, model_cfg.vocab_size, tok)
-        if cfg.distill.top_k > model_cfg.vocab_size:
-            raise ValueError(f"distill.top_k={cfg.distill.top_k} exceeds the vocabulary ({model_cfg.vocab_size} "
-                             "tokens); set at most that, or 0 for the teacher's whole distribution")
     if source.cache is not None:
         cache, d = source.cache, cfg.distill
         cache.validate(tokenizer_fingerprint=tok.fingerprint, store=train, seq_len=cfg.data.seq_len,
