@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-all bench lint
+.PHONY: setup demo demo-seeds test test-all bench routing-ablation lint
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: setup
 	$(BIN)/behemoth demo --out out/demo --force
 
+# The README's demo figures: the whole story over 3 seeds, with each seed's figures and the machine recorded.
+demo-seeds: setup
+	$(BIN)/behemoth demo --out out/demo-seeds --force --seeds 3 --results benchmarks/results/demo_seeds_cpu.json
+
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
@@ -27,6 +31,10 @@ test-all: setup
 
 bench: setup
 	$(BIN)/python benchmarks/moe_layer.py --preset cpu
+
+# The README's routing table: each balancing method on the demo's three MoE recipes, 3 seeds (resumable).
+routing-ablation: setup
+	$(BIN)/python benchmarks/routing.py --jobs 2
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

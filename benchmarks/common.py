@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import platform
-from pathlib import Path
-
 import torch
+
+from behemoth.machine import cpu_name
 
 
 def device_info(device: torch.device) -> dict:
@@ -14,15 +13,7 @@ def device_info(device: torch.device) -> dict:
         props = torch.cuda.get_device_properties(device)
         return {"type": "cuda", "name": props.name, "capability": list(torch.cuda.get_device_capability(device)),
                 "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda}
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"type": device.type, "name": name, "threads": torch.get_num_threads()}
+    return {"type": device.type, "name": cpu_name(), "threads": torch.get_num_threads()}
 
 
 def transformers_version() -> str | None:

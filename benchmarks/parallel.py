@@ -37,8 +37,9 @@ import behemoth
 from behemoth.data.loader import Batch
 from behemoth.parallel import expert_parallel
 from behemoth.parallel.distributed import all_reduce_counts, clip_grad_norm, parallelize, setup_distributed
+from behemoth.train.balance import BiasBalancer
 from behemoth.train.config import OptimSection, RouterSection
-from behemoth.train.optim import build_optimizer, update_expert_bias
+from behemoth.train.optim import build_optimizer
 from behemoth.train.steps import PretrainStep, moe_layers
 
 SENT = {"bytes": 0}
@@ -61,6 +62,7 @@ def run(args, rank: int, world: int, ep: int | None) -> dict:
     step_fn = PretrainStep(model, RouterSection(), torch.bfloat16 if device.type == "cuda" else None)
     opt = build_optimizer([model], OptimSection(lr=1e-3))
     moes = moe_layers(model)
+    balancer = BiasBalancer(moes, RouterSection())
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=g)
     rows = ids[rank * args.batch // world:(rank + 1) * args.batch // world]
@@ -76,8 +78,8 @@ def run(args, rank: int, world: int, ep: int | None) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         all_reduce_counts(moes)
+        balancer.update()
         for m in moes:
-            update_expert_bias(m.router.expert_bias, m.tokens_per_expert, 1e-3)
             m.tokens_per_expert.zero_()
         if device.type == "cuda":
             torch.cuda.synchronize()

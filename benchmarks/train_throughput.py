@@ -60,10 +60,11 @@ from behemoth.model.attention import Attention
 from behemoth.model.layers import FeedForward, RMSNorm
 from behemoth.model.moe import GroupedExperts, MoE, Router
 from behemoth.parallel import apply_activation_checkpointing, apply_compile
+from behemoth.train.balance import BiasBalancer
 from behemoth.train.config import OptimSection, RouterSection
 from behemoth.train.device import PEAK_BF16
 from behemoth.train.losses import IGNORE_INDEX
-from behemoth.train.optim import build_optimizer, update_expert_bias
+from behemoth.train.optim import build_optimizer
 from behemoth.train.steps import PretrainStep, moe_layers
 
 PRESETS: dict[str, dict] = {
@@ -164,6 +165,9 @@ class Runner:
     forward_backward: Callable[[Batch], float]
     moes: list[MoE] = field(default_factory=list)
     nonfinite: int = 0
+
+    def __post_init__(self) -> None:
+        self.balancer = BiasBalancer(self.moes, RouterSection())  # the trainer's routing-bias update
 
 
 @dataclass
@@ -275,10 +279,7 @@ def train_step(runner: Runner, batch: Batch) -> float:
     float(torch.nn.utils.clip_grad_norm_(params, OptimSection().grad_clip))
     runner.optimizer.step()
     runner.optimizer.zero_grad(set_to_none=True)
-    rate = RouterSection().bias_update_rate
-    if rate > 0:
-        for m in runner.moes:
-            update_expert_bias(m.router.expert_bias, m.tokens_per_expert, rate)
+    runner.balancer.update()
     return loss
 
 
@@ -476,8 +477,7 @@ def profile_ours(cfg: ModelConfig, args: argparse.Namespace, device: torch.devic
                     runner.optimizer.step()
                     runner.optimizer.zero_grad(set_to_none=True)
                 with record_function("bench.expert_bias"):
-                    for m in runner.moes:
-                        update_expert_bias(m.router.expert_bias, m.tokens_per_expert, RouterSection().bias_update_rate)
+                    runner.balancer.update()
             routing_load(runner)
             sync(device)
     wall_ms = (time.perf_counter() - t0) * 1e3 / n

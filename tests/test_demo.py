@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
 import pytest
 
 from behemoth.demo import Recipe, VisionRecipe, format_table, run_demo
+from behemoth.eval.metrics import format_accuracy, wilson_interval
 
 TINY = Recipe(teacher_steps=3, student_steps=3, batch_size=2, seq_len=64, teacher_lr=3e-3, student_lr=3e-3,
               problems=200, eval_problems=7, alpha=0.7, temperature=1.0)
@@ -44,6 +46,21 @@ def test_demo_pipeline_and_report(tmp_path):
     assert f"accuracy: {shown['accuracy']}, heldout loss: {shown['heldout_loss']}." in html
     assert html.count("data:image/png;base64") >= 2
     assert "vision" not in report and "Learning from pictures" not in html
+    for ev in saved["models"].values():  # every accuracy with its 95% interval, in the JSON, table and page
+        assert_intervals(ev["tasks"])
+        shown_acc = format_accuracy(ev["tasks"]["overall"], ev["tasks"]["interval"])
+        assert shown_acc in format_table(report) and shown_acc in html
+    assert saved["seed"] == 0 and not (tmp_path / "d" / "seed_0").exists()  # one seed: today's layout
+
+
+def assert_intervals(acc: dict) -> None:
+    """`interval` and `per_task_interval` are the Wilson intervals of the counts behind the shares."""
+    n, per_n = acc["n"], acc["per_task_n"]
+    assert set(per_n) == set(acc["per_task"]) == set(acc["per_task_interval"]) and sum(per_n.values()) == n
+    assert acc["interval"] == pytest.approx(wilson_interval(round(acc["overall"] * n), n), abs=1e-12)
+    for t, share in acc["per_task"].items():
+        assert acc["per_task_interval"][t] == pytest.approx(wilson_interval(round(share * per_n[t]), per_n[t]),
+                                                            abs=1e-12)
 
 
 def table_report(acc: dict, loss: dict) -> dict:
@@ -79,12 +96,58 @@ def test_demo_vision_part(tmp_path):
     assert v == report["vision"]
     assert v["accuracy"]["n"] == 9 and set(v["accuracy"]["per_task"]) == {"count", "digit", "bigger"}
     assert set(v["majority_baseline"]["per_task"]) == {"count", "digit", "bigger"}
+    assert_intervals(v["accuracy"])
+    assert_intervals(v["majority_baseline"])
     assert v["params"] == 6_324_864 and v["recipe"]["steps"] == 2
     assert (tmp_path / "d" / "vision" / v["accuracy"]["samples"][0]["image"]).is_file()
     html = (tmp_path / "d" / "report.html").read_text()
     assert "Learning from pictures" in html and html.count("data:image/png;base64") >= 5  # chart + pictures
     table = format_table(report)
     assert f"held-out accuracy {v['accuracy']['overall']:.1%}" in table and "majority-answer baseline" in table
+    assert format_accuracy(v["majority_baseline"]["overall"], v["majority_baseline"]["interval"]) in table
+
+
+def test_demo_over_two_seeds(tmp_path):
+    """`--seeds 2`: the story per seed into seed_K/, the same held-out problems, and an aggregate whose
+    spreads are computed from the per-seed figures; `--results` adds the machine."""
+    lines = []
+    report = run_demo(tmp_path / "d", recipe=TINY, seeds=2, results=tmp_path / "r.json", say=lines.append)
+    saved = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report)) and saved["seeds"] == 2
+    seeds = saved["per_seed"]
+    assert [r["seed"] for r in seeds] == [0, 1] and not (tmp_path / "d" / "teacher").exists()
+    for k, r in enumerate(seeds):
+        assert json.loads((tmp_path / "d" / f"seed_{k}" / "report.json").read_text()) == r
+        assert (tmp_path / "d" / f"seed_{k}" / "report.html").is_file()
+        assert (tmp_path / "d" / f"seed_{k}" / "student_distilled").is_dir()
+    prompts = [[s["prompt"] for s in r["models"]["teacher"]["tasks"]["samples"]] for r in seeds]
+    assert prompts[0] == prompts[1]  # the same held-out problems ...
+    losses = [r["models"]["teacher"]["heldout"]["loss"] for r in seeds]
+    assert losses[0] != losses[1]  # ... and different training
+    agg = saved["aggregate"]
+    assert agg["seeds"] == [0, 1]
+    for name in ("teacher", "distilled", "scratch"):
+        for key, values in (("accuracy", [r["models"][name]["tasks"]["overall"] for r in seeds]),
+                            ("heldout_loss", [r["models"][name]["heldout"]["loss"] for r in seeds])):
+            s = agg["models"][name][key]
+            assert s["values"] == values and s["mean"] == pytest.approx(statistics.fmean(values))
+            assert s["std"] == pytest.approx(statistics.stdev(values)) and (s["min"], s["max"]) == (min(values),
+                                                                                                    max(values))
+    assert agg["models"]["scratch"]["teacher_kl"]["values"] == [r["models"]["scratch"]["teacher_kl"]["kl"]
+                                                                for r in seeds]
+    for key in ("accuracy", "heldout_loss"):
+        assert agg["gap_recovered"][key]["values"] == [r["gap_recovered"][key] for r in seeds]
+    held = [r["story_holds"]["teacher_ahead"] and r["story_holds"]["distilled_ahead_of_scratch"] for r in seeds]
+    assert agg["ordering_held"]["accuracy"] == {"per_seed": held, "every_seed": all(held)}
+    assert "over 2 seeds (0, 1): mean ± sample std [min, max]" in lines
+    assert any(line.startswith("[seed 1] ") for line in lines)
+    html = (tmp_path / "d" / "report.html").read_text()
+    assert "href='seed_0/report.html'" in html and "href='seed_1/report.html'" in html
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["aggregate"] == agg and [s["seed"] for s in results["per_seed"]] == [0, 1]
+    assert {"platform", "cpu_count", "torch", "behemoth"} <= set(results["machine"]) and results["date"]
+    with pytest.raises(ValueError, match="not empty"):
+        run_demo(tmp_path / "d", recipe=TINY, seeds=2, say=lines.append)
 
 
 def test_demo_does_not_overwrite_without_force(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "behemoth"
 # bottom to top; a module may import its own layer and those below, never one above
 LAYERS = (
-    ("config", "config_io", "fsutil", "ranks", "progress", "runlog", "version"),
+    ("config", "config_io", "fsutil", "ranks", "progress", "runlog", "version", "machine"),
     ("data", "model"),
     ("checkpoint",),
     ("inference", "parallel"),

@@ -63,6 +63,9 @@ def test_row_layout_labels_and_tiles(tok):
         assert labels[n_ctx - 1:n_ctx - 1 + len(text)] == text
         assert all(x == IGNORE_INDEX for x in labels[:n_ctx - 1] + labels[n_ctx - 1 + len(text):])
         assert ids[n_ctx:n_ctx + len(text) - 1] == text[:-1]
+        # positions count the row's tokens; the padding after its EOS is -1 (never attended to, not load)
+        n = n_ctx + len(text)
+        assert b.positions[row].tolist() == list(range(n)) + [-1] * (80 - n)
     tiles = [image_to_tiles(p.image(), tile=32, max_tiles=4).pixels for p in (problems[0], problems[2])]
     assert torch.equal(b.pixel_values, torch.cat(tiles))  # row by row, in order
 

@@ -199,6 +199,22 @@ def test_tokens_per_expert_counts_in_training_only():
     torch.testing.assert_close(moe.tokens_per_expert, 2 * expect)
 
 
+def test_padding_is_routed_but_not_counted():
+    """`valid_BS` leaves the output alone and counts only the valid tokens' slots in `tokens_per_expert`."""
+    moe = make_moe(2)
+    x = make_input()
+    valid = torch.ones(x.shape[:2], dtype=torch.bool)
+    valid[:, -5:] = False  # each row's last 5 tokens are padding
+    moe.train()
+    with torch.no_grad():
+        y_all = moe(x)
+        moe.tokens_per_expert.zero_()
+        y_masked = moe(x, valid)
+    torch.testing.assert_close(y_masked, y_all, rtol=0, atol=0)
+    expect = torch.tensor(routed_counts(moe, x[:, :-5]), dtype=torch.float32)
+    torch.testing.assert_close(moe.tokens_per_expert, expect)
+
+
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_force_balance_gives_equal_counts(top_k):
     moe = make_moe(top_k, favoured=(5,))  # routing alone would send every token to expert 5

@@ -73,6 +73,10 @@ def test_two_processes_follow_one_and_resume_across_world_sizes(tmp_path, refere
     torchrun("train", *RUN, "--train.steps=17", f"--train.out_dir={run}", "--resume")
     torchrun("train", *RUN, "--train.steps=20", f"--train.out_dir={run}", "--resume", "--parallel.ep=2")
     assert_same_curve(run, reference, 20)
+    # routing stability, probed by every rank through FSDP and EP and reported by rank 0: the same margins
+    margins = {r["step"]: [x["margin"] for x in r["layers"]] for r in records(run, "routing")}
+    for r in records(reference, "routing"):
+        assert margins[r["step"]] == pytest.approx([x["margin"] for x in r["layers"]], abs=1e-4), r["step"]
 
     # the distributed checkpoint is a model directory: load_model and convert read it in one process
     import torch

@@ -7,8 +7,9 @@ import behemoth
 from behemoth.config import PRESETS
 from behemoth.data.loader import Batch
 from behemoth.parallel.distributed import all_reduce_counts, clip_grad_norm
+from behemoth.train.balance import update_expert_bias
 from behemoth.train.config import OptimSection, RouterSection
-from behemoth.train.optim import build_optimizer, update_expert_bias
+from behemoth.train.optim import build_optimizer
 from behemoth.train.steps import PretrainStep, moe_layers
 
 CFG = PRESETS["debug"].replace(moe={"num_experts": 4, "top_k": 2})
@@ -38,7 +39,7 @@ def train(steps: int, rank: int, world: int, wrap=lambda m: m, start: int = 0, l
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     model = wrap(behemoth.build_model(CFG, seed=0).train())
-    step_fn = PretrainStep(model, RouterSection(bias_update_rate=0.01))
+    step_fn = PretrainStep(model, RouterSection(bias_update="sign", bias_update_rate=0.01))
     opt = build_optimizer([model], OptimSection(lr=3e-3))
     moes = moe_layers(model)
     if load is not None:
@@ -57,7 +58,7 @@ def train(steps: int, rank: int, world: int, wrap=lambda m: m, start: int = 0, l
         opt.zero_grad(set_to_none=True)
         all_reduce_counts(moes)
         for moe in moes:
-            update_expert_bias(moe.router.expert_bias, moe.tokens_per_expert, 0.01)
+            update_expert_bias(moe.router.expert_bias, moe.tokens_per_expert, 0.01, "sign")
             moe.tokens_per_expert.zero_()
         out.append({"loss": float(loss) / world, "grad_norm": norm})
         if save is not None and s + 1 == save_at:

@@ -145,9 +145,12 @@ def test_codistill_trains_both_with_one_teacher_forward(tmp_path, monkeypatch, s
     assert all("teacher_loss" in r and "kd_loss" in r for r in rec)
 
 
-def test_codistill_resume_is_exact(tmp_path):
+def test_codistill_resume_is_exact(tmp_path, student_config):
+    """A student and teacher with different numbers of experts (8 and 4): both models and the routing-bias
+    state of both are saved and resumed exactly."""
     def cfg(d):
-        return cfg_for(d, **{"distill.teacher_preset": "debug", "train.steps": 6})
+        return cfg_for(d, **{"distill.teacher_preset": "debug", "train.steps": 6,
+                             "model.config_file": str(student_config)})
 
     run_training(cfg(tmp_path / "ref"), say=lambda s: None, mode="codistill")
 

@@ -107,6 +107,9 @@ def test_resume_after_signal_is_bitwise_identical(reference_run, vl_config, tmp_
     run_training(cfg_for(tmp_path, vl_config), resume=True, say=lambda s: None)
     a, b = weights(tmp_path), weights(reference_run[0])
     assert all(torch.equal(a[k], b[k]) for k in a)
+    routing = [[r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if r["type"] == "routing"]
+               for d in (tmp_path, reference_run[0])]
+    assert routing[0] == routing[1] and routing[0][-1]["layers"][0]["flip_rate"] is not None  # probed with pictures
 
 
 def test_distill_online_gives_the_teacher_the_pictures(reference_run, vl_config, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Schedules, weight-decay groups, the routing-bias update and the router losses, against closed forms."""
+"""Schedules, weight-decay groups and the router losses, against closed forms."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from behemoth import build_model
 from behemoth.train.config import OptimSection
 from behemoth.train.losses import balance_loss, chunked_cross_entropy, router_entropy, router_z_loss
-from behemoth.train.optim import build_optimizer, lr_at, update_expert_bias
+from behemoth.train.optim import build_optimizer, lr_at
 
 
 def test_cosine_schedule():
@@ -39,17 +39,6 @@ def test_weight_decay_on_matrices_only():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def test_expert_bias_update_is_signed_and_recentred():
-    bias = torch.zeros(4)
-    update_expert_bias(bias, torch.tensor([10.0, 0.0, 5.0, 5.0]), rate=0.01)
-    # mean load 5: expert 0 overloaded (-), 1 underloaded (+), 2 and 3 exact (0); then re-centred
-    torch.testing.assert_close(bias, torch.tensor([-0.01, 0.01, 0.0, 0.0]))
-    assert bias.sum().abs() < 1e-7
-    doubled = torch.zeros(4)
-    update_expert_bias(doubled, torch.tensor([20.0, 0.0, 10.0, 10.0]), rate=0.01)
-    assert torch.equal(doubled, bias)  # invariant to a uniform scaling of the counts
-
-
 def test_router_losses_closed_forms():
     logits = torch.randn(32, 8)
     torch.testing.assert_close(router_z_loss(logits), (torch.logsumexp(logits, -1) ** 2).mean())
@@ -70,6 +59,18 @@ def test_router_losses_closed_forms():
     entropy = -(p * math.log(p) + 7 * q * math.log(q)) / math.log(8)
     assert router_entropy(collapsed).item() == pytest.approx(entropy, abs=2e-7)
     assert router_entropy(collapsed * 10).item() < 1e-3
+
+
+def test_sequence_wise_balance_loss_averages_per_sequence():
+    """Groups [G, T, E] give the mean of each group's loss: two sequences, each collapsed on a different
+    expert, are balanced as a batch (loss 1 on uniform logits) but each is not (E on one-hot slots)."""
+    logits = torch.zeros(2, 16, 4)
+    ids = torch.stack([torch.zeros(16, 1, dtype=torch.long), torch.ones(16, 1, dtype=torch.long)])
+    per_seq = balance_loss(logits, ids)
+    torch.testing.assert_close(per_seq, (balance_loss(logits[0], ids[0]) + balance_loss(logits[1], ids[1])) / 2)
+    assert per_seq.item() == pytest.approx(1.0)  # uniform affinity: E * sum_e f_e / E = 1 whatever f is
+    mixed = torch.randn(2, 16, 4)
+    assert balance_loss(mixed.flatten(0, 1), ids.flatten(0, 1)).item() != pytest.approx(balance_loss(mixed, ids).item())
 
 
 def test_chunked_cross_entropy_equals_plain():

@@ -21,7 +21,8 @@ def test_overrides_and_toml(tmp_path):
 
 @pytest.mark.parametrize("args,match", [
     (["--optim.lrr=1"], "did you mean 'optim.lr'"),
-    (["--router.bias_update=0.1"], "did you mean 'router.bias_update_rate'"),
+    (["--router.bias_update_rat=0.1"], "did you mean 'router.bias_update_rate'"),
+    (["--router.bias_update=median"], "router.bias_update"),
     (["--optim.lr=abc"], "optim.lr='abc': expected float"),
     (["--train.steps=1.5"], "train.steps"),
     (["--train.compile=maybe"], "train.compile"),

@@ -67,7 +67,8 @@ def test_run_shows_progress_health_and_learns(reference_run):
     routing = records(run_dir, "routing")
     assert [r["step"] for r in routing] == [2, 4, 6, 8]
     layer = routing[-1]["layers"][0]
-    assert {"tokens", "max_over_mean", "router_entropy", "dead", "bias_min", "bias_max"} <= set(layer)
+    assert {"tokens", "max_over_mean", "router_entropy", "dead", "bias_min", "bias_max", "flip_rate", "margin",
+            "logit_margin"} <= set(layer)
     assert sum(layer["tokens"]) == 2 * 4 * 32  # two optimizer steps of 4 x 32 tokens, top-1
     assert len(records(run_dir, "eval")) == 2
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -107,6 +108,8 @@ def test_resume_after_signal_is_bitwise_identical(reference_run, tmp_path):
     run_training(cfg_for(tmp_path), resume=True, say=lambda s: None)
     assert_same_weights(final_state(tmp_path), final_state(ref_dir))
     assert [r["loss"] for r in records(tmp_path, "train")] == [r["loss"] for r in records(ref_dir, "train")]
+    # routing health, stability included (the probe's last selection is in the checkpoint), as if uninterrupted
+    assert records(tmp_path, "routing") == records(ref_dir, "routing")
 
 
 def test_kill_during_save_leaves_previous_checkpoint_and_resume_is_exact(reference_run, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from behemoth import ranks
@@ -54,6 +55,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from behemoth.eval import evaluate_model
+    from behemoth.eval.metrics import format_accuracy
 
     report = evaluate_model(args.model, args.teacher, args.data, args.problems, args.difficulty, args.seq_len)
     if args.out:
@@ -64,8 +66,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"  KL(teacher || model) {report['teacher_kl']['kl']:.4f} nats/token")
     if "tasks" in report:
         t = report["tasks"]
-        per = ", ".join(f"{k} {v:.0%}" for k, v in t["per_task"].items())
-        print(f"  exact match {t['overall']:.1%} on {t['n']} held-out problems ({per})")
+        per = ", ".join(f"{k} {format_accuracy(v, t['per_task_interval'][k])}" for k, v in t["per_task"].items())
+        print(f"  exact match {format_accuracy(t['overall'], t['interval'])} (95% interval) on {t['n']} held-out "
+              f"problems ({per})")
     if args.out:
         print(f"wrote {args.out}")
 
@@ -75,9 +78,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from behemoth.demo import run_demo
     from behemoth.info import preset_table
 
+    if args.seeds < 1:
+        raise UsageError(f"behemoth demo: error: --seeds {args.seeds}: must be at least 1")
+    if args.results:  # checked before the runs, not after them
+        folder = Path(args.results).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise UsageError(f"behemoth demo: error: --results {args.results}: {folder} is not a writable folder")
     print(preset_table() + "\n")
-    run_demo(args.out, quick=args.quick, force=args.force, vision=args.vision,
-             say=lambda line: print(line, flush=True))
+    run_demo(args.out, quick=args.quick, force=args.force, vision=args.vision, seeds=args.seeds,
+             results=args.results, say=lambda line: print(line, flush=True))
 
 
 def register(sub) -> None:
@@ -121,6 +130,12 @@ def register(sub) -> None:
     s.add_argument("--vision", action="store_true",
                    help="also train mini-maverick-vl on the built-in visual tasks and report its accuracy on "
                         "held-out pictures (about 6 more minutes; with --quick about 20 s)")
+    s.add_argument("--seeds", type=int, default=1,
+                   help="run the whole story N times, training seeds 0..N-1, into OUT/seed_K (the held-out "
+                        "problems stay the same); OUT/report.json then adds each figure's mean, sample std, "
+                        "min and max over seeds (default 1: one run, straight into OUT)")
+    s.add_argument("--results", help="also write the figures over seeds, each seed's figures and the machine "
+                                     "(platform, CPUs, versions, date) to this JSON file")
     s.set_defaults(fn=cmd_demo)
 
 

@@ -166,6 +166,7 @@ class ImageTextData:
         width = seq_len + 1
         self.tokens = np.full((len(self.examples), width), tokenizer.pad_id, dtype=np.int64)
         self.trained = np.zeros((len(self.examples), width), dtype=bool)
+        self.lengths = np.zeros(len(self.examples), dtype=np.int64)  # tokens before the padding
         blocks: dict[tuple[int, int], list[int]] = {}
         for i, ex in enumerate(self.examples):
             ids: list[int] = []
@@ -184,13 +185,15 @@ class ImageTextData:
                                  f"= {width}; raise data.seq_len")
             self.tokens[i, :len(ids)] = ids
             self.trained[i, n_context:len(ids)] = True
+            self.lengths[i] = len(ids)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def batch(self, indices: Sequence[int]) -> Batch:
         """The `Batch` of the given examples: [B, seq_len] inputs, labels (-100 off the text), positions
-        0.. per row, one segment per row, and the tiles of all their images."""
+        0.. per row and -1 on the padding after it (never attended to, not counted as routed load), one
+        segment per row, and the tiles of all their images."""
         idx = np.asarray(indices, dtype=np.int64)
         rows, trained = self.tokens[idx], self.trained[idx]
         labels = np.where(trained[:, 1:], rows[:, 1:], IGNORE_INDEX)
@@ -199,7 +202,8 @@ class ImageTextData:
                  for i in idx.tolist() for ref in self.examples[i].images]
         return Batch(input_ids=torch.from_numpy(np.ascontiguousarray(rows[:, :-1])),
                      labels=torch.from_numpy(np.ascontiguousarray(labels)),
-                     positions=torch.arange(S).expand(B, S).contiguous(),
+                     positions=torch.from_numpy(np.where(np.arange(S)[None] < self.lengths[idx, None],
+                                                         np.arange(S)[None], -1)),
                      segment_ids=torch.zeros(B, S, dtype=torch.long), pixel_values=torch.cat(tiles))
 
 

@@ -272,6 +272,42 @@ def make_problems(split: str, n: int, seed: int = 0, tasks: Sequence[str] | str 
     return [_draw(TASKS[names[i % len(names)]], rng, difficulty, split) for i in range(n)]
 
 
+def distinct_problems(split: str, n: int, seed: int = 0, tasks: Sequence[str] | str | None = None,
+                      difficulty: int = 1, patience: int = 2000) -> list[Problem]:
+    """Up to `n` *distinct* problems of `split`, `n / len(tasks)` per task (rounded up), for evaluation: a
+    problem counted twice would make an accuracy's interval look tighter than the evidence. A task whose
+    split holds fewer problems gives all it has: drawing stops after `patience` draws in a row that find no
+    new one (at difficulty 1 the test split holds 93 "mul" and 92 "mod" problems). Deterministic in the
+    arguments; tasks take turns round-robin as in `make_problems`, and an exhausted task drops out."""
+    names = _task_names(tasks)
+    per_task = -(-n // len(names)) if n > 0 else 0
+    pools = {name: _problem_stream(split, seed, name, difficulty) for name in dict.fromkeys(names)}
+    chosen: dict[str, list[Problem]] = {name: [] for name in pools}
+    for name, stream in pools.items():
+        seen: set[str] = set()
+        misses = 0
+        while len(chosen[name]) < per_task and misses < patience:
+            p = next(stream)
+            if p.key in seen:
+                misses += 1
+                continue
+            seen.add(p.key)
+            chosen[name].append(p)
+            misses = 0
+    out, i = [], 0
+    while len(out) < n and any(i < len(v) for v in chosen.values()):
+        out += [v[i] for v in chosen.values() if i < len(v)][: n - len(out)]
+        i += 1
+    return out
+
+
+def _problem_stream(split: str, seed: int, task: str, difficulty: int = 1):
+    """An endless, deterministic stream of one task's problems of `split` (with repeats)."""
+    rng = random.Random(f"behemoth.data.tasks.stream|{split}|{seed}|{difficulty}|{task}")
+    while True:
+        yield _draw(TASKS[task], rng, difficulty, split)
+
+
 def _task_names(tasks: Sequence[str] | str | None) -> list[str]:
     if tasks is None:
         return list(TASKS)

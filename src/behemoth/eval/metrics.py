@@ -1,4 +1,5 @@
-"""Metrics on a trained model: held-out loss / perplexity, KL to a teacher, task accuracy.
+"""Metrics on a trained model: held-out loss / perplexity, KL to a teacher, task accuracy (exact match over n
+problems, each share with its 95% Wilson score interval: n is small, and a share alone overstates what it shows).
 
 Shape legend: B batch, S sequence, V vocabulary, N tokens.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -18,12 +20,46 @@ from behemoth.data.corpus import iter_documents, resolve_paths
 from behemoth.data.image_text import encode_image
 from behemoth.data.loader import DataLoader
 from behemoth.data.packing import TokenStore, build_in_memory
-from behemoth.data.tasks import ANSWER_MARK, Problem, accuracy, make_problems
+from behemoth.data.tasks import ANSWER_MARK, Problem, accuracy, distinct_problems
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.inference.generate import generate
 from behemoth.train.kd import Divergence
 from behemoth.train.kd_loss import kd_loss
 from behemoth.train.losses import chunked_cross_entropy
+
+Z95 = 1.959964  # the standard normal's 97.5% quantile: two-sided 95% intervals
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval for a share `successes / n` (closed form). Unlike the textbook p +- z*se
+    it stays inside [0, 1] and does not shrink to a point at 0/n or n/n, which small held-out sets hit
+    often. No trials (n = 0) say nothing: (0, 1)."""
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes={successes}, n={n}: need 0 <= successes <= n")
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = successes / n, z * z
+    denom = 1 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return (0.0 if successes == 0 else max(0.0, center - half)), (1.0 if successes == n else min(1.0, center + half))
+
+
+def with_intervals(result: dict, problems: Sequence[Problem]) -> dict:
+    """`data.tasks.accuracy`'s result plus each share's 95% Wilson interval: `interval` [lo, hi] for
+    `overall`, `per_task_interval` and `per_task_n` per task. The counts come back from share x n."""
+    per_n = Counter(p.task for p in problems)
+    right = {t: round(share * per_n[t]) for t, share in result["per_task"].items()}
+    result["interval"] = list(wilson_interval(sum(right.values()), result["n"]))
+    result["per_task_n"] = {t: per_n[t] for t in result["per_task"]}
+    result["per_task_interval"] = {t: list(wilson_interval(right[t], per_n[t])) for t in result["per_task"]}
+    return result
+
+
+def format_accuracy(share: float, interval: Sequence[float] | None = None) -> str:
+    """A share with its 95% interval in percent, e.g. "33.3% [24.9, 42.9]"; just the share when none is known
+    (a report written before intervals)."""
+    return f"{share:.1%}" if interval is None else f"{share:.1%} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
 
 
 def _batches(store: TokenStore, seq_len: int, batch_size: int, max_batches: int | None, device):
@@ -88,8 +124,8 @@ def _stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
 
 
 def _graded(problems: Sequence[Problem], outputs: list[str], samples: int) -> dict:
-    """`data.tasks.accuracy` of the outputs, plus the first `samples` prompts with their answers."""
-    result = accuracy(problems, outputs)
+    """`data.tasks.accuracy` of the outputs with 95% intervals, plus the first `samples` prompts and answers."""
+    result = with_intervals(accuracy(problems, outputs), problems)
     result["samples"] = [{"prompt": p.prompt, "expected": p.answer, "generated": g}
                          for p, g in zip(problems[:samples], outputs[:samples], strict=True)]
     return result
@@ -120,19 +156,21 @@ def visual_task_accuracy(model: nn.Module, tokenizer: Tokenizer, problems: Seque
 
 def majority_baseline(train: Sequence[Problem], test: Sequence[Problem]) -> dict:
     """The accuracy of always giving each task's most frequent training answer: what a model that ignores
-    the question's input (e.g. the picture) can reach. Same keys as `data.tasks.accuracy`."""
+    the question's input (e.g. the picture) can reach. Same keys as `data.tasks.accuracy`, with intervals."""
     by_task: dict[str, dict[str, int]] = {}
     for p in train:
         counts = by_task.setdefault(p.task, {})
         counts[p.answer] = counts.get(p.answer, 0) + 1
     guess = {t: max(c, key=c.get) for t, c in by_task.items()}
-    return accuracy(test, [f"{ANSWER_MARK} {guess.get(p.task, '')}" for p in test])
+    return with_intervals(accuracy(test, [f"{ANSWER_MARK} {guess.get(p.task, '')}" for p in test]), test)
 
 
 def evaluate_model(model_dir: str, teacher_dir: str | None = None, data: str | None = None, problems: int = 200,
-                   difficulty: int = 1, seq_len: int = 256, seed: int = 0, max_new_tokens: int = 64) -> dict:
+                   difficulty: int = 1, seq_len: int = 256, seed: int = 0, max_new_tokens: int = 64,
+                   tasks: Sequence[str] | None = None) -> dict:
     """Held-out loss/perplexity, KL to a teacher (if given) and, on the built-in tasks, exact-match
-    accuracy of greedy answers. Data: the built-in held-out test problems, or every document of `data`.
+    accuracy of greedy answers. Data: the built-in held-out test problems (of `tasks`, default all), or every
+    document of `data`.
     `model_dir` and `teacher_dir` are model directories or run directories (their latest checkpoint)."""
     model_dir = str(resolve_model_dir(model_dir))
     model = load_model(model_dir, dtype=torch.float32)
@@ -140,7 +178,7 @@ def evaluate_model(model_dir: str, teacher_dir: str | None = None, data: str | N
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"{model_dir}: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
     if data is None:
-        test = make_problems("test", problems, seed=seed, difficulty=difficulty)
+        test = distinct_problems("test", problems, seed=seed, difficulty=difficulty, tasks=tasks)
         store = build_in_memory((p.text for p in test), tok)
     else:
         test, store = None, build_in_memory(iter_documents(resolve_paths(data)), tok)

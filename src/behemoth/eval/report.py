@@ -7,7 +7,9 @@ import html
 import io
 from pathlib import Path
 
+from behemoth.eval.metrics import format_accuracy
 from behemoth.runlog import read_metrics
+from behemoth.train.health import stability_means
 
 
 def _png(fig) -> str:
@@ -21,7 +23,7 @@ def _img_file(path: Path) -> str | None:
 
 
 def write_html(report: dict, run_dirs: dict[str, Path], out: Path, vision_dir: Path | None = None) -> Path:
-    """Loss curves, accuracy per task, parameters and speed, gap recovered, expert-load heatmaps; and,
+    """Loss curves, accuracy per task, parameters and speed, gap recovered, expert load, routing stability; and,
     when the report has a `vision` part (its run in `vision_dir`), the multimodal student's section."""
     import matplotlib
 
@@ -50,10 +52,12 @@ pre{{margin:0;text-align:left}}</style></head><body>
 one from scratch; evaluated on held-out problems that never appear in training. Recipe: {recipe}.
 Wall time {report['wall_seconds'] / 60:.1f} min.</p>
 <table><tr><th>model</th><th>params</th><th>active/token</th><th>train tokens/s</th><th>held-out loss</th>
-<th>perplexity</th><th>KL(teacher||model)</th><th>exact match</th></tr>{rows}</table>
+<th>perplexity</th><th>KL(teacher||model)</th><th>exact match [95% interval]</th></tr>{rows}</table>
+{_per_task_table(models)}
 <p><b>Gap recovered</b> = (distilled − scratch) / (teacher − scratch): {gap_text}.</p>
 <h2>Training loss</h2><img src="{loss_png}"><h2>Accuracy per task</h2><img src="{acc_png}">
 <h2>Expert load over training</h2>{heatmaps}
+{_stability_table(run_dirs)}
 <h2>Sample answers</h2><table><tr><th>model</th><th>prompt</th><th>expected</th><th>generated</th></tr>{samples}</table>
 {_vision_section(report["vision"], vision_dir, plt) if "vision" in report and vision_dir else ""}
 </body></html>"""
@@ -84,9 +88,10 @@ def _accuracy_chart(models: dict[str, dict], plt) -> str:
     width = 0.8 / len(models)
     for i, (name, ev) in enumerate(models.items()):
         ax.bar([t + i * width for t in range(len(tasks))], [ev["tasks"]["per_task"][t] for t in tasks], width,
-               label=f"{name} ({ev['tasks']['overall']:.0%})")
+               yerr=_error_bars(ev["tasks"], tasks), capsize=2,
+               label=f"{name} ({format_accuracy(ev['tasks']['overall'], ev['tasks'].get('interval'))})")
     ax.set_xticks([t + width * (len(models) - 1) / 2 for t in range(len(tasks))], tasks)
-    ax.set_ylabel("exact match")
+    ax.set_ylabel("exact match (lines: 95% interval)")
     ax.set_ylim(0, 1)
     ax.legend()
     png = _png(fig)
@@ -94,11 +99,33 @@ def _accuracy_chart(models: dict[str, dict], plt) -> str:
     return png
 
 
+def _error_bars(acc: dict, tasks: list[str]) -> list[list[float]] | None:
+    """Matplotlib's asymmetric error bars [below, above] from each task's 95% interval (None without)."""
+    if "per_task_interval" not in acc:
+        return None
+    share, ci = acc["per_task"], acc["per_task_interval"]
+    return [[max(0.0, share[t] - ci[t][0]) for t in tasks], [max(0.0, ci[t][1] - share[t]) for t in tasks]]
+
+
 def _row(name: str, ev: dict) -> str:
     kl = f"{ev['teacher_kl']['kl']:.4f}" if "teacher_kl" in ev else "-"
     cells = [html.escape(name), f"{ev['params']:,}", f"{ev['active_params']:,}", f"{ev['tokens_per_s']:,.0f}",
-             f"{ev['heldout']['loss']:.4f}", f"{ev['heldout']['ppl']:.3f}", kl, f"{ev['tasks']['overall']:.1%}"]
+             f"{ev['heldout']['loss']:.4f}", f"{ev['heldout']['ppl']:.3f}", kl,
+             format_accuracy(ev["tasks"]["overall"], ev["tasks"].get("interval"))]
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
+
+def _per_task_table(models: dict[str, dict]) -> str:
+    """Exact match per task with its 95% Wilson interval, one column per model (empty for old reports)."""
+    if not all("per_task_interval" in ev["tasks"] for ev in models.values()):
+        return ""
+    first = next(iter(models.values()))["tasks"]
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in models)
+    rows = "".join(f"<tr><td>{html.escape(t)} (n={first['per_task_n'][t]})</td>" + "".join(
+        f"<td>{format_accuracy(ev['tasks']['per_task'][t], ev['tasks']['per_task_interval'][t])}</td>"
+        for ev in models.values()) + "</tr>" for t in sorted(first["per_task"]))
+    return (f"<p>Exact match per task, with 95% Wilson score intervals (n held-out problems each):</p>"
+            f"<table><tr><th>task</th>{head}</tr>{rows}</table>")
 
 
 def _vision_section(v: dict, run_dir: Path, plt) -> str:
@@ -107,10 +134,12 @@ def _vision_section(v: dict, run_dir: Path, plt) -> str:
     tasks = sorted(v["accuracy"]["per_task"])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
     x = range(len(tasks))
-    ax1.bar([t - 0.2 for t in x], [v["accuracy"]["per_task"][t] for t in tasks], 0.4,
-            label=f"mini-maverick-vl ({v['accuracy']['overall']:.0%})")
-    ax1.bar([t + 0.2 for t in x], [v["majority_baseline"]["per_task"][t] for t in tasks], 0.4, color="#bbb",
-            label=f"majority answer ({v['majority_baseline']['overall']:.0%})")
+    a, b = v["accuracy"], v["majority_baseline"]
+    ax1.bar([t - 0.2 for t in x], [a["per_task"][t] for t in tasks], 0.4, yerr=_error_bars(a, tasks), capsize=2,
+            label=f"mini-maverick-vl ({format_accuracy(a['overall'], a.get('interval'))})")
+    ax1.bar([t + 0.2 for t in x], [b["per_task"][t] for t in tasks], 0.4, color="#bbb",
+            yerr=_error_bars(b, tasks), capsize=2,
+            label=f"majority answer ({format_accuracy(b['overall'], b.get('interval'))})")
     ax1.set_xticks(list(x), tasks)
     ax1.set_ylim(0, 1)
     ax1.set_ylabel("exact match, held-out pictures")
@@ -130,7 +159,39 @@ def _vision_section(v: dict, run_dir: Path, plt) -> str:
     return f"""<h1>Learning from pictures</h1>
 <p>mini-maverick-vl ({v['params']:,} parameters: mini-maverick with a small vision tower) trained from scratch for
 {v['recipe']['steps']} steps on the built-in visual tasks (count the shapes of a colour, read a seven-segment
-digit, which shape is bigger), evaluated on {v['accuracy']['n']} pictures never seen in training. The baseline
-always gives each task's most common training answer: what a model blind to the picture can reach.</p>
+digit, which shape is bigger), evaluated on {v['accuracy']['n']} pictures never seen in training: exact match
+{format_accuracy(v['accuracy']['overall'], v['accuracy'].get('interval'))} (95% Wilson interval). The baseline
+always gives each task's most common training answer, what a model blind to the picture can reach:
+{format_accuracy(v['majority_baseline']['overall'], v['majority_baseline'].get('interval'))}. Bars show 95%
+intervals.</p>
 <img src="{chart}"><table><tr><th>picture</th><th>question</th><th>expected</th><th>generated</th></tr>{samples}
 </table>"""
+
+
+def _stability_table(run_dirs: dict[str, Path]) -> str:
+    """Each run's routing at its last health report (`train/health.py`): flip rate and selection margin on the
+    fixed probe batch (means over MoE layers), dead experts, the worst layer's max/mean load, the run's
+    `routing_unstable` warnings; then its routing_stability.png. Empty when no run logged routing."""
+    rows, plots = [], []
+    for name, run in run_dirs.items():
+        records = read_metrics(run)
+        routing = [r for r in records if r.get("type") == "routing"]
+        if not routing:
+            continue
+        layers = routing[-1]["layers"]
+        flip, margin = stability_means(layers)
+        cells = [html.escape(name), str(routing[-1]["step"]), "-" if flip is None else f"{flip:.1%}",
+                 "-" if margin is None else f"{margin:.3f}", str(sum(r["dead"] for r in layers)),
+                 f"{max(r.get('step_max_over_mean', r['max_over_mean']) for r in layers):.2f}",
+                 str(sum(r.get("event") == "routing_unstable" for r in records))]
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        if src := _img_file(run / "routing_stability.png"):
+            plots.append(f"<h3>{html.escape(name)}</h3><img src='{src}' style='max-width:100%'>")
+    if not rows:
+        return ""
+    return ("<h2>Routing stability</h2><p>At each run's last health report, on a fixed probe batch: the share of "
+            "routed slots whose expert changed since the previous report (flip rate) and the biased-score gap between "
+            "the last chosen and the best unchosen expert (margin), means over MoE layers; dead experts and the worst "
+            "layer's max/mean load over the last window; instability warnings over the run.</p><table><tr><th>model"
+            "</th><th>step</th><th>flip rate</th><th>margin</th><th>dead experts</th><th>worst max/mean load</th>"
+            f"<th>instability warnings</th></tr>{''.join(rows)}</table>{''.join(plots)}")

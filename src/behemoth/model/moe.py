@@ -69,7 +69,7 @@ class Router(nn.Module):
 
     `expert_bias` [E] is the auxiliary-loss-free balancing bias (DeepSeek-V3): it is added to the
     logits for the top-k *selection only*; the scores stay sigmoid(unbiased logit). It is zero in
-    every released Llama 4 checkpoint and is moved by the trainer (`train.optim.update_expert_bias`),
+    every released Llama 4 checkpoint and is moved by the trainer (`train.balance.BiasBalancer`),
     never by gradients. `force_balance` (benchmarks only) assigns slots round-robin so that every
     expert gets the same number of tokens, while scores still come from the router's logits.
     """
@@ -166,10 +166,12 @@ class MoE(nn.Module):
     sum over k -> + shared_expert(x).
 
     In training mode only: `tokens_per_expert` [E] (non-persistent) accumulates routed counts, which the
-    trainer reads and resets for balance statistics and bias updates; and `last_router_logits` [T, E]
-    (fp32, with grad) and `last_expert_ids` [T, K] keep the latest forward's routing for the router
-    losses. `record_routing = False` turns that bookkeeping off, so that a wrapper which runs a forward a
-    second time (activation checkpointing's recomputation in backward) records each token once.
+    trainer reads and resets for balance statistics and bias updates; and `last_router_logits` [B, S, E]
+    (fp32, with grad) and `last_expert_ids` [B, S, K] keep the latest forward's routing for the router
+    losses (per sequence for the sequence-wise balance loss), with `last_valid` [B, S] (padding False, which
+    the losses leave out). `record_routing = False` turns that
+    bookkeeping off, so that a wrapper which runs a forward a second time (activation checkpointing's
+    recomputation in backward) records each token once.
     `use_loop` routes the experts through `GroupedExperts.forward_loop`, the reference.
     """
 
@@ -186,9 +188,11 @@ class MoE(nn.Module):
         self.record_routing = True
         self.last_router_logits: torch.Tensor | None = None
         self.last_expert_ids: torch.Tensor | None = None
+        self.last_valid: torch.Tensor | None = None  # [B, S] bool, padding False (None: every token)
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
-        """x [B, S, D] -> [B, S, D]."""
+    def forward(self, x_BSD: torch.Tensor, valid_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, S, D] -> [B, S, D]. `valid_BS` [B, S] bool: the tokens that count in `tokens_per_expert`
+        (None: all); padding is computed like any token but is not load the routing bias should balance."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(-1, D)
         scores_TK, ids_TK, logits_TE = self.router(x_TD)
@@ -200,9 +204,14 @@ class MoE(nn.Module):
         order_M = torch.argsort(ids_M, stable=True)  # slot m = t*K + k, sorted by expert id
         counts_E = ids_M.new_zeros(self.num_experts).scatter_add_(0, ids_M, torch.ones_like(ids_M))  # no host sync
         if self.training and self.record_routing:
-            self.last_router_logits, self.last_expert_ids = logits_TE, ids_TK
+            self.last_router_logits, self.last_expert_ids = logits_TE.view(B, S, -1), ids_TK.view(B, S, -1)
+            self.last_valid = valid_BS
             with torch.no_grad():
-                self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
+                if valid_BS is None:
+                    self.tokens_per_expert += counts_E.to(self.tokens_per_expert.dtype)
+                else:  # the valid tokens' slots only (a scatter: no host sync)
+                    valid_M = valid_BS.reshape(-1, 1).expand(-1, self.top_k).reshape(-1)
+                    self.tokens_per_expert.scatter_add_(0, ids_M, valid_M.to(self.tokens_per_expert.dtype))
         x_MD = x_TD[order_M // self.top_k] * scores_TK.flatten()[order_M, None].to(x_TD.dtype)
         run = self.experts.forward_loop if self.use_loop else self.experts
         y_MD = run(x_MD, counts_E)

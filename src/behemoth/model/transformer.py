@@ -39,6 +39,8 @@ class Block(nn.Module):
     def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], pos_BS: torch.Tensor,
                 masks: dict[bool, torch.Tensor], kv: Callable | None = None) -> torch.Tensor:
         h = x_BSD + self.attention(self.attention_norm(x_BSD), rope, pos_BS, masks[self.use_rope], kv)
+        if self.is_moe:  # padding (position -1) is routed but not counted as load
+            return h + self.feed_forward(self.ffn_norm(h), (pos_BS >= 0).expand(x_BSD.shape[:2]))
         return h + self.feed_forward(self.ffn_norm(h))
 
 

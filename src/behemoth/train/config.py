@@ -64,11 +64,27 @@ class OptimSection:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
 
 
+BIAS_RULES: dict[str, float] = {"adaptive": 0.01, "proportional": 0.01, "sign": 1e-3}
+"""Routing-bias update rules (`router.bias_update`, train/balance.py) and each one's default rate."""
+
+
 @dataclass
 class RouterSection:
-    bias_update_rate: float = 1e-3  # auxiliary-loss-free balancing step (DeepSeek-V3's gamma); 0 disables
-    balance_loss_coef: float = 0.0  # Switch-style load-balancing loss (Switch Transformer uses 0.01)
+    # auxiliary-loss-free balancing, a per-expert bias used only to select experts (train/balance.py): adaptive
+    # (a step per expert that grows while its load error keeps its sign and halves when it flips) | proportional
+    # (the step follows the load error) | sign (DeepSeek-V3: a fixed step, gamma = 1e-3)
+    bias_update: str = "adaptive"
+    bias_update_rate: float | None = None  # None: the rule's default (BIAS_RULES); adaptive: the first step (its
+    # floor is a tenth of it); 0: no bias
+    bias_max_step: float = 0.05  # adaptive: the largest step
+    balance_loss_coef: float = 0.0  # Switch-style load-balancing loss over the micro-batch (Switch: 0.01)
+    seq_balance_loss_coef: float = 0.0  # the same loss per sequence (DeepSeek-V3's complementary loss: 1e-4)
     z_loss_coef: float = 1e-3  # router z-loss (ST-MoE, OLMoE: 0.001)
+
+    @property
+    def bias_rate(self) -> float:
+        """The bias step in use: `bias_update_rate`, or the rule's default when that is unset."""
+        return BIAS_RULES[self.bias_update] if self.bias_update_rate is None else self.bias_update_rate
 
 
 @dataclass
@@ -124,6 +140,11 @@ class LogSection:
 class HealthSection:
     collapse_share: float = 0.5  # warn when one expert takes more than this share of a layer's tokens
     dead_windows: int = 3  # warn when an expert gets no tokens in this many health windows in a row
+    # warn when the flip rate (the share of the probe's routed slots that changed expert between health windows)
+    # is at least this fraction of a random reassignment's (1 - top_k / experts), for `unstable_windows` windows
+    # in a row after the first 20% of the run (train/health.py)
+    flip_rate_warn: float = 0.6
+    unstable_windows: int = 3
 
 
 @dataclass
@@ -169,16 +190,26 @@ class TrainConfig:
             ("optim.betas", len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas)),
             ("data.val_fraction", 0 <= self.data.val_fraction < 1), ("data.max_tiles", self.data.max_tiles >= 1),
             ("train.precision", self.train.precision in ("auto", "fp32", "bf16")),
-            ("router.bias_update_rate", self.router.bias_update_rate >= 0),
+            ("router.bias_update", self.router.bias_update in BIAS_RULES),
+            ("router.bias_update_rate", self.router.bias_update_rate is None or self.router.bias_update_rate >= 0),
+            ("router.bias_max_step", self.router.bias_update not in BIAS_RULES  # (reported above)
+             or self.router.bias_max_step >= self.router.bias_rate),
+            ("router.balance_loss_coef", self.router.balance_loss_coef >= 0),
+            ("router.seq_balance_loss_coef", self.router.seq_balance_loss_coef >= 0),
             ("log.every", self.log.every >= 1), ("log.health_every", self.log.health_every >= 1),
             ("checkpoint.keep_last", self.checkpoint.keep_last >= 1),
             ("health.collapse_share", 0 < self.health.collapse_share <= 1),
+            ("health.dead_windows", self.health.dead_windows >= 1),
+            ("health.flip_rate_warn", 0 <= self.health.flip_rate_warn <= 1),
+            ("health.unstable_windows", self.health.unstable_windows >= 1),
             ("parallel.ep", self.parallel.ep >= 1),
             ("parallel.dp_shard", self.parallel.dp_shard == -1 or self.parallel.dp_shard >= 1),
         ]
+        choices = {"router.bias_update": f" (one of {', '.join(BIAS_RULES)})",
+                   "router.bias_max_step": " (at least the bias rate, router.bias_update_rate)"}
         for key, ok in checks:
             if not ok:
-                raise ValueError(f"{key}={self.get(key)!r} is not a valid value")
+                raise ValueError(f"{key}={self.get(key)!r} is not a valid value{choices.get(key, '')}")
         return self
 
     def get(self, key: str) -> Any:

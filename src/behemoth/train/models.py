@@ -21,7 +21,7 @@ from behemoth.config_io import load_config_file
 from behemoth.data.images import PATCH
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.model import build_model
-from behemoth.train.config import TrainConfig
+from behemoth.train.config import BIAS_RULES, TrainConfig
 from behemoth.train.datasets import check_same_image_tokens, image_token_id
 from behemoth.train.placement import RunContext
 
@@ -80,6 +80,18 @@ def check_resume(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, ckpt_mod
                              "resume with the same data and batch settings or start a new --train.out_dir")
 
 
+def balancing_change(saved: dict, cfg: TrainConfig) -> str | None:
+    """What a resumed run changes in its routing balance, in words (None: nothing). A run saved before
+    `router.bias_update` existed balanced with the sign rule."""
+    old = saved.get("router", {})
+    old_rule, old_rate = old.get("bias_update", "sign"), old.get("bias_update_rate")
+    old_rate = BIAS_RULES.get(old_rule, 0.0) if old_rate is None else old_rate
+    if (old_rule, old_rate) == (cfg.router.bias_update, cfg.router.bias_rate):
+        return None
+    return (f"the checkpoint's run moved the routing bias with router.bias_update={old_rule} at rate {old_rate:g}; "
+            f"this run continues with {cfg.router.bias_update} at {cfg.router.bias_rate:g} (set both to keep them)")
+
+
 def build_models(cfg: TrainConfig, ctx: RunContext, model_cfg: ModelConfig, tok: Tokenizer,
                  trains_teacher: bool) -> Models:
     """The student (and a codistilled teacher when `trains_teacher`): resumed from `ctx.checkpoint`, checked
@@ -89,6 +101,8 @@ def build_models(cfg: TrainConfig, ctx: RunContext, model_cfg: ModelConfig, tok:
         state = load_training_state(ckpt)
         model = load_model(ckpt, dtype=torch.float32, device=ctx.load_device(ckpt))
         check_resume(cfg, state["config"], model_cfg, model.config, ckpt)
+        if note := balancing_change(state["config"], cfg):
+            ctx.say(f"note: {note}")
         teacher = None
         if trains_teacher:
             source = ckpt / TEACHER_DIR

@@ -1,5 +1,5 @@
-"""AdamW with weight decay on matrices only, learning-rate schedules, and the auxiliary-loss-free
-routing-bias update (DeepSeek-V3: one signed step per optimizer step, re-centred to zero mean)."""
+"""AdamW with weight decay on matrices only, and learning-rate schedules (the routing bias moves in
+`train/balance.py`)."""
 
 from __future__ import annotations
 
@@ -47,16 +47,3 @@ def lr_at(step: int, total: int, cfg: OptimSection) -> float:
         return peak
     t = min(1.0, (step - decay_start + 1) / decay_steps)
     return peak + (floor - peak) * t
-
-
-@torch.no_grad()
-def update_expert_bias(bias_E: torch.Tensor, counts_E: torch.Tensor, rate: float) -> None:
-    """b_e += rate * sign(mean load - load_e), then b -= mean(b).
-
-    Underloaded experts become more likely to be selected, overloaded ones less. Re-centring keeps
-    the biases from drifting together (it changes no selection); the update depends on the counts only
-    through their signs against the mean, so it is invariant to a uniform scaling of them.
-    """
-    counts = counts_E.float()
-    bias_E += rate * torch.sign(counts.mean() - counts).to(bias_E.dtype)
-    bias_E -= bias_E.mean()

@@ -1,4 +1,5 @@
-"""PNG plots of a run, from its metrics.jsonl: loss curves, and the expert-load heatmap per layer."""
+"""PNG plots of a run, from its metrics.jsonl: loss curves, the expert-load heatmap per layer, and routing
+stability (flip rate and selection margin per layer, `train/health.py`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from behemoth.runlog import read_metrics
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write loss.png and expert_load.png next to metrics.jsonl; returns the files written.
+    """Write loss.png, expert_load.png and routing_stability.png next to metrics.jsonl; returns the files written.
 
     Plotting is skipped (empty list) when matplotlib is missing or there is nothing to plot.
     """
@@ -44,6 +45,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     routing = [r for r in records if r.get("type") == "routing"]
     if routing:
         written.append(plot_expert_load(routing, run_dir / "expert_load.png", plt))
+    if any("margin" in layer for r in routing for layer in r["layers"]):
+        written.append(plot_routing_stability(routing, run_dir / "routing_stability.png", plt))
     return written
 
 
@@ -73,6 +76,36 @@ def plot_expert_load(routing: list[dict], out: Path, plt) -> Path:
     for j in range(n, rows * cols):
         axes[j // cols][j % cols].axis("off")
     fig.suptitle("share of each layer's routed tokens per expert")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_routing_stability(routing: list[dict], out: Path, plt) -> Path:
+    """Two panels over the health reports, one line per MoE layer: the flip rate (share of the probe's routed
+    slots that changed expert since the previous report) and the selection margin (biased score of the last
+    chosen expert minus the best unchosen one's; dashed: the same on the unbiased logits).
+
+    A settling router shows the flip rate falling and the margin growing; reports without a value (the first
+    flip rate) are left out.
+    """
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, layer in enumerate(rec["layer"] for rec in routing[0]["layers"]):
+        color = f"C{i % 10}"
+        for ax, key, style in ((ax1, "flip_rate", "-"), (ax2, "margin", "-"), (ax2, "logit_margin", ":")):
+            pts = [(r["step"], r["layers"][i][key]) for r in routing if r["layers"][i].get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, color=color, marker=".",
+                        label=f"layer {layer}" if key != "logit_margin" else None)
+    ax1.set_ylabel("flip rate since previous report")
+    ax1.set_ylim(bottom=0)
+    ax2.set_ylabel("top-k selection margin (dotted: unbiased)")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=7)
+    fig.suptitle("routing stability on a fixed probe batch")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -5,7 +5,7 @@
     data      the run's tokenizer and data; the student's config fitted to that tokenizer
     models    student (and codistilled teacher), new or resumed, checked against the config
     place     activation checkpointing, compile, FSDP2 + expert parallelism (one function for any world)
-    trainer   the step of the mode, the loader, the `Trainer`; then the loop
+    trainer   the step of the mode, the loader, the routing probe, the `Trainer`; then the loop
 
 What a mode needs is declared once, in `MODES`: its step and where its teacher comes from. Everything
 that can be checked before the first step is checked before anything is written, with one-line errors
@@ -32,6 +32,7 @@ from behemoth.train.datasets import build_data, build_image_data, make_loader
 from behemoth.train.device import autocast_dtype, peak_flops, resolve_device
 from behemoth.train.models import TEACHER_DIR, Models, build_models, fit_to_tokenizer, model_config
 from behemoth.train.placement import RunContext, place_model, start_processes
+from behemoth.train.probe import RouterProbe, probe_batch
 from behemoth.train.steps import CachedDistillStep, CodistillStep, DistillStep, PretrainStep, Step
 from behemoth.train.teachers import TeacherSource, check_teacher, frozen_teacher, no_teacher
 from behemoth.train.trainer import MetricsLog, NullLog, RunInfo, Trainer, stdout_say
@@ -87,7 +88,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
         broadcast_from_rank0({"tokenizer": tok.hf.to_str(), "teacher": cfg.distill.teacher})
     model, teacher.model = place(cfg, ctx, models, teacher, spec.trains_teacher)
     step = spec.step(cfg, model, teacher, ctx.autocast)
-    trainer = make_trainer(cfg, ctx, step, train_loader, val, models.state,
+    trainer = make_trainer(cfg, ctx, step, train_loader, (train, val), models.state,
                            run_flops(cfg, model, teacher.model, spec.trains_teacher))
     return fit(cfg, ctx, trainer, tok, model_cfg, resumed=models.state is not None)
 
@@ -154,10 +155,12 @@ def run_flops(cfg: TrainConfig, model, teacher, trains_teacher: bool) -> float:
     return flops
 
 
-def make_trainer(cfg: TrainConfig, ctx: RunContext, step: Step, train_loader, val, state: dict | None,
+def make_trainer(cfg: TrainConfig, ctx: RunContext, step: Step, train_loader, data: tuple, state: dict | None,
                  flops: float) -> Trainer:
-    """The loop over `step` with this rank's rows of every batch; restored from `state` on resume."""
+    """The loop over `step` with this rank's rows of every batch; restored from `state` on resume. `data`: the
+    (train, validation) data, for the validation batches and the routing-stability probe (`train/probe.py`)."""
     d, t, world = cfg.data, cfg.train, ctx.dist.world
+    train, val = data
     if world > 1:
         train_loader = ShardedBatches(train_loader, ctx.dist.rank, world)
 
@@ -167,7 +170,8 @@ def make_trainer(cfg: TrainConfig, ctx: RunContext, step: Step, train_loader, va
         return itertools.islice(loader if world == 1 else ShardedBatches(loader, ctx.dist.rank, world), n)
 
     info = RunInfo(ctx.run_dir, flops, peak_flops(ctx.device, ctx.autocast), ctx.device, world)
-    trainer = Trainer(cfg, step, train_loader, val_batches, info, ctx.say)
+    probe = RouterProbe(probe_batch(val, train, t.batch_size, d.seq_len, t.seed), ctx.device, ctx.autocast)
+    trainer = Trainer(cfg, step, train_loader, val_batches, info, ctx.say, probe)  # the same probe on every rank
     if state is not None:
         trainer.load_state_dict(state, ctx.checkpoint)
     return trainer

@@ -106,14 +106,23 @@ class PretrainStep:
         `share`, the batch's labelled share of positions (see the class docstring); logged unweighted."""
         if not moes:
             return loss, {}
-        z = torch.stack([router_z_loss(m.last_router_logits) for m in moes]).mean()
-        bal = torch.stack([balance_loss(m.last_router_logits, m.last_expert_ids) for m in moes]).mean()
+        cfg = self.router_cfg
+        flat = lambda t: None if t is None else t.flatten(0, 1)  # noqa: E731  [B, S, ...] -> [B*S, ...]
+        z = torch.stack([router_z_loss(m.last_router_logits, m.last_valid) for m in moes]).mean()
+        bal = torch.stack([balance_loss(flat(m.last_router_logits), flat(m.last_expert_ids), flat(m.last_valid))
+                           for m in moes]).mean()
+        router = cfg.z_loss_coef * z + cfg.balance_loss_coef * bal
+        metrics = {"z_loss": z.item(), "balance_loss": bal.item()}
+        if cfg.seq_balance_loss_coef:
+            seq = torch.stack([balance_loss(m.last_router_logits, m.last_expert_ids, m.last_valid)
+                               for m in moes]).mean()
+            router, metrics["seq_balance_loss"] = router + cfg.seq_balance_loss_coef * seq, seq.item()
         with torch.no_grad():
-            entropy = torch.stack([router_entropy(m.last_router_logits) for m in moes])
+            metrics["router_entropy"] = torch.stack([router_entropy(m.last_router_logits, m.last_valid)
+                                                     for m in moes])
         for m in moes:
-            m.last_router_logits = m.last_expert_ids = None
-        loss = loss + share * (self.router_cfg.z_loss_coef * z + self.router_cfg.balance_loss_coef * bal)
-        return loss, {"z_loss": z.item(), "balance_loss": bal.item(), "router_entropy": entropy}
+            m.last_router_logits = m.last_expert_ids = m.last_valid = None
+        return loss + share * router, metrics
 
     def _finish(self, loss: torch.Tensor, metrics: dict, moes: list[MoE], loss_scale: float, share: float) -> dict:
         """Router losses of the trained model (weighted by the labelled `share`), the non-finite check,

@@ -34,9 +34,11 @@ from behemoth.parallel.distributed import (
 )
 from behemoth.progress import format_duration
 from behemoth.runlog import METRICS_FILE
+from behemoth.train.balance import BiasBalancer
 from behemoth.train.config import TrainConfig
-from behemoth.train.health import RoutingHealth
-from behemoth.train.optim import build_optimizer, lr_at, update_expert_bias
+from behemoth.train.health import RoutingHealth, stability_means
+from behemoth.train.optim import build_optimizer, lr_at
+from behemoth.train.probe import RouterProbe
 from behemoth.train.steps import Step, moe_layers
 
 
@@ -112,17 +114,22 @@ class Trainer:
     """The loop over optimizer steps of one `Step` (`global_step` counts those done)."""
 
     def __init__(self, cfg: TrainConfig, step: Step, train_loader: DataLoader,
-                 val_batches: Callable[[], Iterator[Batch]], info: RunInfo, say: Callable[[str], None] = print):
+                 val_batches: Callable[[], Iterator[Batch]], info: RunInfo, say: Callable[[str], None] = print,
+                 probe: RouterProbe | None = None):
+        """`probe`: the fixed batch routing stability is measured on at each health report (None: not measured)."""
         self.cfg, self.step, self.loader, self.val_batches, self.info, self.say = (
             cfg, step, train_loader, val_batches, info, say)
         self.models = step.trained_models()
         self.optimizer = build_optimizer(list(self.models.values()), cfg.optim)
         self.moes = [m for model in self.models.values() for m in moe_layers(model)]
+        self.balancer = BiasBalancer(self.moes, cfg.router)
         primary = self.models["model"]
         self.primary_moes = moe_layers(primary)
         layer_ids = [i for i, blk in enumerate(primary.layers) if blk.is_moe]
         E = self.primary_moes[0].num_experts if self.primary_moes else 1
-        self.health = RoutingHealth(layer_ids, E, cfg.health)
+        K = self.primary_moes[0].top_k if self.primary_moes else 1
+        self.health = RoutingHealth(layer_ids, E, cfg.health, top_k=K, total_steps=cfg.train.steps)
+        self.probe = probe
         self.global_step = 0
         self.nonfinite_total = 0
         self.nonfinite_streak = 0
@@ -136,7 +143,8 @@ class Trainer:
         """Everything but the models; the optimizer's state too in one process (a distributed run saves it
         sharded, beside the models). The data position, counters and RNG are the same on every rank."""
         state = {"step": self.global_step, "data": self.loader.state_dict(),
-                 "health": self.health.state_dict(), "nonfinite_total": self.nonfinite_total,
+                 "health": self.health.state_dict(), "balancer": self.balancer.state_dict(),
+                 "nonfinite_total": self.nonfinite_total,
                  "nonfinite_streak": self.nonfinite_streak, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                  "config": self.cfg.to_dict()}
@@ -151,6 +159,7 @@ class Trainer:
         load_optimizer_state(self.models, self.optimizer, ckpt_dir, state)
         self.loader.load_state_dict(state["data"])
         self.health.load_state_dict(state["health"])
+        self.balancer.load_state_dict(state.get("balancer"))
         self.nonfinite_total, self.nonfinite_streak = int(state["nonfinite_total"]), int(state["nonfinite_streak"])
         self.tokens_seen, self.elapsed = int(state["tokens_seen"]), float(state["elapsed"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -200,10 +209,12 @@ class Trainer:
                     self._progress(rec, total)
                     window_t, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
                 at_end = self.global_step == total
+                t_side = time.perf_counter()  # health probes and evaluation stay out of tokens/s and MFU
                 if self.health.layer_ids and (self.global_step % cfg.log.health_every == 0 or at_end):
                     self._report_health(log)
                 if cfg.log.eval_every and (self.global_step % cfg.log.eval_every == 0 or self.global_step == total):
                     self._evaluate(log)
+                window_t += time.perf_counter() - t_side
                 if self._signal is not None:
                     self.save()
                     raise Interrupted(self._signal, self.global_step)
@@ -250,9 +261,7 @@ class Trainer:
         self.nonfinite_streak = 0
         all_reduce_counts(self.moes)  # the bias moves by the global load, identically on every rank
         counts = torch.stack([m.tokens_per_expert for m in self.primary_moes]) if self.primary_moes else None
-        if cfg.router.bias_update_rate > 0:
-            for m in self.moes:
-                update_expert_bias(m.router.expert_bias, m.tokens_per_expert, cfg.router.bias_update_rate)
+        self.balancer.update()
         if counts is not None:
             self.health.observe(counts, entropy if entropy is not None else torch.zeros(len(counts)))
         self._zero_counts()
@@ -305,14 +314,19 @@ class Trainer:
 
     def _report_health(self, log: MetricsLog) -> None:
         biases = torch.stack([m.router.expert_bias.detach().float().cpu() for m in self.primary_moes])
-        rec, warnings = self.health.report(self.global_step, biases)
+        probe = None if self.probe is None else self.probe.router_logits(self.models["model"], self.primary_moes)
+        rec, warnings = self.health.report(self.global_step, biases, probe)  # every rank probes; rank 0 logs
         log.write(rec)
-        worst = max(rec["layers"], key=lambda r: r["max_over_mean"])
+        worst = max(rec["layers"], key=lambda r: r["step_max_over_mean"])
         dead = sum(r["dead"] for r in rec["layers"])
-        self.say(f"  routing @ {self.global_step}: worst max/mean load {worst['max_over_mean']:.2f} "
+        flip, margin = stability_means(rec["layers"])
+        stability = "" if self.probe is None else (f", flip rate {'n/a' if flip is None else f'{flip:.1%}'}, "
+                                                   f"margin {'n/a' if margin is None else f'{margin:.3f}'}")
+        self.say(f"  routing @ {self.global_step}: worst max/mean load {worst['step_max_over_mean']:.2f} "
                  f"(layer {worst['layer']}), "
                  f"mean router entropy {sum(r['router_entropy'] for r in rec['layers']) / len(rec['layers']):.2f}, "
-                 f"dead experts {dead}, bias range [{float(biases.min()):+.3f}, {float(biases.max()):+.3f}]")
+                 f"dead experts {dead}, bias range [{float(biases.min()):+.3f}, {float(biases.max()):+.3f}]"
+                 f"{stability}")
         for w in warnings:
             log.write(w)
             self.say(f"  WARNING {w['event']}: {w['message']}")
