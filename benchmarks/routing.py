@@ -28,6 +28,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,6 +72,8 @@ def run_one(method: str, recipe: str, seed: int, out: Path, overrides: dict | No
     over = {**demo.recipe_config(recipe, out), **METHODS[method], "train.seed": seed, "log.plots": False,
             **(overrides or {})}
     steps = over["train.steps"]
+    if out.exists():  # a run not yet recorded is an interrupted one: start it again
+        shutil.rmtree(out)
     if recipe == "vision":
         over["log.eval_every"] = steps  # one validation loss, at the end
     t0 = time.perf_counter()
@@ -124,11 +127,13 @@ def _done() -> set[tuple[str, str, int]]:
     return {(r["method"], r["recipe"], r["seed"]) for r in map(json.loads, RUNS_FILE.read_text().splitlines())}
 
 
-def run_grid(methods: list[str], recipes: list[str], seeds: list[int], jobs: int, work: Path) -> int:
-    """Every (method, recipe, seed) not yet in RUNS_FILE, `jobs` subprocesses at a time; the number that failed."""
+def run_grid(methods: list[str], recipes: list[str], seeds: list[int], jobs: int, work: Path,
+             threads: int = 0) -> int:
+    """Every (method, recipe, seed) not yet in RUNS_FILE, `jobs` subprocesses at a time with `threads` CPU
+    threads each (0: the CPUs split between them); the number that failed."""
     done = _done()
     todo = [(m, r, s) for r in recipes for s in seeds for m in methods if (m, r, s) not in done]
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     running: list[tuple[subprocess.Popen, tuple]] = []
     t0, finished, failed = time.perf_counter(), 0, 0
     while todo or running:
@@ -193,6 +198,7 @@ def plot(summary: dict, path: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return
     recipes = [r for r in RECIPES if r in summary]
@@ -204,6 +210,9 @@ def plot(summary: dict, path: Path) -> None:
                         capsize=3, label=f"{method} (dead {cell['dead']['mean']:.1f})")
         ax.axvline(2.0, color="gray", ls="--", lw=0.8)
         ax.set_xscale("log")
+        ax.set_xticks([1, 1.5, 2, 3, 5, 10, 20, 50])
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("worst max/mean expert load at the end (log)")
         ax.set_ylabel("held-out exact match (%)")
         ax.set_title(recipe)
@@ -214,8 +223,8 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def table(summary: dict) -> str:
-    rows = ["| recipe | method | seeds | dead experts | worst max/mean | router entropy | flip rate | "
-            "held-out loss | accuracy |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| recipe | method | seeds | dead experts | worst max/mean | warnings after 20% | router entropy | "
+            "flip rate | held-out loss | accuracy |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
     def f(cell: dict, key: str, fmt: str, scale: float = 1.0) -> str:
         if key not in cell:
@@ -226,7 +235,8 @@ def table(summary: dict) -> str:
     for recipe in RECIPES:
         for method, cell in summary.get(recipe, {}).items():
             rows.append(f"| {recipe} | {method} | {len(cell['seeds'])} | {f(cell, 'dead', '.1f')} | "
-                        f"{f(cell, 'worst_max_over_mean', '.2f')} | {f(cell, 'router_entropy', '.3f')} | "
+                        f"{f(cell, 'worst_max_over_mean', '.2f')} | {f(cell, 'late_warnings', '.1f')} | "
+                        f"{f(cell, 'router_entropy', '.3f')} | "
                         f"{f(cell, 'flip_rate', '.3f')} | {f(cell, 'heldout_loss', '.4f')} | "
                         f"{f(cell, 'accuracy', '.1f', 100)}% |")
     return "\n".join(rows)
@@ -243,7 +253,7 @@ def main() -> None:
     p.add_argument("--refresh", action="store_true",
                    help="derive the recorded runs' routing figures again from their run directories in --work")
     p.add_argument("--one", nargs=3, metavar=("METHOD", "RECIPE", "SEED"), help=argparse.SUPPRESS)
-    p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=0, help="CPU threads per run (default: the CPUs split between runs)")
     args = p.parse_args()
     if args.one:
         import torch
@@ -261,7 +271,8 @@ def main() -> None:
         p.error(f"unknown method or recipe: {', '.join(unknown)} (methods: {', '.join(METHODS)}; "
                 f"recipes: {', '.join(RECIPES)})")
     seeds = [int(s) for s in args.seeds.split(",")]
-    failed = 0 if args.table or args.refresh else run_grid(methods, recipes, seeds, args.jobs, Path(args.work))
+    failed = 0 if args.table or args.refresh else run_grid(methods, recipes, seeds, args.jobs, Path(args.work),
+                                                           args.threads)
     runs = [json.loads(line) for line in RUNS_FILE.read_text().splitlines()] if RUNS_FILE.exists() else []
     if not runs:
         p.error(f"no runs recorded in {RUNS_FILE}")

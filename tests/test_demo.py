@@ -163,7 +163,7 @@ def test_demo_does_not_overwrite_without_force(tmp_path):
 
 @pytest.mark.slow
 def test_demo_quick_cli(tmp_path):
-    """`behemoth demo --quick` as a user runs it (about a minute on 2 cores)."""
+    """`behemoth demo --quick` as a user runs it (about two minutes on 2 cores)."""
     r = subprocess.run([sys.executable, "-m", "behemoth", "demo", "--quick", "--out", str(tmp_path / "q")],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]

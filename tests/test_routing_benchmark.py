@@ -45,4 +45,4 @@ def test_summary_over_seeds(routing):
     assert cell["dead"] == {"mean": 1.0, "std": 1.0, "min": 0, "max": 2}
     assert cell["accuracy"]["std"] == pytest.approx(statistics.stdev([0.2, 0.3, 0.1]))
     table = routing.table(routing.summarize(runs))
-    assert "| student | adaptive | 3 | 1.0 ± 1.0 | 1.67 ± 0.21 |" in table and "20.0 ± 10.0%" in table
+    assert "| student | adaptive | 3 | 1.0 ± 1.0 | 1.67 ± 0.21 | 0.0 ± 0.0 |" in table and "20.0 ± 10.0%" in table

@@ -60,7 +60,7 @@ class Recipe:
 DEMO_TASKS = ("units", "mul", "count", "mod")
 FULL = Recipe(teacher_steps=500, student_steps=320, batch_size=16, seq_len=128, teacher_lr=2e-3, student_lr=3e-3,
               problems=40000, eval_problems=400, alpha=0.7, temperature=1.0, tasks=DEMO_TASKS)
-QUICK = Recipe(teacher_steps=60, student_steps=60, batch_size=8, seq_len=128, teacher_lr=3e-3, student_lr=4e-3,
+QUICK = Recipe(teacher_steps=60, student_steps=60, batch_size=16, seq_len=128, teacher_lr=3e-3, student_lr=4e-3,
                problems=4000, eval_problems=100, alpha=0.7, temperature=1.0, tasks=DEMO_TASKS)
 
 

@@ -90,7 +90,7 @@ def moe_score_on(where: str):
         moes = [layer.feed_forward for layer in model.layers if hasattr(layer.feed_forward, "router")]
         assert moes
         for moe in moes:
-            moe.forward = lambda x, moe=moe: routed_moe_forward(moe, x, score_on_output=where == "output")
+            moe.forward = lambda x, valid=None, moe=moe: routed_moe_forward(moe, x, score_on_output=where == "output")
     return mutate
 
 

@@ -123,8 +123,8 @@ def register(sub) -> None:
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("demo", help="the main job: train a teacher, distil a student, compare with one trained "
-                                    "from scratch, report (about 8 minutes on 2 CPU cores; --quick about 1)")
-    s.add_argument("--quick", action="store_true", help="a short recipe (about a minute), for CI and a first look")
+                                    "from scratch, report (about 10 minutes on 2 CPU cores; --quick about 2)")
+    s.add_argument("--quick", action="store_true", help="a short recipe (about two minutes), for CI and a first look")
     s.add_argument("--out", default="out/demo", help="output directory (report.json, report.html, the runs)")
     s.add_argument("--force", action="store_true", help="replace an earlier demo in --out")
     s.add_argument("--vision", action="store_true",
