@@ -29,7 +29,6 @@ import datetime
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -157,6 +156,8 @@ def run_grid(methods: list[str], recipes: list[str], seeds: list[int], jobs: int
 
 def summarize(runs: list[dict]) -> dict:
     """Mean, sample std, min and max over seeds of each figure, per method and recipe."""
+    from behemoth.eval.seeds import spread
+
     keys = ("dead", "worst_max_over_mean", "router_entropy", "flip_rate", "margin", "late_warnings",
             "heldout_loss", "accuracy", "train_seconds")
     out: dict = {}
@@ -168,9 +169,8 @@ def summarize(runs: list[dict]) -> dict:
             cell = {"seeds": sorted(r["seed"] for r in rs)}
             for k in keys:
                 vals = [r[k] for r in rs if r.get(k) is not None]
-                if vals:
-                    cell[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else None,
-                               "min": min(vals), "max": max(vals)}
+                if vals:  # the demo's spread over seeds (eval.seeds), its four figures
+                    cell[k] = {f: v for f, v in spread(vals).items() if f in ("mean", "std", "min", "max")}
             summary.setdefault(recipe, {})[method] = cell
     return summary
 
@@ -183,7 +183,8 @@ def write_summary(runs: list[dict]) -> Path:
 
     result = {"benchmark": "routing", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "device": device_info(torch.device("cpu")), "machine": machine_info(),
-              "command": "python benchmarks/routing.py " + " ".join(sys.argv[1:]),
+              "written_by": "python benchmarks/routing.py " + " ".join(sys.argv[1:]),
+              "each_run": "python benchmarks/routing.py --one METHOD RECIPE SEED (what the grid runs)",
               "methods": METHODS, "summary": summarize(runs), "runs": runs}
     path = RESULTS / "routing_cpu.json"
     path.write_text(json.dumps(result, indent=2))

@@ -182,8 +182,8 @@ def test_report_table_reads_the_last_routing_record(tmp_path):
 
     run_dir = tmp_path / "student"
     run_dir.mkdir()
-    layers = [{"layer": 1, "dead": 1, "max_over_mean": 1.5, "flip_rate": 0.1, "margin": 0.2},
-              {"layer": 3, "dead": 0, "max_over_mean": 2.5, "flip_rate": 0.3, "margin": 0.4}]
+    layers = [{"layer": 1, "dead": 1, "max_over_mean": 1.5, "flip_rate": 0.1, "margin": 0.2, "router_entropy": 0.9},
+              {"layer": 3, "dead": 0, "max_over_mean": 2.5, "flip_rate": 0.3, "margin": 0.4, "router_entropy": 0.8}]
     recs = [{"type": "routing", "step": 5, "layers": [{**x, "flip_rate": None} for x in layers]},
             {"type": "warning", "event": "routing_unstable", "step": 10, "layer": 3},
             {"type": "routing", "step": 10, "layers": layers}]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from behemoth.eval.metrics import format_accuracy
 from behemoth.runlog import read_metrics
-from behemoth.train.health import stability_means
+from behemoth.train.health import final_routing
 
 
 def _png(fig) -> str:
@@ -169,29 +169,29 @@ intervals.</p>
 
 
 def _stability_table(run_dirs: dict[str, Path]) -> str:
-    """Each run's routing at its last health report (`train/health.py`): flip rate and selection margin on the
-    fixed probe batch (means over MoE layers), dead experts, the worst layer's max/mean load, the run's
-    `routing_unstable` warnings; then its routing_stability.png. Empty when no run logged routing."""
+    """Each run's routing at its end (`train.health.final_routing`, as the demo's printed table): flip rate and
+    selection margin on the fixed probe batch (means over MoE layers), dead experts, the worst layer's
+    max/mean load, the run's `routing_unstable` warnings; then its routing_stability.png. Empty when no run
+    logged routing."""
     rows, plots = [], []
     for name, run in run_dirs.items():
         records = read_metrics(run)
-        routing = [r for r in records if r.get("type") == "routing"]
-        if not routing:
+        steps = max((r["step"] for r in records if r.get("type") == "routing"), default=0)
+        end = final_routing(records, steps)
+        if end is None:
             continue
-        layers = routing[-1]["layers"]
-        flip, margin = stability_means(layers)
-        cells = [html.escape(name), str(routing[-1]["step"]), "-" if flip is None else f"{flip:.1%}",
-                 "-" if margin is None else f"{margin:.3f}", str(sum(r["dead"] for r in layers)),
-                 f"{max(r.get('step_max_over_mean', r['max_over_mean']) for r in layers):.2f}",
+        flip, margin = end["flip_rate"], end["margin"]
+        cells = [html.escape(name), str(end["step"]), "-" if flip is None else f"{flip:.1%}",
+                 "-" if margin is None else f"{margin:.3f}", str(end["dead"]), f"{end['worst_max_over_mean']:.2f}",
                  str(sum(r.get("event") == "routing_unstable" for r in records))]
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         if src := _img_file(run / "routing_stability.png"):
             plots.append(f"<h3>{html.escape(name)}</h3><img src='{src}' style='max-width:100%'>")
     if not rows:
         return ""
-    return ("<h2>Routing stability</h2><p>At each run's last health report, on a fixed probe batch: the share of "
+    return ("<h2>Routing stability</h2><p>At each run's last full health window, on a fixed probe batch: the share of "
             "routed slots whose expert changed since the previous report (flip rate) and the biased-score gap between "
             "the last chosen and the best unchosen expert (margin), means over MoE layers; dead experts and the worst "
-            "layer's max/mean load over the last window; instability warnings over the run.</p><table><tr><th>model"
+            "layer's max/mean load over that window; instability warnings over the run.</p><table><tr><th>model"
             "</th><th>step</th><th>flip rate</th><th>margin</th><th>dead experts</th><th>worst max/mean load</th>"
             f"<th>instability warnings</th></tr>{''.join(rows)}</table>{''.join(plots)}")
