@@ -69,7 +69,11 @@ def _format_of(d: dict, cfg_file: Path) -> str:
         return "native"
     if d.get("model_type") in ("llama4", "llama4_text"):
         return "hf"
-    raise CheckpointError(f"{cfg_file}: model_type={d.get('model_type')!r} is not a Llama 4 checkpoint")
+    if "model_type" in d:
+        raise CheckpointError(f"{cfg_file}: model_type={d.get('model_type')!r} is not a Llama 4 checkpoint; a model "
+                              "of another family can be a teacher (--distill.teacher, distill-cache --teacher, "
+                              "eval --teacher or eval --model)")
+    raise CheckpointError(f"{cfg_file}: neither a behemoth nor a transformers config (no format or model_type)")
 
 
 def detect_format(directory: Path) -> str:

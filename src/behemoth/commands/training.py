@@ -61,7 +61,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     h = report["heldout"]
-    print(f"{args.model}: held-out loss {h['loss']:.4f} (ppl {h['ppl']:.2f}, {h['tokens']:,} tokens)")
+    bpb = f", {h['bits_per_byte']:.4f} bits/byte, {h['bits_per_char']:.4f} bits/char" if "bits_per_byte" in h else ""
+    print(f"{args.model}: held-out loss {h['loss']:.4f} (ppl {h['ppl']:.2f}, {h['tokens']:,} tokens{bpb})")
     if "teacher_kl" in report:
         print(f"  KL(teacher || model) {report['teacher_kl']['kl']:.4f} nats/token")
     if "tasks" in report:
@@ -110,11 +111,11 @@ def register(sub) -> None:
     t.add_argument("--force", action="store_true", help="replace an existing file")
     t.set_defaults(fn=cmd_tokenizer_train)
 
-    s = sub.add_parser("eval", help="held-out loss, KL to a teacher, task accuracy; JSON report")
-    s.add_argument("--model", required=True, help="a checkpoint directory with its tokenizer.json, or a run "
-                                                  "directory (its latest checkpoint)")
-    s.add_argument("--teacher", help="a teacher checkpoint or run directory (same tokenizer): adds KL(teacher || "
-                                     "model)")
+    s = sub.add_parser("eval", help="held-out loss and bits per byte, KL to a teacher, task accuracy; JSON report")
+    s.add_argument("--model", required=True, help="a checkpoint directory with its tokenizer.json, a run directory "
+                                                  "(its latest checkpoint), or a transformers causal LM directory")
+    s.add_argument("--teacher", help="a teacher (the same kinds of directory; the same tokenizer): adds "
+                                     "KL(teacher || model)")
     s.add_argument("--data", help="held-out documents (.txt/.jsonl/.parquet); default: built-in test problems")
     s.add_argument("--problems", type=int, default=200, help="built-in test problems to evaluate")
     s.add_argument("--difficulty", type=int, default=1)

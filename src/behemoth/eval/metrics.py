@@ -1,6 +1,10 @@
 """Metrics on a trained model: held-out loss / perplexity, KL to a teacher, task accuracy (exact match over n
 problems, each share with its 95% Wilson score interval: n is small, and a share alone overstates what it shows).
 
+Loss per token depends on the tokenizer: a tokenizer with longer tokens has fewer, harder ones. Bits per byte
+(the held-out loss summed over the tokens, in bits, divided by the UTF-8 bytes of the text those tokens spell,
+`data.token_bytes`) and bits per character do not, so models with different tokenizers compare on them.
+
 Shape legend: B batch, S sequence, V vocabulary, N tokens.
 """
 
@@ -14,13 +18,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from behemoth.checkpoint.foreign import ForeignTeacher, load_any_model
 from behemoth.checkpoint.locate import resolve_model_dir
-from behemoth.checkpoint.model_dir import load_model
 from behemoth.data.corpus import iter_documents, resolve_paths
 from behemoth.data.image_text import encode_image
 from behemoth.data.loader import DataLoader
 from behemoth.data.packing import TokenStore, build_in_memory
 from behemoth.data.tasks import ANSWER_MARK, Problem, accuracy, distinct_problems
+from behemoth.data.token_bytes import TokenBytes, utf8_chars
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.inference.generate import generate
 from behemoth.train.kd import Divergence
@@ -70,17 +75,33 @@ def _batches(store: TokenStore, seq_len: int, batch_size: int, max_batches: int 
 
 @torch.no_grad()
 def heldout_loss(model: nn.Module, store: TokenStore, seq_len: int, batch_size: int = 8,
-                 max_batches: int | None = 32, device: str | torch.device = "cpu") -> dict:
+                 max_batches: int | None = 32, device: str | torch.device = "cpu",
+                 token_bytes: TokenBytes | None = None) -> dict:
     """Mean next-token cross-entropy (nats) and perplexity over the first batches of `store`, the output head
-    applied a chunk of tokens at a time (as in training: the full [B, S, V] logits never exist at once)."""
+    applied a chunk of tokens at a time (as in training: the full [B, S, V] logits never exist at once). With
+    `token_bytes` (the store's tokenizer's) also bits per byte and per character: the loss of every labelled
+    token, in bits, over the bytes (characters) of the text the labels spell (special tokens spell none)."""
     model.eval()
-    total, n = 0.0, 0
+    total, n, nbytes, nchars = 0.0, 0, 0, 0
+    sizes = chars = None
+    if token_bytes is not None:
+        sizes = torch.tensor([len(b) for b in token_bytes.table] + [0], dtype=torch.int64)
+        chars = torch.tensor([utf8_chars(b) for b in token_bytes.table] + [0], dtype=torch.int64)
     for b in _batches(store, seq_len, batch_size, max_batches, device):
         h_ND = model.hidden_states(b.input_ids, **b.model_inputs).flatten(0, 1)
         ce_sum, count = chunked_cross_entropy(h_ND, model.logits, b.labels.flatten())
         total, n = total + ce_sum.item(), n + count
+        if sizes is not None:
+            y = b.labels.flatten().cpu()
+            y = torch.where((y >= 0) & (y < len(sizes) - 1), y, len(sizes) - 1)  # ignored and unknown: no text
+            nbytes, nchars = nbytes + int(sizes[y].sum()), nchars + int(chars[y].sum())
     loss = total / max(n, 1)
-    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": n}
+    out = {"loss": loss, "ppl": math.exp(min(loss, 50)), "tokens": n}
+    if sizes is not None:
+        bits = total / math.log(2)
+        out.update(bits_per_byte=bits / max(nbytes, 1), bits_per_char=bits / max(nchars, 1), bytes=nbytes,
+                   chars=nchars)
+    return out
 
 
 @torch.no_grad()
@@ -109,13 +130,35 @@ def task_accuracy(model: nn.Module, tokenizer: Tokenizer, problems: Sequence[Pro
     Prompts of any lengths share a batch (the cached generator pads them without changing any result).
     """
     model.eval()
-    encoded = [tokenizer.encode(p.prompt) for p in problems]
+    encoded = [tokenizer.encode_prompt(p.prompt) if isinstance(model, ForeignTeacher) else tokenizer.encode(p.prompt)
+               for p in problems]
     outputs: list[str] = []
     for start in range(0, len(encoded), batch_size):
-        rows = generate(model, encoded[start:start + batch_size], max_new_tokens=max_new_tokens,
-                        stop_ids=_stop_ids(tokenizer))
+        if isinstance(model, ForeignTeacher):
+            rows = _generate_foreign(model, encoded[start:start + batch_size], max_new_tokens, _stop_ids(tokenizer),
+                                     tokenizer.pad_id)
+        else:
+            rows = generate(model, encoded[start:start + batch_size], max_new_tokens=max_new_tokens,
+                            stop_ids=_stop_ids(tokenizer))
         outputs += [tokenizer.decode(r) for r in rows]
     return _graded(problems, outputs, samples)
+
+
+def _generate_foreign(model: ForeignTeacher, rows: list[list[int]], max_new_tokens: int, stop_ids: tuple[int, ...],
+                      pad_id: int) -> list[list[int]]:
+    """Greedy continuations of a transformers model (its own `generate`, rows left-padded), each cut after its
+    first stop token, as `inference.generate` returns them."""
+    L = max(len(r) for r in rows)
+    device = next(model.model.parameters()).device
+    ids = torch.tensor([[pad_id] * (L - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (L - len(r)) + [1] * len(r) for r in rows], device=device)
+    out = model.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                               eos_token_id=list(stop_ids), pad_token_id=pad_id)[:, L:].tolist()
+    cut = []
+    for r in out:
+        end = next((i + 1 for i, t in enumerate(r) if t in stop_ids), len(r))
+        cut.append(r[:end])
+    return cut
 
 
 def _stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
@@ -165,15 +208,25 @@ def majority_baseline(train: Sequence[Problem], test: Sequence[Problem]) -> dict
     return with_intervals(accuracy(test, [f"{ANSWER_MARK} {guess.get(p.task, '')}" for p in test]), test)
 
 
+def _token_bytes(tok: Tokenizer) -> TokenBytes | None:
+    """The tokenizer's bytes per token, or None when its tokens do not spell text one by one."""
+    try:
+        return TokenBytes.of(tok)
+    except ValueError:
+        return None
+
+
 def evaluate_model(model_dir: str, teacher_dir: str | None = None, data: str | None = None, problems: int = 200,
                    difficulty: int = 1, seq_len: int = 256, seed: int = 0, max_new_tokens: int = 64,
                    tasks: Sequence[str] | None = None) -> dict:
     """Held-out loss/perplexity, KL to a teacher (if given) and, on the built-in tasks, exact-match
     accuracy of greedy answers. Data: the built-in held-out test problems (of `tasks`, default all), or every
     document of `data`.
-    `model_dir` and `teacher_dir` are model directories or run directories (their latest checkpoint)."""
+    `model_dir` and `teacher_dir` are model directories (native, or transformers of any causal LM family) or run
+    directories (their latest checkpoint). Bits per byte come with the loss wherever the tokenizer spells its
+    tokens as text (`data.token_bytes`)."""
     model_dir = str(resolve_model_dir(model_dir))
-    model = load_model(model_dir, dtype=torch.float32)
+    model = load_any_model(model_dir, dtype=torch.float32)
     tok = Tokenizer.load(model_dir)
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"{model_dir}: tokenizer has {tok.vocab_size} tokens, the model {model.config.vocab_size}")
@@ -185,12 +238,13 @@ def evaluate_model(model_dir: str, teacher_dir: str | None = None, data: str | N
     seq_len = min(seq_len, store.num_tokens - 1)  # a small held-out set still gives one window
     report: dict = {"model": model_dir, "params": model.config.num_params(),
                     "active_params": model.config.num_active_params(),
-                    "heldout": heldout_loss(model, store, seq_len, max_batches=None)}
+                    "heldout": heldout_loss(model, store, seq_len, max_batches=None, token_bytes=_token_bytes(tok))}
     if teacher_dir:
         teacher_dir = str(resolve_model_dir(teacher_dir))
-        teacher = load_model(teacher_dir, dtype=torch.float32)
         if Tokenizer.load(teacher_dir).fingerprint != tok.fingerprint:
-            raise ValueError(f"{teacher_dir}: the teacher's tokenizer differs from the model's")
+            raise ValueError(f"--teacher: {teacher_dir}: its tokenizer differs from the model's, and KL(teacher || "
+                             "model) needs one vocabulary; compare the two models' bits per byte instead (eval each)")
+        teacher = load_any_model(teacher_dir, dtype=torch.float32)
         report["teacher_kl"] = teacher_kl(model, teacher, store, seq_len, max_batches=None)
     if test is not None:
         report["tasks"] = task_accuracy(model, tok, test, max_new_tokens=max_new_tokens)

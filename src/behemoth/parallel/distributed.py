@@ -288,3 +288,35 @@ def teardown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def shard_foreign(teacher: nn.Module, world: int, device: torch.device | str = "cpu", dp_shard: int = -1) -> nn.Module:
+    """A frozen transformers teacher (`checkpoint.foreign.ForeignTeacher`) sharded with FSDP2 over the ranks, one
+    unit per decoder layer plus the root (embeddings, final norm, head), without any rank holding it whole on
+    `device`: every rank builds a meta-device copy, allocates its shards, and rank 0 (which holds the loaded
+    teacher in CPU memory; the others pass a meta shell) sends each tensor. Buffers outside the state dict (rotary
+    frequencies) are sent too. Forward only: the layers reshard after their forward; `hidden_states`,
+    `hidden_rows` run through FSDP's hooks; the root stays gathered for the head applied chunk by chunk."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from behemoth.checkpoint.foreign import meta_copy
+
+    device = torch.device(device)
+    rank0 = dist.get_rank() == 0
+    whole = teacher.state_dict() if rank0 else {}
+    buffers = dict(teacher.named_buffers()) if rank0 else {}
+    out = meta_copy(teacher)
+    dp_mesh, _ = build_meshes(world, 1, device.type, dp_shard)
+    for layer in out.layers:
+        fully_shard(layer, mesh=dp_mesh, reshard_after_forward=True)
+    fully_shard(out, mesh=dp_mesh, reshard_after_forward=False)
+    for method in ("hidden_states", "hidden_rows"):
+        register_fsdp_forward_method(out, method)
+    out.to_empty(device=device)
+    set_model_state_dict(out, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buf in out.named_buffers():
+        if rank0:
+            buf.copy_(buffers[name])
+        dist.broadcast(buf, src=0)
+    return out.eval().requires_grad_(False)

@@ -91,7 +91,9 @@ class RouterSection:
 class DistillSection:
     """`behemoth distill` (a frozen teacher) and `behemoth codistill` (the teacher trains alongside)."""
 
-    teacher: str | None = None  # distill: the teacher's checkpoint directory (with its tokenizer.json)
+    # distill: the teacher (with its tokenizer.json): a native checkpoint, a run directory (its latest checkpoint),
+    # or a transformers directory of any causal LM family
+    teacher: str | None = None
     # distill: or a teacher cache from `behemoth distill-cache` (no teacher model needed). Checked against
     # the run first: tokenizer, data and seq_len must be the cache's; top_k 0 (the cache's k) or <= k;
     # temperature == the cache's (top-k log-probs cannot be re-tempered exactly)
@@ -110,6 +112,16 @@ class DistillSection:
     warmup_fraction: float = 0.1
     decay_fraction: float = 0.2
     token_rule: str = "none"  # per-token factor: none | confidence | certainty | loss_ratio
+    # distill: the student's tokenizer. "teacher": the teacher's unless data.tokenizer names one; "own": chosen as
+    # without a teacher (data.tokenizer, the character tokenizer for the built-in tasks, or a BPE trained on the
+    # corpus). When it differs from the teacher's, distillation runs across tokenizers (`cross_method`).
+    tokenizer: str = "teacher"
+    # across tokenizers: aligned (the teacher's distribution on the tokens both vocabularies share, at positions
+    # where both tokenizations reach the same text) | uld (sorted probabilities, Wasserstein) | hybrid (both)
+    cross_method: str = "hybrid"
+    uld_weight: float = 1.0  # hybrid: the weight of the ULD term on the tokens the vocabularies do not share
+    # a transformers teacher's weights: auto (bf16 when the run uses bf16 autocast, else fp32) | fp32 | bf16
+    teacher_dtype: str = "auto"
 
 
 @dataclass
@@ -203,10 +215,16 @@ class TrainConfig:
             ("health.flip_rate_warn", 0 <= self.health.flip_rate_warn <= 1),
             ("health.unstable_windows", self.health.unstable_windows >= 1),
             ("parallel.ep", self.parallel.ep >= 1),
+            ("distill.tokenizer", self.distill.tokenizer in ("teacher", "own")),
+            ("distill.cross_method", self.distill.cross_method in ("aligned", "uld", "hybrid")),
+            ("distill.uld_weight", self.distill.uld_weight >= 0),
+            ("distill.teacher_dtype", self.distill.teacher_dtype in ("auto", "fp32", "bf16")),
             ("parallel.dp_shard", self.parallel.dp_shard == -1 or self.parallel.dp_shard >= 1),
         ]
         choices = {"router.bias_update": f" (one of {', '.join(BIAS_RULES)})",
-                   "router.bias_max_step": " (at least the bias rate, router.bias_update_rate)"}
+                   "router.bias_max_step": " (at least the bias rate, router.bias_update_rate)",
+                   "distill.tokenizer": " (teacher or own)", "distill.cross_method": " (aligned, uld or hybrid)",
+                   "distill.teacher_dtype": " (auto, fp32 or bf16)"}
         for key, ok in checks:
             if not ok:
                 raise ValueError(f"{key}={self.get(key)!r} is not a valid value{choices.get(key, '')}")

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
+from behemoth.checkpoint.convert import CheckpointError
+from behemoth.checkpoint.foreign import load_any_model
 from behemoth.checkpoint.locate import resolve_model_dir
-from behemoth.checkpoint.model_dir import load_model
 from behemoth.data.fingerprint import teacher_fingerprint
 from behemoth.data.teacher_cache import check_out_dir, write_cache
 from behemoth.train.config import DataSection
@@ -52,8 +53,12 @@ def run_distill_cache(teacher_dir: str, out_dir: str, data: DataSection, seed: i
     if data.images:
         raise ValueError("data.images: a teacher cache holds text windows only; distil image-text data online")
     check_out_dir(out_dir, resume)  # before the teacher is loaded or any data is built
-    teacher_path = resolve_model_dir(teacher_dir)
-    teacher_cfg, teacher_tok = load_model(teacher_path, device="meta").config, load_teacher_tokenizer(teacher_path)
+    try:
+        teacher_path = resolve_model_dir(teacher_dir)
+        teacher_cfg = load_any_model(teacher_path, device="meta").config
+    except CheckpointError as e:
+        raise ValueError(f"--teacher: {e}") from None
+    teacher_tok = load_teacher_tokenizer(teacher_path)
     if top_k > teacher_cfg.vocab_size:
         raise ValueError(f"top_k={top_k} exceeds the teacher's vocabulary ({teacher_cfg.vocab_size})")
     out = Path(out_dir)
@@ -63,7 +68,7 @@ def run_distill_cache(teacher_dir: str, out_dir: str, data: DataSection, seed: i
         data = DataSection(**{**data.__dict__, "tokenizer": str(teacher_path / "tokenizer.json")})
     tok, train_store, _ = build_data(data, out, seed, False, say)
     check_vocabularies(teacher_cfg.vocab_size, teacher_tok, tok.vocab_size, tok)
-    teacher, _ = load_teacher(teacher_path, dev)
+    teacher, _ = load_teacher(teacher_path, dev, autocast or torch.float32)
     teacher.eval().requires_grad_(False)
     say(f"teacher: {teacher_dir} ({teacher.config.num_params():,} parameters, vocabulary "
         f"{teacher.config.vocab_size:,}) on {dev}{' (bf16 autocast)' if autocast else ''}; top-{top_k} at "

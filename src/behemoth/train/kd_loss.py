@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from behemoth.data.loader import IGNORE_INDEX
+from behemoth.train.cross_kd import cross_divergence
 from behemoth.train.kd import Divergence, Teacher, TopK, _divergence, _fp, _prepare_teacher
 from behemoth.train.kd_weight import KDWeight, _token_factor
 
@@ -29,8 +30,24 @@ class DistillLoss(NamedTuple):
     tokens: int
 
 
-def _chunk_teacher(teacher: Teacher, start: int, end: int):
-    """The part of `teacher` for tokens start:end: a tensor view, a TopK of views, or a zero-arg thunk."""
+class CrossTargets(NamedTuple):
+    """A teacher with another tokenizer, at the student's positions (`train/cross_step.py`): its logits over its own
+    vocabulary (`logits(start, end)` -> [end - start, V_t], under no_grad), which student positions have a teacher
+    position reaching the same text (`aligned` [N] bool; the others get no KD), the vocabularies' shared tokens
+    (`token_align.VocabMap`), and the divergence across vocabularies (`cross_kd.cross_divergence`)."""
+
+    logits: Callable[[int, int], torch.Tensor]
+    aligned: torch.Tensor
+    vmap: object
+    method: str  # aligned | uld | hybrid
+    uld_weight: float
+
+
+def _chunk_teacher(teacher: Teacher | CrossTargets, start: int, end: int):
+    """The part of `teacher` for tokens start:end: a tensor view, a TopK of views, or a zero-arg thunk (with a
+    CrossTargets, a CrossTargets whose `logits` is that thunk)."""
+    if isinstance(teacher, CrossTargets):
+        return teacher._replace(logits=lambda: teacher.logits(start, end), aligned=teacher.aligned[start:end])
     if isinstance(teacher, TopK):
         return TopK(teacher.ids[start:end], teacher.logprobs[start:end])
     if isinstance(teacher, torch.Tensor):
@@ -94,9 +111,26 @@ def kd_loss(hidden_ND: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor
     return (loss_N if per_token else loss_N.sum()), int(mask_N.sum())
 
 
+def _cross_chunk(z_NV: torch.Tensor, labels_N: torch.Tensor, teacher: CrossTargets, div: Divergence, alpha: float):
+    """`_distill_chunk` across tokenizers: KD where a position is labelled and aligned, CE alone elsewhere."""
+    mask_N = (labels_N != IGNORE_INDEX) & teacher.aligned
+    with torch.no_grad():
+        t_NVt = teacher.logits().float()
+    kd_N = torch.where(mask_N, cross_divergence(teacher.method, z_NV, t_NVt, teacher.vmap, div, teacher.uld_weight),
+                       0.0)
+    ce_N = F.cross_entropy(z_NV, labels_N, ignore_index=IGNORE_INDEX, reduction="none")
+    alpha_N = torch.where(mask_N, alpha, 0.0).to(kd_N.dtype)
+    loss = ((1 - alpha_N) * ce_N + alpha_N * kd_N).sum()
+    return loss, ce_N.sum(), kd_N.sum(), alpha_N.sum(), z_NV.new_zeros((), dtype=torch.float32)
+
+
 def _distill_chunk(h_ND: torch.Tensor, labels_N: torch.Tensor, teacher, head: Callable[[torch.Tensor], torch.Tensor],
                    div: Divergence, rule: str, alpha: float):
     z_NV = _fp(head(h_ND))
+    if isinstance(teacher, CrossTargets):
+        if rule != "none":
+            raise ValueError(f"token_rule={rule!r} is not defined across tokenizers")
+        return _cross_chunk(z_NV, labels_N, teacher, div, alpha)
     mask_N = labels_N != IGNORE_INDEX
     prepared, padded = _prepare_teacher(_materialize(teacher), z_NV.shape[-1], mask_N, div.temperature)
     kd_N = torch.where(mask_N, _divergence(z_NV, prepared, div), 0.0)
@@ -109,13 +143,14 @@ def _distill_chunk(h_ND: torch.Tensor, labels_N: torch.Tensor, teacher, head: Ca
 
 
 def distill_loss(hidden_ND: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels_N: torch.Tensor,
-                 teacher: Teacher, div: Divergence | None = None, weight: KDWeight | None = None,
+                 teacher: Teacher | CrossTargets, div: Divergence | None = None, weight: KDWeight | None = None,
                  step: int = 0, total_steps: int = 1, chunk: int = 1024,
                  max_padded_mass: float | None = 1e-3, recompute: bool = True) -> DistillLoss:
     """Hard-label cross-entropy and KD in one pass over chunks of the student's logits, mixed per token
     as (1 - alpha_t) CE_t + alpha_t KD_t with alpha_t from `weight` at optimizer step `step` of
     `total_steps` (`div`, `weight`: default forward KL at tau = 1, constant alpha = 0.5). Counted tokens:
-    labels != IGNORE_INDEX. Chunking, teacher forms and checks as in `kd_loss`; the head runs once per
+    labels != IGNORE_INDEX; a `CrossTargets` teacher (another tokenizer) gives KD at its aligned positions only.
+    Chunking, teacher forms and checks as in `kd_loss`; the head runs once per
     chunk in forward (and once more in backward) for both losses. `recompute=False` keeps each chunk's
     activations for backward instead (faster when the logits are small enough to hold).
     """

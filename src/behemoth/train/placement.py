@@ -21,8 +21,9 @@ from torch import nn
 from behemoth.checkpoint.dcp import load_sharded_state
 from behemoth.checkpoint.model_dir import sharded_model_files
 from behemoth.config import ModelConfig
+from behemoth.model import Transformer
 from behemoth.parallel import apply_activation_checkpointing, apply_compile
-from behemoth.parallel.distributed import DistInfo, check_degrees, setup_distributed, shard_model
+from behemoth.parallel.distributed import DistInfo, check_degrees, setup_distributed, shard_foreign, shard_model
 from behemoth.train.config import TrainConfig
 
 
@@ -83,6 +84,8 @@ def place_model(model: nn.Module, cfg: TrainConfig, ctx: RunContext, trained: bo
         if trained and t.compile:
             apply_compile(model)
         return model
+    if not isinstance(model, Transformer):  # a transformers teacher of another family (frozen)
+        return shard_foreign(model, ctx.dist.world, ctx.device, p.dp_shard)
     files = sharded_model_files(source) if source is not None else None
     model = shard_model(model, ctx.dist.world, p.ep, ctx.device, trained and t.activation_checkpointing,
                         trained and t.compile, p.dp_shard, from_rank0=files is None)

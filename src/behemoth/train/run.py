@@ -41,6 +41,11 @@ from behemoth.train.trainer import MetricsLog, NullLog, RunInfo, Trainer, stdout
 def _distill_step(cfg: TrainConfig, model, teacher: TeacherSource, autocast) -> Step:
     if teacher.cache is not None:
         return CachedDistillStep(model, teacher.cache, cfg.router, cfg.distill, autocast)
+    if teacher.student_tokenizer is not None:
+        from behemoth.train.cross_step import CrossTokenizerDistillStep
+
+        return CrossTokenizerDistillStep(model, teacher.model, teacher.tokenizer, teacher.student_tokenizer,
+                                         cfg.router, cfg.distill, autocast)
     return DistillStep(model, teacher.model, cfg.router, cfg.distill, autocast)
 
 
@@ -77,7 +82,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
     spec = MODES[mode]
     ctx, shared_tok = prepare(cfg, resume, say)
     teacher = spec.teacher(cfg, ctx)
-    tok, train, val, model_cfg = build_run_data(cfg, ctx, shared_tok or teacher.tokenizer)
+    given = teacher.tokenizer if cfg.distill.tokenizer == "teacher" else None
+    tok, train, val, model_cfg = build_run_data(cfg, ctx, shared_tok or given)
     d, t = cfg.data, cfg.train
     train_loader = make_loader(train, t.batch_size, d.seq_len, t.seed, shuffle=True)  # enough data for a batch?
     check_teacher(teacher, cfg, model_cfg, tok, train, ctx.say, spec.distils)  # before anything is built

@@ -1,9 +1,11 @@
 """The teacher phase of a run: where its teacher comes from (a model, a cache, or none yet), the tokenizer
 that teacher binds the run to, and the checks of teacher against student once the data are known.
 
-A frozen teacher (`behemoth distill`) is a model directory (`distill.teacher`) or a teacher cache from
-`behemoth distill-cache` (`distill.cache`); a codistilled teacher is built or resumed with the student
-(`train/models.py`) and fixes no tokenizer.
+A frozen teacher (`behemoth distill`) is a model directory (`distill.teacher`: native, Llama 4, or any
+transformers causal LM, `checkpoint/foreign.py`) or a teacher cache from `behemoth distill-cache`
+(`distill.cache`); a codistilled teacher is built or resumed with the student (`train/models.py`) and fixes no
+tokenizer. A teacher whose tokenizer differs from the student's is distilled across tokenizers
+(`distill.cross_method`, `train/token_align.py`): `check_teacher` measures the two vocabularies' overlap.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import torch
 from torch import nn
 
 from behemoth.checkpoint.convert import CheckpointError
+from behemoth.checkpoint.foreign import is_foreign_dir, load_any_model
 from behemoth.checkpoint.locate import resolve_model_dir
-from behemoth.checkpoint.model_dir import load_model
 from behemoth.config import ModelConfig
 from behemoth.data.images import PATCH
 from behemoth.data.teacher_cache import TeacherCache
@@ -34,6 +36,7 @@ class TeacherSource:
     cache: TeacherCache | None = None
     tokenizer: Tokenizer | None = None  # the tokenizer it binds the run to (None: the run chooses)
     path: Path | None = None  # the frozen teacher's model directory
+    student_tokenizer: Tokenizer | None = None  # set by `check_teacher` when it differs from `tokenizer`
 
 
 def no_teacher(cfg: TrainConfig, ctx: RunContext) -> TeacherSource:
@@ -60,14 +63,30 @@ def frozen_teacher(cfg: TrainConfig, ctx: RunContext) -> TeacherSource:
     except CheckpointError as e:
         raise ValueError(f"distill.teacher: {e}") from None
     d.teacher = str(path)  # pinned: a run directory's latest checkpoint may move on; this run (and its resume) stay
-    model, tok = load_teacher(path, ctx.load_device(path))
+    if cfg.data.images and is_foreign_dir(path):
+        raise ValueError(f"distill.teacher: {path} is a transformers text model; image-text data needs a native "
+                         "multimodal teacher")
+    model, tok = load_teacher(path, ctx.load_device(path), teacher_dtype(d.teacher_dtype, ctx.autocast))
     return TeacherSource(model=model, tokenizer=tok, path=path)
 
 
-def load_teacher(directory: Path, device: torch.device) -> tuple[nn.Module, Tokenizer]:
-    """A teacher model (fp32) and its tokenizer, both from its model directory (`resolve_model_dir`'s)."""
+def teacher_dtype(setting: str, autocast: torch.dtype | None) -> torch.dtype:
+    """The weights' dtype of a transformers teacher: `distill.teacher_dtype`, auto = the run's autocast dtype."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}.get(setting, autocast or torch.float32)
+
+
+def load_teacher(directory: Path, device: torch.device,
+                 foreign_dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Tokenizer]:
+    """A teacher model and its tokenizer, both from its model directory (`resolve_model_dir`'s): a native or
+    Llama 4 one in fp32, a transformers model of another family in `foreign_dtype`. Errors name
+    distill.teacher."""
     tok = load_teacher_tokenizer(directory)
-    return load_model(directory, dtype=torch.float32, device=device), tok
+    try:
+        model = (load_any_model(directory, foreign_dtype, device) if is_foreign_dir(directory)
+                 else load_any_model(directory, torch.float32, device))
+    except CheckpointError as e:
+        raise ValueError(f"distill.teacher: {e}") from None
+    return model, tok
 
 
 def load_teacher_tokenizer(directory: Path) -> Tokenizer:
@@ -78,13 +97,18 @@ def load_teacher_tokenizer(directory: Path) -> Tokenizer:
                          "student share one") from None
 
 
-def check_vocabularies(teacher_vocab: int, teacher_tok: Tokenizer, student_vocab: int, student_tok: Tokenizer) -> None:
-    """Teacher and student must share a tokenizer. A teacher vocabulary padded beyond the student's is
-    fine (the KD loss drops the padding columns, checking they hold no probability); a different
-    tokenizer, or a student vocabulary larger than the teacher's, is an error."""
+def check_vocabularies(teacher_vocab: int, teacher_tok: Tokenizer, student_vocab: int, student_tok: Tokenizer,
+                       what: str = "distillation from a teacher cache") -> None:
+    """For `what` (which needs one shared tokenizer) teacher and student must share a tokenizer. A teacher
+    vocabulary padded beyond the student's is fine (the KD loss drops the padding columns, checking they hold
+    no probability); a different tokenizer, or a student vocabulary larger than the teacher's, is an error."""
     if teacher_tok.fingerprint != student_tok.fingerprint:
-        raise ValueError("the teacher's tokenizer differs from the student's (data.tokenizer); distillation needs "
-                         "one shared tokenizer")
+        raise ValueError(f"the teacher's tokenizer differs from the student's (data.tokenizer); {what} needs one "
+                         "shared tokenizer (distil online with distill.teacher to distil across tokenizers)")
+    check_vocab_sizes(teacher_vocab, student_vocab)
+
+
+def check_vocab_sizes(teacher_vocab: int, student_vocab: int) -> None:
     if teacher_vocab < student_vocab:
         raise ValueError(f"the teacher's vocabulary ({teacher_vocab}) is smaller than the student's "
                          f"({student_vocab}); give the student --model.vocab_size={teacher_vocab}")
@@ -105,7 +129,10 @@ def check_teacher(source: TeacherSource, cfg: TrainConfig, model_cfg: ModelConfi
             if have != patch:
                 raise ValueError(f"the teacher's image token is id {have}, but the shared tokenizer's {PATCH} is "
                                  f"id {patch}")
-        check_vocabularies(source.model.config.vocab_size, source.tokenizer, model_cfg.vocab_size, tok)
+        if source.tokenizer.fingerprint == tok.fingerprint:
+            check_vocab_sizes(source.model.config.vocab_size, model_cfg.vocab_size)
+        else:
+            check_cross(source, cfg, tok, train, say)
     if source.cache is not None:
         cache, d = source.cache, cfg.distill
         cache.validate(tokenizer_fingerprint=tok.fingerprint, store=train, seq_len=cfg.data.seq_len,
@@ -113,3 +140,28 @@ def check_teacher(source: TeacherSource, cfg: TrainConfig, model_cfg: ModelConfi
         say(f"teacher: cached top-{d.top_k or cache.top_k} of {cache.top_k} from {cache.directory} "
             f"({cache.manifest['bytes_per_token']:.1f} bytes/token, mean mass captured "
             f"{cache.manifest['mean_captured_mass']:.4f})")
+
+
+def check_cross(source: TeacherSource, cfg: TrainConfig, tok: Tokenizer, train: Data, say) -> None:
+    """A teacher with a tokenizer of its own: the options that cannot apply are errors, both tokenizers must spell
+    text token by token, and the vocabularies' overlap and the first batch's alignment are reported."""
+    from behemoth.data.token_bytes import TokenBytes
+    from behemoth.train.cross_step import overlap_report
+
+    d = cfg.distill
+    if cfg.data.images:
+        raise ValueError("distill.teacher: its tokenizer differs from the student's, and image-text data cannot be "
+                         "distilled across tokenizers; give the student the teacher's tokenizer")
+    if d.top_k:
+        raise ValueError(f"distill.top_k={d.top_k}: a teacher with another tokenizer is matched on the tokens the "
+                         "vocabularies share (distill.cross_method), not on its top-k; set distill.top_k=0")
+    if d.token_rule != "none":
+        raise ValueError(f"distill.token_rule={d.token_rule!r}: not defined across tokenizers; set "
+                         "distill.token_rule=none")
+    for name, t in (("distill.teacher", source.tokenizer), ("data.tokenizer", tok)):
+        try:
+            TokenBytes.of(t)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    source.student_tokenizer = tok
+    say(overlap_report(source.tokenizer, tok, train, cfg, source.model))

@@ -1,0 +1,277 @@
+"""Distillation across tokenizers: which positions of a student and a teacher see the same text, and which
+tokens of their vocabularies stand for the same text.
+
+Shape legend: B rows, S student positions per row, R teacher rows, L teacher positions per row, N tokens,
+Vt / Vs teacher / student vocabulary, M teacher ids shared, U distinct student ids they reach.
+
+Positions. A student and a teacher cut the same text into different tokens, so their positions match only
+where both have read exactly the same text: student position i (context: the bytes of its tokens 0..i) and
+teacher position j (the bytes of its tokens 0..j) agree when their cumulative byte counts are equal, and then
+both predict the same next text. `align_document` matches one document's two lists of token lengths;
+`plan_cross_batch` turns each document piece of a packed student batch back into text, encodes it with the
+teacher and aligns the two (a `CrossPlan`: the teacher's input rows and, per student position, where its
+aligned teacher position is in them).
+
+Vocabularies. A student's next-token distribution and a teacher's are over different ids. `VocabMap` pairs
+the ids whose byte strings are identical (`TokenBytes`: GPT-2's "Ġ" and SentencePiece's "▁" both become
+b" "), plus end-of-text with end-of-text; `VocabMap.to_student` moves the teacher's distribution onto those
+student ids (a `kd.TopK`), so the sparse-teacher divergences of `kd` apply. The divergences are `cross_kd`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import NamedTuple
+
+import torch
+
+from behemoth.data.loader import IGNORE_INDEX
+from behemoth.data.token_bytes import TokenBytes
+from behemoth.data.tokenizer import Tokenizer
+from behemoth.train.kd import NEG_INF, TopK
+
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte tokens
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vocabularies
+
+
+@dataclass(frozen=True, eq=False)
+class VocabMap:
+    """The tokens two vocabularies share: teacher id `teacher_ids[m]` stands for the same text as student id
+    `student_ids[slot[m]]`. Several teacher ids may reach one student id (a byte-fallback "<0x41>" and "A"):
+    their probabilities add. Every tensor is int64; `build` puts them on the CPU (`to` moves them)."""
+
+    teacher_ids: torch.Tensor  # [M] teacher ids with a student counterpart, ascending
+    slot: torch.Tensor  # [M] index into student_ids
+    student_ids: torch.Tensor  # [U] distinct student ids reached, ascending
+    teacher_vocab: int
+    student_vocab: int
+
+    @classmethod
+    def build(cls, teacher_tok: Tokenizer, teacher_bytes: TokenBytes, student_tok: Tokenizer,
+              student_bytes: TokenBytes) -> VocabMap:
+        """Pair ids whose byte strings are identical and non-empty, and end-of-text with end-of-text (both mean
+        "the document ends here"). Where the student spells one byte string with several ids, the teacher's
+        mass goes to one of them: not a byte-fallback token if it has another, else the lowest id."""
+        canonical: dict[bytes, int] = {}
+        for i, b in enumerate(student_bytes.table):
+            if b and (b not in canonical or _prefer(student_tok, i, canonical[b])):
+                canonical[b] = i
+        pairs = {t: canonical[b] for t, b in enumerate(teacher_bytes.table) if b in canonical}
+        pairs[teacher_tok.eos_id] = student_tok.eos_id
+        teacher_ids = sorted(pairs)
+        student_ids = sorted(set(pairs.values()))
+        where = {s: k for k, s in enumerate(student_ids)}
+        return cls(torch.tensor(teacher_ids, dtype=torch.long),
+                   torch.tensor([where[pairs[t]] for t in teacher_ids], dtype=torch.long),
+                   torch.tensor(student_ids, dtype=torch.long),
+                   len(teacher_bytes.table), len(student_bytes.table))
+
+    def to(self, device: str | torch.device) -> VocabMap:
+        return VocabMap(self.teacher_ids.to(device), self.slot.to(device), self.student_ids.to(device),
+                        self.teacher_vocab, self.student_vocab)
+
+    @property
+    def unshared_teacher_mask(self) -> torch.Tensor:
+        """[Vt] bool: teacher ids with no student counterpart."""
+        return ~torch.zeros(self.teacher_vocab, dtype=torch.bool).index_fill_(0, self.teacher_ids.cpu(), True)
+
+    @property
+    def unshared_student_mask(self) -> torch.Tensor:
+        """[Vs] bool: student ids no teacher id reaches."""
+        return ~torch.zeros(self.student_vocab, dtype=torch.bool).index_fill_(0, self.student_ids.cpu(), True)
+
+    def to_student(self, teacher_logprobs_NVt: torch.Tensor) -> TopK:
+        """The teacher's distribution moved onto the student's vocabulary: ids [N, U] (`student_ids` on every
+        row) and logprobs [N, U], the log of the summed probabilities of the teacher ids reaching each student
+        id (exact; -inf where the sum is 0). Input: log-probabilities over the teacher vocabulary (columns
+        beyond `teacher_vocab`, padding, are ignored), already at the temperature. fp32 (fp64 stays fp64)."""
+        lp_NVt = _fp(teacher_logprobs_NVt)
+        N, device = lp_NVt.shape[0], lp_NVt.device
+        slot_NM = self.slot.to(device).expand(N, -1)
+        lp_NM = lp_NVt[:, self.teacher_ids.to(device)]
+        U = self.student_ids.shape[0]
+        # logsumexp per slot: subtract each slot's max (0 for empty slots) before adding up probabilities
+        max_NU = torch.full((N, U), NEG_INF, dtype=lp_NM.dtype, device=device)
+        max_NU = max_NU.scatter_reduce(1, slot_NM, lp_NM, "amax", include_self=True)
+        empty_NU = torch.isneginf(max_NU)
+        max_NU = max_NU.masked_fill(empty_NU, 0.0)
+        sum_NU = torch.zeros_like(max_NU).scatter_add(1, slot_NM, (lp_NM - max_NU.gather(1, slot_NM)).exp())
+        logprobs_NU = torch.where(empty_NU, NEG_INF, sum_NU.log() + max_NU)
+        return TopK(self.student_ids.to(device).expand(N, -1), logprobs_NU)
+
+    def shared_mass(self, teacher_logprobs_NVt: torch.Tensor) -> torch.Tensor:
+        """[N]: the teacher's probability on ids with a student counterpart."""
+        return _fp(teacher_logprobs_NVt)[:, self.teacher_ids.to(teacher_logprobs_NVt.device)].exp().sum(-1)
+
+    def summary(self) -> dict:
+        """Sizes for logging: distinct student ids reached (U), teacher ids mapped (M), and their shares of
+        each vocabulary."""
+        U, M = self.student_ids.numel(), self.teacher_ids.numel()
+        return {"shared_tokens": U, "teacher_tokens_mapped": M, "student_share": U / max(self.student_vocab, 1),
+                "teacher_share": M / max(self.teacher_vocab, 1)}
+
+
+def _prefer(tok: Tokenizer, new: int, old: int) -> bool:
+    """Whether student id `new` should carry a byte string instead of `old` (which is lower)."""
+    fallback = [bool(_BYTE_FALLBACK.fullmatch(tok.hf.id_to_token(i) or "")) for i in (new, old)]
+    return fallback == [False, True]
+
+
+def _fp(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Positions
+
+
+def align_document(student_lengths: Sequence[int], teacher_lengths: Sequence[int], student_start: bool) -> list[int]:
+    """For each student position i (a token of `student_lengths[i]` bytes), the last teacher position j whose
+    tokens 0..j cover as many bytes as the student's tokens 0..i (the same text prefix), or -1.
+
+    A zero-length student token (a special token) is unaligned, except at the very start of a document
+    (`student_start`, i = 0: an empty context, like BOS), where it aligns with the last zero-length teacher
+    token at the start (the teacher's BOS) if there is one. O(len(student) + len(teacher)).
+    """
+    return _align(student_lengths, teacher_lengths, student_start, skip=0)
+
+
+def _align(student_lengths: Sequence[int], teacher_lengths: Sequence[int], student_start: bool,
+           skip: int) -> list[int]:
+    """`align_document` where the teacher's text starts `skip` bytes into the student's: student positions
+    whose text ends within those bytes are unaligned."""
+    teacher_ends = list(accumulate(teacher_lengths))
+    out, j, end = [], -1, -skip
+    for i, n in enumerate(student_lengths):
+        end += n
+        if (n == 0 and not (student_start and i == 0)) or (n > 0 and end <= 0):
+            out.append(-1)
+            continue
+        while j + 1 < len(teacher_ends) and teacher_ends[j + 1] <= end:
+            j += 1
+        out.append(j if j >= 0 and teacher_ends[j] == end else -1)
+    return out
+
+
+class CrossPlan(NamedTuple):
+    """A packed student batch [B, S] seen by a teacher with another tokenizer: one teacher row per document
+    piece, and where each student position's aligned teacher position is. CPU tensors."""
+
+    teacher_ids: torch.Tensor  # [R, L] int64, right-padded with the teacher's pad id
+    teacher_mask: torch.Tensor  # [R, L] bool, True on real tokens
+    index: torch.Tensor  # [B*S] int64: flat index r*L + j into [R, L] of the aligned teacher position, or -1
+    aligned: torch.Tensor  # [B*S] bool: index >= 0
+
+
+def plan_cross_batch(input_ids_BS: torch.Tensor, positions_BS: torch.Tensor, segment_ids_BS: torch.Tensor,
+                     student_bytes: TokenBytes, teacher_tok: Tokenizer, teacher_bytes: TokenBytes) -> CrossPlan:
+    """Split each row into its document pieces (runs of one segment id), turn each piece into text, encode
+    it with the teacher and align the two tokenizations (`align_document`).
+
+    A piece's text is its student tokens' bytes, less a leading run of UTF-8 continuation bytes and a
+    trailing incomplete character (a window can cut a character); positions within those bytes stay
+    unaligned. A piece that starts a document (position 0) gets the teacher's prompt prefix first
+    (`encode_prompt("")`, e.g. its BOS). A piece whose text is empty, does not decode, cannot be encoded by
+    the teacher, or whose teacher tokens do not spell it back (a normaliser changed the text) has no teacher
+    row and stays unaligned.
+    """
+    B, S = input_ids_BS.shape
+    ids_rows, seg_rows = input_ids_BS.tolist(), segment_ids_BS.tolist()
+    start_rows = (positions_BS == 0).tolist()
+    prefix = teacher_tok.encode_prompt("")
+    pieces = []  # (flat offset of the piece's first position, student lengths, text bytes, skip, doc start)
+    for b in range(B):
+        s = 0
+        while s < S:
+            e = s + 1
+            while e < S and seg_rows[b][e] == seg_rows[b][s]:
+                e += 1
+            ids, start = ids_rows[b][s:e], start_rows[b][s]
+            lengths = student_bytes.lengths(ids, document_start=start)
+            raw = b"".join(student_bytes.table[i] for i in ids)
+            skip, data = _complete_utf8(raw[len(raw) - sum(lengths):])
+            pieces.append((b * S + s, lengths, data, skip, start))
+            s = e
+    texts = [_decode(p[2]) for p in pieces]
+    encoded = _encode_all(teacher_tok, [t or "" for t in texts])
+    rows, index = [], [-1] * (B * S)
+    for (flat, lengths, data, skip, start), text, t_ids in zip(pieces, texts, encoded, strict=True):
+        if not text or t_ids is None:
+            continue
+        t_lengths = _teacher_lengths(teacher_bytes, t_ids, len(data))
+        if t_lengths is None:
+            continue
+        t_ids, t_lengths = (prefix + t_ids, [0] * len(prefix) + t_lengths) if start else (t_ids, t_lengths)
+        rows.append((flat, t_ids, _align(lengths, t_lengths, start, skip)))
+    L = max((len(r[1]) for r in rows), default=1)
+    teacher_ids = torch.full((len(rows), L), teacher_tok.pad_id, dtype=torch.long)
+    teacher_mask = torch.zeros((len(rows), L), dtype=torch.bool)
+    for r, (flat, t_ids, aligned) in enumerate(rows):
+        teacher_ids[r, :len(t_ids)] = torch.tensor(t_ids, dtype=torch.long)
+        teacher_mask[r, :len(t_ids)] = True
+        index[flat:flat + len(aligned)] = [r * L + j if j >= 0 else -1 for j in aligned]
+    index_t = torch.tensor(index, dtype=torch.long)
+    return CrossPlan(teacher_ids, teacher_mask, index_t, index_t >= 0)
+
+
+def alignment_rate(plan: CrossPlan, labels_BS: torch.Tensor) -> float:
+    """Share of the labelled student positions (label != IGNORE_INDEX) that have an aligned teacher position
+    (0.0 when none is labelled)."""
+    labelled = labels_BS.reshape(-1).cpu() != IGNORE_INDEX
+    n = int(labelled.sum())
+    return float((plan.aligned & labelled).sum()) / n if n else 0.0
+
+
+def _complete_utf8(data: bytes) -> tuple[int, bytes]:
+    """(bytes cut from the front, the rest): `data` less a leading run of continuation bytes (0b10xxxxxx) and a
+    trailing character whose lead byte announces more bytes than follow it."""
+    skip = 0
+    while skip < len(data) and data[skip] & 0xC0 == 0x80:
+        skip += 1
+    data = data[skip:]
+    for back in range(1, min(4, len(data)) + 1):
+        lead = data[-back]
+        if lead & 0xC0 == 0x80:
+            continue
+        need = 1 if lead < 0x80 else 2 if lead >> 5 == 0b110 else 3 if lead >> 4 == 0b1110 else 4
+        if need > back:
+            data = data[:-back]
+        break
+    return skip, data
+
+
+def _decode(data: bytes) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _encode_all(tok: Tokenizer, texts: list[str]) -> list[list[int] | None]:
+    """The teacher's ids of each text (`encode`, batched), None for a text it cannot encode."""
+    try:
+        return tok.encode_batch(texts)
+    except ValueError:
+        out = []
+        for t in texts:
+            try:
+                out.append(tok.encode(t))
+            except ValueError:
+                out.append(None)
+        return out
+
+
+def _teacher_lengths(teacher_bytes: TokenBytes, ids: list[int], size: int) -> list[int] | None:
+    """Bytes per teacher token of one encoded text of `size` bytes, None unless they add up to it. Each encode
+    prepends a prefix-space tokenizer's space, unless the text already starts with one (then it is text)."""
+    for document_start in (True, False):
+        lengths = teacher_bytes.lengths(ids, document_start=document_start)
+        if sum(lengths) == size:
+            return lengths
+    return None
