@@ -5,8 +5,11 @@
     student  = PretrainStep.forward_backward on the same batch (student forward, CE, backward)
     overhead = distill / (teacher + student) - 1: what distillation costs beyond running its parts
 
-Steps are interleaved round by round (warmup first) and the medians compared. Results go to
-benchmarks/results/distill_step_<device>.json with the device, versions and date.
+Steps are interleaved round by round (warmup first) and the medians compared. With `--hf-teacher FAMILY` the
+same is measured once more with a transformers teacher of that family (`checkpoint.foreign.ForeignTeacher`) of
+the native teacher's width, depth and heads, dense, with the student's vocabulary: `hf_distill` and
+`hf_teacher`, and its own overhead. Results go to benchmarks/results/distill_step_<device>.json with the device,
+versions and date.
 
     .venv/bin/python benchmarks/distill_step.py                 # CPU: mini-behemoth -> mini-maverick
     python benchmarks/distill_step.py --device cuda --batch 8 --seq-len 2048
@@ -59,8 +62,12 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--hf-teacher", default=None, help="also a transformers teacher of this family (e.g. qwen2)")
+    p.add_argument("--skip-hf", action="store_true", help="no transformers teacher (transformers not installed)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.skip_hf:
+        args.hf_teacher = None
     device = torch.device(args.device)
     autocast = torch.bfloat16 if args.bf16 else None
     teacher = build_model(get_preset(args.teacher), device=device).eval()
@@ -84,6 +91,22 @@ def main() -> None:
             teacher.logits(h[s:s + 1024]).float()
 
     parts = {"distill": run_distill, "teacher": run_teacher, "student": run_student}
+    if args.hf_teacher:
+        hf = hf_teacher(args.hf_teacher, teacher.config, student.config.vocab_size, device, autocast)
+        hf_distill = DistillStep(student, hf, RouterSection(), DistillSection(), autocast)
+
+        def run_hf_distill():
+            hf_distill.forward_backward(batch, 1.0)
+            student.zero_grad(set_to_none=True)
+
+        @torch.no_grad()
+        def run_hf_teacher():
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                h = hf.hidden_states(batch.input_ids, batch.positions, batch.segment_ids).flatten(0, 1)
+                for s in range(0, h.shape[0], 1024):
+                    hf.logits(h[s:s + 1024]).float()
+
+        parts.update(hf_distill=run_hf_distill, hf_teacher=run_hf_teacher)
     times: dict[str, list[float]] = {k: [] for k in parts}
     for i in range(args.warmup + args.repeats):
         for name, fn in parts.items():
@@ -92,6 +115,7 @@ def main() -> None:
                 times[name].append(t)
     med = {k: statistics.median(v) for k, v in times.items()}
     overhead = med["distill"] / (med["teacher"] + med["student"]) - 1
+    hf_overhead = med["hf_distill"] / (med["hf_teacher"] + med["student"]) - 1 if args.hf_teacher else None
     tokens = args.batch * args.seq_len
     result = {
         "benchmark": "distill_step", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -101,14 +125,32 @@ def main() -> None:
         "config": {**vars(args), "teacher_active": teacher.config.num_active_params(),
                    "student_active": student.config.num_active_params()},
         "median_ms": med, "times_ms": times, "tokens_per_s": {k: tokens / (v / 1e3) for k, v in med.items()},
-        "overhead_vs_parts": overhead,
+        "overhead_vs_parts": overhead, "hf_overhead_vs_parts": hf_overhead,
     }
     out = Path(args.out or Path(__file__).parent / "results" / f"distill_step_{device.type}.json")
     out.write_text(json.dumps(result, indent=2))
     for k, v in med.items():
         print(f"{k:<8} {v:8.1f} ms  ({tokens / (v / 1e3):,.0f} tokens/s)")
     print(f"distill / (teacher + student) - 1 = {overhead:+.1%}  (target: < +10%)")
+    if hf_overhead is not None:
+        print(f"transformers {args.hf_teacher} teacher: hf_distill / (hf_teacher + student) - 1 = {hf_overhead:+.1%}")
     print(f"wrote {out}")
+
+
+def hf_teacher(family: str, like, vocab: int, device: torch.device, autocast):
+    """A random transformers causal LM of `family` with the width, depth and heads of native config `like`
+    (a dense feed-forward of its ffn width), frozen, wrapped as distillation uses it; bf16 weights under bf16."""
+    import transformers
+
+    from behemoth.checkpoint.foreign import ForeignTeacher
+
+    cfg = transformers.AutoConfig.for_model(family, vocab_size=vocab, hidden_size=like.dim,
+                                            num_hidden_layers=like.n_layers, num_attention_heads=like.n_heads,
+                                            num_key_value_heads=like.n_kv_heads, intermediate_size=like.ffn_dim,
+                                            head_dim=like.head_dim, max_position_embeddings=8192)
+    torch.manual_seed(2)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(device=device, dtype=autocast or torch.float32)
+    return ForeignTeacher(model, f"random {family}")
 
 
 if __name__ == "__main__":

@@ -165,7 +165,10 @@ def train_headline(r: dict) -> str:
 
 def distill_headline(r: dict) -> str:
     ms, tps = r["median_ms"], r["tokens_per_s"]
-    return f"distill {ms['distill']:.3g} ms ({tps['distill']:,.0f} tok/s), vs its parts {r['overhead_vs_parts']:+.1%}"
+    line = f"distill {ms['distill']:.3g} ms ({tps['distill']:,.0f} tok/s), vs its parts {r['overhead_vs_parts']:+.1%}"
+    if r.get("hf_overhead_vs_parts") is not None:
+        line += f"; qwen2 teacher {ms['hf_distill']:.3g} ms, vs its parts {r['hf_overhead_vs_parts']:+.1%}"
+    return line
 
 
 def decode_headline(r: dict) -> str:
@@ -199,12 +202,13 @@ def build_plan() -> dict[str, Item]:
         Item("moe_maverick", "one MoE layer at Maverick's shape (E=128, 512 tokens per expert), forward", 40,
              ("benchmarks/moe_layer.py", "--preset", "maverick-h100", "--repeats", "10", "--warmup", "2"),
              (*moe_tiny, "--experts", "8"), moe_headline, True),
-        Item("distill", "online distillation step, mini-behemoth -> mini-maverick, bf16, 8 x 2048", 30,
+        Item("distill", "online distillation step, mini-behemoth (and a transformers Qwen 2 of its shape) -> "
+             "mini-maverick, bf16, 8 x 2048", 40,
              ("benchmarks/distill_step.py", "--device", "cuda", "--bf16", "--batch", "8", "--seq-len", "2048",
-              "--repeats", "5", "--warmup", "2"),
+              "--repeats", "5", "--warmup", "2", "--hf-teacher", "qwen2"),
              ("--device", "cpu", "--teacher", "debug", "--student", "debug", "--batch", "1", "--seq-len", "32",
               "--repeats", "1", "--warmup", "0"),
-             distill_headline),
+             distill_headline, True),
         Item("train_bench1b", "bench-1b training step (bf16, 2 x 4096): tokens/s and MFU, vs transformers", 80,
              ("benchmarks/train_throughput.py", "--preset", "h100", "--repeats", "5", "--warmup", "2", "--blocks", "1"),
              ("--device", "cpu", "--models", "debug", "--batch", "1", "--seq-len", "32", "--repeats", "1",

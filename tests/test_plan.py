@@ -74,6 +74,11 @@ def test_training_memory_parts_and_the_minimum_gpu_count():
     limit = USABLE * 24e9
     assert sum(memory_per_gpu(cfg, req, k).values()) <= limit < sum(memory_per_gpu(cfg, req, k - 1).values())
     assert p["seconds_per_step"] == pytest.approx(cfg.train_flops_per_token(2048) * 4 * 2 * 2048 / (4 * 300e12))
+    # the largest frozen bf16 teacher beside it: the memory left over 2 bytes/param/GPU + two gathered 1/32 layers
+    spare = limit - sum(mem.values())
+    assert p["max_teacher_params"] == pytest.approx(spare / (2 / 4 + 2 * 2 / 32))
+    assert plan(cfg, PlanRequest("train", gpus=1, gpu_mem_gb=1, precision="bf16", context=2048, batch=2,
+                                 tflops=300))["max_teacher_params"] == 0  # nothing left
 
 
 def test_text_output_and_bad_input(capsys):

@@ -165,6 +165,9 @@ def scratch(tmp_path_factory):
                                                image_token_id=vl_tok.token_to_id(PATCH)))
     export_hf(hf_model, home / "hf")
     vl_tok.save(home / "hf" / "tokenizer.json")
+    from foreign_models import bpe_tokenizer, save_teacher  # a teacher of another family: a tiny Qwen 2
+
+    save_teacher(home / "path" / "to" / "Qwen2.5-0.5B", "qwen2", bpe_tokenizer())
     base = [*TINY_RUN, *TINY_TEXT, "--model.preset=debug"]
     assert main(["train", *base, f"--train.out_dir={home / 'teacher'}"]) == 0
     assert main(["train", *TINY_RUN, "--model.preset=mini-maverick-vl", "--data.images=true",

@@ -22,6 +22,10 @@ sequences do not shrink as GPUs are added:
   * activations: full activation checkpointing (each block keeps its bf16 input) plus one block's
     activations being recomputed, for `batch` sequences of `context` tokens per GPU (an estimate: see
     `_block_activation_bytes`).
+Distillation (train plans): the largest frozen teacher that fits beside the student in the memory left, sharded
+the way `behemoth distill` shards it (FSDP over every GPU by decoder layers, forward only, bf16 weights: no
+gradients or optimizer state): 2 bytes per parameter over the GPUs, plus two layers gathered at once, taken as
+1/32 of the teacher each (a teacher of 32+ layers), so P parameters cost P x (2 / GPUs + 1/8) bytes per GPU.
 FLOPs per token: training `ModelConfig.train_flops_per_token` (6 x active parameters + attention);
 serving a third of it (the forward pass). Time = FLOPs / (GPUs x sustained TFLOP/s): per training step
 (every GPU's `batch` x `context` tokens), per generated token at `batch` sequences, and for `tokens`
@@ -147,6 +151,11 @@ def min_gpus(cfg: ModelConfig, req: PlanRequest) -> int | None:
     return lo
 
 
+def teacher_bytes_per_param(gpus: int) -> float:
+    """Bytes per GPU per parameter of a frozen bf16 teacher sharded over `gpus` (module docstring)."""
+    return 2.0 / gpus + 2 * 2.0 / 32
+
+
 def plan(cfg: ModelConfig, req: PlanRequest, name: str = "") -> dict:
     """The whole answer as a dict (what `behemoth plan --json` prints)."""
     req.check()
@@ -167,6 +176,8 @@ def plan(cfg: ModelConfig, req: PlanRequest, name: str = "") -> dict:
     }
     if req.mode == "train":
         out["ep"] = expert_parallel_degree(cfg, req.gpus)
+        spare = USABLE * req.gpu_mem_gb * GB - total
+        out["max_teacher_params"] = max(0.0, spare) / teacher_bytes_per_param(req.gpus)
         step_tokens = req.gpus * req.batch * req.context
         out["tokens_per_step"] = step_tokens
         out["seconds_per_step"] = fpt * step_tokens / rate
@@ -196,6 +207,9 @@ def format_plan(p: dict) -> str:
                       else ")")))
     if p["mode"] == "train":
         rows.append(f"parallelism: FSDP over {p['gpus']:,} GPUs, experts split {p['ep']}-way (EP)")
+        rows.append(f"distillation: a frozen teacher (any family, bf16, FSDP over the {p['gpus']:,} GPUs by its "
+                    f"layers, 32 or more of them) fits beside it up to {p['max_teacher_params'] / 1e9:,.1f}B "
+                    "parameters")
     rows.append(f"FLOPs per token: {p['flops_per_token']:.4g} ({'training' if p['mode'] == 'train' else 'forward'})")
     tf = p["sustained_tflops_per_gpu"]
     if p["mode"] == "train":

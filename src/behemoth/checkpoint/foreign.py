@@ -41,7 +41,7 @@ def _transformers():
         import transformers
     except ImportError:
         raise CheckpointError("a teacher of another model family is loaded through transformers; install it "
-                              "(pip install 'transformers>=4.48')") from None
+                              "(pip install 'behemoth[teachers]')") from None
     return transformers
 
 

@@ -143,8 +143,10 @@ class TokenBytes:
     def lengths(self, ids, document_start: bool = False) -> list[int]:
         """Bytes per token of a row of ids (the first one less its prepended space at a document start)."""
         n = [len(self.table[int(i)]) for i in ids]
-        if document_start and self.prefix_space and n and self.table[int(ids[0])].startswith(b" "):
-            n[0] -= 1
+        if document_start and self.prefix_space:
+            first = next((k for k, m in enumerate(n) if m), None)  # past any special token (a BOS) at the start
+            if first is not None and self.table[int(ids[first])].startswith(b" "):
+                n[first] -= 1
         return n
 
 

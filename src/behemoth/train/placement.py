@@ -85,7 +85,10 @@ def place_model(model: nn.Module, cfg: TrainConfig, ctx: RunContext, trained: bo
             apply_compile(model)
         return model
     if not isinstance(model, Transformer):  # a transformers teacher of another family (frozen)
-        return shard_foreign(model, ctx.dist.world, ctx.device, p.dp_shard)
+        model = shard_foreign(model, ctx.dist.world, ctx.device, p.dp_shard)
+        ctx.say(f"teacher: {model.config.model_type} sharded with FSDP2 over {ctx.dist.world} processes, one unit "
+                f"per decoder layer ({len(model.layers)}) plus embeddings and head")
+        return model
     files = sharded_model_files(source) if source is not None else None
     model = shard_model(model, ctx.dist.world, p.ep, ctx.device, trained and t.activation_checkpointing,
                         trained and t.compile, p.dp_shard, from_rank0=files is None)
