@@ -111,6 +111,45 @@ def student_run(method: str, seed: int, teachers: dict[str, Path], work: Path, s
     return rec
 
 
+def step_costs(teachers: dict[str, Path], rounds: int = 12, warmup: int = 2) -> dict:
+    """Milliseconds per training step (forward and backward of one batch of the student recipe) of each method,
+    the methods interleaved round by round in one process so that the machine's load falls on all alike;
+    medians after `warmup` rounds. The student's weights are not updated (the cost does not depend on them)."""
+    from behemoth import build_model, get_preset
+    from behemoth.checkpoint.foreign import load_foreign
+    from behemoth.data.loader import DataLoader
+    from behemoth.data.packing import build_in_memory
+    from behemoth.data.tasks import make_problems
+    from behemoth.data.tokenizer import Tokenizer
+    from behemoth.demo import DEMO_TASKS, FULL
+    from behemoth.train.config import DistillSection, RouterSection
+    from behemoth.train.cross_step import CrossTokenizerDistillStep
+    from behemoth.train.steps import DistillStep, PretrainStep
+
+    student_tok = Tokenizer.load(teachers["chars"])
+    student = build_model(get_preset("mini-maverick").replace(vocab_size=64), seed=0).train()  # the demo's vocabulary
+    batch = next(iter(DataLoader(build_in_memory([p.text for p in make_problems("train", 2000, seed=5,
+                                                                                   tasks=DEMO_TASKS)], student_tok),
+                                 BATCH, SEQ, shuffle=True, seed=0)))
+    same, cross = load_foreign(teachers["chars"]), load_foreign(teachers["bpe"])
+    bpe_tok = Tokenizer.load(teachers["bpe"])
+    steps = {"scratch": PretrainStep(student, RouterSection()),
+             "same-tokenizer": DistillStep(student, same, RouterSection(), DistillSection(alpha=FULL.alpha))}
+    for m in ("aligned", "uld", "hybrid"):
+        steps[m] = CrossTokenizerDistillStep(student, cross, bpe_tok, student_tok, RouterSection(),
+                                             DistillSection(alpha=FULL.alpha, cross_method=m))
+    times: dict[str, list[float]] = {m: [] for m in steps}
+    for r in range(warmup + rounds):
+        for m, step in steps.items():
+            t0 = time.perf_counter()
+            step.forward_backward(batch, 1.0)
+            student.zero_grad(set_to_none=True)
+            if r >= warmup:
+                times[m].append((time.perf_counter() - t0) * 1e3)
+    return {m: {"median_ms": statistics.median(v), "vs_scratch": statistics.median(v) / statistics.median(
+        times["scratch"])} for m, v in times.items()}
+
+
 def teacher_eval(teachers: dict[str, Path]) -> dict:
     from behemoth.demo import DEMO_TASKS, FULL
     from behemoth.eval import evaluate_model
@@ -134,7 +173,7 @@ def summarize(runs: list[dict], teachers: dict) -> dict:
             continue
         t = teachers["chars" if m in ("scratch", "same-tokenizer") else "bpe"]
         row = {}
-        for key in ("bits_per_byte", "accuracy", "seconds_per_step"):
+        for key in ("bits_per_byte", "accuracy"):
             vals = [r[key] for r in rs]
             row[key] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                         "min": min(vals), "max": max(vals), "n": len(vals)}
@@ -155,15 +194,19 @@ def summarize(runs: list[dict], teachers: dict) -> dict:
 
 
 def table(result: dict) -> str:
-    t = result["teachers"]
-    lines = ["| student | bits/byte | exact match | gap recovered (bpb, per seed) | s/step |", "|---|---|---|---|---|"]
+    t, cost = result["teachers"], result.get("step_cost", {})
+    lines = ["| student | bits/byte | exact match | gap recovered, bits/byte (per seed) | gap recovered, accuracy "
+             "(per seed) | step cost vs scratch |", "|---|---|---|---|---|---|"]
     for m, row in result["summary"].items():
-        b, a, s = row["bits_per_byte"], row["accuracy"], row["seconds_per_step"]
-        gap = ", ".join(f"{g:.0%}" for g in row.get("gap_recovered", {}).get("bits_per_byte", []) if g is not None)
-        lines.append(f"| {m} | {b['mean']:.4f} ± {b['std']:.4f} | {a['mean']:.1%} ± {a['std']:.1%} | {gap or '-'} "
-                     f"| {s['mean']:.3f} |")
+        b, a = row["bits_per_byte"], row["accuracy"]
+        gaps = row.get("gap_recovered", {})
+        g_b, g_a = (", ".join(f"{g:.0%}" for g in gaps.get(k, []) if g is not None) or "-"
+                    for k in ("bits_per_byte", "accuracy"))
+        c = f"{cost[m]['vs_scratch']:.2f}x ({cost[m]['median_ms']:.0f} ms)" if m in cost else "-"
+        lines.append(f"| {m} | {b['mean']:.4f} ± {b['std']:.4f} | {a['mean']:.1%} ± {a['std']:.1%} | {g_b} | {g_a} "
+                     f"| {c} |")
     for name, v in t.items():
-        lines.append(f"| teacher ({name}, Qwen 2) | {v['bits_per_byte']:.4f} | {v['accuracy']:.1%} | - | - |")
+        lines.append(f"| teacher (Qwen 2, {name} tokenizer) | {v['bits_per_byte']:.4f} | {v['accuracy']:.1%} | | | |")
     return "\n".join(lines)
 
 
@@ -227,6 +270,7 @@ def main() -> None:
                          "student": {"preset": "mini-maverick", "steps": STUDENT_STEPS,
                                      "eval_problems": EVAL_PROBLEMS}},
               "teachers": teacher_figures, "runs": runs, "summary": summarize(runs, teacher_figures),
+              "step_cost": step_costs(teachers),
               "wall_seconds": time.perf_counter() - t0}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -231,3 +231,26 @@ def test_load_foreign_refuses_what_it_cannot_distil(tmp_path, char_tok):
         transformers.LlamaConfig(vocab_size=10, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2).save_pretrained(d)
         load_foreign(d)
+
+
+def test_distill_cache_from_a_transformers_teacher_trains_like_online_top_k(tmp_path, teachers):
+    """distill-cache runs a transformers teacher once; distilling from its cache (f32 values) gives the same
+    losses as distilling online from its top-k."""
+    args = [*RUN, "--data.seq_len=32"]
+    assert run_cli("distill-cache", "--teacher", str(teachers["gpt2"]), "--out", str(tmp_path / "cache"),
+                   "--top-k", "8", "--values", "f32", "--data.seq_len=32", "--data.num_problems=300",
+                   "--device=cpu") == 0
+    assert run_cli("distill", *args, f"--distill.cache={tmp_path / 'cache'}", f"--train.out_dir={tmp_path / 'c'}") == 0
+    assert run_cli("distill", *args, f"--distill.teacher={teachers['gpt2']}", "--distill.top_k=8",
+                   f"--train.out_dir={tmp_path / 'o'}") == 0
+    a, b = ([json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+            for r in ("c", "o"))
+    assert len(a) == len(b) == 3
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["kd_loss"] == pytest.approx(y["kd_loss"], rel=1e-4)
+
+
+def test_eval_teacher_with_another_tokenizer_is_one_line(tmp_path, teachers, bpe_tok, capsys):
+    other = save_teacher(tmp_path / "bpe", "qwen2", bpe_tok)
+    err = bad(capsys, "eval", "--model", str(teachers["llama"]), "--teacher", str(other), "--problems", "4")
+    assert "--teacher" in err and "bits per byte" in err
