@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,10 @@ def test_demo_pipeline_and_report(tmp_path):
     assert "vision" not in report and "Learning from pictures" not in html
     for ev in saved["models"].values():  # every accuracy with its 95% interval, in the JSON, table and page
         assert_intervals(ev["tasks"])
+    for ev in models.values():  # bits per byte beside the loss (the tasks are ASCII: one byte per token)
+        h = ev["heldout"]
+        assert h["bits_per_byte"] == pytest.approx(h["loss"] * h["tokens"] / h["bytes"] / math.log(2))
+        assert f"{h['bits_per_byte']:.4f}" in html and f"{h['bits_per_byte']:.4f}" in format_table(report)
         shown_acc = format_accuracy(ev["tasks"]["overall"], ev["tasks"]["interval"])
         assert shown_acc in format_table(report) and shown_acc in html
     assert saved["seed"] == 0 and not (tmp_path / "d" / "seed_0").exists()  # one seed: today's layout

@@ -37,7 +37,8 @@ RAN = {
     and "median_ms" in r["results"]["hf"]["fwd_bwd"],
     "moe_maverick": lambda r: r["results"]["ours"]["fwd"]["median_ms"] > 0 and r["config"]["experts"] == 8,
     "train_bench1b": lambda r: all("tokens_per_s" in r["results"]["debug"][k] for k in ("ours", "ours_bf16", "hf")),
-    "distill": lambda r: set(r["median_ms"]) == {"distill", "teacher", "student"} and r["config"]["bf16"],
+    "distill": lambda r: (set(r["median_ms"]) == {"distill", "teacher", "student", "hf_distill", "hf_teacher"}
+                          and r["config"]["bf16"] and r["config"]["hf_teacher"] == "qwen2"),
     "decode_b1": lambda r: r["models"][0]["runs"][0]["batch"] == 1 and "ours_compile" in r["models"][0]["runs"][0],
     "decode_b8": lambda r: r["models"][0]["runs"][0]["batch"] == 8 and "hf" in r["models"][0]["runs"][0],
     "parallel_fsdp1": lambda r: [x.get("parallel") for x in r["results"]] == [None, "fsdp"],
@@ -113,4 +114,4 @@ def test_without_transformers_the_hf_side_is_left_out(tmp_path):
     without = {n: i.command(False, tmp_path / "r", transformers=False) for n, i in gpu_check.PLAN.items()}
     assert not any("--skip-hf" in c for c in with_hf.values())
     assert {n for n, c in without.items() if "--skip-hf" in c} == {
-        "moe_scout", "moe_maverick", "train_bench1b", "decode_b1", "decode_b8"}
+        "moe_scout", "moe_maverick", "distill", "train_bench1b", "decode_b1", "decode_b8"}

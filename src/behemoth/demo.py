@@ -8,7 +8,8 @@
 5. With `--vision`: train `mini-maverick-vl` (mini-maverick with a small vision tower) on the built-in
    visual tasks and measure its accuracy on held-out pictures against the majority-answer baseline.
 6. Write report.json and a self-contained report.html, and print the table. Every exact-match accuracy
-   carries its 95% Wilson interval (`eval.metrics.wilson_interval`): on ~100 problems about +-9 points.
+   carries its 95% Wilson interval (`eval.metrics.wilson_interval`): on ~100 problems about +-9 points. Held-out
+   loss comes with bits per byte, the tokenizer-free figure.
 7. With `--seeds N`: all of it once per training seed 0..N-1 into `seed_K/`, then the spread of every
    figure over seeds (`eval.seeds`): a claim that holds in one seed may not hold in the next.
 
@@ -259,13 +260,15 @@ def _gap(distilled: float, scratch: float, teacher: float) -> float | None:
 def format_table(report: dict) -> str:
     """The demo's table: each model's size, speed, held-out loss, perplexity, KL and exact match with its 95%
     interval; exact match per task; the gap recovered; a note when the story did not hold; the vision part."""
-    rows = [f"{'model':<11}{'params':>12}{'active':>11}{'tokens/s':>10}{'loss':>8}{'ppl':>7}{'KL':>8}"
+    rows = [f"{'model':<11}{'params':>12}{'active':>11}{'tokens/s':>10}{'loss':>8}{'bits/B':>8}{'ppl':>7}{'KL':>8}"
             f"{'accuracy [95% CI]':>21}"]
     for name, ev in report["models"].items():
         kl = f"{ev['teacher_kl']['kl']:.3f}" if "teacher_kl" in ev else "-"
         acc = format_accuracy(ev["tasks"]["overall"], ev["tasks"].get("interval"))
+        bpb = ev["heldout"].get("bits_per_byte")
+        bpb = "-" if bpb is None else f"{bpb:.4f}"
         rows.append(f"{name:<11}{ev['params']:>12,}{ev['active_params']:>11,}{ev['tokens_per_s']:>10,.0f}"
-                    f"{ev['heldout']['loss']:>8.4f}{ev['heldout']['ppl']:>7.3f}{kl:>8}{acc:>21}")
+                    f"{ev['heldout']['loss']:>8.4f}{bpb:>8}{ev['heldout']['ppl']:>7.3f}{kl:>8}{acc:>21}")
     rows += _per_task_rows(report["models"])
     rows += _routing_rows(report["models"])
     g = report["gap_recovered"]

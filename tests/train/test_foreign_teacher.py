@@ -101,10 +101,11 @@ def test_same_tokenizer_distillation_is_the_dense_kd_on_the_teachers_own_logits(
     assert metrics["kd_loss"] == pytest.approx(want.item(), rel=1e-5)
 
 
-def test_cross_tokenizer_step_matches_aligned_positions_only(tmp_path, char_tok, bpe_tok):
-    """A Qwen 2 teacher with a byte-level BPE vs a character student: KD at the aligned positions, computed
-    from the teacher run on its own tokens of the same text; the CE covers every labelled position."""
-    teacher = load_foreign(save_teacher(tmp_path / "t", "qwen2", bpe_tok))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cross_tokenizer_step_matches_aligned_positions_only(tmp_path, char_tok, bpe_tok, family):
+    """A teacher with a byte-level BPE vs a character student: KD at the aligned positions, computed from the
+    teacher run on its own tokens of the same text; the CE covers every labelled position."""
+    teacher = load_foreign(save_teacher(tmp_path / "t", family, bpe_tok))
     student = student_for(char_tok)
     cfg = DistillSection(alpha=0.5, cross_method="aligned")
     step = CrossTokenizerDistillStep(student, teacher, bpe_tok, char_tok, RouterSection(), cfg)

@@ -302,6 +302,40 @@ def test_vocab_map_many_to_one_closed_form(tiny):
     torch.testing.assert_close(vmap.shared_mass(torch.log_softmax(logits, -1)).double(), want.sum(-1))
 
 
+def test_vocab_map_prefix_maps_the_tokens_the_student_lacks_to_how_it_begins_them(tiny):
+    """match="prefix": "▁A" (text " A") goes to the student's " ", "ab" to "a"; the exact pairs stay; the
+    teacher's probabilities on all of them add up on the student's side."""
+    teacher, tb, student, sb = tiny
+    exact = VocabMap.build(teacher, tb, student, sb)
+    vmap = VocabMap.build(teacher, tb, student, sb, match="prefix")
+    t, s = teacher.token_to_id, student.token_to_id
+    got = dict(zip(vmap.teacher_ids.tolist(), vmap.student_ids[vmap.slot].tolist(), strict=True))
+    want = {**dict(zip(exact.teacher_ids.tolist(), exact.student_ids[exact.slot].tolist(), strict=True)),
+            t("▁A"): s(" "), t("ab"): s("a")}
+    assert got == want
+    logits = torch.randn(3, teacher.vocab_size, generator=torch.Generator().manual_seed(2))
+    p = torch.softmax(logits.double(), -1)
+    lp = vmap.to_student(torch.log_softmax(logits, -1)).logprobs.double().exp()
+    col = {sid: k for k, sid in enumerate(vmap.student_ids.tolist())}
+    torch.testing.assert_close(lp[:, col[s("a")]], p[:, t("<0x61>")] + p[:, t("ab")], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="match="):
+        VocabMap.build(teacher, tb, student, sb, match="fuzzy")
+
+
+def test_vocab_map_prefix_for_a_bpe_teacher_and_a_character_student(toks):
+    """Every teacher token of whole characters begins with some student character: prefix matching maps all of
+    them, each to its first character; a token that is part of a multi-byte character maps to nothing."""
+    (bpe, bb), (chars, cb) = toks["bpe"], toks["chars"]
+    vmap = VocabMap.build(bpe, bb, chars, cb, match="prefix")
+    got = dict(zip(vmap.teacher_ids.tolist(), vmap.student_ids[vmap.slot].tolist(), strict=True))
+    for tid, b in enumerate(bb.table):
+        first = b.decode("utf-8", errors="ignore")[:1]  # the first whole character ("" within one)
+        if b and first and b.startswith(first.encode()) and chars.token_to_id(first) is not None:
+            assert got[tid] == chars.token_to_id(first), b
+        elif tid != bpe.eos_id:
+            assert tid not in got, b
+
+
 def test_vocab_map_spm_to_itself_prefers_pieces_over_byte_tokens(tiny):
     teacher, tb, _, _ = tiny
     vmap = VocabMap.build(teacher, tb, teacher, tb)

@@ -45,3 +45,19 @@ def test_bad_toml(tmp_path):
         build_config(str(f))
     with pytest.raises(ValueError, match="no such file"):
         build_config(str(tmp_path / "missing.toml"))
+
+
+def test_resume_takes_settings_a_saved_run_predates_as_their_defaults(tmp_path):
+    """A run saved before a data/distill setting existed resumes (the setting counts as its default); a changed
+    one is named."""
+    from behemoth.train.config import TrainConfig
+    from behemoth.train.models import check_resume
+
+    cfg = TrainConfig()
+    saved = cfg.to_dict()
+    del saved["distill"]["vocab_match"], saved["distill"]["cross_method"]
+    check_resume(cfg, saved, None, None, tmp_path)
+    saved["distill"]["loss"] = "jsd"
+    saved["data"]["future_setting"] = 3
+    with pytest.raises(ValueError, match="incompatible resume: data.future_setting differs"):
+        check_resume(cfg, saved, None, None, tmp_path)

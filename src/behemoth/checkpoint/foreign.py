@@ -124,6 +124,10 @@ class ForeignTeacher(nn.Module):
     def hidden_rows(self, ids_RL: torch.Tensor, mask_RL: torch.Tensor) -> torch.Tensor:
         """Final hidden states [R, L, D] of right-padded rows (`mask_RL` True on real tokens), each row its
         own text from position 0."""
+        return self._rows(ids_RL, mask_RL)
+
+    def _rows(self, ids_RL: torch.Tensor, mask_RL: torch.Tensor) -> torch.Tensor:
+        # the one body of both public methods (each an FSDP forward method under torchrun: neither calls the other)
         pos_RL = torch.arange(ids_RL.shape[1], device=ids_RL.device).expand_as(ids_RL)
         out = self.base(input_ids=ids_RL, attention_mask=mask_RL.long(), position_ids=pos_RL, use_cache=False)
         return out.last_hidden_state
@@ -145,7 +149,7 @@ class ForeignTeacher(nn.Module):
         ids_RL[row_N, offset_N] = input_ids.flatten()
         mask_RL = torch.zeros(len(rows), L, dtype=torch.bool, device=input_ids.device)
         mask_RL[row_N, offset_N] = True
-        h_RLD = self.hidden_rows(ids_RL, mask_RL)
+        h_RLD = self._rows(ids_RL, mask_RL)
         return h_RLD[row_N, offset_N].view(B, S, -1)
 
     def logits(self, h_ND: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ pre{{margin:0;text-align:left}}</style></head><body>
 one from scratch; evaluated on held-out problems that never appear in training. Recipe: {recipe}.
 Wall time {report['wall_seconds'] / 60:.1f} min.</p>
 <table><tr><th>model</th><th>params</th><th>active/token</th><th>train tokens/s</th><th>held-out loss</th>
-<th>perplexity</th><th>KL(teacher||model)</th><th>exact match [95% interval]</th></tr>{rows}</table>
+<th>bits/byte</th><th>perplexity</th><th>KL(teacher||model)</th><th>exact match [95% interval]</th></tr>{rows}</table>
 {_per_task_table(models)}
 <p><b>Gap recovered</b> = (distilled − scratch) / (teacher − scratch): {gap_text}.</p>
 <h2>Training loss</h2><img src="{loss_png}"><h2>Accuracy per task</h2><img src="{acc_png}">
@@ -107,10 +107,16 @@ def _error_bars(acc: dict, tasks: list[str]) -> list[list[float]] | None:
     return [[max(0.0, share[t] - ci[t][0]) for t in tasks], [max(0.0, ci[t][1] - share[t]) for t in tasks]]
 
 
+def _bpb(ev: dict) -> str:
+    """Held-out bits per byte (tokenizer-free; "-" for reports written before it)."""
+    b = ev["heldout"].get("bits_per_byte")
+    return "-" if b is None else f"{b:.4f}"
+
+
 def _row(name: str, ev: dict) -> str:
     kl = f"{ev['teacher_kl']['kl']:.4f}" if "teacher_kl" in ev else "-"
     cells = [html.escape(name), f"{ev['params']:,}", f"{ev['active_params']:,}", f"{ev['tokens_per_s']:,.0f}",
-             f"{ev['heldout']['loss']:.4f}", f"{ev['heldout']['ppl']:.3f}", kl,
+             f"{ev['heldout']['loss']:.4f}", _bpb(ev), f"{ev['heldout']['ppl']:.3f}", kl,
              format_accuracy(ev["tasks"]["overall"], ev["tasks"].get("interval"))]
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 

@@ -45,7 +45,8 @@ class CrossTokenizerDistillStep(DistillStep):
         super().__init__(student, teacher, router, distill, autocast_dtype)
         self.teacher_tok = teacher_tok
         self.student_bytes, self.teacher_bytes = TokenBytes.of(student_tok), TokenBytes.of(teacher_tok)
-        self.vmap = VocabMap.build(teacher_tok, self.teacher_bytes, student_tok, self.student_bytes)
+        self.vmap = VocabMap.build(teacher_tok, self.teacher_bytes, student_tok, self.student_bytes,
+                                   distill.vocab_match)
         self._vmap_on: dict[torch.device, VocabMap] = {}
         self._rate = 0.0
 
@@ -91,15 +92,17 @@ def overlap_report(teacher_tok: Tokenizer, student_tok: Tokenizer, train, cfg, t
     from behemoth.train.datasets import make_loader
 
     t_bytes, s_bytes = TokenBytes.of(teacher_tok), TokenBytes.of(student_tok)
-    vmap = VocabMap.build(teacher_tok, t_bytes, student_tok, s_bytes)
-    info = vmap.summary()
+    vmap = VocabMap.build(teacher_tok, t_bytes, student_tok, s_bytes, cfg.distill.vocab_match)
+    exact_map = VocabMap.build(teacher_tok, t_bytes, student_tok, s_bytes, "exact")
+    exact = exact_map.summary()
     batch = next(iter(make_loader(train, min(cfg.train.batch_size, 4), cfg.data.seq_len, cfg.train.seed,
                                   shuffle=False)))
     plan = plan_cross_batch(batch.input_ids, batch.positions, batch.segment_ids, s_bytes, teacher_tok, t_bytes)
     line = (f"teacher: another tokenizer ({teacher_tok.vocab_size:,} tokens vs the student's "
             f"{student_tok.vocab_size:,}); distilling across tokenizers with distill.cross_method="
-            f"{cfg.distill.cross_method}: {info['shared_tokens']:,} shared tokens ({info['student_share']:.0%} of the "
-            f"student's vocabulary, {info['teacher_share']:.0%} of the teacher's), "
+            f"{cfg.distill.cross_method}: {exact['shared_tokens']:,} shared tokens ({exact['student_share']:.0%} of "
+            f"the student's vocabulary, {exact['teacher_share']:.0%} of the teacher's); distill.vocab_match="
+            f"{cfg.distill.vocab_match} maps {vmap.summary()['teacher_share']:.0%} of the teacher's tokens; "
             f"{alignment_rate(plan, batch.labels):.0%} of positions aligned")
     params = list(teacher.parameters()) if teacher is not None else []
     if params and not params[0].is_meta and plan.teacher_ids.numel():
@@ -107,5 +110,6 @@ def overlap_report(teacher_tok: Tokenizer, student_tok: Tokenizer, train, cfg, t
                          None).float()
         real = plan.teacher_mask.flatten().to(h.device)
         lp = torch.log_softmax(teacher.logits(h.flatten(0, 1)[real]).float(), -1)
-        line += f", teacher mass on shared tokens {float(vmap.shared_mass(lp.cpu()).mean()):.0%}"
+        line += (f", teacher mass on shared tokens {float(exact_map.shared_mass(lp.cpu()).mean()):.0%}"
+                 f" (mapped: {float(vmap.shared_mass(lp.cpu()).mean()):.0%})")
     return line + " (first batch)"

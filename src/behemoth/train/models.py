@@ -69,14 +69,16 @@ def check_resume(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, ckpt_mod
         diff = [k for k in model_cfg.to_dict() if model_cfg.to_dict()[k] != ckpt_model_cfg.to_dict()[k]]
         raise ValueError(f"{where}: the checkpoint's model differs from this config ({', '.join(diff)}); "
                          "resume with the same model settings or start a new --train.out_dir")
-    now = cfg.to_dict()
+    now, defaults = cfg.to_dict(), TrainConfig().to_dict()
     for key in ("data", "distill", "train.seed", "train.batch_size", "train.grad_accum"):
         section, _, name = key.partition(".")
-        a = now[section] if not name else now[section][name]
-        b = saved[section] if not name else saved[section][name]
-        if a != b:
-            changed = key if name else next(f"{section}.{k}" for k in a if a[k] != b.get(k))
-            raise ValueError(f"{where}: incompatible resume: {changed} differs from the checkpoint's run; "
+        if name:
+            changed = [key] if now[section][name] != saved[section][name] else []
+        else:  # a setting the saved run predates (or postdates) counts as its default
+            a, b, d = now[section], saved.get(section, {}), defaults[section]
+            changed = [f"{section}.{k}" for k in sorted(set(a) | set(b)) if a.get(k, d.get(k)) != b.get(k, d.get(k))]
+        if changed:
+            raise ValueError(f"{where}: incompatible resume: {changed[0]} differs from the checkpoint's run; "
                              "resume with the same data and batch settings or start a new --train.out_dir")
 
 

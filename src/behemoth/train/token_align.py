@@ -16,6 +16,13 @@ Vocabularies. A student's next-token distribution and a teacher's are over diffe
 the ids whose byte strings are identical (`TokenBytes`: GPT-2's "Ġ" and SentencePiece's "▁" both become
 b" "), plus end-of-text with end-of-text; `VocabMap.to_student` moves the teacher's distribution onto those
 student ids (a `kd.TopK`), so the sparse-teacher divergences of `kd` apply. The divergences are `cross_kd`.
+
+With `match="prefix"` a teacher token the student lacks is also mapped, to the student token the student
+begins that text with (its own encoding's first token, or where the text is not whole characters the longest
+student token that is a prefix of it): the teacher's probability that the next text starts with that token.
+A teacher with longer tokens than the student (a BPE teacher, a character student) puts most of its mass on
+tokens the student lacks; exact matching alone keeps only the rest, a distorted remainder, while prefix
+matching keeps it all (the first step of marginalising a token distribution onto a finer tokenizer).
 """
 
 from __future__ import annotations
@@ -54,15 +61,20 @@ class VocabMap:
 
     @classmethod
     def build(cls, teacher_tok: Tokenizer, teacher_bytes: TokenBytes, student_tok: Tokenizer,
-              student_bytes: TokenBytes) -> VocabMap:
+              student_bytes: TokenBytes, match: str = "exact") -> VocabMap:
         """Pair ids whose byte strings are identical and non-empty, and end-of-text with end-of-text (both mean
-        "the document ends here"). Where the student spells one byte string with several ids, the teacher's
-        mass goes to one of them: not a byte-fallback token if it has another, else the lowest id."""
+        "the document ends here"); with `match="prefix"` also every other teacher id with the student token its
+        text begins with (module docstring). Where the student spells one byte string with several ids, the
+        teacher's mass goes to one of them: not a byte-fallback token if it has another, else the lowest id."""
+        if match not in MATCHES:
+            raise ValueError(f"match={match!r}: expected one of {', '.join(MATCHES)}")
         canonical: dict[bytes, int] = {}
         for i, b in enumerate(student_bytes.table):
             if b and (b not in canonical or _prefer(student_tok, i, canonical[b])):
                 canonical[b] = i
         pairs = {t: canonical[b] for t, b in enumerate(teacher_bytes.table) if b in canonical}
+        if match == "prefix":
+            pairs.update(_prefix_pairs(teacher_bytes, student_tok, student_bytes, canonical, pairs))
         pairs[teacher_tok.eos_id] = student_tok.eos_id
         teacher_ids = sorted(pairs)
         student_ids = sorted(set(pairs.values()))
@@ -115,6 +127,30 @@ class VocabMap:
         U, M = self.student_ids.numel(), self.teacher_ids.numel()
         return {"shared_tokens": U, "teacher_tokens_mapped": M, "student_share": U / max(self.student_vocab, 1),
                 "teacher_share": M / max(self.teacher_vocab, 1)}
+
+
+MATCHES = ("exact", "prefix")
+
+
+def _prefix_pairs(teacher_bytes: TokenBytes, student_tok: Tokenizer, student_bytes: TokenBytes,
+                  canonical: dict[bytes, int], exact: dict[int, int]) -> dict[int, int]:
+    """Teacher id -> the student id that begins its text, for the non-empty teacher tokens without an exact
+    match: the first token of the student's own encoding of the text when the bytes are whole UTF-8 characters
+    the student can encode, else the longest student token that is a byte prefix."""
+    todo = [(t, b) for t, b in enumerate(teacher_bytes.table) if b and t not in exact]
+    texts = [_decode(b) for _, b in todo]
+    encoded = _encode_all(student_tok, [x or "" for x in texts])
+    out = {}
+    for (t, b), text, ids in zip(todo, texts, encoded, strict=True):
+        first = ids[0] if text and ids else None
+        if first is not None and student_bytes.table[first] and b.startswith(student_bytes.table[first]):
+            out[t] = canonical.get(student_bytes.table[first], first)
+            continue
+        for k in range(len(b) - 1, 0, -1):
+            if b[:k] in canonical:
+                out[t] = canonical[b[:k]]
+                break
+    return out
 
 
 def _prefer(tok: Tokenizer, new: int, old: int) -> bool:
