@@ -7,9 +7,12 @@ the character tokenizer, trained per seed:
 
     scratch          next-token loss alone, the same tokens, seed and steps
     same-tokenizer   distilled from the character-tokenizer teacher (the usual dense KD)
-    aligned          distilled from the BPE teacher on the tokens both vocabularies share, at aligned positions
-    uld              distilled from the BPE teacher with ULD (sorted probabilities) at aligned positions
-    hybrid           aligned + ULD on the unshared tokens
+    aligned          distilled from the BPE teacher at aligned positions, its tokens mapped by prefix
+                     (distill.vocab_match=prefix: a token the student lacks counts for the character it begins with)
+    hybrid           aligned (prefix) + ULD on the tokens still unshared
+    aligned-exact    aligned with identical tokens only (distill.vocab_match=exact: here single characters)
+    hybrid-exact     hybrid with identical tokens only
+    uld              ULD alone (sorted probabilities, no token matched)
 
 Measured per run on the demo's held-out problems: bits per byte (tokenizer-free), loss per token, exact match,
 and the training step's cost (seconds per step). The gap recovered is (scratch - distilled) / (scratch - teacher)
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "cross_family_cpu.json"
-METHODS = ("scratch", "same-tokenizer", "aligned", "uld", "hybrid")
+METHODS = ("scratch", "same-tokenizer", "aligned", "hybrid", "aligned-exact", "hybrid-exact", "uld")
 TEACHER = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,
                num_key_value_heads=2, max_position_embeddings=256)
 TEACHER_STEPS, TEACHER_LR, BATCH, SEQ = 600, 2e-3, 16, 128
@@ -96,8 +99,10 @@ def student_run(method: str, seed: int, teachers: dict[str, Path], work: Path, s
     if method == "same-tokenizer":
         mode, over = "distill", {**over, "distill.teacher": str(teachers["chars"]), "distill.alpha": FULL.alpha}
     elif method != "scratch":
+        cross, _, match = method.partition("-")
         mode, over = "distill", {**over, "distill.teacher": str(teachers["bpe"]), "distill.alpha": FULL.alpha,
-                                 "distill.tokenizer": "own", "distill.cross_method": method}
+                                 "distill.tokenizer": "own", "distill.cross_method": cross,
+                                 "distill.vocab_match": match or "prefix"}
     t0 = time.perf_counter()
     summary = run_training(build_config(updates=over), mode=mode, say=lambda s: None)
     seconds = time.perf_counter() - t0
@@ -135,9 +140,11 @@ def step_costs(teachers: dict[str, Path], rounds: int = 12, warmup: int = 2) -> 
     bpe_tok = Tokenizer.load(teachers["bpe"])
     steps = {"scratch": PretrainStep(student, RouterSection()),
              "same-tokenizer": DistillStep(student, same, RouterSection(), DistillSection(alpha=FULL.alpha))}
-    for m in ("aligned", "uld", "hybrid"):
+    for m in METHODS[2:]:
+        method, _, match = m.partition("-")
         steps[m] = CrossTokenizerDistillStep(student, cross, bpe_tok, student_tok, RouterSection(),
-                                             DistillSection(alpha=FULL.alpha, cross_method=m))
+                                             DistillSection(alpha=FULL.alpha, cross_method=method,
+                                                            vocab_match=match or "prefix"))
     times: dict[str, list[float]] = {m: [] for m in steps}
     for r in range(warmup + rounds):
         for m, step in steps.items():

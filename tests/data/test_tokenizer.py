@@ -167,3 +167,30 @@ def test_load_errors_name_the_file(tmp_path):
     (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ValueError, match=r"binary\.json"):
         Tokenizer.load(tmp_path / "binary.json")
+
+
+def test_tokenizer_config_names_an_eos_and_adds_bos(tmp_path):
+    """A tokenizer.json whose end-of-text token has an uncommon name (DeepSeek's) is usable when
+    tokenizer_config.json names it; add_bos_token makes prompts start with BOS; both survive save and load."""
+    import tokenizers as tk
+
+    vocab = {"<｜begin▁of▁sentence｜>": 0, "<｜end▁of▁sentence｜>": 1, **{c: i + 2 for i, c in enumerate("abc ")}}
+    hf = tk.Tokenizer(tk.models.WordLevel(vocab=vocab, unk_token=None))
+    hf.pre_tokenizer = tk.pre_tokenizers.Split(tk.Regex(r"[\s\S]"), behavior="isolated")
+    hf.add_special_tokens(["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"])
+    (tmp_path / "t").mkdir()
+    hf.save(str(tmp_path / "t" / "tokenizer.json"))
+    with pytest.raises(ValueError, match="no end-of-text token"):
+        Tokenizer.load(tmp_path / "t")
+    (tmp_path / "t" / "tokenizer_config.json").write_text(json.dumps({
+        "eos_token": {"content": "<｜end▁of▁sentence｜>"}, "bos_token": "<｜begin▁of▁sentence｜>",
+        "add_bos_token": True, "model_max_length": 16384}))
+    tok = Tokenizer.load(tmp_path / "t")
+    assert (tok.eos_id, tok.bos_id) == (1, 0)
+    assert tok.encode_prompt("ab") == [0, 2, 3] and tok.encode("ab") == [2, 3]
+    tok.save(tmp_path / "copy")
+    again = Tokenizer.load(tmp_path / "copy")
+    assert (again.eos_id, again.bos_id, again.encode_prompt("c")) == (1, 0, [0, 4])
+    assert json.loads((tmp_path / "copy" / "tokenizer_config.json").read_text()) == {
+        "eos_token": {"content": "<｜end▁of▁sentence｜>"}, "bos_token": "<｜begin▁of▁sentence｜>",
+        "add_bos_token": True}

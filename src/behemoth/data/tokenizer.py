@@ -3,8 +3,10 @@
 Three ways to get one:
 
 * `Tokenizer.load(path)`: any `tokenizer.json` (ours, or a foreign one such as Llama 4's). The EOS,
-  BOS and pad ids are found by common token names; a tokenizer with no EOS-like token is rejected,
-  because every document in the packed stream ends with EOS.
+  BOS and pad ids are found by common token names, else from the `tokenizer_config.json` beside it (the
+  names transformers records, e.g. DeepSeek's); a tokenizer with no EOS-like token is rejected, because
+  every document in the packed stream ends with EOS. Where `tokenizer_config.json` says `add_bos_token`,
+  `encode_prompt` starts with BOS even if the tokenizer's post-processor does not add it.
 * `Tokenizer.train(texts, vocab_size)`: byte-level BPE, so every string (any Unicode) encodes and
   `decode(encode(t)) == t` exactly.
 * `Tokenizer.from_chars(alphabet)`: one token per character of a fixed alphabet, for generated tasks
@@ -42,6 +44,7 @@ EOS_NAMES = (EOS_TOKEN, "<|endoftext|>", "</s>", "<eos>", "<|eot|>", "<|eot_id|>
 BOS_NAMES = (BOS_TOKEN, "<s>", "<bos>", "<|startoftext|>", "[CLS]")
 PAD_NAMES = (PAD_TOKEN, "<pad>", "[PAD]", "<|finetune_right_pad|>", "<|finetune_right_pad_id|>")
 
+CONFIG_KEYS = ("eos_token", "bos_token", "pad_token", "add_bos_token")  # read from tokenizer_config.json
 _BYTE_LEVEL_MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte is a token, plus the specials
 
 
@@ -53,17 +56,22 @@ class Tokenizer:
     `hf` (the wrapped `tokenizers.Tokenizer`, for anything not covered here).
     """
 
-    def __init__(self, hf: tokenizers.Tokenizer, source: str = "<memory>") -> None:
+    def __init__(self, hf: tokenizers.Tokenizer, source: str = "<memory>", config: dict | None = None) -> None:
         self.hf = hf
         self.hf.encode_special_tokens = True  # special-token strings in text are plain text
         self.source = source
         self.vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
-        eos = _first_id(hf, EOS_NAMES)
+        # what a tokenizer_config.json adds: special-token names, add_bos_token (kept, and saved beside the json)
+        self.config = {k: config[k] for k in CONFIG_KEYS if k in (config or {})}
+        config = self.config
+        named = {k: _config_token(config, f"{k}_token") for k in ("eos", "bos", "pad")}
+        eos = _first_id(hf, EOS_NAMES + named["eos"])
         if eos is None:
             raise ValueError(f"{source}: tokenizer has no end-of-text token (looked for {', '.join(EOS_NAMES)})")
         self.eos_id: int = eos
-        bos = _first_id(hf, BOS_NAMES)
-        pad = _first_id(hf, PAD_NAMES)
+        bos = _first_id(hf, BOS_NAMES + named["bos"])
+        pad = _first_id(hf, PAD_NAMES + named["pad"])
+        self.add_bos: bool = bool(config.get("add_bos_token", False)) and bos is not None
         self.bos_id: int = eos if bos is None else bos
         self.pad_id: int = eos if pad is None else pad
         canonical = json.dumps(json.loads(hf.to_str()), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -91,7 +99,7 @@ class Tokenizer:
             hf = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # tokenizers raises a bare Exception for schema errors
             raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
-        return cls(hf, source=str(file))
+        return cls(hf, source=str(file), config=_read_config(file.parent / "tokenizer_config.json"))
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
@@ -151,9 +159,10 @@ class Tokenizer:
         """Token ids of a prompt, with whatever the tokenizer's own post-processor adds (Llama 4's
         `tokenizer.json` prepends `<|begin_of_text|>`; ours add nothing, matching how they train)."""
         try:
-            return self.hf.encode(text, add_special_tokens=True).ids
+            ids = self.hf.encode(text, add_special_tokens=True).ids
         except Exception as e:
             raise self._encode_error(text, e) from None
+        return [self.bos_id, *ids] if self.add_bos and ids[:1] != [self.bos_id] else ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`[encode(t) for t in texts]`, encoded in parallel by the Rust library (without offsets where the
@@ -178,6 +187,11 @@ class Tokenizer:
         tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
         tmp.write_text(self.hf.to_str(pretty=True), encoding="utf-8")
         os.replace(tmp, file)
+        if self.config and file.name == "tokenizer.json":  # what tokenizer.json cannot say, beside it
+            cfg = file.with_name("tokenizer_config.json")
+            tmp = cfg.with_name(f".{cfg.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(self.config, indent=2), encoding="utf-8")
+            os.replace(tmp, cfg)
 
     def token_to_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)
@@ -200,6 +214,22 @@ class Tokenizer:
                 shown = ", ".join(repr(c) for c in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
                 return ValueError(f"text has characters outside the tokenizer's alphabet: {shown}")
         return ValueError(f"cannot encode text {text[:40]!r}: {e}")
+
+
+def _read_config(path: Path) -> dict:
+    """A tokenizer_config.json as a dict ({} when absent or unreadable: it only adds to tokenizer.json)."""
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _config_token(config: dict, key: str) -> tuple[str, ...]:
+    """The token a tokenizer_config.json names under `key` (a string, or {"content": ...}), as a 0/1-tuple."""
+    v = config.get(key)
+    v = v.get("content") if isinstance(v, dict) else v
+    return (v,) if isinstance(v, str) and v else ()
 
 
 def _first_id(hf: tokenizers.Tokenizer, names: Iterable[str]) -> int | None:

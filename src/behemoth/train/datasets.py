@@ -83,7 +83,7 @@ def build_image_data(d: DataSection, run_dir: Path, seed: int, resume: bool, say
         say(f"tokenizer: training a byte-level BPE ({d.tokenizer_vocab_size} tokens) on {d.path}, plus image tokens")
         bpe = Tokenizer.train((ex.prompt + ex.text for ex in train_ex), vocab_size=d.tokenizer_vocab_size)
         bpe.hf.add_special_tokens(list(IMAGE_SPECIAL_TOKENS))
-        tok = Tokenizer(bpe.hf, source=bpe.source)
+        tok = Tokenizer(bpe.hf, source=bpe.source, config=bpe.config)
     data = [ImageTextData(ex, tok, vision, d.seq_len, d.max_tiles) for ex in (train_ex, val_ex)]
     return tok, data[0], data[1]
 

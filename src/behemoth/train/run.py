@@ -91,7 +91,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
     if models.teacher is not None:
         teacher.model = models.teacher
     if ctx.dist.world > 1 and ctx.dist.is_main:  # the run is checked: the other ranks may start
-        broadcast_from_rank0({"tokenizer": tok.hf.to_str(), "teacher": cfg.distill.teacher})
+        broadcast_from_rank0({"tokenizer": tok.hf.to_str(), "tokenizer_config": tok.config,
+                              "teacher": cfg.distill.teacher})
     model, teacher.model = place(cfg, ctx, models, teacher, spec.trains_teacher)
     step = spec.step(cfg, model, teacher, ctx.autocast)
     trainer = make_trainer(cfg, ctx, step, train_loader, (train, val), models.state,
@@ -114,7 +115,8 @@ def prepare(cfg: TrainConfig, resume: bool, say: Callable[[str], None]) -> tuple
     shared = None
     if not dist.is_main:
         checked = broadcast_from_rank0(None)
-        shared = Tokenizer(tokenizers.Tokenizer.from_str(checked["tokenizer"]), source="rank 0's tokenizer")
+        shared = Tokenizer(tokenizers.Tokenizer.from_str(checked["tokenizer"]), source="rank 0's tokenizer",
+                           config=checked["tokenizer_config"])
         cfg.distill.teacher = checked["teacher"]  # the checkpoint rank 0 took, should a run directory move on
     ctx = RunContext(run_dir, ckpt, dist, autocast_dtype(cfg.train.precision, dist.device),
                      say if dist.is_main else _quiet)
