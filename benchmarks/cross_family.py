@@ -7,6 +7,9 @@ the character tokenizer, trained per seed:
 
     scratch          next-token loss alone, the same tokens, seed and steps
     same-tokenizer   distilled from the character-tokenizer teacher (the usual dense KD)
+    marginal         distilled from the BPE teacher at every position: its distribution marginalised onto the
+                     student's next character, given the bytes of its next token read so far
+                     (distill.cross_method=aligned, distill.vocab_match=marginal)
     aligned          distilled from the BPE teacher at aligned positions, its tokens mapped by prefix
                      (distill.vocab_match=prefix: a token the student lacks counts for the character it begins with)
     hybrid           aligned (prefix) + ULD on the tokens still unshared
@@ -39,7 +42,9 @@ import torch.nn.functional as F
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "cross_family_cpu.json"
-METHODS = ("scratch", "same-tokenizer", "aligned", "hybrid", "aligned-exact", "hybrid-exact", "uld")
+METHODS = ("scratch", "same-tokenizer", "marginal", "aligned", "hybrid", "aligned-exact", "hybrid-exact", "uld")
+CROSS = {"marginal": ("aligned", "marginal"), "aligned": ("aligned", "prefix"), "hybrid": ("hybrid", "prefix"),
+         "aligned-exact": ("aligned", "exact"), "hybrid-exact": ("hybrid", "exact"), "uld": ("uld", "prefix")}
 TEACHER = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=6, num_attention_heads=6,
                num_key_value_heads=2, max_position_embeddings=256)
 TEACHER_STEPS, TEACHER_LR, BATCH, SEQ = 600, 2e-3, 16, 128
@@ -99,10 +104,10 @@ def student_run(method: str, seed: int, teachers: dict[str, Path], work: Path, s
     if method == "same-tokenizer":
         mode, over = "distill", {**over, "distill.teacher": str(teachers["chars"]), "distill.alpha": FULL.alpha}
     elif method != "scratch":
-        cross, _, match = method.partition("-")
+        cross, match = CROSS[method]
         mode, over = "distill", {**over, "distill.teacher": str(teachers["bpe"]), "distill.alpha": FULL.alpha,
                                  "distill.tokenizer": "own", "distill.cross_method": cross,
-                                 "distill.vocab_match": match or "prefix"}
+                                 "distill.vocab_match": match}
     t0 = time.perf_counter()
     summary = run_training(build_config(updates=over), mode=mode, say=lambda s: None)
     seconds = time.perf_counter() - t0
@@ -140,11 +145,9 @@ def step_costs(teachers: dict[str, Path], rounds: int = 12, warmup: int = 2) -> 
     bpe_tok = Tokenizer.load(teachers["bpe"])
     steps = {"scratch": PretrainStep(student, RouterSection()),
              "same-tokenizer": DistillStep(student, same, RouterSection(), DistillSection(alpha=FULL.alpha))}
-    for m in METHODS[2:]:
-        method, _, match = m.partition("-")
+    for m, (method, match) in CROSS.items():
         steps[m] = CrossTokenizerDistillStep(student, cross, bpe_tok, student_tok, RouterSection(),
-                                             DistillSection(alpha=FULL.alpha, cross_method=method,
-                                                            vocab_match=match or "prefix"))
+                                             DistillSection(alpha=FULL.alpha, cross_method=method, vocab_match=match))
     times: dict[str, list[float]] = {m: [] for m in steps}
     for r in range(warmup + rounds):
         for m, step in steps.items():

@@ -474,3 +474,66 @@ def test_alignment_rate_counts_labelled_positions_only(toks):
     assert alignment_rate(plan, labels.masked_fill(eos, IGNORE_INDEX)) == 1.0
     assert alignment_rate(plan, labels.masked_fill(~eos, IGNORE_INDEX)) == 0.0
     assert alignment_rate(plan, torch.full_like(labels, IGNORE_INDEX)) == 0.0
+
+
+def test_continuation_map_is_the_teachers_marginal_over_the_students_next_character(toks):
+    """vocab_match="marginal": k bytes into the teacher's next token t*, the student's next character has the
+    teacher's probability of the tokens that start like t* and go on with that character, renormalised; brute
+    force over the vocabulary for random offsets and tokens; k = 0 is the prefix mapping."""
+    from behemoth.train.token_align import ContinuationMap
+
+    (bpe, bb), (chars, cb) = toks["bpe"], toks["chars"]
+    cmap = ContinuationMap.build(bpe, bb, chars, cb)
+    g = torch.Generator().manual_seed(3)
+    long_tokens = [t for t, b in enumerate(bb.table) if len(b) >= 3 and _whole(b)]
+    N = 12
+    nxt = torch.tensor([long_tokens[i] for i in torch.randint(len(long_tokens), (N,), generator=g)])
+    off = torch.tensor([i % 3 for i in range(N)])  # 0, 1, 2 bytes into t*
+    lp = torch.log_softmax(torch.randn(N, bpe.vocab_size, generator=g).double(), -1)
+    got, valid = cmap.targets(lp, off, nxt, width=chars.vocab_size + 4)
+    assert valid.all() and got.shape == (N, chars.vocab_size + 4)
+    for n in range(N):
+        k, star = int(off[n]), bb.table[int(nxt[n])]
+        want = torch.zeros(chars.vocab_size + 4, dtype=torch.float64)
+        for t, b in enumerate(bb.table):
+            if len(b) > k and (k == 0 or b[:k] == star[:k]):
+                first = b[k:].decode("utf-8", errors="ignore")[:1]
+                if first and b[k:].startswith(first.encode()) and chars.token_to_id(first) is not None:
+                    want[chars.token_to_id(first)] += lp[n, t].exp()
+            elif k == 0 and t == bpe.eos_id:
+                want[chars.eos_id] += lp[n, t].exp()
+        torch.testing.assert_close(got[n].exp(), want / want.sum(), rtol=1e-5, atol=1e-9)
+    none, valid = cmap.targets(lp[:2], torch.tensor([-1, cmap.max_offset + 1]), nxt[:2], width=chars.vocab_size)
+    assert not valid.any()
+
+
+def _whole(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_plan_offsets_point_inside_the_teachers_next_token(toks):
+    """Every student position inside a teacher token: the teacher position before it plus the offset spell the
+    student's context, and the offset is within that token."""
+    (bpe, bb), (chars, cb) = toks["bpe"], toks["chars"]
+    ids = [chars.encode(d) + [chars.eos_id] for d in DOCS]
+    row = sum(ids, [])[:64]
+    seg = [k for k, d in enumerate(ids) for _ in d][:64]
+    starts = {s: seg.index(s) for s in set(seg)}
+    pos = [i - starts[s] for i, s in enumerate(seg)]
+    plan = plan_cross_batch(torch.tensor([row]), torch.tensor([pos]), torch.tensor([seg]), cb, bpe, bb)
+    inside = (plan.offset > 0).nonzero().flatten().tolist()
+    assert inside and (plan.offset >= 0).sum() > plan.aligned.sum()
+    flat = plan.teacher_ids.flatten().tolist()
+    L = plan.teacher_ids.shape[1]
+    for i in inside:
+        r, j = divmod(int(plan.position[i]), L)
+        start = starts[seg[i]]
+        student_text = cb.join(row[start:i + 1])
+        teacher_text = b"".join(bb.table[t] for t in flat[r * L:r * L + j + 1])
+        nxt = bb.table[flat[r * L + j + 1]]
+        k = int(plan.offset[i])
+        assert 0 < k < len(nxt) and student_text == teacher_text + nxt[:k], i

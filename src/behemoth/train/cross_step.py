@@ -21,7 +21,7 @@ from behemoth.data.tokenizer import Tokenizer
 from behemoth.train.config import DistillSection, RouterSection
 from behemoth.train.kd_loss import CrossTargets
 from behemoth.train.steps import DistillStep, autocast_context, token_counts
-from behemoth.train.token_align import VocabMap, alignment_rate, plan_cross_batch
+from behemoth.train.token_align import ContinuationMap, VocabMap, alignment_rate, plan_cross_batch
 
 
 @torch.no_grad()
@@ -45,12 +45,15 @@ class CrossTokenizerDistillStep(DistillStep):
         super().__init__(student, teacher, router, distill, autocast_dtype)
         self.teacher_tok = teacher_tok
         self.student_bytes, self.teacher_bytes = TokenBytes.of(student_tok), TokenBytes.of(teacher_tok)
-        self.vmap = VocabMap.build(teacher_tok, self.teacher_bytes, student_tok, self.student_bytes,
-                                   distill.vocab_match)
+        self.marginal = distill.vocab_match == "marginal"
+        self.vmap = (ContinuationMap.build(teacher_tok, self.teacher_bytes, student_tok, self.student_bytes)
+                     if self.marginal else
+                     VocabMap.build(teacher_tok, self.teacher_bytes, student_tok, self.student_bytes,
+                                    distill.vocab_match))
         self._vmap_on: dict[torch.device, VocabMap] = {}
         self._rate = 0.0
 
-    def _vmap(self, device: torch.device) -> VocabMap:
+    def _vmap(self, device: torch.device) -> VocabMap | ContinuationMap:
         if device not in self._vmap_on:
             self._vmap_on[device] = self.vmap.to(device)
         return self._vmap_on[device]
@@ -58,9 +61,16 @@ class CrossTokenizerDistillStep(DistillStep):
     def _targets(self, batch: Batch) -> CrossTargets:
         plan = plan_cross_batch(batch.input_ids.cpu(), batch.positions.cpu(), batch.segment_ids.cpu(),
                                 self.student_bytes, self.teacher_tok, self.teacher_bytes)
+        if self.marginal:  # every position with a teacher position before it, at whatever offset
+            plan = plan._replace(index=plan.position, aligned=plan.offset >= 0)
         self._rate = alignment_rate(plan, batch.labels.cpu())
         dev = batch.input_ids.device
         aligned_N = plan.aligned.to(dev)
+        extra = {}
+        if self.marginal:
+            flat = plan.teacher_ids.flatten()
+            nxt = (plan.index + 1).clamp(0, max(flat.numel() - 1, 0))
+            extra = {"offset": plan.offset.to(dev), "next_ids": (flat[nxt] if flat.numel() else plan.offset).to(dev)}
         if plan.teacher_ids.numel():
             h_RLD = teacher_rows(self.teacher, plan.teacher_ids.to(dev), plan.teacher_mask.to(dev),
                                  self.autocast_dtype)
@@ -76,7 +86,7 @@ class CrossTokenizerDistillStep(DistillStep):
             with torch.no_grad():
                 return head(h_ND[start:end]).float()
 
-        return CrossTargets(logits, aligned_N, self._vmap(dev), self.cfg.cross_method, self.cfg.uld_weight)
+        return CrossTargets(logits, aligned_N, self._vmap(dev), self.cfg.cross_method, self.cfg.uld_weight, **extra)
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> dict:
         teacher = self._targets(batch)
@@ -92,12 +102,15 @@ def overlap_report(teacher_tok: Tokenizer, student_tok: Tokenizer, train, cfg, t
     from behemoth.train.datasets import make_loader
 
     t_bytes, s_bytes = TokenBytes.of(teacher_tok), TokenBytes.of(student_tok)
-    vmap = VocabMap.build(teacher_tok, t_bytes, student_tok, s_bytes, cfg.distill.vocab_match)
+    match = cfg.distill.vocab_match
+    vmap = VocabMap.build(teacher_tok, t_bytes, student_tok, s_bytes, "exact" if match == "exact" else "prefix")
     exact_map = VocabMap.build(teacher_tok, t_bytes, student_tok, s_bytes, "exact")
     exact = exact_map.summary()
     batch = next(iter(make_loader(train, min(cfg.train.batch_size, 4), cfg.data.seq_len, cfg.train.seed,
                                   shuffle=False)))
     plan = plan_cross_batch(batch.input_ids, batch.positions, batch.segment_ids, s_bytes, teacher_tok, t_bytes)
+    if match == "marginal":
+        plan = plan._replace(aligned=plan.offset >= 0)
     line = (f"teacher: another tokenizer ({teacher_tok.vocab_size:,} tokens vs the student's "
             f"{student_tok.vocab_size:,}); distilling across tokenizers with distill.cross_method="
             f"{cfg.distill.cross_method}: {exact['shared_tokens']:,} shared tokens ({exact['student_share']:.0%} of "

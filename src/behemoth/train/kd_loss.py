@@ -7,6 +7,7 @@ Shape legend: N tokens, D model dim, V student vocabulary.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -41,13 +42,18 @@ class CrossTargets(NamedTuple):
     vmap: object
     method: str  # aligned | uld | hybrid
     uld_weight: float
+    # vocab_match=marginal (`vmap` a `token_align.ContinuationMap`): per position the offset into the teacher's
+    # next token and that token's id [N]; `aligned` then marks every position with a teacher position before it
+    offset: torch.Tensor | None = None
+    next_ids: torch.Tensor | None = None
 
 
 def _chunk_teacher(teacher: Teacher | CrossTargets, start: int, end: int):
     """The part of `teacher` for tokens start:end: a tensor view, a TopK of views, or a zero-arg thunk (with a
     CrossTargets, a CrossTargets whose `logits` is that thunk)."""
     if isinstance(teacher, CrossTargets):
-        return teacher._replace(logits=lambda: teacher.logits(start, end), aligned=teacher.aligned[start:end])
+        part = {k: getattr(teacher, k)[start:end] for k in ("offset", "next_ids") if getattr(teacher, k) is not None}
+        return teacher._replace(logits=lambda: teacher.logits(start, end), aligned=teacher.aligned[start:end], **part)
     if isinstance(teacher, TopK):
         return TopK(teacher.ids[start:end], teacher.logprobs[start:end])
     if isinstance(teacher, torch.Tensor):
@@ -116,8 +122,16 @@ def _cross_chunk(z_NV: torch.Tensor, labels_N: torch.Tensor, teacher: CrossTarge
     mask_N = (labels_N != IGNORE_INDEX) & teacher.aligned
     with torch.no_grad():
         t_NVt = teacher.logits().float()
-    kd_N = torch.where(mask_N, cross_divergence(teacher.method, z_NV, t_NVt, teacher.vmap, div, teacher.uld_weight),
-                       0.0)
+    if teacher.offset is not None:  # the teacher marginalised onto the student's next token, at every position
+        with torch.no_grad():
+            lp_NV, valid_N = teacher.vmap.targets(torch.log_softmax(t_NVt / div.temperature, -1), teacher.offset,
+                                                  teacher.next_ids, z_NV.shape[-1])
+            mask_N = mask_N & valid_N
+            lp_NV = torch.where(mask_N[:, None], lp_NV, -math.log(z_NV.shape[-1]))  # a harmless stand-in
+        kd_N = torch.where(mask_N, _divergence(z_NV, lp_NV, div), 0.0)
+    else:
+        kd_N = torch.where(mask_N, cross_divergence(teacher.method, z_NV, t_NVt, teacher.vmap, div,
+                                                    teacher.uld_weight), 0.0)
     ce_N = F.cross_entropy(z_NV, labels_N, ignore_index=IGNORE_INDEX, reduction="none")
     alpha_N = torch.where(mask_N, alpha, 0.0).to(kd_N.dtype)
     loss = ((1 - alpha_N) * ce_N + alpha_N * kd_N).sum()

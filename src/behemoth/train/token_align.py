@@ -68,10 +68,7 @@ class VocabMap:
         teacher's mass goes to one of them: not a byte-fallback token if it has another, else the lowest id."""
         if match not in MATCHES:
             raise ValueError(f"match={match!r}: expected one of {', '.join(MATCHES)}")
-        canonical: dict[bytes, int] = {}
-        for i, b in enumerate(student_bytes.table):
-            if b and (b not in canonical or _prefer(student_tok, i, canonical[b])):
-                canonical[b] = i
+        canonical = student_canonical(student_tok, student_bytes)
         pairs = {t: canonical[b] for t, b in enumerate(teacher_bytes.table) if b in canonical}
         if match == "prefix":
             pairs.update(_prefix_pairs(teacher_bytes, student_tok, student_bytes, canonical, pairs))
@@ -135,22 +132,109 @@ MATCHES = ("exact", "prefix")
 def _prefix_pairs(teacher_bytes: TokenBytes, student_tok: Tokenizer, student_bytes: TokenBytes,
                   canonical: dict[bytes, int], exact: dict[int, int]) -> dict[int, int]:
     """Teacher id -> the student id that begins its text, for the non-empty teacher tokens without an exact
-    match: the first token of the student's own encoding of the text when the bytes are whole UTF-8 characters
-    the student can encode, else the longest student token that is a byte prefix."""
+    match (`first_student_tokens`)."""
     todo = [(t, b) for t, b in enumerate(teacher_bytes.table) if b and t not in exact]
-    texts = [_decode(b) for _, b in todo]
-    encoded = _encode_all(student_tok, [x or "" for x in texts])
-    out = {}
-    for (t, b), text, ids in zip(todo, texts, encoded, strict=True):
+    firsts = first_student_tokens([b for _, b in todo], student_tok, student_bytes, canonical)
+    return {t: s for (t, _), s in zip(todo, firsts, strict=True) if s >= 0}
+
+
+def first_student_tokens(texts: Sequence[bytes], student_tok: Tokenizer, student_bytes: TokenBytes,
+                         canonical: dict[bytes, int]) -> list[int]:
+    """For each byte string, the student token it begins with: the first token of the student's own encoding
+    when the bytes are whole UTF-8 characters the student can encode, else the longest student token that is
+    a byte prefix; -1 when there is none. `canonical`: byte string -> the student id that carries it."""
+    decoded = [_decode(b) for b in texts]
+    encoded = _encode_all(student_tok, [x or "" for x in decoded])
+    out = []
+    for b, text, ids in zip(texts, decoded, encoded, strict=True):
         first = ids[0] if text and ids else None
         if first is not None and student_bytes.table[first] and b.startswith(student_bytes.table[first]):
-            out[t] = canonical.get(student_bytes.table[first], first)
+            out.append(canonical.get(student_bytes.table[first], first))
             continue
-        for k in range(len(b) - 1, 0, -1):
-            if b[:k] in canonical:
-                out[t] = canonical[b[:k]]
-                break
+        out.append(next((canonical[b[:k]] for k in range(len(b), 0, -1) if b[:k] in canonical), -1))
     return out
+
+
+def student_canonical(student_tok: Tokenizer, student_bytes: TokenBytes) -> dict[bytes, int]:
+    """Byte string -> the one student id that carries it (not a byte-fallback token where there is another,
+    else the lowest id)."""
+    canonical: dict[bytes, int] = {}
+    for i, b in enumerate(student_bytes.table):
+        if b and (b not in canonical or _prefer(student_tok, i, canonical[b])):
+            canonical[b] = i
+    return canonical
+
+
+@dataclass(frozen=True, eq=False)
+class ContinuationMap:
+    """The teacher's next-token distribution as a distribution over the student's next token, at any byte
+    offset into the teacher's next token (`vocab_match="marginal"`).
+
+    Where the student has read k bytes of the teacher's next token t* (`CrossPlan.offset`), the teacher tokens
+    that may be that token are those whose bytes start with t*'s first k bytes and go on beyond them; each goes
+    on with the student token its remaining bytes begin with (`first_student_tokens`):
+
+        q(s) = sum {p(t) : t[:k] = t*[:k], |t| > k, first(t[k:]) = s} / sum {p(t) : t[:k] = t*[:k], |t| > k}
+
+    At k = 0 (aligned) every teacher token counts: the prefix mapping, renormalised over the tokens that map;
+    end-of-text maps to end-of-text. The teacher's tokenization is taken as the only one of its text (a
+    teacher writing "36" as one token gives no mass to "3" then "6"), the usual approximation. Offsets beyond
+    `max_offset` bytes are not scored.
+
+    cls [K+1, Vt] int32: an id of t[:k] (equal ids, equal prefixes); -1 where |t| <= k (k >= 1)
+    cont [K+1, Vt] int32: the student id t[k:] begins with, -1 where none
+    """
+
+    cls: torch.Tensor
+    cont: torch.Tensor
+
+    @classmethod
+    def build(cls, teacher_tok: Tokenizer, teacher_bytes: TokenBytes, student_tok: Tokenizer,
+              student_bytes: TokenBytes, max_offset: int = 16) -> ContinuationMap:
+        canonical = student_canonical(student_tok, student_bytes)
+        table = teacher_bytes.table
+        K = max(0, min(max_offset, max((len(b) for b in table), default=1) - 1))
+        prefix = torch.full((K + 1, len(table)), -1, dtype=torch.int32)
+        cont = torch.full((K + 1, len(table)), -1, dtype=torch.int32)
+        for k in range(K + 1):
+            todo = [(t, b) for t, b in enumerate(table) if len(b) > k]
+            firsts = first_student_tokens([b[k:] for _, b in todo], student_tok, student_bytes, canonical)
+            ids: dict[bytes, int] = {}
+            for (t, b), first in zip(todo, firsts, strict=True):
+                prefix[k, t] = ids.setdefault(b[:k], len(ids))
+                cont[k, t] = first
+        prefix[0] = 0  # no prefix to agree on
+        cont[0, teacher_tok.eos_id] = student_tok.eos_id
+        return cls(prefix, cont)
+
+    @property
+    def max_offset(self) -> int:
+        return self.cls.shape[0] - 1
+
+    def to(self, device: str | torch.device) -> ContinuationMap:
+        return ContinuationMap(self.cls.to(device), self.cont.to(device))
+
+    def targets(self, teacher_logprobs_NVt: torch.Tensor, offset_N: torch.Tensor, next_N: torch.Tensor,
+                width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log q [N, width] over the student's ids (-inf where 0), valid [N]) from the teacher's log-probabilities
+        at the position before its next token (at the temperature), the offset into that token and the token
+        (`next_N`, read where offset >= 1). Invalid: no offset, beyond `max_offset`, or no teacher mass that
+        goes on as some student token."""
+        lp_NVt = _fp(teacher_logprobs_NVt)
+        Vt = self.cls.shape[1]
+        valid_N = (offset_N >= 0) & (offset_N <= self.max_offset)
+        k_N = offset_N.clamp(0, self.max_offset).long()
+        cls_NVt, cont_NVt = self.cls[k_N].long(), self.cont[k_N].long()
+        own_N = torch.where(k_N > 0, cls_NVt.gather(1, next_N.clamp(0, Vt - 1).long()[:, None])[:, 0], 0)
+        keep_NVt = (cls_NVt == own_N[:, None]) & (cont_NVt >= 0)
+        p_NVt = lp_NVt[:, :Vt].exp() * keep_NVt
+        q_NW = torch.zeros(lp_NVt.shape[0], width + 1, dtype=lp_NVt.dtype, device=lp_NVt.device)
+        q_NW.scatter_add_(1, torch.where(keep_NVt, cont_NVt, width), p_NVt)
+        q_NW = q_NW[:, :width]
+        mass_N = q_NW.sum(-1, keepdim=True)
+        valid_N = valid_N & (mass_N[:, 0] > 0)
+        q_NW = q_NW / mass_N.clamp_min(torch.finfo(q_NW.dtype).tiny)
+        return torch.where(q_NW > 0, q_NW.log(), NEG_INF), valid_N
 
 
 def _prefer(tok: Tokenizer, new: int, old: int) -> bool:
@@ -175,24 +259,36 @@ def align_document(student_lengths: Sequence[int], teacher_lengths: Sequence[int
     (`student_start`, i = 0: an empty context, like BOS), where it aligns with the last zero-length teacher
     token at the start (the teacher's BOS) if there is one. O(len(student) + len(teacher)).
     """
-    return _align(student_lengths, teacher_lengths, student_start, skip=0)
+    positions, offsets = _align(student_lengths, teacher_lengths, student_start, skip=0)
+    return [j if k == 0 else -1 for j, k in zip(positions, offsets, strict=True)]
 
 
 def _align(student_lengths: Sequence[int], teacher_lengths: Sequence[int], student_start: bool,
-           skip: int) -> list[int]:
-    """`align_document` where the teacher's text starts `skip` bytes into the student's: student positions
-    whose text ends within those bytes are unaligned."""
+           skip: int) -> tuple[list[int], list[int]]:
+    """`align_document` where the teacher's text starts `skip` bytes into the student's (student positions
+    whose text ends within those bytes are unaligned), and each position's offset: 0 where aligned; k >= 1
+    where the student's context ends k bytes into the teacher's token j + 1 (j then the teacher position
+    before that token, the last whose context is a prefix of the student's); -1 where neither."""
     teacher_ends = list(accumulate(teacher_lengths))
-    out, j, end = [], -1, -skip
+    out, offsets, j, end = [], [], -1, -skip
     for i, n in enumerate(student_lengths):
         end += n
         if (n == 0 and not (student_start and i == 0)) or (n > 0 and end <= 0):
             out.append(-1)
+            offsets.append(-1)
             continue
         while j + 1 < len(teacher_ends) and teacher_ends[j + 1] <= end:
             j += 1
-        out.append(j if j >= 0 and teacher_ends[j] == end else -1)
-    return out
+        if j >= 0 and teacher_ends[j] == end:
+            out.append(j)
+            offsets.append(0)
+        elif j >= 0 and n > 0 and j + 1 < len(teacher_ends):  # inside teacher token j + 1
+            out.append(j)
+            offsets.append(end - teacher_ends[j])
+        else:
+            out.append(-1)
+            offsets.append(-1)
+    return out, offsets
 
 
 class CrossPlan(NamedTuple):
@@ -202,7 +298,11 @@ class CrossPlan(NamedTuple):
     teacher_ids: torch.Tensor  # [R, L] int64, right-padded with the teacher's pad id
     teacher_mask: torch.Tensor  # [R, L] bool, True on real tokens
     index: torch.Tensor  # [B*S] int64: flat index r*L + j into [R, L] of the aligned teacher position, or -1
-    aligned: torch.Tensor  # [B*S] bool: index >= 0
+    aligned: torch.Tensor  # [B*S] bool: aligned at a token boundary of both (offset == 0)
+    # [B*S] int64: 0 where aligned; k >= 1 where the student's context ends k bytes into the teacher's next token
+    # (`index` then points at the teacher position before it, and index + 1 at that token); -1 where neither
+    offset: torch.Tensor | None = None
+    position: torch.Tensor | None = None  # [B*S] int64: `index` where offset >= 0 (aligned or inside), else -1
 
 
 def plan_cross_batch(input_ids_BS: torch.Tensor, positions_BS: torch.Tensor, segment_ids_BS: torch.Tensor,
@@ -236,7 +336,7 @@ def plan_cross_batch(input_ids_BS: torch.Tensor, positions_BS: torch.Tensor, seg
             s = e
     texts = [_decode(p[2]) for p in pieces]
     encoded = _encode_all(teacher_tok, [t or "" for t in texts])
-    rows, index = [], [-1] * (B * S)
+    rows, index, offset = [], [-1] * (B * S), [-1] * (B * S)
     for (flat, lengths, data, skip, start), text, t_ids in zip(pieces, texts, encoded, strict=True):
         if not text or t_ids is None:
             continue
@@ -244,16 +344,22 @@ def plan_cross_batch(input_ids_BS: torch.Tensor, positions_BS: torch.Tensor, seg
         if t_lengths is None:
             continue
         t_ids, t_lengths = (prefix + t_ids, [0] * len(prefix) + t_lengths) if start else (t_ids, t_lengths)
-        rows.append((flat, t_ids, _align(lengths, t_lengths, start, skip)))
+        aligned, offsets = _align(lengths, t_lengths, start, skip)
+        # inside a teacher token only where that token spells its own bytes (not a prefix-space first token)
+        offsets = [k if k <= 0 or t_lengths[j + 1] == len(teacher_bytes.table[t_ids[j + 1]]) else -1
+                   for j, k in zip(aligned, offsets, strict=True)]
+        rows.append((flat, t_ids, [j if k >= 0 else -1 for j, k in zip(aligned, offsets, strict=True)], offsets))
     L = max((len(r[1]) for r in rows), default=1)
     teacher_ids = torch.full((len(rows), L), teacher_tok.pad_id, dtype=torch.long)
     teacher_mask = torch.zeros((len(rows), L), dtype=torch.bool)
-    for r, (flat, t_ids, aligned) in enumerate(rows):
+    for r, (flat, t_ids, aligned, offsets) in enumerate(rows):
         teacher_ids[r, :len(t_ids)] = torch.tensor(t_ids, dtype=torch.long)
         teacher_mask[r, :len(t_ids)] = True
         index[flat:flat + len(aligned)] = [r * L + j if j >= 0 else -1 for j in aligned]
-    index_t = torch.tensor(index, dtype=torch.long)
-    return CrossPlan(teacher_ids, teacher_mask, index_t, index_t >= 0)
+        offset[flat:flat + len(offsets)] = offsets
+    index_t, offset_t = torch.tensor(index, dtype=torch.long), torch.tensor(offset, dtype=torch.long)
+    return CrossPlan(teacher_ids, teacher_mask, torch.where(offset_t == 0, index_t, -1), offset_t == 0, offset_t,
+                     index_t)
 
 
 def alignment_rate(plan: CrossPlan, labels_BS: torch.Tensor) -> float:
