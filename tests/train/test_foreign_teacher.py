@@ -103,11 +103,11 @@ def test_same_tokenizer_distillation_is_the_dense_kd_on_the_teachers_own_logits(
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cross_tokenizer_step_matches_aligned_positions_only(tmp_path, char_tok, bpe_tok, family):
-    """A teacher with a byte-level BPE vs a character student: KD at the aligned positions, computed from the
-    teacher run on its own tokens of the same text; the CE covers every labelled position."""
+    """A teacher with a byte-level BPE vs a character student, vocab_match=prefix: KD at the aligned positions,
+    computed from the teacher run on its own tokens of the same text; the CE covers every labelled position."""
     teacher = load_foreign(save_teacher(tmp_path / "t", family, bpe_tok))
     student = student_for(char_tok)
-    cfg = DistillSection(alpha=0.5, cross_method="aligned")
+    cfg = DistillSection(alpha=0.5, cross_method="aligned", vocab_match="prefix")
     step = CrossTokenizerDistillStep(student, teacher, bpe_tok, char_tok, RouterSection(), cfg)
     batch = packed_batch(char_tok)
     targets = step._targets(batch)
@@ -115,7 +115,6 @@ def test_cross_tokenizer_step_matches_aligned_positions_only(tmp_path, char_tok,
     rate = float((targets.aligned & labelled).sum() / labelled.sum())
     assert 0.2 < rate < 1.0  # BPE merges: positions inside a teacher token have no teacher position
     # each aligned position's teacher logits are the teacher's own forward on its encoding of the prefix text
-    text_ids = batch.input_ids.flatten()
     for n in targets.aligned.nonzero().flatten()[:5].tolist():
         b, s = divmod(n, batch.input_ids.shape[1])
         start = (batch.segment_ids[b] == batch.segment_ids[b, s]).nonzero().min().item()
@@ -124,10 +123,40 @@ def test_cross_tokenizer_step_matches_aligned_positions_only(tmp_path, char_tok,
         with torch.no_grad():
             own = teacher.model(input_ids=torch.tensor([ids])).logits[0, -1]
         torch.testing.assert_close(targets.logits(n, n + 1)[0], own, rtol=1e-4, atol=1e-5)
-        assert text_ids[n] >= 0
     res_h = step._hidden(batch)
     loss, metrics = step._distill(batch, res_h, targets, 1.0)
     assert metrics["kd_weight"] == pytest.approx(0.5 * float((targets.aligned & labelled).sum()), rel=1e-6)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+
+
+def test_marginal_matching_scores_positions_inside_teacher_tokens(tmp_path, char_tok, bpe_tok):
+    """vocab_match=marginal (the default): positions inside a teacher token are scored too, with the teacher's
+    logits at the position before that token (its own forward on its tokens so far)."""
+    from behemoth.train.token_align import plan_cross_batch
+
+    teacher = load_foreign(save_teacher(tmp_path / "t", "qwen2", bpe_tok))
+    student = student_for(char_tok)
+    assert DistillSection().vocab_match == "marginal" and DistillSection().cross_method == "aligned"
+    step = CrossTokenizerDistillStep(student, teacher, bpe_tok, char_tok, RouterSection(), DistillSection(alpha=0.5))
+    batch = packed_batch(char_tok)
+    targets = step._targets(batch)
+    plan = plan_cross_batch(batch.input_ids, batch.positions, batch.segment_ids, step.student_bytes, bpe_tok,
+                            step.teacher_bytes)
+    labelled = batch.labels.flatten() != IGNORE_INDEX
+    assert torch.equal(targets.aligned, plan.offset >= 0) and torch.equal(targets.offset, plan.offset)
+    matched, aligned = float((targets.aligned & labelled).sum()), float((plan.aligned & labelled).sum())
+    assert matched > aligned and matched >= 0.9 * float(labelled.sum())
+    L = plan.teacher_ids.shape[1]
+    for n in (plan.offset > 0).nonzero().flatten()[:5].tolist():
+        r, j = divmod(int(plan.position[n]), L)
+        assert int(targets.next_ids[n]) == int(plan.teacher_ids[r, j + 1])
+        with torch.no_grad():
+            own = teacher.model(input_ids=plan.teacher_ids[r:r + 1, :j + 1]).logits[0, -1]
+        torch.testing.assert_close(targets.logits(n, n + 1)[0], own, rtol=1e-4, atol=1e-5)
+    loss, metrics = step._distill(batch, step._hidden(batch), targets, 1.0)
+    assert 0.5 * float((plan.aligned & labelled).sum()) < metrics["kd_weight"]
+    assert metrics["kd_weight"] <= 0.5 * float((targets.aligned & labelled).sum())
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
 

@@ -116,14 +116,15 @@ class DistillSection:
     # without a teacher (data.tokenizer, the character tokenizer for the built-in tasks, or a BPE trained on the
     # corpus). When it differs from the teacher's, distillation runs across tokenizers (`cross_method`).
     tokenizer: str = "teacher"
-    # across tokenizers: aligned (the teacher's distribution on the tokens both vocabularies share, at positions
-    # where both tokenizations reach the same text) | uld (sorted probabilities, Wasserstein) | hybrid (both)
-    cross_method: str = "hybrid"
+    # across tokenizers: aligned (the teacher's distribution moved onto the student's tokens, at positions where
+    # both tokenizations reach the same text) | uld (sorted probabilities, Wasserstein) | hybrid (both)
+    cross_method: str = "aligned"
     uld_weight: float = 1.0  # hybrid: the weight of the ULD term on the tokens the vocabularies do not share
     # aligned, hybrid: which teacher tokens map onto the student's: exact (identical text only) | prefix (also
-    # those the student lacks, to the student token their text begins with) | marginal (aligned only: prefix, and
-    # at positions inside a teacher token too, given the bytes of it read so far; `train/token_align.py`)
-    vocab_match: str = "prefix"
+    # those the student lacks, to the student token their text begins with) | marginal (prefix, and with aligned
+    # also at positions inside a teacher token, given the bytes of it read so far; `train/token_align.py`).
+    # benchmarks/cross_family.py measures them: marginal, the default, is the one that beats scratch there
+    vocab_match: str = "marginal"
     # a transformers teacher's weights: auto (bf16 when the run uses bf16 autocast, else fp32) | fp32 | bf16
     teacher_dtype: str = "auto"
 
@@ -222,15 +223,14 @@ class TrainConfig:
             ("distill.tokenizer", self.distill.tokenizer in ("teacher", "own")),
             ("distill.cross_method", self.distill.cross_method in ("aligned", "uld", "hybrid")),
             ("distill.uld_weight", self.distill.uld_weight >= 0),
-            ("distill.vocab_match", self.distill.vocab_match in ("exact", "prefix", "marginal")
-             and (self.distill.vocab_match != "marginal" or self.distill.cross_method == "aligned")),
+            ("distill.vocab_match", self.distill.vocab_match in ("exact", "prefix", "marginal")),
             ("distill.teacher_dtype", self.distill.teacher_dtype in ("auto", "fp32", "bf16")),
             ("parallel.dp_shard", self.parallel.dp_shard == -1 or self.parallel.dp_shard >= 1),
         ]
         choices = {"router.bias_update": f" (one of {', '.join(BIAS_RULES)})",
                    "router.bias_max_step": " (at least the bias rate, router.bias_update_rate)",
                    "distill.tokenizer": " (teacher or own)", "distill.cross_method": " (aligned, uld or hybrid)",
-                   "distill.vocab_match": " (exact, prefix, or marginal with distill.cross_method=aligned)",
+                   "distill.vocab_match": " (exact, prefix or marginal)",
                    "distill.teacher_dtype": " (auto, fp32 or bf16)"}
         for key, ok in checks:
             if not ok:

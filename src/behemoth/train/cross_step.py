@@ -45,11 +45,12 @@ class CrossTokenizerDistillStep(DistillStep):
         super().__init__(student, teacher, router, distill, autocast_dtype)
         self.teacher_tok = teacher_tok
         self.student_bytes, self.teacher_bytes = TokenBytes.of(student_tok), TokenBytes.of(teacher_tok)
-        self.marginal = distill.vocab_match == "marginal"
+        # marginal: the aligned method at every position; hybrid (and uld, which maps nothing) take it as prefix
+        self.marginal = distill.vocab_match == "marginal" and distill.cross_method == "aligned"
+        match = "prefix" if distill.vocab_match == "marginal" else distill.vocab_match
         self.vmap = (ContinuationMap.build(teacher_tok, self.teacher_bytes, student_tok, self.student_bytes)
                      if self.marginal else
-                     VocabMap.build(teacher_tok, self.teacher_bytes, student_tok, self.student_bytes,
-                                    distill.vocab_match))
+                     VocabMap.build(teacher_tok, self.teacher_bytes, student_tok, self.student_bytes, match))
         self._vmap_on: dict[torch.device, VocabMap] = {}
         self._rate = 0.0
 
@@ -109,7 +110,7 @@ def overlap_report(teacher_tok: Tokenizer, student_tok: Tokenizer, train, cfg, t
     batch = next(iter(make_loader(train, min(cfg.train.batch_size, 4), cfg.data.seq_len, cfg.train.seed,
                                   shuffle=False)))
     plan = plan_cross_batch(batch.input_ids, batch.positions, batch.segment_ids, s_bytes, teacher_tok, t_bytes)
-    if match == "marginal":
+    if match == "marginal" and cfg.distill.cross_method == "aligned":
         plan = plan._replace(aligned=plan.offset >= 0)
     line = (f"teacher: another tokenizer ({teacher_tok.vocab_size:,} tokens vs the student's "
             f"{student_tok.vocab_size:,}); distilling across tokenizers with distill.cross_method="
