@@ -82,8 +82,7 @@ def load_teacher(directory: Path, device: torch.device,
     distill.teacher."""
     tok = load_teacher_tokenizer(directory)
     try:
-        model = (load_any_model(directory, foreign_dtype, device) if is_foreign_dir(directory)
-                 else load_any_model(directory, torch.float32, device))
+        model = load_any_model(directory, foreign_dtype if is_foreign_dir(directory) else torch.float32, device)
     except CheckpointError as e:
         raise ValueError(f"distill.teacher: {e}") from None
     return model, tok
