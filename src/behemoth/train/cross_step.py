@@ -97,9 +97,11 @@ class CrossTokenizerDistillStep(DistillStep):
         return self._finish(loss, metrics, self.moes, loss_scale, share)
 
 
-def overlap_report(teacher_tok: Tokenizer, student_tok: Tokenizer, train, cfg, teacher: nn.Module | None) -> str:
-    """One line for the start of a run: the method, the vocabularies' overlap, and on the first training rows
-    the alignment rate and (when the teacher's weights are here) the teacher's mass on the shared tokens."""
+def overlap_report(teacher_tok: Tokenizer, student_tok: Tokenizer, train, cfg,
+                   teacher: nn.Module | None) -> tuple[str, dict]:
+    """One line for the start of a run, and its figures for metrics.jsonl: the method, the vocabularies'
+    overlap, and on the first training rows the share of positions matched and (when the teacher's weights are
+    here) the teacher's mass on the shared and on the mapped tokens."""
     from behemoth.train.datasets import make_loader
 
     t_bytes, s_bytes = TokenBytes.of(teacher_tok), TokenBytes.of(student_tok)
@@ -118,12 +120,18 @@ def overlap_report(teacher_tok: Tokenizer, student_tok: Tokenizer, train, cfg, t
             f"the student's vocabulary, {exact['teacher_share']:.0%} of the teacher's); distill.vocab_match="
             f"{cfg.distill.vocab_match} maps {vmap.summary()['teacher_share']:.0%} of the teacher's tokens; "
             f"{alignment_rate(plan, batch.labels):.0%} of positions aligned")
+    stats = {"cross_method": cfg.distill.cross_method, "vocab_match": match, "teacher_vocab": teacher_tok.vocab_size,
+             "student_vocab": student_tok.vocab_size, "shared_tokens": exact["shared_tokens"],
+             "teacher_tokens_mapped": vmap.summary()["teacher_tokens_mapped"],
+             "matched_positions": alignment_rate(plan, batch.labels)}
     params = list(teacher.parameters()) if teacher is not None else []
     if params and not params[0].is_meta and plan.teacher_ids.numel():
         h = teacher_rows(teacher, plan.teacher_ids.to(params[0].device), plan.teacher_mask.to(params[0].device),
                          None).float()
         real = plan.teacher_mask.flatten().to(h.device)
-        lp = torch.log_softmax(teacher.logits(h.flatten(0, 1)[real]).float(), -1)
-        line += (f", teacher mass on shared tokens {float(exact_map.shared_mass(lp.cpu()).mean()):.0%}"
-                 f" (mapped: {float(vmap.shared_mass(lp.cpu()).mean()):.0%})")
-    return line + " (first batch)"
+        lp = torch.log_softmax(teacher.logits(h.flatten(0, 1)[real]).float(), -1).cpu()
+        stats["teacher_mass_shared"] = float(exact_map.shared_mass(lp).mean())
+        stats["teacher_mass_mapped"] = float(vmap.shared_mass(lp).mean())
+        line += (f", teacher mass on shared tokens {stats['teacher_mass_shared']:.0%}"
+                 f" (mapped: {stats['teacher_mass_mapped']:.0%})")
+    return line + " (first batch)", stats

@@ -97,7 +97,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
     step = spec.step(cfg, model, teacher, ctx.autocast)
     trainer = make_trainer(cfg, ctx, step, train_loader, (train, val), models.state,
                            run_flops(cfg, model, teacher.model, spec.trains_teacher))
-    return fit(cfg, ctx, trainer, tok, model_cfg, resumed=models.state is not None)
+    opening = [{"type": "cross_tokenizer", **teacher.overlap}] if teacher.overlap else []
+    return fit(cfg, ctx, trainer, tok, model_cfg, resumed=models.state is not None, opening=opening)
 
 
 def prepare(cfg: TrainConfig, resume: bool, say: Callable[[str], None]) -> tuple[RunContext, Tokenizer | None]:
@@ -185,8 +186,10 @@ def make_trainer(cfg: TrainConfig, ctx: RunContext, step: Step, train_loader, da
     return trainer
 
 
-def fit(cfg: TrainConfig, ctx: RunContext, trainer: Trainer, tok: Tokenizer, model_cfg, resumed: bool) -> dict:
-    """The run's files (rank 0), the opening line, the loop, the plots."""
+def fit(cfg: TrainConfig, ctx: RunContext, trainer: Trainer, tok: Tokenizer, model_cfg, resumed: bool,
+        opening: list[dict] = ()) -> dict:
+    """The run's files (rank 0), the opening line, the loop, the plots. `opening`: records for metrics.jsonl
+    before the first step (stamped with the step the run starts at)."""
     run_dir, dist = ctx.run_dir, ctx.dist
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -200,6 +203,8 @@ def fit(cfg: TrainConfig, ctx: RunContext, trainer: Trainer, tok: Tokenizer, mod
             f"{cfg.train.batch_size * cfg.train.grad_accum} x {cfg.data.seq_len} tokens; run dir {run_dir}")
     log = MetricsLog(run_dir, cfg.log.tensorboard, trainer.global_step if resumed else None) if dist.is_main \
         else NullLog()
+    for record in opening:
+        log.write({**record, "step": trainer.global_step})
     try:
         return trainer.fit(log)
     finally:

@@ -37,6 +37,7 @@ class TeacherSource:
     tokenizer: Tokenizer | None = None  # the tokenizer it binds the run to (None: the run chooses)
     path: Path | None = None  # the frozen teacher's model directory
     student_tokenizer: Tokenizer | None = None  # set by `check_teacher` when it differs from `tokenizer`
+    overlap: dict | None = None  # then also the vocabularies' overlap (`cross_step.overlap_report`), for the log
 
 
 def no_teacher(cfg: TrainConfig, ctx: RunContext) -> TeacherSource:
@@ -163,4 +164,5 @@ def check_cross(source: TeacherSource, cfg: TrainConfig, tok: Tokenizer, train: 
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
     source.student_tokenizer = tok
-    say(overlap_report(source.tokenizer, tok, train, cfg, source.model))
+    line, source.overlap = overlap_report(source.tokenizer, tok, train, cfg, source.model)
+    say(line)
