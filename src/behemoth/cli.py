@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 from behemoth import ranks
 from behemoth.commands import inference, models, training
@@ -63,8 +64,15 @@ def _run(argv: list[str] | None) -> int:
     return 0
 
 
+RANK0_GRACE_S = 5.0  # how long a failing rank other than 0 waits for rank 0 to report, before the group forms
+
+
 def main(argv: list[str] | None = None) -> int:
     code = _run(argv)
+    if code != 0 and not ranks.joined() and ranks.launcher_rank() != 0:
+        # bad settings, found on every rank alike and reported by rank 0: torchrun stops every rank at the first
+        # one that exits, and rank 0 (which may have started later) must not be stopped before it has said why
+        time.sleep(RANK0_GRACE_S)
     if ranks.joined():  # a distributed run (torchrun) in this process
         from behemoth.parallel.distributed import teardown
 
