@@ -287,3 +287,36 @@ def test_eval_teacher_with_another_tokenizer_is_one_line(tmp_path, teachers, bpe
     other = save_teacher(tmp_path / "bpe", "qwen2", bpe_tok)
     err = bad(capsys, "eval", "--model", str(teachers["llama"]), "--teacher", str(other), "--problems", "4")
     assert "--teacher" in err and "bits per byte" in err
+
+
+def test_a_teacher_whose_tokenizer_adds_bos_sees_it_before_every_document(tmp_path, char_tok):
+    """A tokenizer whose post-processor puts BOS before a prompt (Llama 3's, Gemma's): each document piece runs
+    after that BOS, as the model's own forward on [BOS] + the document, the BOS's output dropped."""
+    from tokenizers import processors
+
+    tok = char_tokenizer()
+    tok.hf.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                          special_tokens=[("<|begin_of_text|>", tok.bos_id)])
+    teacher = load_foreign(save_teacher(tmp_path / "t", "llama", tok))
+    assert teacher.prefix_ids == [tok.bos_id]
+    batch = packed_batch(char_tok)
+    got = teacher.logits(teacher.hidden_states(batch.input_ids, **batch.model_inputs))
+    for b in range(batch.input_ids.shape[0]):
+        seg = batch.segment_ids[b]
+        for s in seg.unique():
+            cols = (seg == s).nonzero().flatten()
+            ids = torch.cat([torch.tensor([tok.bos_id]), batch.input_ids[b, cols]])[None]
+            with torch.no_grad():
+                own = teacher.model(input_ids=ids).logits[0, 1:]
+            torch.testing.assert_close(got[b, cols], own, rtol=1e-4, atol=1e-5)
+
+
+def test_settings_a_transformers_teacher_cannot_take_are_one_line(tmp_path, teachers, bpe_tok, capsys):
+    err = bad(capsys, "distill", *RUN, f"--distill.teacher={teachers['gpt2']}", "--data.seq_len=300",
+              f"--train.out_dir={tmp_path / 'a'}")
+    assert "data.seq_len=300" in err and "256" in err
+    cross = save_teacher(tmp_path / "cross", "qwen2", bpe_tok)
+    err = bad(capsys, "distill", *RUN, f"--distill.teacher={cross}", "--distill.tokenizer=own",
+              "--distill.loss=reverse_kl", f"--train.out_dir={tmp_path / 'b'}")
+    assert "distill.loss=reverse_kl" in err and "marginal" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -81,7 +81,8 @@ def _active_params(model: nn.Module, hf_config) -> tuple[int, int]:
     embed = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
              for p in m.parameters()}
     k = getattr(hf_config, "num_experts_per_tok", None)
-    e = getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None)
+    e = (getattr(hf_config, "num_local_experts", None) or getattr(hf_config, "num_experts", None)
+         or getattr(hf_config, "n_routed_experts", None))  # Mixtral, Qwen MoE, DeepSeek
     total, active = 0, 0.0
     for name, p in model.named_parameters():
         total += p.numel()
@@ -92,8 +93,9 @@ def _active_params(model: nn.Module, hf_config) -> tuple[int, int]:
 
 
 def _decoder_layers(base: nn.Module) -> nn.ModuleList:
-    """The decoder's list of layers (`layers`, GPT-2's `h`, ...): the base model's largest ModuleList."""
-    lists = [m for m in base.children() if isinstance(m, nn.ModuleList)]
+    """The decoder's list of layers (`layers`, GPT-2's `h`, a multimodal model's language model's): the largest
+    ModuleList anywhere in the base model."""
+    lists = [m for m in base.modules() if isinstance(m, nn.ModuleList)]
     if not lists:
         raise CheckpointError(f"{type(base).__name__}: no list of decoder layers found")
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
@@ -102,10 +104,12 @@ def _decoder_layers(base: nn.Module) -> nn.ModuleList:
 class ForeignTeacher(nn.Module):
     """A transformers causal LM, frozen, with the teacher interface of a native `Transformer`."""
 
-    def __init__(self, model: nn.Module, source: str):
+    def __init__(self, model: nn.Module, source: str, prefix_ids: list[int] | None = None):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.source = source
+        # what its tokenizer puts before a prompt (a BOS, which Gemma and Llama 3 expect): every row starts with it
+        self.prefix_ids = list(prefix_ids or [])
         hf = model.config
         total, active = _active_params(model, hf)
         text = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
@@ -128,6 +132,10 @@ class ForeignTeacher(nn.Module):
 
     def _rows(self, ids_RL: torch.Tensor, mask_RL: torch.Tensor) -> torch.Tensor:
         # the one body of both public methods (each an FSDP forward method under torchrun: neither calls the other)
+        limit = getattr(self.config.hf, "n_positions", None)  # learned absolute positions (GPT-2)
+        if limit and ids_RL.shape[1] > limit:
+            raise ValueError(f"{self.source}: a row of {ids_RL.shape[1]} teacher tokens is longer than its {limit} "
+                             "learned positions; lower data.seq_len")
         pos_RL = torch.arange(ids_RL.shape[1], device=ids_RL.device).expand_as(ids_RL)
         out = self.base(input_ids=ids_RL, attention_mask=mask_RL.long(), position_ids=pos_RL, use_cache=False)
         return out.last_hidden_state
@@ -142,12 +150,16 @@ class ForeignTeacher(nn.Module):
         if segment_ids is None:
             segment_ids = torch.zeros_like(input_ids)
         rows, starts, lengths = pieces(segment_ids)
-        L = int(lengths.max())
-        offset_N = torch.arange(B * S, device=input_ids.device) - starts.repeat_interleave(lengths)
+        P = len(self.prefix_ids)
+        L = int(lengths.max()) + P
+        offset_N = torch.arange(B * S, device=input_ids.device) - starts.repeat_interleave(lengths) + P
         row_N = torch.arange(len(rows), device=input_ids.device).repeat_interleave(lengths)
         ids_RL = input_ids.new_zeros(len(rows), L)
-        ids_RL[row_N, offset_N] = input_ids.flatten()
         mask_RL = torch.zeros(len(rows), L, dtype=torch.bool, device=input_ids.device)
+        if P:
+            ids_RL[:, :P] = torch.tensor(self.prefix_ids, device=input_ids.device)
+            mask_RL[:, :P] = True
+        ids_RL[row_N, offset_N] = input_ids.flatten()
         mask_RL[row_N, offset_N] = True
         h_RLD = self._rows(ids_RL, mask_RL)
         return h_RLD[row_N, offset_N].view(B, S, -1)
@@ -217,7 +229,9 @@ def load_foreign(directory: str | Path, dtype: torch.dtype = torch.float32,
     if torch.device(device).type == "meta":
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(cfg)
-        return ForeignTeacher(model.to(dtype), str(directory))
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+        return ForeignTeacher(model, str(directory), _prompt_prefix(directory))
     if not any((directory / f).is_file() for f in HF_FILES):
         raise CheckpointError(f"{directory}: no weights (looked for {', '.join(HF_FILES)})")
     kw = {_dtype_kw(transformers): dtype, "local_files_only": True}
@@ -230,9 +244,19 @@ def load_foreign(directory: str | Path, dtype: torch.dtype = torch.float32,
             raise CheckpointError(f"{directory}: transformers cannot load it ({_first_line(e)})") from None
     except Exception as e:
         raise CheckpointError(f"{directory}: transformers cannot load it ({_first_line(e)})") from None
-    teacher = ForeignTeacher(model.to(device), str(directory))
+    teacher = ForeignTeacher(model.to(device), str(directory), _prompt_prefix(directory))
     check_head(teacher)
     return teacher
+
+
+def _prompt_prefix(directory: Path) -> list[int]:
+    """The ids the model's tokenizer puts before a prompt (its BOS), [] without a readable tokenizer."""
+    from behemoth.data.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.load(directory).encode_prompt("")
+    except ValueError:
+        return []
 
 
 @torch.no_grad()
@@ -285,4 +309,6 @@ def meta_copy(teacher: ForeignTeacher) -> ForeignTeacher:
     dtype = next(teacher.model.parameters()).dtype
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(teacher.config.hf)
-    return ForeignTeacher(model.to(dtype), teacher.source)
+    for p in model.parameters():  # buffers keep their own dtype, as from_pretrained leaves RoPE frequencies in fp32
+        p.data = p.data.to(dtype)
+    return ForeignTeacher(model, teacher.source, teacher.prefix_ids)

@@ -319,4 +319,7 @@ def shard_foreign(teacher: nn.Module, world: int, device: torch.device | str = "
         if rank0:
             buf.copy_(buffers[name])
         dist.broadcast(buf, src=0)
+    for m in out.modules():  # transformers 4.x keeps a copy of the RoPE frequencies as a plain attribute
+        if isinstance(getattr(m, "original_inv_freq", None), torch.Tensor) and m.original_inv_freq.is_meta:
+            m.original_inv_freq = m.inv_freq.clone()
     return out.eval().requires_grad_(False)

@@ -76,7 +76,10 @@ class CrossTokenizerDistillStep(DistillStep):
             h_RLD = teacher_rows(self.teacher, plan.teacher_ids.to(dev), plan.teacher_mask.to(dev),
                                  self.autocast_dtype)
             h_ND = h_RLD.flatten(0, 1)[plan.index.to(dev).clamp_min(0)]
-        else:  # no text in the batch: nothing to align
+        else:  # no text in the batch: nothing to align, but the teacher still runs once (a one-token row): under
+            # torchrun it is sharded, and every rank must join each of its forward passes
+            one = torch.full((1, 1), self.teacher_tok.eos_id, dtype=torch.long, device=dev)
+            teacher_rows(self.teacher, one, torch.ones_like(one, dtype=torch.bool), self.autocast_dtype)
             h_ND = None
             aligned_N = torch.zeros_like(aligned_N)
         head, vocab = self.teacher.logits, self.teacher.config.vocab_size
@@ -98,10 +101,11 @@ class CrossTokenizerDistillStep(DistillStep):
 
 
 def overlap_report(teacher_tok: Tokenizer, student_tok: Tokenizer, train, cfg,
-                   teacher: nn.Module | None) -> tuple[str, dict]:
+                   teacher: nn.Module | None, measure_mass: bool = True) -> tuple[str, dict]:
     """One line for the start of a run, and its figures for metrics.jsonl: the method, the vocabularies'
     overlap, and on the first training rows the share of positions matched and (when the teacher's weights are
-    here) the teacher's mass on the shared and on the mapped tokens."""
+    here and `measure_mass`: not in a distributed run, where rank 0 holds the whole teacher in CPU memory) the
+    teacher's mass on the shared and on the mapped tokens, from one row, its head applied in chunks."""
     from behemoth.train.datasets import make_loader
 
     t_bytes, s_bytes = TokenBytes.of(teacher_tok), TokenBytes.of(student_tok)
@@ -125,13 +129,17 @@ def overlap_report(teacher_tok: Tokenizer, student_tok: Tokenizer, train, cfg,
              "teacher_tokens_mapped": vmap.summary()["teacher_tokens_mapped"],
              "matched_positions": alignment_rate(plan, batch.labels)}
     params = list(teacher.parameters()) if teacher is not None else []
-    if params and not params[0].is_meta and plan.teacher_ids.numel():
-        h = teacher_rows(teacher, plan.teacher_ids.to(params[0].device), plan.teacher_mask.to(params[0].device),
-                         None).float()
-        real = plan.teacher_mask.flatten().to(h.device)
-        lp = torch.log_softmax(teacher.logits(h.flatten(0, 1)[real]).float(), -1).cpu()
-        stats["teacher_mass_shared"] = float(exact_map.shared_mass(lp).mean())
-        stats["teacher_mass_mapped"] = float(vmap.shared_mass(lp).mean())
+    if measure_mass and params and not params[0].is_meta and plan.teacher_ids.numel():
+        dev, mask = params[0].device, plan.teacher_mask[:1]
+        h = teacher_rows(teacher, plan.teacher_ids[:1].to(dev), mask.to(dev), None)[0][mask[0].to(dev)]
+        shared, mapped = [], []
+        for start in range(0, h.shape[0], 256):
+            with torch.no_grad():
+                lp = torch.log_softmax(teacher.logits(h[start:start + 256]).float(), -1).cpu()
+            shared.append(exact_map.shared_mass(lp))
+            mapped.append(vmap.shared_mass(lp))
+        stats["teacher_mass_shared"] = float(torch.cat(shared).mean())
+        stats["teacher_mass_mapped"] = float(torch.cat(mapped).mean())
         line += (f", teacher mass on shared tokens {stats['teacher_mass_shared']:.0%}"
                  f" (mapped: {stats['teacher_mass_mapped']:.0%})")
     return line + " (first batch)", stats

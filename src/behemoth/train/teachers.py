@@ -10,6 +10,7 @@ tokenizer. A teacher whose tokenizer differs from the student's is distilled acr
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,16 @@ def check_vocabularies(teacher_vocab: int, teacher_tok: Tokenizer, student_vocab
     check_vocab_sizes(teacher_vocab, student_vocab)
 
 
+def check_positions(teacher: nn.Module, seq_len: int) -> None:
+    """A transformers teacher with learned positions (GPT-2's n_positions) takes rows of at most that many
+    tokens: data.seq_len longer is an error naming both."""
+    hf = getattr(teacher.config, "hf", None)
+    limit = getattr(hf, "n_positions", None) if hf is not None else None
+    if limit and seq_len > limit:
+        raise ValueError(f"data.seq_len={seq_len}: the teacher ({teacher.config.model_type}) has learned positions "
+                         f"for {limit} tokens at most; set data.seq_len to {limit} or less")
+
+
 def check_vocab_sizes(teacher_vocab: int, student_vocab: int) -> None:
     if teacher_vocab < student_vocab:
         raise ValueError(f"the teacher's vocabulary ({teacher_vocab}) is smaller than the student's "
@@ -129,6 +140,7 @@ def check_teacher(source: TeacherSource, cfg: TrainConfig, model_cfg: ModelConfi
             if have != patch:
                 raise ValueError(f"the teacher's image token is id {have}, but the shared tokenizer's {PATCH} is "
                                  f"id {patch}")
+        check_positions(source.model, cfg.data.seq_len)
         if source.tokenizer.fingerprint == tok.fingerprint:
             check_vocab_sizes(source.model.config.vocab_size, model_cfg.vocab_size)
         else:
@@ -158,11 +170,17 @@ def check_cross(source: TeacherSource, cfg: TrainConfig, tok: Tokenizer, train: 
     if d.token_rule != "none":
         raise ValueError(f"distill.token_rule={d.token_rule!r}: not defined across tokenizers; set "
                          "distill.token_rule=none")
+    if d.cross_method == "aligned" and d.vocab_match == "marginal" and (
+            d.loss == "reverse_kl" or (d.loss == "jsd" and d.beta == 1)):
+        raise ValueError(f"distill.loss={d.loss}: the marginal target gives no mass to most student tokens, where "
+                         "a reverse KL is infinite; use forward_kl, jsd with beta < 1, skew_reverse_kl or tvd, or "
+                         "distill.vocab_match=prefix")
     for name, t in (("distill.teacher", source.tokenizer), ("data.tokenizer", tok)):
         try:
             TokenBytes.of(t)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
     source.student_tokenizer = tok
-    line, source.overlap = overlap_report(source.tokenizer, tok, train, cfg, source.model)
+    alone = int(os.environ.get("WORLD_SIZE", "1")) == 1  # else rank 0 holds the whole teacher in CPU memory
+    line, source.overlap = overlap_report(source.tokenizer, tok, train, cfg, source.model, measure_mass=alone)
     say(line)

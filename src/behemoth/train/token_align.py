@@ -221,15 +221,22 @@ class ContinuationMap:
         (`next_N`, read where offset >= 1). Invalid: no offset, beyond `max_offset`, or no teacher mass that
         goes on as some student token."""
         lp_NVt = _fp(teacher_logprobs_NVt)
-        Vt = self.cls.shape[1]
+        N, Vt = lp_NVt.shape[0], self.cls.shape[1]
         valid_N = (offset_N >= 0) & (offset_N <= self.max_offset)
-        k_N = offset_N.clamp(0, self.max_offset).long()
-        cls_NVt, cont_NVt = self.cls[k_N].long(), self.cont[k_N].long()
-        own_N = torch.where(k_N > 0, cls_NVt.gather(1, next_N.clamp(0, Vt - 1).long()[:, None])[:, 0], 0)
-        keep_NVt = (cls_NVt == own_N[:, None]) & (cont_NVt >= 0)
-        p_NVt = lp_NVt[:, :Vt].exp() * keep_NVt
-        q_NW = torch.zeros(lp_NVt.shape[0], width + 1, dtype=lp_NVt.dtype, device=lp_NVt.device)
-        q_NW.scatter_add_(1, torch.where(keep_NVt, cont_NVt, width), p_NVt)
+        q_NW = torch.zeros(N, width + 1, dtype=lp_NVt.dtype, device=lp_NVt.device)
+        # one offset at a time: its rows share one continuation index [Vt], so nothing [N, Vt] but the
+        # probabilities and a boolean mask is ever built (a 128k teacher vocabulary stays cheap)
+        for k in offset_N[valid_N].unique().tolist():
+            rows = (valid_N & (offset_N == k)).nonzero().flatten()
+            cont_Vt = self.cont[k].long()
+            keep_RVt = (cont_Vt >= 0).expand(rows.numel(), -1)
+            if k > 0:  # the teacher tokens that start like the token the student is inside
+                cls_Vt = self.cls[k].long()
+                own_R = cls_Vt[next_N[rows].clamp(0, Vt - 1).long()]
+                keep_RVt = keep_RVt & (cls_Vt[None, :] == own_R[:, None])
+            p_RVt = lp_NVt[rows, :Vt].exp() * keep_RVt
+            q_NW[rows] = torch.zeros(rows.numel(), width + 1, dtype=q_NW.dtype, device=q_NW.device).index_add_(
+                1, torch.where(cont_Vt >= 0, cont_Vt, width), p_RVt)
         q_NW = q_NW[:, :width]
         mass_N = q_NW.sum(-1, keepdim=True)
         valid_N = valid_N & (mass_N[:, 0] > 0)
@@ -312,10 +319,10 @@ def plan_cross_batch(input_ids_BS: torch.Tensor, positions_BS: torch.Tensor, seg
 
     A piece's text is its student tokens' bytes, less a leading run of UTF-8 continuation bytes and a
     trailing incomplete character (a window can cut a character); positions within those bytes stay
-    unaligned. A piece that starts a document (position 0) gets the teacher's prompt prefix first
-    (`encode_prompt("")`, e.g. its BOS). A piece whose text is empty, does not decode, cannot be encoded by
-    the teacher, or whose teacher tokens do not spell it back (a normaliser changed the text) has no teacher
-    row and stays unaligned.
+    unaligned. Every piece gets the teacher's prompt prefix first (`encode_prompt("")`, e.g. its BOS, which
+    Gemma and Llama 3 expect), at a document's start or not. A piece whose text is empty, does not decode,
+    cannot be encoded by the teacher, or whose teacher tokens do not spell it back (a normaliser changed the
+    text) has no teacher row and stays unaligned.
     """
     B, S = input_ids_BS.shape
     ids_rows, seg_rows = input_ids_BS.tolist(), segment_ids_BS.tolist()
@@ -343,7 +350,7 @@ def plan_cross_batch(input_ids_BS: torch.Tensor, positions_BS: torch.Tensor, seg
         t_lengths = _teacher_lengths(teacher_bytes, t_ids, len(data))
         if t_lengths is None:
             continue
-        t_ids, t_lengths = (prefix + t_ids, [0] * len(prefix) + t_lengths) if start else (t_ids, t_lengths)
+        t_ids, t_lengths = prefix + t_ids, [0] * len(prefix) + t_lengths  # every row, as a prompt starts
         aligned, offsets = _align(lengths, t_lengths, start, skip)
         # inside a teacher token only where that token spells its own bytes (not a prefix-space first token)
         offsets = [k if k <= 0 or t_lengths[j + 1] == len(teacher_bytes.table[t_ids[j + 1]]) else -1
