@@ -25,7 +25,8 @@ sequences do not shrink as GPUs are added:
 Distillation (train plans): the largest frozen teacher that fits beside the student in the memory left, sharded
 the way `behemoth distill` shards it (FSDP over every GPU by decoder layers, forward only, bf16 weights: no
 gradients or optimizer state): 2 bytes per parameter over the GPUs, plus two layers gathered at once, taken as
-1/32 of the teacher each (a teacher of 32+ layers), so P parameters cost P x (2 / GPUs + 1/8) bytes per GPU.
+1/32 of the teacher each (a teacher of 32+ layers), so P parameters cost P x (2 / GPUs + 1/8) bytes per GPU. Not
+counted: its embeddings and head, which stay gathered while it runs (Llama 3 70B: 4.2 GB), and its activations.
 FLOPs per token: training `ModelConfig.train_flops_per_token` (6 x active parameters + attention);
 serving a third of it (the forward pass). Time = FLOPs / (GPUs x sustained TFLOP/s): per training step
 (every GPU's `batch` x `context` tokens), per generated token at `batch` sequences, and for `tokens`
@@ -209,7 +210,7 @@ def format_plan(p: dict) -> str:
         rows.append(f"parallelism: FSDP over {p['gpus']:,} GPUs, experts split {p['ep']}-way (EP)")
         rows.append(f"distillation: a frozen teacher (any family, bf16, FSDP over the {p['gpus']:,} GPUs by its "
                     f"layers, 32 or more of them) fits beside it up to {p['max_teacher_params'] / 1e9:,.1f}B "
-                    "parameters")
+                    "parameters, less its gathered embeddings and head")
     rows.append(f"FLOPs per token: {p['flops_per_token']:.4g} ({'training' if p['mode'] == 'train' else 'forward'})")
     tf = p["sustained_tflops_per_gpu"]
     if p["mode"] == "train":
