@@ -190,7 +190,7 @@ def pieces(segment_ids_BS: torch.Tensor) -> tuple[list[tuple[int, int]], torch.T
     new_BS[:, 1:] = segment_ids_BS[:, 1:] != segment_ids_BS[:, :-1]
     flat = new_BS.flatten().nonzero().flatten()
     lengths = torch.diff(torch.cat([flat, flat.new_tensor([B * S])]))
-    rows = [(int(i) // S, int(i) % S) for i in flat]
+    rows = [(i // S, i % S) for i in flat.tolist()]  # one transfer, not one per piece
     return rows, flat, lengths
 
 
