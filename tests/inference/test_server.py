@@ -205,18 +205,22 @@ def test_concurrent_load_every_request_answered(client, server):
     assert engine.stats.max_active > 1  # requests were decoded together, not one at a time
 
 
-def test_serve_command_on_a_transformers_directory(hf_model_dir):
+def test_serve_command_on_a_transformers_directory(hf_model_dir, tmp_path):
     """`behemoth serve` as a process on a transformers directory (Llama 4 chat format): it prints its
     address, answers, and stops cleanly on Ctrl-C."""
     import signal
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "behemoth", "serve", "--model", str(hf_model_dir), "--port", "0",
-                             "--name", MODEL], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # stderr to a file, not a pipe nobody reads while the server runs: a full pipe would block its writes (its
+    # request log, "stopped") and so its exit
+    err = tmp_path / "serve.stderr"
+    with err.open("w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "behemoth", "serve", "--model", str(hf_model_dir), "--port",
+                                 "0", "--name", MODEL], stdout=subprocess.PIPE, stderr=err_file, text=True)
     try:
         banner = proc.stdout.readline()
-        assert "serving tiny on http://127.0.0.1:" in banner, banner + proc.stderr.read()
+        assert "serving tiny on http://127.0.0.1:" in banner, banner + err.read_text()
         url = banner.split(" on ")[1].split()[0]
         c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
         r = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=4,
@@ -225,4 +229,4 @@ def test_serve_command_on_a_transformers_directory(hf_model_dir):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
-    assert proc.returncode == 0
+    assert proc.returncode == 0, err.read_text()[-2000:]
