@@ -215,9 +215,12 @@ def test_serve_command_on_a_transformers_directory(hf_model_dir, tmp_path):
     # stderr to a file, not a pipe nobody reads while the server runs: a full pipe would block its writes (its
     # request log, "stopped") and so its exit
     err = tmp_path / "serve.stderr"
+    # and Ctrl-C's default meaning: a shell that starts a job in the background (`cmd &`, as a CI runner may)
+    # makes it ignore SIGINT, which the server would inherit
     with err.open("w") as err_file:
         proc = subprocess.Popen([sys.executable, "-m", "behemoth", "serve", "--model", str(hf_model_dir), "--port",
-                                 "0", "--name", MODEL], stdout=subprocess.PIPE, stderr=err_file, text=True)
+                                 "0", "--name", MODEL], stdout=subprocess.PIPE, stderr=err_file, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         banner = proc.stdout.readline()
         assert "serving tiny on http://127.0.0.1:" in banner, banner + err.read_text()
