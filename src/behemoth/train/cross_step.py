@@ -100,15 +100,14 @@ class CrossTokenizerDistillStep(DistillStep):
         return self._finish(loss, metrics, self.moes, loss_scale, share)
 
 
-def overlap_report(teacher_tok: Tokenizer, student_tok: Tokenizer, train, cfg,
-                   teacher: nn.Module | None, measure_mass: bool = True) -> tuple[str, dict]:
+def overlap_report(teacher_tok: Tokenizer, student_tok: Tokenizer, train, cfg, teacher: nn.Module | None,
+                   t_bytes: TokenBytes, s_bytes: TokenBytes, measure_mass: bool = True) -> tuple[str, dict]:
     """One line for the start of a run, and its figures for metrics.jsonl: the method, the vocabularies'
     overlap, and on the first training rows the share of positions matched and (when the teacher's weights are
     here and `measure_mass`: not in a distributed run, where rank 0 holds the whole teacher in CPU memory) the
     teacher's mass on the shared and on the mapped tokens, from one row, its head applied in chunks."""
     from behemoth.train.datasets import make_loader
 
-    t_bytes, s_bytes = TokenBytes.of(teacher_tok), TokenBytes.of(student_tok)
     match = cfg.distill.vocab_match
     vmap = VocabMap.build(teacher_tok, t_bytes, student_tok, s_bytes, "exact" if match == "exact" else "prefix")
     exact_map = VocabMap.build(teacher_tok, t_bytes, student_tok, s_bytes, "exact")

@@ -98,14 +98,14 @@ def load_teacher_tokenizer(directory: Path) -> Tokenizer:
                          "student share one") from None
 
 
-def check_vocabularies(teacher_vocab: int, teacher_tok: Tokenizer, student_vocab: int, student_tok: Tokenizer,
-                       what: str = "distillation from a teacher cache") -> None:
-    """For `what` (which needs one shared tokenizer) teacher and student must share a tokenizer. A teacher
-    vocabulary padded beyond the student's is fine (the KD loss drops the padding columns, checking they hold
-    no probability); a different tokenizer, or a student vocabulary larger than the teacher's, is an error."""
+def check_vocabularies(teacher_vocab: int, teacher_tok: Tokenizer, student_vocab: int, student_tok: Tokenizer) -> None:
+    """A teacher cache needs teacher and student to share a tokenizer. A teacher vocabulary padded beyond the
+    student's is fine (the KD loss drops the padding columns, checking they hold no probability); a different
+    tokenizer, or a student vocabulary larger than the teacher's, is an error."""
     if teacher_tok.fingerprint != student_tok.fingerprint:
-        raise ValueError(f"the teacher's tokenizer differs from the student's (data.tokenizer); {what} needs one "
-                         "shared tokenizer (distil online with distill.teacher to distil across tokenizers)")
+        raise ValueError("the teacher's tokenizer differs from the student's (data.tokenizer); distillation from a "
+                         "teacher cache needs one shared tokenizer (distil online with distill.teacher to distil "
+                         "across tokenizers)")
     check_vocab_sizes(teacher_vocab, student_vocab)
 
 
@@ -175,12 +175,14 @@ def check_cross(source: TeacherSource, cfg: TrainConfig, tok: Tokenizer, train: 
         raise ValueError(f"distill.loss={d.loss}: the marginal target gives no mass to most student tokens, where "
                          "a reverse KL is infinite; use forward_kl, jsd with beta < 1, skew_reverse_kl or tvd, or "
                          "distill.vocab_match=prefix")
+    spelled = []
     for name, t in (("distill.teacher", source.tokenizer), ("data.tokenizer", tok)):
         try:
-            TokenBytes.of(t)
+            spelled.append(TokenBytes.of(t))
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
     source.student_tokenizer = tok
     alone = int(os.environ.get("WORLD_SIZE", "1")) == 1  # else rank 0 holds the whole teacher in CPU memory
-    line, source.overlap = overlap_report(source.tokenizer, tok, train, cfg, source.model, measure_mass=alone)
+    line, source.overlap = overlap_report(source.tokenizer, tok, train, cfg, source.model, *spelled,
+                                          measure_mass=alone)
     say(line)

@@ -38,7 +38,7 @@ import torch
 from behemoth.data.loader import IGNORE_INDEX
 from behemoth.data.token_bytes import TokenBytes
 from behemoth.data.tokenizer import Tokenizer
-from behemoth.train.kd import NEG_INF, TopK
+from behemoth.train.kd import NEG_INF, TopK, _fp
 
 _BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's byte tokens
 
@@ -248,10 +248,6 @@ def _prefer(tok: Tokenizer, new: int, old: int) -> bool:
     """Whether student id `new` should carry a byte string instead of `old` (which is lower)."""
     fallback = [bool(_BYTE_FALLBACK.fullmatch(tok.hf.id_to_token(i) or "")) for i in (new, old)]
     return fallback == [False, True]
-
-
-def _fp(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.float64 else x.float()
 
 
 # ---------------------------------------------------------------------------------------------------
