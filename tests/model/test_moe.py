@@ -293,3 +293,86 @@ def test_decode_sized_path_matches_naive_reference(top_k, compiling, monkeypatch
         got = moe(x)
     assert calls, "the decode-sized path was not taken"
     torch.testing.assert_close(got, naive_moe(moe, x), rtol=1e-5, atol=1e-5)
+
+
+# ---- the kernel decision, autocast, compilation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("device", "dtype", "capability", "fast"), [
+    ("cuda", torch.bfloat16, (9, 0), True),  # H100 / H200
+    ("cuda", torch.bfloat16, (10, 0), True),  # B200
+    ("cuda", torch.bfloat16, (8, 0), False),  # A100: torch >= 2.9 runs a slow fallback
+    ("cuda", torch.float32, (9, 0), False),  # fp32 master weights outside autocast
+    ("cpu", torch.bfloat16, None, False),  # on the CPU the grouped GEMM is itself a loop
+])
+def test_grouped_gemm_only_where_it_is_fast(device, dtype, capability, fast, monkeypatch):
+    monkeypatch.setattr(moe_module, "_GROUPED_MM_FAST", {})
+    monkeypatch.setattr(moe_module, "grouped_mm_supported", lambda d, t: True)  # a build that runs it
+    assert moe_module.grouped_mm_fast(torch.device(device), dtype, capability) is fast
+
+
+def test_experts_compute_in_the_autocast_dtype(monkeypatch):
+    """Under bf16 autocast the experts get bf16 operands (fp32 master weights cast, as autocast would for a
+    Linear), whichever kernel runs; the result equals the loop run on bf16 copies by hand, and gradients reach
+    the fp32 weights."""
+    moe = make_moe(2).train()
+    x = make_input()
+    seen = []
+    grouped_mm = getattr(torch, "_grouped_mm", None)
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, offs: seen.append((a.dtype, b.dtype)) or grouped_mm(
+        a.float(), b.float(), offs=offs).to(a.dtype), raising=False)
+    for grouped in ([False, True] if grouped_mm is not None else [False]):
+        moe.experts.grouped = grouped
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = moe(x)
+        assert moe.experts.kernel == ("grouped" if grouped else "loop")
+        y.float().square().mean().backward()
+        assert moe.experts.w13.grad.dtype == torch.float32 and moe.experts.w13.grad.abs().sum() > 0
+        moe.zero_grad()
+    assert seen and all(dt == (torch.bfloat16, torch.bfloat16) for dt in seen)
+    ids = moe.router(x.reshape(-1, D))[1].flatten()
+    order = torch.argsort(ids, stable=True)
+    counts = torch.bincount(ids, minlength=E)
+    scores = moe.router(x.reshape(-1, D))[0].flatten()
+    x_MD = (x.reshape(-1, D)[order // 2] * scores[order, None]).bfloat16()
+    with torch.no_grad():
+        ref = moe_module.GroupedExperts.forward_loop(moe.experts, x_MD, counts)  # no autocast: x's dtype, bf16
+        moe.experts.grouped = False
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = moe.experts(x_MD.float(), counts)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_compiled_moe_model_has_no_graph_break():
+    """A whole MoE model (training mode: routing records on) compiles with fullgraph=True, forward and backward,
+    after `apply_compile`'s set-up (the kernel decided eagerly, the loop's counts as unbacked sizes); gradients and
+    routing counts equal eager. The aot_eager backend: dynamo and AOTAutograd, without Inductor's code generation."""
+    from behemoth import build_model
+    from behemoth.config import get_preset
+    from behemoth.parallel import apply_compile
+
+    cfg = get_preset("debug").replace(moe=MoEConfig(num_experts=8, top_k=2, expert_dim=64, interleave_step=2))
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    segments = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+
+    def step(compiled: bool):
+        model = build_model(cfg, seed=0).train()
+        fn = model
+        if compiled:
+            apply_compile(model)  # per block, as training does; then the whole model in one graph
+            fn = torch.compile(model, backend="aot_eager", fullgraph=True)
+        fn(ids, segment_ids=segments).square().mean().backward()
+        moes = [m for m in model.modules() if isinstance(m, MoE)]
+        return [m.tokens_per_expert.clone() for m in moes], {n: p.grad for n, p in model.named_parameters()}
+
+    torch._dynamo.reset()
+    try:
+        counts, grads = step(compiled=True)
+    finally:
+        torch._dynamo.reset()
+    ref_counts, ref_grads = step(compiled=False)
+    for got, want in zip(counts, ref_counts, strict=True):
+        assert torch.equal(got, want)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)

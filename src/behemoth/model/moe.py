@@ -9,13 +9,19 @@ Semantics (Meta's llama-models `moe.py` and transformers' `Llama4TextMoe` agree)
 
 Routed slots are sorted by expert so that every expert multiplies one contiguous slice; no FLOPs are
 spent on experts a token did not choose. Two kernels compute the experts, equal up to rounding:
-  * `torch._grouped_mm` (one grouped GEMM per projection, no host sync): on CUDA, where the build
-    runs it for the dtype (`grouped_mm_supported`) and the operands are 16-byte aligned;
-  * a loop of plain matmuls, one pair per expert, everywhere else. The CPU default is the loop because
-    there `_grouped_mm` is itself a loop of GEMMs, no faster, while the loop runs on every torch version,
-    with any alignment and gradient layout (measured in benchmarks/README.md, `moe_layer.py`).
-`MoE.use_loop` forces the loop (the reference the tests compare against); `GroupedExperts.grouped =
-True` forces the grouped kernel.
+  * `torch._grouped_mm` (one grouped GEMM per projection, no host sync): where it is fast, bf16 on a
+    Hopper (sm90) or Blackwell (sm100) GPU whose torch runs it (`grouped_mm_fast`), with operands that
+    meet its 16-byte alignment. Elsewhere torch either lacks it or runs a slow fallback (sm80 from
+    torch 2.9; on the CPU it is itself a loop of GEMMs);
+  * a loop of plain matmuls, one pair per expert, everywhere else (measured in benchmarks/README.md,
+    `moe_layer.py`). Under torch.compile the loop reads the counts as unbacked sizes
+    (`capture_scalar_outputs`, which `parallel.apply_compile` turns on), so it traces without a break.
+The experts compute in autocast's dtype where autocast is on (bf16 on a GPU): `torch._grouped_mm` is not
+on autocast's list, so fp32 master weights would otherwise reach it as fp32. The kernel is decided eagerly
+(`prepare_expert_kernels`, called before compiling): a compiled forward only reads that decision and
+checks shapes, never probes or reads a pointer. `MoE.use_loop` forces the loop (the reference the tests
+compare against); `GroupedExperts.grouped = True` forces the grouped kernel; `GroupedExperts.kernel`
+names the one the last eager forward ran.
 
 Shape legend: B batch, S sequence, T tokens (B*S), D model dim, F expert hidden dim, E experts,
 K top-k, M routed slots (T*K), n slots of one expert.
@@ -31,6 +37,8 @@ from behemoth.config import ModelConfig
 from behemoth.model.layers import FeedForward
 
 _GROUPED_MM_OK: dict[tuple[str, torch.dtype], bool] = {}
+_GROUPED_MM_FAST: dict[tuple[str, torch.dtype], bool] = {}
+FAST_CAPABILITIES = (9, 10)  # compute capability majors where the grouped GEMM has a native kernel
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -38,7 +46,8 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
     CUDA builds support it for bf16 on Hopper (and on sm80+ from torch 2.9); CPU builds from torch 2.9.
     Anything that raises or gives a wrong number counts as unsupported. The probe runs with autograd
-    on, so that a first call under `no_grad` or `inference_mode` does not cache a wrong answer.
+    on, so that a first call under `no_grad` or `inference_mode` does not cache a wrong answer. It reads
+    numbers on the host: call it eagerly, never inside a compiled region (`prepare_expert_kernels`).
     """
     key = (device.type, dtype)
     if key not in _GROUPED_MM_OK:
@@ -58,10 +67,48 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return _GROUPED_MM_OK[key]
 
 
-def _aligned_16(t: torch.Tensor) -> bool:
-    """Base pointer and every non-unit stride a multiple of 16 bytes, with a unit last stride."""
+def grouped_mm_fast(device: torch.device, dtype: torch.dtype, capability: tuple[int, int] | None = None) -> bool:
+    """Whether experts computing in `dtype` on `device` should take the grouped GEMM: bf16 on CUDA with compute
+    capability 9.x or 10.x (`capability`, default the device's) and a torch that runs it (probed). Decided once
+    per device type and dtype, eagerly; `prepare_expert_kernels` makes the decision before compiling."""
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM_FAST:
+        fast = device.type == "cuda" and dtype == torch.bfloat16
+        if fast:
+            major = (capability or torch.cuda.get_device_capability(device))[0]
+            fast = major in FAST_CAPABILITIES and grouped_mm_supported(device, dtype)
+        _GROUPED_MM_FAST[key] = fast
+    return _GROUPED_MM_FAST[key]
+
+
+def prepare_expert_kernels(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Decide the experts' kernel for `dtype` (the autocast dtype, or the weights') on `device` now, eagerly, so
+    that a compiled forward finds the decision made (it cannot probe). Returns whether it is the grouped GEMM."""
+    return grouped_mm_fast(torch.device(device), dtype)
+
+
+def _decided_fast(device: torch.device, dtype: torch.dtype) -> bool:
+    """`grouped_mm_fast` eagerly; under compilation only the decision made before (none made: the loop)."""
+    if torch.compiler.is_compiling():
+        return _GROUPED_MM_FAST.get((device.type, dtype), False)
+    return grouped_mm_fast(device, dtype)
+
+
+def _aligned_16(t: torch.Tensor, pointer: bool = True) -> bool:
+    """Every non-unit stride a multiple of 16 bytes with a unit last stride, and (`pointer`, eager only) the base
+    pointer too. A compiled forward checks strides alone: its operands are fresh tensors, and reading a pointer
+    would break the graph."""
     es = t.element_size()
-    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * es % 16 == 0 for s in t.stride()[:-1])
+    strides_ok = t.stride(-1) == 1 and all(s * es % 16 == 0 for s in t.stride()[:-1])
+    return strides_ok and (not pointer or t.data_ptr() % 16 == 0)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the experts compute in: autocast's where it is on for `x`'s device, else `x`'s."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 class Router(nn.Module):
@@ -101,8 +148,9 @@ class GroupedExperts(nn.Module):
     `w2` [E, F, D] (down).
 
     `grouped` picks the kernel: None lets `use_grouped_mm` decide, True forces `torch._grouped_mm`,
-    False forces the per-expert loop. `direct_ok`: the weights hold every expert, so `MoE` may index them
-    by expert id for decode-sized inputs (a subclass holding a slice of the experts sets it False).
+    False forces the per-expert loop; either computes in `compute_dtype` (autocast's, under autocast).
+    `direct_ok`: the weights hold every expert, so `MoE` may index them by expert id for decode-sized inputs (a
+    subclass holding a slice of the experts sets it False).
     """
 
     direct_ok = True
@@ -113,46 +161,67 @@ class GroupedExperts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.grouped: bool | None = None
+        self.kernel: str | None = None  # "grouped" or "loop": what the last eager forward ran
 
     def use_grouped_mm(self, x_MD: torch.Tensor) -> bool:
-        """The default kernel choice: the grouped GEMM on CUDA when the build runs it for this dtype and
-        the operands (x, w13, w2 and the [M, F] activation) meet its 16-byte alignment; else the loop."""
-        if x_MD.device.type != "cuda" or not grouped_mm_supported(x_MD.device, x_MD.dtype):
+        """The default kernel choice for input `x` [M, D]: the grouped GEMM where it is fast for the dtype the
+        experts compute in (`grouped_mm_fast`) and the operands meet its 16-byte alignment; else the loop."""
+        dtype = compute_dtype(x_MD)
+        if not _decided_fast(x_MD.device, dtype):
             return False
         w13, w2 = self.weights()
-        same_dtype = w13.dtype == w2.dtype == x_MD.dtype
-        act_aligned = self.hidden_dim * x_MD.element_size() % 16 == 0
-        return same_dtype and act_aligned and all(_aligned_16(t) for t in (x_MD, w13, w2))
+        es = torch.finfo(dtype).bits // 8
+        if (self.hidden_dim * es % 16) or (x_MD.shape[-1] * es % 16):  # the [M, F] activation and [M, D] rows
+            return False
+        if w13.dtype != dtype or w2.dtype != dtype:  # cast in the forward: fresh, contiguous copies
+            return all(w.shape[-1] * es % 16 == 0 for w in (w13, w2))
+        pointer = not torch.compiler.is_compiling()
+        return all(_aligned_16(t, pointer) for t in (w13, w2))
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13, w2) as the kernels use them (a subclass holding distributed tensors returns its local part)."""
         return self.w13, self.w2
 
+    def operands(self, x_MD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x [M, D], w13, w2) in the dtype the experts compute in (`compute_dtype`); casts only what differs."""
+        dtype = compute_dtype(x_MD)
+        w13, w2 = self.weights()
+        return x_MD.to(dtype), w13.to(dtype), w2.to(dtype)
+
     def forward(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """x [M, D] sorted by expert, counts [E] (slots per expert) -> [M, D]."""
+        """x [M, D] sorted by expert, counts [E] (slots per expert) -> [M, D] in the experts' compute dtype."""
         grouped = self.use_grouped_mm(x_MD) if self.grouped is None else self.grouped
+        if not torch.compiler.is_compiling():
+            self.kernel = "grouped" if grouped else "loop"
         return self.forward_grouped(x_MD, counts_E) if grouped else self.forward_loop(x_MD, counts_E)
 
     def forward_grouped(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Two grouped GEMMs over the sorted slots; offsets are int32 cumulative counts [E]."""
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        w13, w2 = self.weights()
+        x_MD, w13, w2 = self.operands(x_MD)
         gate_MF, up_MF = torch._grouped_mm(x_MD, w13, offs=offs_E).chunk(2, dim=-1)
         return torch._grouped_mm(F.silu(gate_MF) * up_MF, w2, offs=offs_E)
 
     def forward_loop(self, x_MD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """One matmul pair per expert over its contiguous slice [n, D]; experts with no slots are skipped.
+        """One matmul pair per expert over its contiguous slice [n, D]; experts with no slots are skipped (eager).
 
         The weights are `unbind`-ed once rather than indexed per expert: the backward of `w13[e]` would
         build a zero-filled [E, D, 2F] gradient for every expert and add them up (E^2 weight-sized memory
-        traffic), while that of `unbind` stacks the E per-expert gradients once.
+        traffic), while that of `unbind` stacks the E per-expert gradients once. Under torch.compile the
+        counts become unbacked sizes (one host read, as eager has), bounded by `torch._check` so that the
+        split traces; an empty slice is then multiplied rather than skipped.
         """
         counts = counts_E.tolist()
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            for n in counts:
+                torch._check(n >= 0)
+            torch._check(sum(counts) == x_MD.shape[0])
         outs = []
-        w13, w2 = self.weights()
+        x_MD, w13, w2 = self.operands(x_MD)
         slices = zip(x_MD.split(counts), w13.unbind(0), w2.unbind(0), counts, strict=True)
         for x_nD, w13_DF2, w2_FD, n in slices:
-            if n == 0:
+            if not compiling and n == 0:
                 continue
             gate_nF, up_nF = (x_nD @ w13_DF2).chunk(2, dim=-1)
             outs.append((F.silu(gate_nF) * up_nF) @ w2_FD)

@@ -17,7 +17,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from behemoth.model.moe import MoE
+from behemoth.model.moe import MoE, prepare_expert_kernels
 
 
 @contextmanager
@@ -76,8 +76,20 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_compile(model: nn.Module) -> nn.Module:
-    """torch.compile each block in place (same module tree, same state-dict keys)."""
+def apply_compile(model: nn.Module, device: torch.device | str | None = None,
+                  dtype: torch.dtype | None = None) -> nn.Module:
+    """torch.compile each block in place (same module tree, same state-dict keys).
+
+    The experts' kernel for `dtype` (the run's autocast dtype; default the weights') on `device` (default the
+    weights') is decided first, eagerly (`model.moe.prepare_expert_kernels`): a compiled block only reads the
+    decision. The per-expert loop reads its counts as unbacked sizes, which needs dynamo's
+    `capture_scalar_outputs` (as torchtitan sets for its MoE); without it every MoE layer would break the graph.
+    """
+    p = next(model.parameters(), None)
+    device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
+    if device.type != "meta":
+        prepare_expert_kernels(device, dtype or (p.dtype if p is not None else torch.float32))
+    torch._dynamo.config.capture_scalar_outputs = True
     for block in model.layers:
         block.compile()
     return model
