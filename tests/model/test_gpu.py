@@ -49,3 +49,54 @@ def test_cuda_cached_generation_eager_and_compiled():
     model.cuda()
     assert generate(model, prompts, max_new_tokens=30) == ref
     assert generate(model, prompts, max_new_tokens=30, compile=True) == ref
+
+
+def _packed(vocab: int, device: str):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (2, 256), generator=gen)
+    pos = torch.tensor([list(range(100)) + list(range(156)), list(range(250)) + [-1] * 6])
+    seg = torch.tensor([[0] * 100 + [1] * 156, [0] * 250 + [1] * 6])
+    return ids.to(device), pos.to(device), seg.to(device)
+
+
+def test_cuda_flex_attention_matches_dense_mask_with_gradients():
+    """Training's attention on a GPU (FlexAttention, compiled; causal + document + chunk block mask) against the
+    dense-mask SDPA reference, fp32, forward and backward."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = PRESETS["debug"].replace(n_heads=8, n_kv_heads=2, attention_chunk_size=64)
+    out, grads = {}, {}
+    for impl in ("sdpa", "flex"):
+        model = build_model(cfg, device="cuda", seed=0).train()
+        model.attention_impl = impl
+        ids, pos, seg = _packed(cfg.vocab_size, "cuda")
+        logits = model(ids, pos, seg)
+        logits.square().mean().backward()
+        out[impl] = logits.detach()[pos >= 0]
+        grads[impl] = {n: p.grad for n, p in model.named_parameters()}
+    torch.testing.assert_close(out["flex"], out["sdpa"], rtol=1e-4, atol=1e-4)
+    for name, g in grads["flex"].items():
+        torch.testing.assert_close(g, grads["sdpa"][name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_cuda_bf16_paths_take_fused_kernels():
+    """A bf16-autocast training step and a bf16 cached generation run with SDPA's math kernel forbidden (flash and
+    memory-efficient only), and the experts ran the grouped GEMM exactly where it is fast (sm90 / sm100)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from behemoth.inference.generate import generate
+    from behemoth.model.moe import FAST_CAPABILITIES, prepare_expert_kernels
+
+    cfg = PRESETS["debug"].replace(dim=256, head_dim=64, n_heads=8, n_kv_heads=2, attention_chunk_size=64,
+                                   moe={"num_experts": 8, "expert_dim": 512})
+    model = build_model(cfg, device="cuda", seed=0).train()  # fp32 master weights
+    fast = prepare_expert_kernels("cuda", torch.bfloat16)
+    assert fast == (torch.cuda.get_device_capability()[0] in FAST_CAPABILITIES)
+    ids, pos, seg = _packed(cfg.vocab_size, "cuda")
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(ids, pos, seg).float().square().mean().backward()
+        kernels = {m.experts.kernel for m in model.modules() if hasattr(m, "experts")}
+        assert kernels == {"grouped" if fast else "loop"}
+        model = model.to(torch.bfloat16).eval()
+        prompts = [list(range(5, 40)), list(range(7, 12))]
+        assert len(generate(model, prompts, max_new_tokens=16)[0]) == 16

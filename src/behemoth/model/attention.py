@@ -6,13 +6,28 @@ Masks are built from absolute positions, so one function serves a plain forward,
 (per-sequence positions) and the KV cache of `inference/cache.py` (key positions differ from query
 positions).
 
+Which kernel attends (`attend`) depends on what the mask needs, because SDPA's fused kernels refuse
+some combinations and then it silently runs its math kernel (bf16 upcast to fp32, K/V copied to every
+query head, fp32 [B, N, S, S] probabilities kept for backward):
+  * plain causal (no padding, no packed documents, chunks no shorter than the call): `is_causal`, no
+    mask, which the flash kernel takes;
+  * a training or prefill forward on a GPU (`flex_ok`): FlexAttention with a block mask (causal, same
+    document, same chunk, from the same positions), compiled once; fully masked blocks are skipped;
+  * a dense mask on a GPU with fewer KV heads than query heads (decode, a prefill into a cache): the
+    query groups folded into the length ([B, N, S, H] -> [B, G, N/G * S, H]) so that head counts
+    match and the memory-efficient kernel takes the mask, with no copy of the cache;
+  * elsewhere (the CPU), the dense mask with `enable_gqa`: the reference every other path is tested
+    against.
+
 Shape legend: B batch, S query length, K key length, D model dim, N query heads, G KV heads,
-H head dim.
+H head dim, R query heads per KV head (N / G).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +63,94 @@ def temperature_scale(pos_BS: torch.Tensor, floor_scale: float, attn_scale: floa
     return 1.0 + attn_scale * torch.log1p(torch.floor((pos_BS.float() + 1.0) / floor_scale))
 
 
+@dataclass(frozen=True)
+class AttnMask:
+    """Where one forward's queries may attend, for one layer kind: `dense` [B, 1, S, K] bool, or `block` (a
+    FlexAttention BlockMask), or neither: plain causal over the call's own keys (K = S)."""
+
+    dense: torch.Tensor | None = None
+    block: Any = None
+
+
+_FLEX: dict[str, Callable] = {}
+FOLD_DEVICES = ("cuda",)  # where `attend` folds query groups by default (the CPU keeps the reference path)
+
+
+def flex_available() -> bool:
+    """Whether this torch has FlexAttention (torch >= 2.5)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flex_ok(device: torch.device, impl: str = "auto") -> bool:
+    """Whether a forward without a cache on `device` attends with FlexAttention: `impl` "flex" wherever this torch
+    has it, "auto" on a GPU only (on the CPU the dense-mask SDPA is as fast at the sizes a CPU runs, and it is the
+    reference), "sdpa" never."""
+    if impl not in ("auto", "flex", "sdpa"):
+        raise ValueError(f"attention implementation {impl!r}: auto, flex or sdpa")
+    return impl != "sdpa" and (impl == "flex" or device.type == "cuda") and flex_available()
+
+
+def block_mask(q_pos_BS: torch.Tensor, chunk_size: int | None, segment_ids_BS: torch.Tensor | None):
+    """The FlexAttention block mask of `attention_mask(pos, pos, chunk_size, pos >= 0)` (and, with `segment_ids`,
+    same document): the same rule, evaluated per (query, key) index."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    pos_BS, seg_BS = q_pos_BS, segment_ids_BS
+
+    def mask_mod(b, h, q, k):
+        qp, kp = pos_BS[b, q], pos_BS[b, k]
+        ok = (kp <= qp) & (kp >= 0)
+        if chunk_size is not None:
+            ok = ok & (kp // chunk_size == qp // chunk_size)
+        if seg_BS is not None:
+            ok = ok & (seg_BS[b, q] == seg_BS[b, k])
+        return ok | (qp < 0)  # a padding query attends everything (its output is unused), as `attention_mask`
+
+    B, S = pos_BS.shape
+    return create_block_mask(mask_mod, B, None, S, S, device=pos_BS.device)
+
+
+def _flex_attention(device: torch.device) -> Callable:
+    """flex_attention, compiled once per device type: uncompiled it runs an unfused reference that materialises
+    the scores. Eager on the CPU (used there only when asked for, in tests)."""
+    if device.type not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX[device.type] = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
+    return _FLEX[device.type]
+
+
+def fold_groups(q_BNSH: torch.Tensor, mask_B1SK: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries [B, N, S, H] -> [B, G, R * S, H] (query head n = g * R + r reads KV head g, as `enable_gqa`) and the
+    mask [B, 1, S, K] -> [B, 1, R * S, K] (a view when S = 1, a copy otherwise)."""
+    B, N, S, H = q_BNSH.shape
+    R = N // G
+    mask = mask_B1SK[:, :, None].expand(B, 1, R, S, mask_B1SK.shape[-1]).reshape(B, 1, R * S, -1)
+    return q_BNSH.reshape(B, G, R * S, H), mask
+
+
+def attend(q_BNSH: torch.Tensor, k_BGKH: torch.Tensor, v_BGKH: torch.Tensor, mask: AttnMask,
+           fold: bool | None = None) -> torch.Tensor:
+    """Scaled dot-product attention [B, N, S, H] by the kernel the mask allows (module docstring). `fold` forces
+    (True) or forbids (False) folding the query groups into the length; None folds on a GPU."""
+    N, G = q_BNSH.shape[1], k_BGKH.shape[1]
+    gqa = N != G
+    if mask.block is not None:
+        return _flex_attention(q_BNSH.device)(q_BNSH, k_BGKH, v_BGKH, block_mask=mask.block, enable_gqa=gqa)
+    if mask.dense is None:
+        return F.scaled_dot_product_attention(q_BNSH, k_BGKH, v_BGKH, is_causal=True, enable_gqa=gqa)
+    if gqa and (fold if fold is not None else q_BNSH.device.type in FOLD_DEVICES):
+        B, _, S, H = q_BNSH.shape
+        q_BGRSH, m = fold_groups(q_BNSH, mask.dense, G)
+        out = F.scaled_dot_product_attention(q_BGRSH, k_BGKH, v_BGKH, attn_mask=m)
+        return out.reshape(B, N, S, H)
+    return F.scaled_dot_product_attention(q_BNSH, k_BGKH, v_BGKH, attn_mask=mask.dense, enable_gqa=gqa)
+
+
 class Attention(nn.Module):
     """Grouped-query attention. `use_rope` selects the layer kind (RoPE + chunked, or NoPE + global)."""
 
@@ -63,8 +166,8 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], pos_BS: torch.Tensor,
-                mask_B1SK: torch.Tensor, kv: Callable | None = None) -> torch.Tensor:
-        """x [B, S, D], rope (cos, sin) [B, S, 1, H/2], positions [B, S], mask [B, 1, S, K] -> [B, S, D].
+                mask: AttnMask, kv: Callable | None = None) -> torch.Tensor:
+        """x [B, S, D], rope (cos, sin) [B, S, 1, H/2], positions [B, S], mask (`AttnMask`) -> [B, S, D].
 
         Without `kv` the keys are this call's own (K = S). With a cache, `kv(k [B, G, S, H], v)` stores
         the new keys/values and returns those to attend to, [B, G, K, H] (see `KVCache.update`).
@@ -83,6 +186,5 @@ class Attention(nn.Module):
         k_BGKH, v_BGKH = k_BSGH.transpose(1, 2), v_BSGH.transpose(1, 2)
         if kv is not None:
             k_BGKH, v_BGKH = kv(k_BGKH, v_BGKH)
-        out_BNSH = F.scaled_dot_product_attention(
-            q_BSNH.transpose(1, 2), k_BGKH, v_BGKH, attn_mask=mask_B1SK, enable_gqa=self.n_heads != self.n_kv_heads)
+        out_BNSH = attend(q_BSNH.transpose(1, 2), k_BGKH, v_BGKH, mask)
         return self.wo(out_BNSH.transpose(1, 2).reshape(B, S, -1))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from behemoth.config import ModelConfig
-from behemoth.model.attention import Attention, attention_mask
+from behemoth.model.attention import Attention, AttnMask, attention_mask, block_mask, flex_ok
 from behemoth.model.cache import KVCacheProtocol
 from behemoth.model.layers import FeedForward, RMSNorm, rope_cos_sin, rope_inv_freq
 from behemoth.model.moe import MoE
@@ -37,7 +37,7 @@ class Block(nn.Module):
         self.feed_forward = MoE(cfg) if self.is_moe else FeedForward(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x_BSD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], pos_BS: torch.Tensor,
-                masks: dict[bool, torch.Tensor], kv: Callable | None = None) -> torch.Tensor:
+                masks: dict[bool, AttnMask], kv: Callable | None = None) -> torch.Tensor:
         h = x_BSD + self.attention(self.attention_norm(x_BSD), rope, pos_BS, masks[self.use_rope], kv)
         if self.is_moe:  # padding (position -1) is routed but not counted as load
             return h + self.feed_forward(self.ffn_norm(h), (pos_BS >= 0).expand(x_BSD.shape[:2]))
@@ -45,7 +45,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """The text model. `forward(input_ids [B, S]) -> logits [B, S, V]` in the model dtype."""
+    """The text model. `forward(input_ids [B, S]) -> logits [B, S, V]` in the model dtype.
+
+    `attention_impl` ("auto", "flex" or "sdpa"; a runtime setting, not part of the config) picks how a forward
+    without a cache attends where it needs a mask (`model.attention.flex_ok`): FlexAttention on a GPU by default.
+    """
+
+    attention_impl = "auto"
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -85,6 +91,7 @@ class Transformer(nn.Module):
         order, which must number exactly N * T. After that, image tokens are ordinary positions.
         """
         B, S = input_ids.shape
+        plain = positions is None and segment_ids is None  # 0..S-1 in every row, one document
         if positions is None:
             if cache is not None:
                 raise ValueError("positions are required with a cache (each row continues at its own length)")
@@ -93,17 +100,14 @@ class Transformer(nn.Module):
         rope = rope_cos_sin(self._inv_freq(input_ids.device), pos_BS)
         chunk = {True: self.config.attention_chunk_size, False: None}
         if cache is None:
-            valid_BS = pos_BS >= 0
-            masks = {kind: attention_mask(pos_BS, pos_BS, c, valid_BS) for kind, c in chunk.items()}
-            if segment_ids is not None:
-                same_B1SS = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-                masks = {k: m & same_B1SS for k, m in masks.items()}
+            masks = self._masks(pos_BS, segment_ids, chunk, plain)
             kvs = [None] * len(self.layers)
         else:
             if segment_ids is not None:
                 raise ValueError("segment_ids cannot be combined with a cache")
             decode, plans, key_pos = cache.begin(pos_BS)
-            masks = {kind: attention_mask(pos_BS, k_pos, chunk[kind], k_pos >= 0) for kind, k_pos in key_pos.items()}
+            masks = {kind: AttnMask(dense=attention_mask(pos_BS, k_pos, chunk[kind], k_pos >= 0))
+                     for kind, k_pos in key_pos.items()}
             kvs = [partial(cache.update, i, plans[layer.use_rope], decode=decode)
                    for i, layer in enumerate(self.layers)]
         x_BSD = self.tok_embeddings(input_ids)
@@ -112,6 +116,27 @@ class Transformer(nn.Module):
         for layer, kv in zip(self.layers, kvs, strict=True):
             x_BSD = layer(x_BSD, rope, pos_BS, masks, kv)
         return self.norm(x_BSD)
+
+    def _masks(self, pos_BS: torch.Tensor, segment_ids: torch.Tensor | None, chunk: dict[bool, int | None],
+               plain: bool) -> dict[bool, AttnMask]:
+        """The masks of a forward without a cache, per layer kind (True: chunked RoPE layers). `plain`: positions
+        0..S-1 in every row (the default) and one document. A kind whose rule is then just causal (global, or chunks
+        no shorter than the call) attends with `is_causal` and no mask; others take a FlexAttention block mask
+        where `flex_ok`, else the dense mask."""
+        S = pos_BS.shape[1]
+        masks = {}
+        for kind in set(self.config.rope_layers):
+            c = chunk[kind]
+            if plain and (c is None or c >= S):
+                masks[kind] = AttnMask()
+            elif flex_ok(pos_BS.device, self.attention_impl):
+                masks[kind] = AttnMask(block=block_mask(pos_BS, c, segment_ids))
+            else:
+                m = attention_mask(pos_BS, pos_BS, c, pos_BS >= 0)
+                if segment_ids is not None:
+                    m = m & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+                masks[kind] = AttnMask(dense=m)
+        return masks
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Tiles [N, C, S, S] -> projected features [N, T, D], in the text model's width."""
