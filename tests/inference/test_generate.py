@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hf_reference import hf_pair
@@ -170,6 +172,43 @@ def test_compiled_decode_step_gives_the_same_tokens():
     assert generate(model, prompts, max_new_tokens=40, compile=True) == generate(model, prompts, max_new_tokens=40)
     short = _prompts([5, 12], DEBUG.vocab_size, seed=4)
     assert generate(model, short, max_new_tokens=20, compile=True) == generate(model, short, max_new_tokens=20)
+
+
+def test_repeated_compiled_generation_compiles_once(monkeypatch):
+    """`generate(compile=True)` keeps one cache per (rows, length bucket) and resets it in place: a second call with
+    the same shapes builds no new cache (on CUDA a new one, marked static, re-records the graph, and on older torch
+    recompiles) and compiles no new graph (dynamo's counters), and its tokens equal eager decoding. Dynamo with the
+    eager backend (what is counted is tracing, not code generation)."""
+    from torch._dynamo.utils import counters
+
+    generate_module = importlib.import_module("behemoth.inference.generate")  # the package exports a function so named
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "eager"}))
+    built = []
+
+    class CountedCache(KVCache):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "KVCache", CountedCache)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        model = build_model(DEBUG).eval()
+        prompts = _prompts([9, 30], DEBUG.vocab_size)
+        want = generate(model, prompts, max_new_tokens=12)
+        assert generate(model, prompts, max_new_tokens=12, compile=True) == want
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs >= 1
+        other = _prompts([20, 4], DEBUG.vocab_size, seed=5)  # the same rows and bucket, other prompts
+        assert generate(model, other, max_new_tokens=12, compile=True) == generate(model, other, max_new_tokens=12)
+        assert generate(model, prompts, max_new_tokens=12, compile=True) == want
+        assert counters["stats"]["unique_graphs"] == graphs
+        assert len(built) == 3  # two eager calls, and one cache for the three compiled ones
+    finally:
+        torch._dynamo.reset()
 
 
 def test_cache_in_another_dtype():

@@ -112,6 +112,13 @@ class KVCache:
             self.v[layer][row, :, :n] = src.v[layer][src_row]
         self.empty = False
 
+    def reset(self) -> None:
+        """Empty every row in place (positions to -1): the tensors keep their addresses, so a compiled decode step
+        captured over them (a CUDA graph) runs on without recompiling or re-recording."""
+        for p in self.pos.values():
+            p.fill_(-1)
+        self.empty, self.was_empty = True, False
+
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.k + self.v) + sum(p.nbytes for p in self.pos.values())
 

@@ -12,6 +12,7 @@ Shape legend: B batch rows, S prompt length (padded), V vocabulary, N new tokens
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -69,12 +70,31 @@ def decode_step(model: nn.Module, next_B: torch.Tensor, pos_B: torch.Tensor, cac
 
 def compiled_decode_step(cache: KVCache) -> Callable:
     """`decode_step` compiled for this cache's shapes (no dynamic shapes); on CUDA as a CUDA graph
-    ("reduce-overhead"), with the cache's tensors marked static since they are updated in place."""
+    ("reduce-overhead"), with the cache's tensors marked static since they are updated in place. The guard on
+    their addresses is off explicitly (older torch guarded by default, so every new cache recompiled): callers
+    reuse one cache per shape (`_pooled_cache`), and a cache at another address re-records rather than recompiles."""
     device = cache.k[0].device
     if device.type == "cuda":
         for t in [*cache.k, *cache.v, *cache.pos.values()]:
-            torch._dynamo.mark_static_address(t)
+            torch._dynamo.mark_static_address(t, guard=False)
     return torch.compile(decode_step, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
+# compiled generation: one cache and compiled step per (model, rows, length bucket, device, dtype), kept while the
+# model lives and reset in place for each call, so that a second call with the same shapes compiles nothing new
+_POOL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _pooled_cache(model: nn.Module, rows: int, max_len: int, device: torch.device,
+                  dtype: torch.dtype) -> tuple[KVCache, Callable]:
+    caches = _POOL.setdefault(model, {})
+    key = (rows, max_len, str(device), dtype)
+    if key not in caches:
+        cache = KVCache(model.config, rows, max_len, device=device, dtype=dtype)
+        caches[key] = (cache, compiled_decode_step(cache))
+    cache, step = caches[key]
+    cache.reset()
+    return cache, step
 
 
 @torch.no_grad()  # on a generator function, torch applies it around each step, not while the caller runs
@@ -100,11 +120,12 @@ def token_steps(model: nn.Module, prompts: Prompts, params: SamplingParams,
                          f"{model.config.max_seq_len}")
     if params.max_new_tokens == 0:
         return
-    if compile:  # cache sizes in buckets of 256, so that other lengths reuse the compiled step
+    if compile:  # cache sizes in buckets of 256 and one cache per shape, so that later calls reuse the compiled step
         max_len = min(-(-max_len // COMPILE_BUCKET) * COMPILE_BUCKET, model.config.max_seq_len)
-    cache = KVCache(model.config, len(rows), max_len, device=device, dtype=cache_dtype or dtype)
+        cache, step = _pooled_cache(model, len(rows), max_len, device, cache_dtype or dtype)
+    else:
+        cache, step = KVCache(model.config, len(rows), max_len, device=device, dtype=cache_dtype or dtype), decode_step
     gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    step = compiled_decode_step(cache) if compile else decode_step
     next_B = sample(prefill(model, rows, cache, pixel_values), params, gen)
     pos_B = torch.tensor([len(r) for r in rows], device=device)
     yield next_B
