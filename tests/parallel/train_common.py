@@ -50,7 +50,7 @@ def train(steps: int, rank: int, world: int, wrap=lambda m: m, start: int = 0, l
     out = []
     for s in range(start, steps):
         m = step_fn.forward_backward(batch(s, rank, world), 1.0)
-        loss = torch.tensor(m["loss"])
+        loss = m["loss"].detach().clone()
         if dist.is_initialized():
             dist.all_reduce(loss)
         norm = clip_grad_norm([p for p in model.parameters() if p.requires_grad], 1.0)
@@ -60,7 +60,7 @@ def train(steps: int, rank: int, world: int, wrap=lambda m: m, start: int = 0, l
         for moe in moes:
             update_expert_bias(moe.router.expert_bias, moe.tokens_per_expert, 0.01, "sign")
             moe.tokens_per_expert.zero_()
-        out.append({"loss": float(loss) / world, "grad_norm": norm})
+        out.append({"loss": float(loss) / world, "grad_norm": float(norm)})
         if save is not None and s + 1 == save_at:
             dcp.save(_state(model, opt), checkpoint_id=save)
     if save_model is not None:

@@ -107,4 +107,5 @@ def test_router_losses_are_weighted_by_the_labelled_share():
         assert token_counts(batch)[1] == share
         model(ids)
         added, m = step._router_losses(torch.tensor(0.0), step.moes, token_counts(batch)[1])
-        assert added.item() == pytest.approx(share * (0.01 * m["z_loss"] + 0.02 * m["balance_loss"]), rel=1e-6)
+        want = share * (0.01 * float(m["z_loss"]) + 0.02 * float(m["balance_loss"]))
+        assert added.item() == pytest.approx(want, rel=1e-6)

@@ -40,12 +40,22 @@ class Batch:
     # [N, 3, T, T] image tiles of the whole batch, row by row (image-text data); their features replace the
     # batch's <|patch|> tokens in order (`Transformer.hidden_states`)
     pixel_values: torch.Tensor | None = None
+    # the number of labelled positions (labels != IGNORE_INDEX), counted on the CPU by `to` before the move, so that
+    # a training step on a GPU never waits for the device to count them (None: count when asked)
+    num_labelled: int | None = None
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> Batch:
         pixels = None if self.pixel_values is None else self.pixel_values.to(device, non_blocking=non_blocking)
         return Batch(*(t.to(device, non_blocking=non_blocking)
                        for t in (self.input_ids, self.labels, self.positions, self.segment_ids)),
-                     offsets=self.offsets, pixel_values=pixels)
+                     offsets=self.offsets, pixel_values=pixels, num_labelled=self.labelled)
+
+    @property
+    def labelled(self) -> int:
+        """The number of labelled positions (a host read of the labels where `num_labelled` is unknown)."""
+        if self.num_labelled is None:
+            return int((self.labels != IGNORE_INDEX).sum())
+        return self.num_labelled
 
     @property
     def num_tokens(self) -> int:

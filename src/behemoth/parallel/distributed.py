@@ -6,7 +6,11 @@ device meshes, FSDP2 with expert parallelism, and the two reductions the trainin
      experts per rank, on the "ep" dimension of the expert mesh;
   2. activation checkpointing and compile (`apply.py`), per block;
   3. FSDP2 (`fully_shard`): the routed experts over the "efsdp" dimension (the ranks holding the same
-     experts), each block's other parameters over all ranks ("dp"), then the root.
+     experts), each block's other parameters over all ranks ("dp"), then the root. A bf16 run
+     (`compute_dtype`) all-gathers the blocks' parameters in bf16 and reduce-scatters gradients in fp32
+     (`mixed_precision`); the fp32 master weights and optimizer state stay sharded. The root (embeddings,
+     final norm, head; gathered once per step) keeps fp32, so the residual stream starts in fp32 and the
+     numbers are those of one device under autocast.
 World = efsdp x ep. With ep = 1 this is plain FSDP over every rank. Gradients: FSDP averages over its
 mesh; an expert's gradient already sums every rank's tokens (the all-to-all backward), so its divide
 factor is the whole world, not its efsdp group: every parameter ends with the gradient of the mean loss
@@ -94,14 +98,28 @@ def _set_divide_factor(module, factor: float) -> None:
     raise RuntimeError("this torch's FSDP2 cannot set a gradient divide factor (needs torch >= 2.6)")
 
 
+def mixed_precision(compute_dtype: torch.dtype | None):
+    """FSDP2's policy for a run computing in `compute_dtype` (the autocast dtype; None: fp32, no policy): parameters
+    all-gathered in that dtype, gradients reduced in fp32, and the forward's inputs left as they come, so the
+    residual stream stays fp32 as under autocast on one device."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if compute_dtype is None or compute_dtype == torch.float32:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+
+
 def parallelize(model: nn.Module, world: int, ep: int = 1, device_type: str = "cpu",
-                activation_checkpointing: bool = False, compile: bool = False, dp_shard: int = -1) -> nn.Module:
+                activation_checkpointing: bool = False, compile: bool = False, dp_shard: int = -1,
+                compute_dtype: torch.dtype | None = None) -> nn.Module:
     """Apply expert parallelism, activation checkpointing, compile and FSDP2, in that order (module
-    docstring); `dp_shard` as in `build_meshes`. Every rank must hold the same weights before (same seed or
+    docstring); `dp_shard` as in `build_meshes`; `compute_dtype` the run's autocast dtype (bf16: parameters
+    gathered in bf16, gradients reduced in fp32). Every rank must hold the same weights before (same seed or
     checkpoint). Returns the model."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     dp_mesh, expert_mesh = build_meshes(world, ep, device_type, dp_shard)
+    mp = mixed_precision(compute_dtype)
     if ep > 1:
         apply_expert_parallel(model, expert_mesh["ep"])
         # the all-to-all's result is a view; `MoE` only reads it (index_copy_ into a new tensor), so FSDP's
@@ -110,15 +128,15 @@ def parallelize(model: nn.Module, world: int, ep: int = 1, device_type: str = "c
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
-        apply_compile(model)
+        apply_compile(model, device_type, compute_dtype or torch.float32)
     for block in model.layers:
         ff = block.feed_forward
         if isinstance(ff, MoE) and isinstance(ff.experts, ExpertParallelExperts):
-            fully_shard(ff.experts, mesh=expert_mesh["efsdp"])
+            fully_shard(ff.experts, mesh=expert_mesh["efsdp"], mp_policy=mp)
             _set_divide_factor(ff.experts, float(world))
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=world > 1)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=world > 1, mp_policy=mp)
     # the root (embeddings, final norm, head) stays gathered from forward to backward: the training steps call
-    # `hidden_states` (registered as an FSDP forward method) and then the head chunk by chunk
+    # `hidden_states` (registered as an FSDP forward method) and then the head chunk by chunk; in fp32 (docstring)
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=False)
     register_fsdp_forward_method(model, "hidden_states")
     return model
@@ -126,7 +144,7 @@ def parallelize(model: nn.Module, world: int, ep: int = 1, device_type: str = "c
 
 def shard_model(model: nn.Module, world: int, ep: int = 1, device: torch.device | str = "cpu",
                 activation_checkpointing: bool = False, compile: bool = False, dp_shard: int = -1,
-                from_rank0: bool = True) -> nn.Module:
+                from_rank0: bool = True, compute_dtype: torch.dtype | None = None) -> nn.Module:
     """`model` parallelized (as `parallelize`) without any rank holding it whole on `device`. Every rank
     builds a meta-device copy from `model.config`, parallelizes it and allocates only its own shards on
     `device`; then, with `from_rank0`, rank 0 sends each tensor of `model` (whole, in CPU memory, on rank 0
@@ -143,7 +161,7 @@ def shard_model(model: nn.Module, world: int, ep: int = 1, device: torch.device 
     with torch.device("meta"):
         out = Transformer(model.config)
     out.train(model.training)
-    parallelize(out, world, ep, device.type, activation_checkpointing, compile, dp_shard)
+    parallelize(out, world, ep, device.type, activation_checkpointing, compile, dp_shard, compute_dtype)
     out.to_empty(device=device)
     for m in out.modules():
         if isinstance(m, MoE):
@@ -166,25 +184,28 @@ def _replicas(t: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """Global gradient norm over every rank's shards, and clipping to `max_norm` (inf: norm only).
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global gradient norm over every rank's shards (a 0-dim tensor on the gradients' device, no host sync), and
+    clipping to `max_norm` (inf: norm only).
 
     Under `parallelize` each rank holds a part of every parameter (FSDP shards, experts over ep x efsdp),
     so the squared norm is the all-reduced sum of the local parts', each divided by the number of ranks
     that hold the same part (1, or HSDP's replicas). Per-tensor fp32 sums of squares are exact to float
     rounding; one-process training keeps torch's `clip_grad_norm_`, whose CPU norm kernel rounds
-    differently, so on the CPU the grad norms of one and several processes agree to ~1e-4 relative."""
+    differently, so on the CPU the grad norms of one and several processes agree to ~1e-4 relative. The
+    clipping factor min(1, max_norm / norm) is applied on the device; a non-finite norm makes the gradients
+    non-finite, and the trainer skips that step."""
     grads = [p.grad for p in params if p.grad is not None]
     parts = [_local(g).float().pow(2).sum() / _replicas(g) for g in grads]
     sq = torch.stack(parts).sum() if parts else torch.zeros(())
     grads = [_local(g) for g in grads]
     if dist.is_initialized():
         dist.all_reduce(sq)
-    norm = float(sq.sqrt())
-    if math.isfinite(norm) and norm > max_norm:
-        coef = max_norm / (norm + 1e-6)
+    norm = sq.sqrt()
+    if math.isfinite(max_norm):
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for g in grads:
-            g.mul_(coef)
+            g.mul_(coef.to(g.dtype))
     return norm
 
 

@@ -96,12 +96,14 @@ class ExpertParallelExperts(GroupedExperts):
         send_counts = counts_E.to(torch.int64).view(ep, El)  # [destination rank, its local expert]
         recv_counts = torch.empty_like(send_counts)  # [source rank, my local expert]
         dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=self.group)
-        in_splits, recv = send_counts.sum(1).tolist(), recv_counts.tolist()
-        out_splits = [sum(row) for row in recv]
+        # the split sizes the all-to-all needs on the host, in one transfer
+        host = torch.cat([send_counts.sum(1), recv_counts.flatten()]).tolist()
+        in_splits, recv = host[:ep], host[ep:]
+        out_splits = [sum(recv[r * El:(r + 1) * El]) for r in range(ep)]
         x_RD = _all_to_all(x_MD, out_splits, in_splits, self.group)
         # arrival order is (source, local expert); make it (local expert, source) for the local experts
         chunk_R = torch.repeat_interleave(torch.arange(ep * El, device=x_MD.device),
-                                          recv_counts.flatten().to(x_MD.device))
+                                          recv_counts.flatten().to(x_MD.device), output_size=sum(out_splits))
         order_R = torch.argsort((chunk_R % El) * ep + chunk_R // El, stable=True)
         y_RD = self._local(x_RD[order_R], recv_counts.sum(0).to(counts_E.device), loop)
         if y_RD.shape[0] == 0:

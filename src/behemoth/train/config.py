@@ -125,7 +125,7 @@ class DistillSection:
     # also at positions inside a teacher token, given the bytes of it read so far; `train/token_align.py`).
     # benchmarks/cross_family.py measures them: marginal, the default, is the one that beats scratch there
     vocab_match: str = "marginal"
-    # a transformers teacher's weights: auto (bf16 when the run uses bf16 autocast, else fp32) | fp32 | bf16
+    # the frozen teacher's weights (any family): auto (bf16 when the run uses bf16 autocast, else fp32) | fp32 | bf16
     teacher_dtype: str = "auto"
 
 

@@ -159,14 +159,15 @@ def _distill_chunk(h_ND: torch.Tensor, labels_N: torch.Tensor, teacher, head: Ca
 def distill_loss(hidden_ND: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels_N: torch.Tensor,
                  teacher: Teacher | CrossTargets, div: Divergence | None = None, weight: KDWeight | None = None,
                  step: int = 0, total_steps: int = 1, chunk: int = 1024,
-                 max_padded_mass: float | None = 1e-3, recompute: bool = True) -> DistillLoss:
+                 max_padded_mass: float | None = 1e-3, recompute: bool = True, count: int | None = None) -> DistillLoss:
     """Hard-label cross-entropy and KD in one pass over chunks of the student's logits, mixed per token
     as (1 - alpha_t) CE_t + alpha_t KD_t with alpha_t from `weight` at optimizer step `step` of
     `total_steps` (`div`, `weight`: default forward KL at tau = 1, constant alpha = 0.5). Counted tokens:
     labels != IGNORE_INDEX; a `CrossTargets` teacher (another tokenizer) gives KD at its aligned positions only.
     Chunking, teacher forms and checks as in `kd_loss`; the head runs once per
     chunk in forward (and once more in backward) for both losses. `recompute=False` keeps each chunk's
-    activations for backward instead (faster when the logits are small enough to hold).
+    activations for backward instead (faster when the logits are small enough to hold). `count`: the number of
+    counted tokens when the caller knows it (no host read of the labels).
     """
     div, weight = div or Divergence(), weight or KDWeight()
     alpha = weight.alpha_at(step, total_steps)
@@ -181,4 +182,5 @@ def distill_loss(hidden_ND: torch.Tensor, head: Callable[[torch.Tensor], torch.T
         loss, ce, kd, alpha_sum = loss + out[0], ce + out[1], kd + out[2], alpha_sum + out[3]
         padded.append(out[4])
     _check_padded(padded, max_padded_mass)
-    return DistillLoss(loss, ce, kd, alpha_sum.detach(), int((labels_N != IGNORE_INDEX).sum()))
+    tokens = int((labels_N != IGNORE_INDEX).sum()) if count is None else count
+    return DistillLoss(loss, ce, kd, alpha_sum.detach(), tokens)

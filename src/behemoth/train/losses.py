@@ -16,8 +16,10 @@ from behemoth.data.loader import IGNORE_INDEX
 
 
 def chunked_cross_entropy(hidden_ND: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
-                          labels_N: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, int]:
-    """Sum of token cross-entropies and the number of counted tokens (labels != IGNORE_INDEX).
+                          labels_N: torch.Tensor, chunk: int = 4096,
+                          count: int | None = None) -> tuple[torch.Tensor, int]:
+    """Sum of token cross-entropies and the number of counted tokens (labels != IGNORE_INDEX): `count` when the
+    caller knows it (`Batch.labelled`, counted on the CPU), else read from the labels (a host sync).
 
     The output head runs on `chunk` tokens at a time and each chunk's fp32 logits [chunk, V] are
     recomputed in backward (checkpointed), so the full [N, V] fp32 logits never exist at once:
@@ -27,7 +29,7 @@ def chunked_cross_entropy(hidden_ND: torch.Tensor, head: Callable[[torch.Tensor]
     for start in range(0, hidden_ND.shape[0], chunk):
         h, y = hidden_ND[start:start + chunk], labels_N[start:start + chunk]
         total = total + torch.utils.checkpoint.checkpoint(_ce_sum, h, y, head, use_reentrant=False)
-    return total, int((labels_N != IGNORE_INDEX).sum())
+    return total, int((labels_N != IGNORE_INDEX).sum()) if count is None else count
 
 
 def _ce_sum(h: torch.Tensor, y: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

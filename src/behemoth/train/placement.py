@@ -82,7 +82,7 @@ def place_model(model: nn.Module, cfg: TrainConfig, ctx: RunContext, trained: bo
         if trained and t.activation_checkpointing:
             apply_activation_checkpointing(model)
         if trained and t.compile:
-            apply_compile(model)
+            apply_compile(model, ctx.device, ctx.autocast)
         return model
     if not isinstance(model, Transformer):  # a transformers teacher of another family (frozen)
         model = shard_foreign(model, ctx.dist.world, ctx.device, p.dp_shard)
@@ -91,7 +91,7 @@ def place_model(model: nn.Module, cfg: TrainConfig, ctx: RunContext, trained: bo
         return model
     files = sharded_model_files(source) if source is not None else None
     model = shard_model(model, ctx.dist.world, p.ep, ctx.device, trained and t.activation_checkpointing,
-                        trained and t.compile, p.dp_shard, from_rank0=files is None)
+                        trained and t.compile, p.dp_shard, from_rank0=files is None, compute_dtype=ctx.autocast)
     if files is not None:
         load_sharded_state(model, files)
     return model

@@ -29,7 +29,7 @@ from behemoth.data.tokenizer import Tokenizer
 from behemoth.parallel.distributed import ShardedBatches, broadcast_from_rank0
 from behemoth.train.config import TrainConfig
 from behemoth.train.datasets import build_data, build_image_data, make_loader
-from behemoth.train.device import autocast_dtype, peak_flops, resolve_device
+from behemoth.train.device import allow_tf32, autocast_dtype, peak_flops, resolve_device
 from behemoth.train.models import TEACHER_DIR, Models, build_models, fit_to_tokenizer, model_config
 from behemoth.train.placement import RunContext, place_model, start_processes
 from behemoth.train.probe import RouterProbe, probe_batch
@@ -112,6 +112,7 @@ def prepare(cfg: TrainConfig, resume: bool, say: Callable[[str], None]) -> tuple
         raise ValueError(f"{run_dir}: already holds a run's checkpoints; pass --resume to continue it or choose "
                          "another --train.out_dir")
     device = resolve_device(cfg.train.device)
+    allow_tf32(device)
     dist = start_processes(cfg, device, model_config(cfg))
     shared = None
     if not dist.is_main:

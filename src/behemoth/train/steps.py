@@ -13,9 +13,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from behemoth.data.loader import IGNORE_INDEX, Batch
+from behemoth.data.loader import Batch
 from behemoth.model.moe import MoE
-from behemoth.parallel.distributed import any_rank, mean_over_ranks
+from behemoth.parallel.distributed import mean_over_ranks
 from behemoth.train.config import DistillSection, RouterSection
 from behemoth.train.kd import Divergence, Teacher, TopK, teacher_topk
 from behemoth.train.kd_loss import distill_loss
@@ -50,7 +50,7 @@ def token_counts(batch: Batch) -> tuple[float, float]:
     process; in a distributed run the ranks' mean n (`parallel.distributed.mean_over_ranks`), so that the
     ranks' average is the mean over the whole batch's tokens. share: the fraction of the batch's positions
     that have a label (1.0 for packed text), over all ranks (each holds the same number of positions)."""
-    mean = mean_over_ranks(int((batch.labels != IGNORE_INDEX).sum()))
+    mean = mean_over_ranks(batch.labelled)  # counted on the CPU (`Batch.to`): no device sync
     return mean or 1, mean / max(batch.labels.numel(), 1)
 
 
@@ -93,13 +93,14 @@ class PretrainStep:
 
     def _cross_entropy(self, model: nn.Module, h_BSD: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, int]:
         with autocast_context(batch.input_ids.device, self.autocast_dtype):
-            return chunked_cross_entropy(h_BSD.flatten(0, 1), model.logits, batch.labels.flatten())
+            return chunked_cross_entropy(h_BSD.flatten(0, 1), model.logits, batch.labels.flatten(),
+                                         count=batch.labelled)
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> dict:
         ce_sum, n = self._cross_entropy(self.model, self._hidden(batch), batch)
         divisor, share = token_counts(batch)
         ce = ce_sum / divisor
-        return self._finish(ce, {"loss": ce.item(), "tokens": n}, self.moes, loss_scale, share)
+        return self._finish(ce, {"loss": ce.detach(), "tokens": n}, self.moes, loss_scale, share)
 
     def _router_losses(self, loss: torch.Tensor, moes: list[MoE], share: float) -> tuple[torch.Tensor, dict]:
         """Add the z-loss and balance loss of `moes` (mean over layers) from their last forward, weighted by
@@ -112,11 +113,11 @@ class PretrainStep:
         bal = torch.stack([balance_loss(flat(m.last_router_logits), flat(m.last_expert_ids), flat(m.last_valid))
                            for m in moes]).mean()
         router = cfg.z_loss_coef * z + cfg.balance_loss_coef * bal
-        metrics = {"z_loss": z.item(), "balance_loss": bal.item()}
+        metrics = {"z_loss": z.detach(), "balance_loss": bal.detach()}
         if cfg.seq_balance_loss_coef:
             seq = torch.stack([balance_loss(m.last_router_logits, m.last_expert_ids, m.last_valid)
                                for m in moes]).mean()
-            router, metrics["seq_balance_loss"] = router + cfg.seq_balance_loss_coef * seq, seq.item()
+            router, metrics["seq_balance_loss"] = router + cfg.seq_balance_loss_coef * seq, seq.detach()
         with torch.no_grad():
             metrics["router_entropy"] = torch.stack([router_entropy(m.last_router_logits, m.last_valid)
                                                      for m in moes])
@@ -125,14 +126,14 @@ class PretrainStep:
         return loss + share * router, metrics
 
     def _finish(self, loss: torch.Tensor, metrics: dict, moes: list[MoE], loss_scale: float, share: float) -> dict:
-        """Router losses of the trained model (weighted by the labelled `share`), the non-finite check,
-        backward."""
+        """Router losses of the trained model (weighted by the labelled `share`), backward. The metrics stay on the
+        device, as 0-dim tensors (`nonfinite` too: the loss was not finite); the trainer reads a whole step's in one
+        transfer. A non-finite loss still runs backward (every rank's collectives stay matched) and the trainer
+        skips the step on it or on a non-finite gradient norm."""
         loss, router = self._router_losses(loss, moes, share)
         metrics.update(router)
-        # agreed over all ranks in a distributed run: they skip the (collective) backward together
-        metrics["nonfinite"] = any_rank(not bool(torch.isfinite(loss)))
-        if not metrics["nonfinite"]:
-            (loss * loss_scale).backward()
+        metrics["nonfinite"] = ~torch.isfinite(loss.detach())
+        (loss * loss_scale).backward()
         return metrics
 
     @torch.no_grad()
@@ -198,9 +199,10 @@ class DistillStep(PretrainStep):
             # recomputing them. At Llama 4's vocabulary they are not.
             small = h_BSD.shape[0] * h_BSD.shape[1] * self.model.config.vocab_size <= self.MATERIALIZE_LOGITS
             res = distill_loss(h_BSD.flatten(0, 1), self.model.logits, batch.labels.flatten(), teacher, self.div,
-                               self.weight, *self.schedule_at, max_padded_mass=None, recompute=not small)
-        metrics = {"loss": res.ce_sum.item() / divisor, "kd_loss": res.kd_sum.item() / divisor,
-                   "kd_weight": res.alpha_sum.item() / divisor, "tokens": res.tokens}
+                               self.weight, *self.schedule_at, max_padded_mass=None, recompute=not small,
+                               count=batch.labelled)
+        metrics = {"loss": res.ce_sum.detach() / divisor, "kd_loss": res.kd_sum.detach() / divisor,
+                   "kd_weight": res.alpha_sum / divisor, "tokens": res.tokens}
         return res.loss_sum / divisor, metrics
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> dict:
@@ -256,6 +258,6 @@ class CodistillStep(DistillStep):
         teacher_loss, t_metrics = self._router_losses(t_ce_sum / divisor, self.teacher_moes, share)
         targets = self._targets_from_hidden(h_t.detach().flatten(0, 1))
         loss, metrics = self._distill(batch, self._hidden(batch), targets, divisor)
-        metrics["teacher_loss"] = t_ce_sum.item() / divisor
+        metrics["teacher_loss"] = t_ce_sum.detach() / divisor
         metrics.update({f"teacher_{k}": v for k, v in t_metrics.items() if k != "router_entropy"})
         return self._finish(loss + teacher_loss, metrics, self.moes, loss_scale, share)

@@ -73,18 +73,18 @@ def frozen_teacher(cfg: TrainConfig, ctx: RunContext) -> TeacherSource:
 
 
 def teacher_dtype(setting: str, autocast: torch.dtype | None) -> torch.dtype:
-    """The weights' dtype of a transformers teacher: `distill.teacher_dtype`, auto = the run's autocast dtype."""
+    """The frozen teacher's weights' dtype: `distill.teacher_dtype`, auto = the run's autocast dtype (a bf16 run holds
+    and reads half the bytes; its matmuls run in bf16 under autocast anyway)."""
     return {"fp32": torch.float32, "bf16": torch.bfloat16}.get(setting, autocast or torch.float32)
 
 
 def load_teacher(directory: Path, device: torch.device,
-                 foreign_dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Tokenizer]:
-    """A teacher model and its tokenizer, both from its model directory (`resolve_model_dir`'s): a native or
-    Llama 4 one in fp32, a transformers model of another family in `foreign_dtype`. Errors name
-    distill.teacher."""
+                 dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Tokenizer]:
+    """A teacher model (native, Llama 4, or a transformers model of another family) in `dtype` and its tokenizer,
+    both from its model directory (`resolve_model_dir`'s). Errors name distill.teacher."""
     tok = load_teacher_tokenizer(directory)
     try:
-        model = load_any_model(directory, foreign_dtype if is_foreign_dir(directory) else torch.float32, device)
+        model = load_any_model(directory, dtype, device)
     except CheckpointError as e:
         raise ValueError(f"distill.teacher: {e}") from None
     return model, tok

@@ -209,18 +209,18 @@ class Trainer:
                     self._progress(rec, total)
                     window_t, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
                 at_end = self.global_step == total
-                t_side = time.perf_counter()  # health probes and evaluation stay out of tokens/s and MFU
+                t_side = time.perf_counter()  # health probes, evaluation and checkpoints stay out of tokens/s and MFU
                 if self.health.layer_ids and (self.global_step % cfg.log.health_every == 0 or at_end):
                     self._report_health(log)
                 if cfg.log.eval_every and (self.global_step % cfg.log.eval_every == 0 or self.global_step == total):
                     self._evaluate(log)
-                window_t += time.perf_counter() - t_side
                 if self._signal is not None:
                     self.save()
                     raise Interrupted(self._signal, self.global_step)
                 if cfg.checkpoint.every and self.global_step % cfg.checkpoint.every == 0:
                     self.save()
                     last_saved = self.global_step
+                window_t += time.perf_counter() - t_side
             if last_saved != self.global_step or cfg.checkpoint.every == 0:
                 self.save()
         finally:
@@ -230,43 +230,81 @@ class Trainer:
                 "elapsed_s": self.elapsed}
 
     def _optimizer_step(self) -> dict | None:
-        """Accumulate micro-batches, clip, step, update routing biases. None if the step was skipped."""
+        """Accumulate micro-batches, clip, step, update routing biases. None if the step was skipped.
+
+        The device is read once per step: every micro-batch's metrics stay on it (0-dim tensors), and they, the
+        router entropy, the gradient norm and the routed counts come to the host in one transfer, which also
+        decides whether the step is taken (a non-finite loss or gradient norm skips it, weights and biases
+        untouched)."""
         cfg = self.cfg
         accum = cfg.train.grad_accum
-        agg: dict = {"tokens": 0}
+        sums: dict[str, torch.Tensor | float] = {}
+        tokens = 0
         entropy = None
         self.step.begin_step(self.global_step, cfg.train.steps)
         for _ in range(accum):
             batch = next(self.loader).to(self.info.device)
             m = self.step.forward_backward(batch, 1.0 / accum)
-            if m["nonfinite"]:
-                return self._skip(f"non-finite loss at step {self.global_step + 1}")
+            tokens += m.pop("tokens")
+            e = m.pop("router_entropy", None)
+            if e is not None:
+                entropy = e / accum if entropy is None else entropy + e / accum
             for k, v in m.items():  # every float a step reports is averaged over micro-batches and logged
-                if isinstance(v, float):
-                    agg[k] = agg.get(k, 0.0) + v / accum
-            agg["tokens"] += m["tokens"]
-            if "router_entropy" in m:
-                entropy = m["router_entropy"] / accum if entropy is None else entropy + m["router_entropy"] / accum
-        agg, entropy = all_reduce_metrics(agg, entropy)  # the whole batch's, over all ranks
+                if k == "nonfinite":
+                    sums[k] = v if k not in sums else sums[k] | v
+                else:
+                    sums[k] = sums.get(k, 0.0) + v / accum
         params = [p for model in self.models.values() for p in model.parameters() if p.requires_grad]
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         if self.info.world > 1:
             grad_norm = clip_grad_norm(params, clip)  # over every rank's shards
         else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        if not math.isfinite(grad_norm):
-            return self._skip(f"non-finite gradient norm at step {self.global_step + 1}")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        all_reduce_counts(self.moes)  # the bias moves by the global load, identically on every rank
+        counts = torch.stack([m.tokens_per_expert for m in self.primary_moes]) if self.primary_moes else None
+        host = self._to_host(sums, entropy, grad_norm, counts)
+        agg, entropy = all_reduce_metrics({**host["metrics"], "tokens": tokens}, host["entropy"])  # over all ranks
+        nonfinite = any_rank(host["nonfinite"])
+        if nonfinite or not math.isfinite(host["grad_norm"]):
+            what = "loss" if nonfinite else "gradient norm"
+            return self._skip(f"non-finite {what} at step {self.global_step + 1}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_streak = 0
-        all_reduce_counts(self.moes)  # the bias moves by the global load, identically on every rank
-        counts = torch.stack([m.tokens_per_expert for m in self.primary_moes]) if self.primary_moes else None
         self.balancer.update()
         if counts is not None:
-            self.health.observe(counts, entropy if entropy is not None else torch.zeros(len(counts)))
+            self.health.observe(host["counts"], entropy if entropy is not None else torch.zeros(len(counts)))
         self._zero_counts()
-        agg["grad_norm"] = grad_norm
+        agg["grad_norm"] = host["grad_norm"]
         return agg
+
+    @staticmethod
+    def _to_host(sums: dict, entropy: torch.Tensor | None, grad_norm: torch.Tensor | float,
+                 counts_LE: torch.Tensor | None) -> dict:
+        """One device-to-host transfer of a step's figures: the metrics (floats), whether any micro-batch's loss was
+        non-finite, the router entropy [L], the gradient norm and the routed counts [L, E] (CPU float64)."""
+        names = [k for k, v in sums.items() if isinstance(v, torch.Tensor) and k != "nonfinite"]
+        parts = [torch.stack([sums[k].detach().double().reshape(()) for k in names]) if names else None,
+                 torch.as_tensor(sums["nonfinite"]).double().reshape(1) if "nonfinite" in sums else None,
+                 torch.as_tensor(grad_norm).detach().double().reshape(1),
+                 None if entropy is None else entropy.detach().double().flatten(),
+                 None if counts_LE is None else counts_LE.detach().double().flatten()]
+        device = next(t.device for t in parts if t is not None)
+        flat = torch.cat([t.to(device) for t in parts if t is not None]).cpu()
+        i = 0
+        out = {"metrics": {k: v for k, v in sums.items() if not isinstance(v, torch.Tensor)}}
+        out["metrics"].update({k: float(flat[i + j]) for j, k in enumerate(names)})
+        i += len(names)
+        out["nonfinite"] = bool(flat[i]) if parts[1] is not None else False
+        i += parts[1] is not None
+        out["grad_norm"] = float(flat[i])
+        i += 1
+        out["entropy"] = None
+        if entropy is not None:
+            out["entropy"] = flat[i:i + entropy.numel()].view(entropy.shape)
+            i += entropy.numel()
+        out["counts"] = None if counts_LE is None else flat[i:].view(counts_LE.shape)
+        return out
 
     def _skip(self, why: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
