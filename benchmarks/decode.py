@@ -17,6 +17,11 @@ once per decode step, so batch-1 decode cannot beat bandwidth / active bytes.
     .venv/bin/python benchmarks/decode.py --preset cpu          # fp32, tiny, mini-behemoth, mini-maverick
     python benchmarks/decode.py --preset h100                   # bench-1b, bf16
 
+Memory (on GPUs, or with --assume-device-gb): before a model is built, each batch size's need comes from the
+planner's model (`common.decode_need`: weights, the prefill's activations and the KV cache, twice with
+transformers' copy); a batch size that does not fit the device's free memory less a margin is recorded as
+{"skipped": reason} (and a model none of whose batch sizes fit is not built).
+
 Results go to benchmarks/results/decode_<device>_<preset>.json.
 """
 
@@ -34,7 +39,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import device_info, transformers_version  # noqa: E402
+from common import (  # noqa: E402
+    add_fit_args,
+    decode_need,
+    device_bytes,
+    device_info,
+    fit_record,
+    say_fit,
+    transformers_version,  # noqa: E402
+)
 
 from behemoth import build_model  # noqa: E402
 from behemoth.checkpoint.convert import is_native_only, native_to_hf_key  # noqa: E402
@@ -62,6 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", help="override the preset's device (e.g. cpu for a dry run of --preset h100)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="override the preset's dtype")
     p.add_argument("--out", help="result file (default: results/decode_<device>_<preset>.json)")
+    add_fit_args(p)
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
     args.models = args.models or preset["models"]
@@ -94,10 +108,25 @@ def sync(device: torch.device) -> None:
 def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     dtype = getattr(torch, args.dtype)
     cfg = get_preset(name)
+    entry = {"model": name, "total_params": cfg.num_params(), "active_params": cfg.num_active_params(), "runs": []}
+    dev = device_bytes(device, args.assume_device_gb)
+    checks = {B: fit_record(decode_need(cfg, B, args.prompt, args.new, args.dtype, not args.skip_hf), dev,
+                            args.memory_margin) for B in args.batch}
+    for B, rec in checks.items():
+        say_fit(f"{name} batch {B}", rec)
+    if all("skipped" in rec for rec in checks.values()):
+        entry["skipped"] = checks[args.batch[0]]["skipped"]
+        entry["runs"] = [{"batch": B, "prompt": args.prompt, "new": args.new, "skipped": rec["skipped"],
+                          "memory": rec} for B, rec in checks.items()]
+        return entry
     ours = build_model(cfg, device=device, dtype=dtype).eval()
     hf = None if args.skip_hf else hf_model(ours, dtype, device)
-    entry = {"model": name, "total_params": cfg.num_params(), "active_params": cfg.num_active_params(), "runs": []}
     for B in args.batch:
+        if "skipped" in checks[B]:
+            entry["runs"].append({"batch": B, "prompt": args.prompt, "new": args.new, "skipped": checks[B]["skipped"],
+                                  "memory": checks[B]})
+            print(f"{name} batch {B}: skipped: {checks[B]['skipped']}", flush=True)
+            continue
         g = torch.Generator().manual_seed(B)
         prompts = torch.randint(0, cfg.vocab_size, (B, args.prompt), generator=g).to(device)
 
@@ -125,7 +154,7 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device) -> dict
                     fn(n)
                     sync(device)
                     times[k][what].append(time.perf_counter() - t0)
-        run = {"batch": B, "prompt": args.prompt, "new": args.new}
+        run = {"batch": B, "prompt": args.prompt, "new": args.new, "memory": checks[B]}
         for k, t in times.items():
             pre, tot = statistics.median(t["prefill"]), statistics.median(t["total"])
             run[k] = {"prefill_s": pre, "total_s": tot, "prefill_tok_s": B * args.prompt / pre,

@@ -141,12 +141,19 @@ def pytest_headline(r: dict) -> str:
     return f"{r['passed']} passed, {r['failures'] + r['errors']} failed, {r['skipped']} skipped"
 
 
+def not_run(v: dict) -> str:
+    """A configuration's headline when it has no figures: skipped (does not fit the device) or its error."""
+    return f"skipped ({v['skipped'][:60]})" if "skipped" in v else v.get("error", "no result")[:40]
+
+
 def moe_headline(r: dict) -> str:
+    if "skipped" in r:
+        return f"skipped: {r['skipped']}"
     parts = []
     for mode, v in r["results"]["ours"].items():
         if mode in ("fwd", "fwd_bwd"):
             parts.append(f"{mode} {v['median_ms']:.3g} ms {v['tflops']:.3g} TFLOP/s" if "median_ms" in v
-                         else f"{mode} {v.get('error', '')[:40]}")
+                         else f"{mode} {not_run(v)}")
     vs = r["ratios"].get("ours_speedup_vs_hf_fwd_bwd") or r["ratios"].get("ours_speedup_vs_hf_fwd")
     return "ours " + ", ".join(parts) + (f"; x{vs} vs hf" if vs else "")
 
@@ -159,11 +166,13 @@ def train_headline(r: dict) -> str:
                 mfu = f" MFU {v['mfu']:.1%}" if v.get("mfu") else ""
                 parts.append(f"{name} {v['tokens_per_s']:,.0f} tok/s{mfu}")
             else:
-                parts.append(f"{name} {v.get('error', 'no steps')[:40]}")
+                parts.append(f"{name} {not_run(v)}")
     return "; ".join(parts)
 
 
 def distill_headline(r: dict) -> str:
+    if "skipped" in r:
+        return f"skipped: {r['skipped']}"
     ms, tps = r["median_ms"], r["tokens_per_s"]
     line = f"distill {ms['distill']:.3g} ms ({tps['distill']:,.0f} tok/s), vs its parts {r['overhead_vs_parts']:+.1%}"
     if r.get("hf_overhead_vs_parts") is not None:
@@ -174,15 +183,27 @@ def distill_headline(r: dict) -> str:
 def decode_headline(r: dict) -> str:
     model = r["models"][0]
     run = model["runs"][0]
+    if "skipped" in run:
+        return f"batch {run['batch']} skipped: {run['skipped']}"
     parts = [f"{k} {run[k]['decode_tok_s']:,.0f}" for k in ("ours", "ours_compile", "hf") if k in run]
     floor = model.get("bandwidth_floor", {}).get("batch1_max_tok_s")
     return f"decode tok/s (batch {run['batch']}): " + ", ".join(parts) + (f"; floor {floor:,.0f}" if floor else "")
 
 
 def parallel_headline(r: dict) -> str:
+    def ac(x: dict) -> str:
+        return " (AC)" if x.get("activation_checkpointing") else ""
+
     first, rest = r["results"][0], r["results"][1:]
-    parts = [f"1 process {first['tokens_per_s']:,.0f} tok/s"]
-    parts += [f"{x['parallel']} x{x['processes']}: {x['vs_one_process']:.3f} of it" for x in rest]
+    parts = [f"1 process{ac(first)} " + (f"{first['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in first
+                                         else not_run(first))]
+    for x in rest:
+        if "vs_one_process" in x:
+            parts.append(f"{x['parallel']} x{x['processes']}{ac(x)}: {x['vs_one_process']:.3f} of it")
+        elif "tokens_per_s" in x:
+            parts.append(f"{x['parallel']} x{x['processes']}{ac(x)}: {x['tokens_per_s']:,.0f} tok/s")
+        else:
+            parts.append(f"{x['parallel']} x{x['processes']}: {not_run(x)}")
     return "; ".join(parts)
 
 

@@ -12,6 +12,12 @@ times 3 for forward+backward. "fwd" runs under no_grad; "fwd_bwd" runs the forwa
 backward from a fixed random output gradient to the input and every weight. Implementations are
 interleaved round by round so that machine noise hits them alike; the figure is the median.
 
+Memory (on GPUs, or with --assume-device-gb): before anything is built, each implementation's need in each mode
+comes from the planner's model (`common.moe_layer_need`: every built layer's weights, gradients in fwd_bwd, and
+the implementation's activations by `behemoth.plan.ffn_activation_bytes`); transformers' layer is built only when
+its forward fits beside the others, and an (implementation, mode) that does not fit the device's free memory less
+a margin is recorded as {"skipped": reason} instead of run.
+
 Results go to benchmarks/results/moe_layer_<device>_<preset>.json.
 
     .venv/bin/python benchmarks/moe_layer.py --preset cpu            # fp32, about a minute on 2 cores
@@ -33,7 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import device_info, transformers_version
+from common import add_fit_args, device_bytes, device_info, fit_record, moe_layer_need, say_fit, transformers_version
 
 from behemoth.config import ModelConfig, MoEConfig
 from behemoth.model.layers import FeedForward
@@ -73,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--forward-only", dest="forward_only", action="store_true", default=None)
     p.add_argument("--skip-hf", dest="skip_hf", action="store_true", default=None, help="leave transformers out")
     p.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/moe_layer_<device>_<preset>.json)")
+    add_fit_args(p)
     args = p.parse_args(argv)
     base = {**_SHAPE_DEFAULTS, **_RUN_DEFAULTS, **PRESETS.get(args.preset or "", {})}
     for k, v in base.items():
@@ -164,9 +171,60 @@ def timed(prepare: Callable[[], None], step: Callable[[], None], device: torch.d
     return (time.perf_counter() - t0) * 1e3
 
 
+def family(name: str) -> str:
+    """The layer an implementation runs: ours (any routing or kernel), hf or dense."""
+    return "ours" if name.startswith("ours") else name
+
+
+def check_memory(args: argparse.Namespace, device: torch.device) -> dict[str, dict[str, dict]]:
+    """{ours, hf, dense: {mode: fit record}} by the planner's model (`common.moe_layer_need`). Transformers' layer
+    counts as built (its weights held beside the others) only when its forward fits beside ours and dense; when it
+    does not, every mode of it carries that forward's reason. Leaves args.skip_hf set when hf is not built."""
+    dev = device_bytes(device, args.assume_device_gb)
+    modes = ["fwd"] if args.forward_only else ["fwd", "fwd_bwd"]
+
+    def check(impl: str, mode: str, resident: tuple[str, ...]) -> dict:
+        need = moe_layer_need(args.d, args.f, args.experts, args.top_k, args.tokens, args.dtype, impl, mode, resident)
+        return fit_record(need, dev, args.memory_margin)
+
+    out: dict[str, dict[str, dict]] = {}
+    resident = ("ours", "dense")
+    if not args.skip_hf:
+        hf_fwd = check("hf", "fwd", (*resident, "hf"))
+        if "skipped" in hf_fwd:
+            out["hf"] = {mode: hf_fwd for mode in modes}
+            args.skip_hf = True
+        else:
+            resident = (*resident, "hf")
+    for impl in resident:
+        out[impl] = {mode: check(impl, mode, resident) for mode in modes}
+    for impl, by_mode in out.items():
+        for mode, rec in by_mode.items():
+            say_fit(f"{impl} {mode}", rec)
+    return out
+
+
+def skipped_result(args: argparse.Namespace, device: torch.device, memory: dict) -> dict:
+    """The result of a run whose own layer does not fit: every implementation and mode skipped, with the reason."""
+    return {"benchmark": "moe_layer", "preset": args.preset or "custom",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": device_info(device),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers_version()},
+            "config": {"d": args.d, "f": args.f, "experts": args.experts, "top_k": args.top_k, "tokens": args.tokens,
+                       "dtype": args.dtype, "device": str(device)},
+            "skipped": memory["ours"]["fwd"]["skipped"], "memory": memory,
+            "results": {impl: {mode: {"skipped": rec["skipped"]} for mode, rec in by_mode.items() if "skipped" in rec}
+                        for impl, by_mode in memory.items()},
+            "ratios": {}}
+
+
 def run(args: argparse.Namespace) -> dict:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     T, D, Fh, E, K = args.tokens, args.d, args.f, args.experts, args.top_k
+    memory = check_memory(args, device)
+    if "skipped" in memory["ours"]["fwd"]:
+        return skipped_result(args, device, memory)
     ours, hf, dense = build(args, device, dtype)
     ours.eval()  # no tokens_per_expert bookkeeping; nothing else in the layer depends on the mode
     gen = torch.Generator(device=device).manual_seed(1)
@@ -221,16 +279,20 @@ def run(args: argparse.Namespace) -> dict:
     }
     modes = ["fwd"] if args.forward_only else ["fwd", "fwd_bwd"]
     results: dict[str, dict] = {name: {} for name in impls}
+    if "hf" in memory and hf is None:  # not built: its forward does not fit beside the others
+        results["hf"] = {mode: {"skipped": rec["skipped"]} for mode, rec in memory["hf"].items()}
     for mode in modes:
         steps = {name: make_step(mod, x, gy, mode, setup) for name, (mod, setup) in impls.items()}
         times: dict[str, list[float]] = {name: [] for name in impls}
         failed: dict[str, str] = {}
+        skipped = {name: memory[family(name)][mode]["skipped"] for name in impls
+                   if "skipped" in memory[family(name)][mode]}
         rounds = args.warmup + max(args.repeats, args.hf_repeats)
         for r in range(rounds):
             for name, (prepare, step) in steps.items():
                 n = args.hf_repeats if name == "hf" else args.repeats
                 w = 1 if name == "hf" and device.type == "cpu" else args.warmup
-                if name in failed or r >= w + n:
+                if name in failed or name in skipped or r >= w + n:
                     continue
                 track_mem = device.type == "cuda" and r == 0
                 if track_mem:
@@ -251,6 +313,9 @@ def run(args: argparse.Namespace) -> dict:
             print(f"  {mode}: round {r + 1}/{rounds}", file=sys.stderr, end="\r", flush=True)
         print(file=sys.stderr)
         for name in impls:
+            if name in skipped:
+                results[name][mode] = {"skipped": skipped[name]}
+                continue
             if name in failed:
                 results[name][mode] = {"error": failed[name]}
                 continue
@@ -301,6 +366,7 @@ def run(args: argparse.Namespace) -> dict:
             "ours_expert_kernel": "grouped_mm" if default_grouped else "loop",
         },
         "flops": flops,
+        "memory": memory,
         "natural_routing_load": natural_load,
         "check": check,
         "results": results,
@@ -321,8 +387,12 @@ def print_summary(res: dict) -> None:
     c = res["config"]
     print(
         f"MoE layer  D={c['d']} F={c['f']} E={c['experts']} K={c['top_k']} T={c['tokens']} {c['dtype']} "
-        f"on {res['device']['name']} (ours: {c['ours_expert_kernel']} kernel)"
+        f"on {res['device']['name']}" + (f" (ours: {c['ours_expert_kernel']} kernel)" if "ours_expert_kernel" in c
+                                         else "")
     )
+    if "skipped" in res:
+        print(f"skipped: {res['skipped']}")
+        return
     modes = sorted(
         {m for r in res["results"].values() for m in r if m != "step_peak_mem_gib"}, key=["fwd", "fwd_bwd"].index
     )
@@ -332,7 +402,8 @@ def print_summary(res: dict) -> None:
         for m in modes:
             v = r.get(m, {})
             row += (
-                f"{v['median_ms']:14.2f}{v['tflops']:10.3f}" if "median_ms" in v else f"{v.get('error', '-')[:24]:>24s}"
+                f"{v['median_ms']:14.2f}{v['tflops']:10.3f}" if "median_ms" in v
+                else f"{('skipped' if 'skipped' in v else v.get('error', '-'))[:24]:>24s}"
             )
         print(row)
     for k, v in res["ratios"].items():

@@ -18,12 +18,18 @@ the routing; our load (max / mean tokens per expert, per MoE layer) is recorded.
 
 tokens/s = batch x seq_len / median step time. MFU = tokens/s x ModelConfig.train_flops_per_token(seq_len)
 / peak (PaLM convention: 6 x active params + attention); the peak comes from --peak-tflops or, for bf16
-on a known GPU, `behemoth.train.device.PEAK_BF16` (989 TFLOP/s on H100). On CPU, achieved TFLOP/s only.
+on a known GPU, `behemoth.train.device.PEAK_BF16` (989 TFLOP/s on an H100 SXM, 756 PCIe, 835 NVL). On CPU,
+achieved TFLOP/s only.
 
 On CPU every implementation stays resident and steps are interleaved one by one. On GPU a 4B-parameter
 model with fp32 AdamW state does not fit next to another, so implementations are built one at a time
 (`--resident one`): build, warm up, time, free, in `--blocks` rounds; peak memory is per implementation.
 An out-of-memory implementation is recorded as an error, not a crash.
+
+Memory (on GPUs, or with --assume-device-gb): before anything is built, each implementation's need comes from the
+planner's model (`common.train_need`: weights, gradients, AdamW state, autocast copies, activations, at the peak
+of a step); one that does not fit the device's free memory less a margin is not run and its result is
+{"skipped": reason} (with --resident all, every implementation is held at once and their needs add up).
 
 Results go to benchmarks/results/train_throughput_<device>_<preset>.json.
 
@@ -48,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from common import device_info, transformers_version
+from common import Need, add_fit_args, device_bytes, device_info, fit_record, say_fit, train_need, transformers_version
 from torch import nn
 
 from behemoth import build_model
@@ -108,6 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="afterwards, profile a few steps of `ours` per model (torch.profiler) into the JSON")
     p.add_argument("--profile-steps", dest="profile_steps", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    add_fit_args(p)
     p.add_argument("--out", type=Path,
                    help="JSON path (default benchmarks/results/train_throughput_<device>_<preset>.json)")
     p.add_argument("--no-save", dest="save", action="store_false", help="print only, write no JSON")
@@ -148,9 +155,9 @@ def peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[float |
         return args.peak_tflops, "--peak-tflops"
     if device.type == "cuda" and args.dtype == "bfloat16":
         name = torch.cuda.get_device_name(device)
-        for key, flops in PEAK_BF16.items():
+        for key, flops in PEAK_BF16:  # the more specific names first (PCIe and NVL cards)
             if key in name:
-                return flops / 1e12, f"behemoth.train.device.PEAK_BF16[{key!r}] (dense bf16)"
+                return flops / 1e12, f"behemoth.train.device.PEAK_BF16 {key!r} (dense bf16)"
     return None, None
 
 
@@ -204,7 +211,7 @@ def ours_impl(name: str, cfg: ModelConfig, args: argparse.Namespace, device: tor
         if ac:
             apply_activation_checkpointing(model)
         if compile_:
-            apply_compile(model)
+            apply_compile(model, device, autocast)
         model.train()
         step = PretrainStep(model, RouterSection(), autocast)
         runner = Runner(model, build_optimizer([model], OptimSection()), lambda b: 0.0, moe_layers(model))
@@ -212,7 +219,7 @@ def ours_impl(name: str, cfg: ModelConfig, args: argparse.Namespace, device: tor
         def forward_backward(batch: Batch) -> float:
             m = step.forward_backward(batch, 1.0)
             runner.nonfinite += int(m["nonfinite"])
-            return m["loss"]
+            return float(m["loss"])  # a number or a 0-dim device tensor
 
         runner.forward_backward = forward_backward
         return runner
@@ -312,12 +319,36 @@ class Record:
     build_s: list[float] = field(default_factory=list)
     error: str | None = None
     nonfinite: int = 0
+    memory: dict | None = None  # the fit check (`common.fit_record`)
+    skipped: str | None = None  # why it was not run: it does not fit the device
+
+
+def check_memory(cfg: ModelConfig, args: argparse.Namespace, names: list[str], dev_bytes: float | None
+                 ) -> dict[str, dict]:
+    """Each implementation's fit check (`common.fit_record`) by the planner's model: alone on the device with
+    --resident one, all of them at once with --resident all."""
+    needs = {n: train_need(cfg, args.batch, args.seq_len, args.dtype, n) for n in names}
+    if args.resident == "one":
+        return {n: fit_record(need, dev_bytes, args.memory_margin) for n, need in needs.items()}
+    whole = fit_record(Need(f"every implementation at once ({', '.join(names)})",
+                            sum(need.bytes for need in needs.values())), dev_bytes, args.memory_margin)
+    out = {}
+    for n, need in needs.items():
+        out[n] = rec = fit_record(need, dev_bytes, args.memory_margin) | {"resident_all_needs_gb": whole["needs_gb"]}
+        if whole.get("skipped"):
+            rec["fits"], rec["skipped"] = False, f"{whole['skipped']}, every implementation at once (--resident all)"
+    return out
 
 
 def run_model(cfg: ModelConfig, args: argparse.Namespace, device: torch.device) -> tuple[dict[str, Record], dict]:
     impls = implementations(cfg, args, device)
     batch = make_batches(cfg, args, device)
     recs = {i.name: Record() for i in impls}
+    checks = check_memory(cfg, args, [i.name for i in impls], device_bytes(device, args.assume_device_gb))
+    for name, check in checks.items():
+        say_fit(name, check)
+        recs[name].memory, recs[name].skipped = check, check.get("skipped")
+    impls = [i for i in impls if recs[i.name].skipped is None]
     runners: dict[str, Runner | None] = {}
     crashed: list[str] = []
 
@@ -538,6 +569,8 @@ def summarise(cfg: ModelConfig, recs: dict[str, Record], args: argparse.Namespac
     out: dict[str, dict] = {}
     for name, rec in recs.items():
         r: dict = {}
+        if rec.skipped:
+            r["skipped"] = rec.skipped
         if rec.error:
             r["error"] = rec.error
         if rec.times_ms:
@@ -547,7 +580,7 @@ def summarise(cfg: ModelConfig, recs: dict[str, Record], args: argparse.Namespac
                      tokens_per_s=round(tokens / (med / 1e3), 1), tflops=round(tflops, 4),
                      mfu=round(tflops / peak, 4) if peak else None, times_ms=rec.times_ms)
         r.update(peak_mem_gib=rec.peak_mem_gib, mem_after_build_gib=rec.mem_after_build_gib, build_s=rec.build_s,
-                 losses=rec.losses)
+                 losses=rec.losses, memory=rec.memory)
         if rec.nonfinite:
             r["nonfinite_steps"] = rec.nonfinite
         if rec.load:
@@ -601,7 +634,7 @@ def run(args: argparse.Namespace) -> tuple[dict, bool]:
         if "hf" in first:
             checks[name] = {"first_step_loss": first,
                             "max_abs_diff_vs_hf": round(max(abs(v - first["hf"]) for v in first.values()), 5)}
-        if args.profile:
+        if args.profile and "skipped" not in results[name]["ours"]:
             print(f"{name}: profiling ours for {args.profile_steps} steps", file=sys.stderr)
             profiles[name] = profile_ours(cfg, args, device)
     res = {
@@ -616,6 +649,7 @@ def run(args: argparse.Namespace) -> tuple[dict, bool]:
             "dtype": args.dtype, "device": str(device), "repeats": args.repeats, "warmup": args.warmup,
             "resident": args.resident, "blocks": args.blocks if args.resident == "one" else None,
             "segment_ids": args.segment_ids, "seed": args.seed, "peak_tflops": peak, "peak_source": peak_src,
+            "assume_device_gb": args.assume_device_gb, "memory_margin": args.memory_margin,
             "optim": vars(OptimSection()), "router": vars(RouterSection()),
         },
         "models": models,
@@ -653,7 +687,8 @@ def print_summary(res: dict) -> None:
     for model, rs in res["results"].items():
         for name, r in rs.items():
             if "median_ms" not in r:
-                print(f"{model:14s}{name:17s}  {r.get('error', '-')}")
+                why = f"skipped: {r['skipped']}" if "skipped" in r else r.get("error", "-")
+                print(f"{model:14s}{name:17s}  {why}")
                 continue
             ratio = res["ratios"][model].get(f"{name}_vs_hf_tokens_per_s")
             load = r.get("routing_load", {}).get("median_mean_over_layers")

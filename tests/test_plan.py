@@ -8,7 +8,8 @@ import pytest
 
 from behemoth.cli import main
 from behemoth.config import get_preset
-from behemoth.plan import USABLE, PlanRequest, memory_per_gpu, plan
+from behemoth.inference.cache import cache_bytes
+from behemoth.plan import USABLE, PlanRequest, forward_memory, memory_per_gpu, plan, step_peak, train_step_memory
 
 
 def run_plan(capsys, *args: str) -> dict:
@@ -93,3 +94,43 @@ def test_text_output_and_bad_input(capsys):
     assert main(["plan", "--preset", "scout", "--mode", "fly", "--gpus", "1", "--gpu-mem-gb", "80",
                  "--precision", "fp8"]) == 2
     assert "--mode: invalid choice: 'fly'" in capsys.readouterr().err
+
+
+def test_one_gpu_training_step_memory_by_hand():
+    """bench-1b, 8 x 2048 tokens, fp32 master weights under bf16 autocast: parallel.py's plain process on a GPU."""
+    cfg = get_preset("bench-1b")
+    n, total = cfg.num_params(), cfg.param_breakdown()["total"]
+    tokens, D, L = 8 * 2048, 2048, 16
+    mem = train_step_memory(cfg, 8, 2048)
+    assert (mem["weights"], mem["gradients"], mem["optimizer"], mem["gathered"]) == (4 * n, 4 * n, 8 * n, 0)
+    assert mem["compute_copies"] == 2 * (n - total["embeddings"] - total["norms"])  # bf16 casts of every matrix
+    # per token and block: residuals 2D in fp32; in bf16 norm outputs 2D, q + o (2 x 16 x 128), k + v (2 x 4 x 128),
+    # and the MoE input twice (routed top-1 + shared) with gate/up/product of both experts (3 x 2 x 4096)
+    block = 4 * 2 * D + 2 * (2 * D + 2 * 2048 + 2 * 512) + 2 * (2 * D + 3 * 2 * 4096)
+    logits = 1024 * 32000 * 4
+    assert mem["activations"] == L * tokens * block + logits
+    ac = train_step_memory(cfg, 8, 2048, activation_checkpointing=True)
+    assert ac["activations"] == L * tokens * D * 4 + tokens * block + logits  # fp32 block inputs + one block
+    # gradients grow in the backward as the activations and casts of the same blocks go: never both whole
+    assert step_peak(mem) == 12 * n + max(4 * n, mem["compute_copies"] + mem["activations"])
+    assert round(step_peak(mem) / 1e9, 1) == 79.1 and round(step_peak(ac) / 1e9, 1) == 62.8
+    assert step_peak(mem) < sum(mem.values())
+    pure = train_step_memory(cfg, 8, 2048, weights="bf16", optimizer=False)
+    assert (pure["weights"], pure["optimizer"], pure["compute_copies"]) == (2 * n, 0, 0)
+
+
+def test_fsdp_step_memory_and_a_frozen_forward():
+    cfg = get_preset("bench-1b")
+    n = cfg.num_params()
+    root = cfg.param_breakdown()["total"]["embeddings"] * 2 + cfg.dim  # untied head + final norm
+    one = train_step_memory(cfg, 2, 2048, fsdp_gpus=1)
+    # one rank: every block stays gathered in bf16 from its forward to its backward, the root in fp32 all step
+    assert one["gathered"] == 4 * root and one["compute_copies"] == 2 * (n - root) and one["weights"] == 4 * n
+    two = train_step_memory(cfg, 4, 2048, fsdp_gpus=2, ep=2)
+    assert two["weights"] == 4 * n / 2 and two["optimizer"] == 8 * n / 2 and two["compute_copies"] == 0
+    assert two["gathered"] > 4 * root  # + two blocks with this rank's half of the experts
+    fwd = forward_memory(cfg, 8, 128, cache_len=192, logit_rows=8)
+    assert fwd["weights"] == 2 * n and fwd["gradients"] == fwd["optimizer"] == 0
+    assert fwd["kv_cache"] == cache_bytes(cfg, 8, 192)["total"] and step_peak(fwd) == sum(fwd.values())
+    with pytest.raises(ValueError, match="weights='fp16'"):
+        train_step_memory(cfg, 1, 16, weights="fp16")

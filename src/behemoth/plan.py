@@ -27,6 +27,11 @@ the way `behemoth distill` shards it (FSDP over every GPU by decoder layers, for
 gradients or optimizer state): 2 bytes per parameter over the GPUs, plus two layers gathered at once, taken as
 1/32 of the teacher each (a teacher of 32+ layers), so P parameters cost P x (2 / GPUs + 1/8) bytes per GPU. Not
 counted: its embeddings and head, which stay gathered while it runs (Llama 3 70B: 4.2 GB), and its activations.
+One GPU as a benchmark runs it (`train_step_memory`, `forward_memory`, `step_peak`): the same parts for one
+process, or FSDP2 over a few, in the precisions the step really uses (fp32 master weights under bf16 autocast, pure
+bf16, or fp32), with or without activation checkpointing; the parts' peak takes into account that gradients are
+made in the backward while the activations of the same blocks are freed (see `step_peak`), where a plan above adds
+every part.
 FLOPs per token: training `ModelConfig.train_flops_per_token` (6 x active parameters + attention);
 serving a third of it (the forward pass). Time = FLOPs / (GPUs x sustained TFLOP/s): per training step
 (every GPU's `batch` x `context` tokens), per generated token at `batch` sequences, and for `tokens`
@@ -36,6 +41,8 @@ tokens in all when given.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from behemoth.config import ModelConfig
 from behemoth.inference.cache import cache_bytes
@@ -87,14 +94,23 @@ def _widest_ffn(cfg: ModelConfig) -> int:
     return max(widths)
 
 
-def _block_activation_bytes(cfg: ModelConfig) -> float:
-    """bf16 bytes one token keeps for the backward of one block (flash attention: no S x S scores):
-    norm outputs and residuals (4D), q/k/v and the attention output (2 q-width + 2 kv-width), and in the
-    feed-forward the input and gate/up/product activations of every expert the token visits (D + 3F each)."""
+def ffn_activation_bytes(dim: int, hidden: int, visits: int, value_bytes: float = 2.0) -> float:
+    """Bytes one token keeps for the backward of a feed-forward of `hidden` width in all (routed + shared, or
+    dense) that it enters `visits` times (once per expert it visits): its input each time (D) and the gate, up and
+    product activations of the whole width (3 x hidden), `value_bytes` each (2: bf16)."""
+    return value_bytes * (visits * dim + 3 * hidden)
+
+
+def _block_activation_bytes(cfg: ModelConfig, residual_bytes: float = 2.0, value_bytes: float = 2.0) -> float:
+    """Bytes one token keeps for the backward of one block (flash attention: no S x S scores): the two
+    residuals (2D, `residual_bytes` each: the residual stream's precision, fp32 under autocast), and in
+    `value_bytes` (the compute precision) the two norm outputs (2D), q/k/v and the attention output (2 q-width +
+    2 kv-width), and in the feed-forward the input and gate/up/product activations of every expert the token
+    visits (D + 3F each). The defaults, bf16 throughout, are what a plan counts."""
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     visits = 1 if cfg.moe is None else cfg.moe.top_k + cfg.moe.num_shared_experts
-    ffn = _widest_ffn(cfg)
-    return 2.0 * (4 * cfg.dim + 2 * q + 2 * kv + visits * cfg.dim + 3 * ffn)
+    return (residual_bytes * 2 * cfg.dim + value_bytes * (2 * cfg.dim + 2 * q + 2 * kv)
+            + ffn_activation_bytes(cfg.dim, _widest_ffn(cfg), visits, value_bytes))
 
 
 def expert_parallel_degree(cfg: ModelConfig, gpus: int) -> int:
@@ -155,6 +171,98 @@ def min_gpus(cfg: ModelConfig, req: PlanRequest) -> int | None:
 def teacher_bytes_per_param(gpus: int) -> float:
     """Bytes per GPU per parameter of a frozen bf16 teacher sharded over `gpus` (module docstring)."""
     return 2.0 / gpus + 2 * 2.0 / 32
+
+
+PRECISION_BYTES = {"fp32": 4.0, "bf16": 2.0}  # bytes per value of the precisions a step's parts are held in
+
+
+def _precision_bytes(name: str, what: str) -> float:
+    if name not in PRECISION_BYTES:
+        raise ValueError(f"{what}={name!r}: not one of {', '.join(PRECISION_BYTES)}")
+    return PRECISION_BYTES[name]
+
+
+def _root_params(cfg: ModelConfig) -> int:
+    """Parameters outside the blocks: the embedding table, the output head (unless tied) and the final norm."""
+    total = cfg.param_breakdown()["total"]
+    return total["embeddings"] + total["output"] + cfg.dim
+
+
+def train_step_memory(cfg: ModelConfig, batch: int, context: int, *, weights: str = "fp32", compute: str = "bf16",
+                      activation_checkpointing: bool = False, fsdp_gpus: int | None = None, ep: int = 1,
+                      optimizer: bool = True, logit_rows: int | None = 1024) -> dict[str, float]:
+    """Bytes on one GPU, by part, of one training step (forward, loss, backward, AdamW) of `batch` sequences of
+    `context` tokens on that GPU, as one process runs it (`fsdp_gpus` None) or as FSDP2 over `fsdp_gpus` processes
+    with the routed experts split `ep`-way runs it (`parallel.distributed.parallelize`, blocks gathered in the
+    compute precision). Add them with `step_peak`.
+
+    `weights`: the parameters' precision, and that of their gradients and AdamW's two moments (fp32: master
+    weights; with `compute` bf16 the step runs under bf16 autocast); `compute`: the precision matmuls read and
+    activations are kept in; `optimizer=False`: a forward and backward only, no optimizer state. Parts:
+      * weights, gradients, optimizer: `weights` bytes x 1, 1 and 2 per parameter, over the FSDP processes;
+      * gathered (FSDP): the root (embeddings, final norm, head) held whole in `weights` precision for the whole
+        step, and over 2+ processes two blocks in the compute precision (the planner's: computing, prefetched);
+      * compute_copies: weights the forward keeps in the compute precision for the backward: under autocast in
+        one process the bf16 cast of every matrix (every parameter but the embedding table and the norms); FSDP
+        over one process every block, gathered from its forward to its backward (nothing to reshard for);
+      * activations: with activation checkpointing each block's input in the residual stream's precision (the
+        weights': autocast leaves the residual stream fp32) plus one block's activations being recomputed,
+        without it every block's (`_block_activation_bytes`: residuals in the weights' precision, the rest in the
+        compute precision); plus the fp32 logits of
+        `logit_rows` tokens at once (the chunked loss: 1,024; None: every token, as a model computing full logits).
+    """
+    w, c = _precision_bytes(weights, "weights"), _precision_bytes(compute, "compute")
+    n, root = cfg.num_params(), _root_params(cfg)
+    gpus = fsdp_gpus or 1
+    tokens = batch * context
+    gathered = copies = 0.0
+    if fsdp_gpus is None:
+        if c < w:
+            total = cfg.param_breakdown()["total"]
+            copies = c * (n - total["embeddings"] - total["norms"])
+    else:
+        gathered = w * root
+        if fsdp_gpus == 1:
+            copies = c * (n - root)
+        else:
+            gathered += 2 * c * _gathered_layer_params(cfg, ep)
+    block = tokens * _block_activation_bytes(cfg, w, c)
+    if activation_checkpointing:
+        acts = cfg.n_layers * tokens * cfg.dim * w + block
+    else:
+        acts = cfg.n_layers * block
+    acts += (tokens if logit_rows is None else min(tokens, logit_rows)) * cfg.vocab_size * 4.0
+    return {"weights": w * n / gpus, "gathered": gathered, "gradients": w * n / gpus,
+            "optimizer": 2 * w * n / gpus if optimizer else 0.0, "compute_copies": copies, "activations": acts}
+
+
+def forward_memory(cfg: ModelConfig, batch: int, context: int, *, weights: str = "bf16", compute: str = "bf16",
+                   cache_len: int | None = None, logit_rows: int | None = 1024) -> dict[str, float]:
+    """Bytes on one GPU, by part, of a forward without gradients (a frozen teacher, a prefill) of `batch` sequences
+    of `context` tokens, weights held in `weights` precision: the residual stream (a block's input and output, in
+    the weights' precision) and one block's activations (`_block_activation_bytes`, the rest in the `compute`
+    precision) for every token, the fp32 logits of `logit_rows` tokens at once (None: every token), and with
+    `cache_len` a KV cache of `batch` rows of that many tokens in the compute precision
+    (`inference.cache.cache_bytes`)."""
+    w, c = _precision_bytes(weights, "weights"), _precision_bytes(compute, "compute")
+    tokens = batch * context
+    acts = tokens * (2 * cfg.dim * w + _block_activation_bytes(cfg, w, c))
+    acts += (tokens if logit_rows is None else min(tokens, logit_rows)) * cfg.vocab_size * 4.0
+    kv = 0.0
+    if cache_len is not None:
+        kv = float(cache_bytes(cfg, batch, cache_len, torch.bfloat16 if c == 2.0 else torch.float32)["total"])
+    return {"weights": w * cfg.num_params(), "gradients": 0.0, "optimizer": 0.0, "activations": acts,
+            "kv_cache": kv}
+
+
+def step_peak(mem: dict[str, float]) -> float:
+    """The most bytes of `mem` (a `train_step_memory`, `forward_memory` or `memory_per_gpu` answer) held at once.
+    Gradients are made in the backward block by block as the activations and compute copies of the same blocks
+    are freed, and the previous step's are freed before the forward (`zero_grad(set_to_none=True)`), so those two
+    are never held whole together: every other part plus max(gradients, compute_copies + activations)."""
+    overlap = ("gradients", "compute_copies", "activations")
+    rest = sum(v for k, v in mem.items() if k not in overlap)
+    return rest + max(mem.get("gradients", 0.0), mem.get("compute_copies", 0.0) + mem.get("activations", 0.0))
 
 
 def plan(cfg: ModelConfig, req: PlanRequest, name: str = "") -> dict:
