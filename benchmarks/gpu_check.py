@@ -214,7 +214,8 @@ def build_plan() -> dict[str, Item]:
     decode = ("benchmarks/decode.py", "--preset", "h100", "--new", "64", "--repeats", "2")
     decode_tiny = ("--device", "cpu", "--models", "debug", "--prompt", "8", "--new", "4", "--repeats", "1")
     items = [
-        Item("pytest_gpu", "the CUDA tests: pytest -m gpu", 55,
+        # the CUDA tests compile FlexAttention (forward and backward) for two shapes: tens of seconds
+        Item("pytest_gpu", "the CUDA tests: pytest -m gpu", 85,
              ("-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "--continue-on-collection-errors",
               *gpu_test_files()), (), pytest_headline),
         Item("moe_scout", "one MoE layer at Scout's shape (D=5120 F=8192 E=16 T=32768 bf16), vs transformers", 50,
@@ -239,9 +240,9 @@ def build_plan() -> dict[str, Item]:
               "--max-procs", "1"),
              ("--device", "cpu", "--preset", "debug", "--seq-len", "32", "--steps", "1", "--warmup", "0"),
              parallel_headline),
-        Item("decode_b1", "bench-1b greedy decode, batch 1, 128-token prompt, 64 new: eager, compiled, hf", 75,
+        Item("decode_b1", "bench-1b greedy decode, batch 1, 128-token prompt, 64 new: eager, compiled, hf", 60,
              (*decode, "--batch", "1"), decode_tiny, decode_headline, True),
-        Item("decode_b8", "bench-1b greedy decode, batch 8, 128-token prompt, 64 new: eager, compiled, hf", 75,
+        Item("decode_b8", "bench-1b greedy decode, batch 8, 128-token prompt, 64 new: eager, compiled, hf", 60,
              (*decode, "--batch", "8"), decode_tiny, decode_headline, True),
     ]
     return {i.name: i for i in items}
