@@ -42,6 +42,19 @@ import torch.nn.functional as F
 
 RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "cross_family_cpu.json"
+# the tasks and recipe the recorded results were measured on: the demo's of that time (it has since dropped `mod`)
+TASKS = ("units", "mul", "count", "mod")
+
+
+def recipe():
+    """The demo's full recipe on `TASKS` (the demo module is imported where needed, as everywhere here)."""
+    from dataclasses import replace
+
+    from behemoth.demo import FULL
+
+    return replace(FULL, tasks=TASKS)
+
+
 METHODS = ("scratch", "same-tokenizer", "marginal", "aligned", "hybrid", "aligned-exact", "hybrid-exact", "uld")
 CROSS = {"marginal": ("aligned", "marginal"), "aligned": ("aligned", "prefix"), "hybrid": ("hybrid", "prefix"),
          "aligned-exact": ("aligned", "exact"), "hybrid-exact": ("hybrid", "exact"), "uld": ("uld", "prefix")}
@@ -58,14 +71,13 @@ def train_teacher(directory: Path, tok, steps: int, say) -> Path:
     from behemoth.data.loader import IGNORE_INDEX, DataLoader
     from behemoth.data.packing import build_in_memory
     from behemoth.data.tasks import make_problems
-    from behemoth.demo import DEMO_TASKS, FULL
 
     if (directory / "config.json").is_file():
         return directory
     torch.manual_seed(0)
     vocab = -(-tok.vocab_size // 64) * 64  # padded to a multiple of 64, as the demo's models are
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(vocab_size=vocab, **TEACHER))
-    store = build_in_memory([p.text for p in make_problems("train", FULL.problems, seed=0, tasks=DEMO_TASKS)], tok)
+    store = build_in_memory([p.text for p in make_problems("train", recipe().problems, seed=0, tasks=TASKS)], tok)
     loader = DataLoader(store, BATCH, SEQ, shuffle=True, seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=TEACHER_LR, weight_decay=0.1, betas=(0.9, 0.95))
     warm = steps // 20
@@ -92,27 +104,27 @@ def train_teacher(directory: Path, tok, steps: int, say) -> Path:
 def student_run(method: str, seed: int, teachers: dict[str, Path], work: Path, say) -> dict:
     """One student of the demo's recipe, trained and evaluated; its record."""
     from behemoth.checkpoint.locate import latest_checkpoint
-    from behemoth.demo import DEMO_TASKS, FULL, recipe_config
+    from behemoth.demo import recipe_config
     from behemoth.eval import evaluate_model
     from behemoth.train.config import build_config
     from behemoth.train.run import run_training
 
     out = work / f"{method}_seed{seed}"
-    over = {**recipe_config("student", out, FULL), "train.steps": STUDENT_STEPS, "train.seed": seed,
+    over = {**recipe_config("student", out, recipe()), "train.steps": STUDENT_STEPS, "train.seed": seed,
             "log.plots": False, "optim.warmup_steps": max(1, STUDENT_STEPS // 20)}
     mode = "pretrain"
     if method == "same-tokenizer":
-        mode, over = "distill", {**over, "distill.teacher": str(teachers["chars"]), "distill.alpha": FULL.alpha}
+        mode, over = "distill", {**over, "distill.teacher": str(teachers["chars"]), "distill.alpha": recipe().alpha}
     elif method != "scratch":
         cross, match = CROSS[method]
-        mode, over = "distill", {**over, "distill.teacher": str(teachers["bpe"]), "distill.alpha": FULL.alpha,
+        mode, over = "distill", {**over, "distill.teacher": str(teachers["bpe"]), "distill.alpha": recipe().alpha,
                                  "distill.tokenizer": "own", "distill.cross_method": cross,
                                  "distill.vocab_match": match}
     t0 = time.perf_counter()
     summary = run_training(build_config(updates=over), mode=mode, say=lambda s: None)
     seconds = time.perf_counter() - t0
-    ev = evaluate_model(str(latest_checkpoint(out)), problems=EVAL_PROBLEMS, seq_len=FULL.seq_len,
-                        max_new_tokens=40, tasks=DEMO_TASKS)
+    ev = evaluate_model(str(latest_checkpoint(out)), problems=EVAL_PROBLEMS, seq_len=recipe().seq_len,
+                        max_new_tokens=40, tasks=TASKS)
     rec = {"method": method, "seed": seed, "bits_per_byte": ev["heldout"]["bits_per_byte"],
            "loss": ev["heldout"]["loss"], "accuracy": ev["tasks"]["overall"], "interval": ev["tasks"]["interval"],
            "seconds_per_step": seconds / summary["step"], "steps": summary["step"]}
@@ -131,7 +143,6 @@ def step_costs(teachers: dict[str, Path], rounds: int = 12, warmup: int = 2) -> 
     from behemoth.data.packing import build_in_memory
     from behemoth.data.tasks import make_problems
     from behemoth.data.tokenizer import Tokenizer
-    from behemoth.demo import DEMO_TASKS, FULL
     from behemoth.train.config import DistillSection, RouterSection
     from behemoth.train.cross_step import CrossTokenizerDistillStep
     from behemoth.train.steps import DistillStep, PretrainStep
@@ -139,15 +150,16 @@ def step_costs(teachers: dict[str, Path], rounds: int = 12, warmup: int = 2) -> 
     student_tok = Tokenizer.load(teachers["chars"])
     student = build_model(get_preset("mini-maverick").replace(vocab_size=64), seed=0).train()  # the demo's vocabulary
     batch = next(iter(DataLoader(build_in_memory([p.text for p in make_problems("train", 2000, seed=5,
-                                                                                   tasks=DEMO_TASKS)], student_tok),
+                                                                                   tasks=TASKS)], student_tok),
                                  BATCH, SEQ, shuffle=True, seed=0)))
     same, cross = load_foreign(teachers["chars"]), load_foreign(teachers["bpe"])
     bpe_tok = Tokenizer.load(teachers["bpe"])
+    alpha = recipe().alpha
     steps = {"scratch": PretrainStep(student, RouterSection()),
-             "same-tokenizer": DistillStep(student, same, RouterSection(), DistillSection(alpha=FULL.alpha))}
+             "same-tokenizer": DistillStep(student, same, RouterSection(), DistillSection(alpha=alpha))}
     for m, (method, match) in CROSS.items():
         steps[m] = CrossTokenizerDistillStep(student, cross, bpe_tok, student_tok, RouterSection(),
-                                             DistillSection(alpha=FULL.alpha, cross_method=method, vocab_match=match))
+                                             DistillSection(alpha=alpha, cross_method=method, vocab_match=match))
     times: dict[str, list[float]] = {m: [] for m in steps}
     for r in range(warmup + rounds):
         for m, step in steps.items():
@@ -161,12 +173,11 @@ def step_costs(teachers: dict[str, Path], rounds: int = 12, warmup: int = 2) -> 
 
 
 def teacher_eval(teachers: dict[str, Path]) -> dict:
-    from behemoth.demo import DEMO_TASKS, FULL
     from behemoth.eval import evaluate_model
 
     out = {}
     for name, d in teachers.items():
-        ev = evaluate_model(str(d), problems=EVAL_PROBLEMS, seq_len=FULL.seq_len, max_new_tokens=40, tasks=DEMO_TASKS)
+        ev = evaluate_model(str(d), problems=EVAL_PROBLEMS, seq_len=recipe().seq_len, max_new_tokens=40, tasks=TASKS)
         out[name] = {"bits_per_byte": ev["heldout"]["bits_per_byte"], "loss": ev["heldout"]["loss"],
                      "accuracy": ev["tasks"]["overall"], "interval": ev["tasks"]["interval"],
                      "params": ev["params"]}
@@ -244,14 +255,13 @@ def main() -> None:
 
     from behemoth.data.tasks import make_problems
     from behemoth.data.tokenizer import Tokenizer
-    from behemoth.demo import DEMO_TASKS
 
     def say(line: str) -> None:
         print(line, flush=True)
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    texts = [p.text for p in make_problems("train", 4000, seed=0, tasks=DEMO_TASKS)]
+    texts = [p.text for p in make_problems("train", 4000, seed=0, tasks=TASKS)]
     toks = {"bpe": Tokenizer.train(texts, vocab_size=320), "chars": None}
     from behemoth.data.tasks import ALPHABET
 
