@@ -292,7 +292,7 @@ class Trainer:
         device = next(t.device for t in parts if t is not None)
         flat = torch.cat([t.to(device) for t in parts if t is not None]).cpu()
         i = 0
-        out = {"metrics": {k: v for k, v in sums.items() if not isinstance(v, torch.Tensor)}}
+        out = {"metrics": {k: v for k, v in sums.items() if not isinstance(v, torch.Tensor) and k != "nonfinite"}}
         out["metrics"].update({k: float(flat[i + j]) for j, k in enumerate(names)})
         i += len(names)
         out["nonfinite"] = bool(flat[i]) if parts[1] is not None else False
