@@ -90,6 +90,7 @@ def run_one(method: str, recipe: str, seed: int, out: Path, overrides: dict | No
         quality = {"accuracy": ev["tasks"]["overall"], "per_task": ev["tasks"]["per_task"],
                    "heldout_loss": ev["heldout"]["loss"]}
     return {"method": method, "recipe": recipe, "seed": seed, "steps": steps, "train_seconds": seconds,
+            "tasks": None if recipe == "vision" else list(over["data.tasks"]),
             **routing_summary(read_metrics(out), steps), **quality}
 
 
