@@ -100,3 +100,38 @@ def test_cuda_bf16_paths_take_fused_kernels():
         model = model.to(torch.bfloat16).eval()
         prompts = [list(range(5, 40)), list(range(7, 12))]
         assert len(generate(model, prompts, max_new_tokens=16)[0]) == 16
+
+
+def test_cuda_training_micro_batch_barely_reads_the_device():
+    """A bf16 training micro-batch (`PretrainStep.forward_backward`: forward, losses, backward) on a GPU reads the
+    device at most twice where the grouped GEMM runs (sync debug mode counts each read); the trainer then reads a
+    whole step's figures once.
+    Before, every micro-batch read it for each loss, the labelled count and the non-finite check."""
+    import warnings
+
+    from behemoth.data.loader import Batch
+    from behemoth.model.moe import prepare_expert_kernels
+    from behemoth.train.config import RouterSection
+    from behemoth.train.steps import PretrainStep
+
+    cfg = PRESETS["debug"].replace(dim=256, head_dim=64, n_heads=8, n_kv_heads=2, attention_chunk_size=64,
+                                   moe={"num_experts": 8, "expert_dim": 512})
+    model = build_model(cfg, device="cuda", seed=0).train()
+    fast = prepare_expert_kernels("cuda", torch.bfloat16)
+    # where the grouped GEMM is not fast, the per-expert loop reads its counts once per MoE layer
+    limit = 2 + (0 if fast else sum(cfg.is_moe_layer(i) for i in range(cfg.n_layers)))
+    ids, pos, seg = _packed(cfg.vocab_size, "cpu")
+    batch = Batch(ids, torch.roll(ids, -1, 1), pos, seg)
+    step = PretrainStep(model, RouterSection(), torch.bfloat16)
+    step.forward_backward(batch.to("cuda"), 1.0)  # warm-up: kernels compiled, caches filled
+    on_device = batch.to("cuda")
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step.forward_backward(on_device, 1.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    reads = [str(w.message).splitlines()[0] for w in seen if "synchroniz" in str(w.message)]
+    assert len(reads) <= limit, reads
