@@ -289,7 +289,7 @@ class Trainer:
                  torch.as_tensor(grad_norm).detach().double().reshape(1),
                  None if entropy is None else entropy.detach().double().flatten(),
                  None if counts_LE is None else counts_LE.detach().double().flatten()]
-        device = next(t.device for t in parts if t is not None)
+        device = parts[2].device  # the gradients' (a metric a step kept on the CPU moves there, not the reverse)
         flat = torch.cat([t.to(device) for t in parts if t is not None]).cpu()
         i = 0
         out = {"metrics": {k: v for k, v in sums.items() if not isinstance(v, torch.Tensor) and k != "nonfinite"}}
