@@ -192,7 +192,7 @@ def _story(out: Path, r: Recipe, quick: bool, vr: VisionRecipe | None, say, seed
         "distill.temperature": r.temperature}, "distill", say, seed)
     runs["scratch"] = _train("scratch", {**recipe_config("student", out / "student_scratch", r), **tok},
                              "pretrain", say, seed)
-    say(f"evaluating on {r.eval_problems} held-out problems ...")
+    say(f"evaluating on up to {r.eval_problems} held-out problems, spread over the tasks ...")
     evals = {}
     for name, (ckpt, summary, seconds) in runs.items():
         teacher = str(runs["teacher"][0]) if name != "teacher" else None
