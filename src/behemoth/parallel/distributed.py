@@ -221,8 +221,8 @@ def all_reduce_counts(moes: list[MoE]) -> None:
 
 
 def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is true on any (e.g. a non-finite loss: all ranks must skip the
-    backward together, since FSDP's backward is collective); `flag` itself without a process group."""
+    """True on every rank when `flag` is true on any (e.g. a non-finite loss: all ranks must skip the step
+    together, or their weights would part); `flag` itself without a process group."""
     if not dist.is_initialized():
         return flag
     t = torch.tensor([float(flag)])
