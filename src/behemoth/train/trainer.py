@@ -284,27 +284,19 @@ class Trainer:
         """One device-to-host transfer of a step's figures: the metrics (floats), whether any micro-batch's loss was
         non-finite, the router entropy [L], the gradient norm and the routed counts [L, E] (CPU float64)."""
         names = [k for k, v in sums.items() if isinstance(v, torch.Tensor) and k != "nonfinite"]
-        parts = [torch.stack([sums[k].detach().double().reshape(()) for k in names]) if names else None,
-                 torch.as_tensor(sums["nonfinite"]).double().reshape(1) if "nonfinite" in sums else None,
-                 torch.as_tensor(grad_norm).detach().double().reshape(1),
-                 None if entropy is None else entropy.detach().double().flatten(),
-                 None if counts_LE is None else counts_LE.detach().double().flatten()]
-        device = parts[2].device  # the gradients' (a metric a step kept on the CPU moves there, not the reverse)
-        flat = torch.cat([t.to(device) for t in parts if t is not None]).cpu()
-        i = 0
-        out = {"metrics": {k: v for k, v in sums.items() if not isinstance(v, torch.Tensor) and k != "nonfinite"}}
-        out["metrics"].update({k: float(flat[i + j]) for j, k in enumerate(names)})
-        i += len(names)
-        out["nonfinite"] = bool(flat[i]) if parts[1] is not None else False
-        i += parts[1] is not None
-        out["grad_norm"] = float(flat[i])
-        i += 1
-        out["entropy"] = None
-        if entropy is not None:
-            out["entropy"] = flat[i:i + entropy.numel()].view(entropy.shape)
-            i += entropy.numel()
-        out["counts"] = None if counts_LE is None else flat[i:].view(counts_LE.shape)
-        return out
+        pieces = {"metrics": [sums[k].detach().reshape(()) for k in names],
+                  "nonfinite": [torch.as_tensor(sums.get("nonfinite", False)).reshape(())],
+                  "grad_norm": [torch.as_tensor(grad_norm).detach().reshape(())],
+                  "entropy": [] if entropy is None else [entropy.detach().flatten()],
+                  "counts": [] if counts_LE is None else [counts_LE.detach().flatten()]}
+        device = pieces["grad_norm"][0].device  # the gradients' (a metric a step kept on the CPU moves there)
+        flat = torch.cat([t.to(device, torch.float64).reshape(-1) for ts in pieces.values() for t in ts]).cpu()
+        parts = dict(zip(pieces, flat.split([sum(t.numel() for t in ts) for ts in pieces.values()]), strict=True))
+        metrics = {k: v for k, v in sums.items() if not isinstance(v, torch.Tensor) and k != "nonfinite"}
+        return {"metrics": {**metrics, **dict(zip(names, parts["metrics"].tolist(), strict=True))},
+                "nonfinite": bool(parts["nonfinite"]), "grad_norm": float(parts["grad_norm"]),
+                "entropy": None if entropy is None else parts["entropy"].view(entropy.shape),
+                "counts": None if counts_LE is None else parts["counts"].view(counts_LE.shape)}
 
     def _skip(self, why: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
