@@ -21,9 +21,8 @@ import torch
 
 from behemoth.config import ModelConfig
 from behemoth.machine import cpu_name
-from behemoth.plan import USABLE, ffn_activation_bytes, forward_memory, step_peak, train_step_memory
+from behemoth.plan import GB, USABLE, ffn_activation_bytes, forward_memory, step_peak, train_step_memory
 
-GB = 1e9
 MARGIN = round(1 - USABLE, 6)  # share of the device's free memory left for the CUDA context, NCCL, fragmentation
 
 

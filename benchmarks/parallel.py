@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from common import MARGIN, add_fit_args, cuda_probe, device_info, fit_record, fits, parallel_need, say_fit
+from common import GB, MARGIN, add_fit_args, cuda_probe, device_info, fit_record, fits, parallel_need, say_fit
 
 import behemoth
 from behemoth.data.loader import Batch
@@ -199,7 +199,7 @@ def main() -> None:
         free = float(min(probe["free_bytes"], probe["total_bytes"]))
     else:
         info, gpus, free = device_info(torch.device("cpu")), 0, None
-    dev_bytes = args.assume_device_gb * 1e9 if args.assume_device_gb is not None else free
+    dev_bytes = args.assume_device_gb * GB if args.assume_device_gb is not None else free
     plans = plan_runs(cfg, args.batch, args.seq_len, configurations(args.device, gpus, args.max_procs), args.device,
                       dev_bytes, args.activation_checkpointing, args.memory_margin)
     results = []
@@ -226,7 +226,7 @@ def main() -> None:
                   "setting": args.activation_checkpointing,
                   "used_by": [f"{r.get('parallel', 'one process')} x{r['processes']}" for r in results
                               if r["activation_checkpointing"]]},
-              "memory_check": {"device_gb": None if dev_bytes is None else round(dev_bytes / 1e9, 2),
+              "memory_check": {"device_gb": None if dev_bytes is None else round(dev_bytes / GB, 2),
                                "assumed": args.assume_device_gb is not None, "margin": args.memory_margin},
               "results": results}
     out = Path(args.out or Path(__file__).parent / "results" / f"parallel_{args.device}.json")
