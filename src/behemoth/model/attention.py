@@ -25,6 +25,7 @@ H head dim, R query heads per KV head (N / G).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -76,8 +77,9 @@ _FLEX: dict[str, Callable] = {}
 FOLD_DEVICES = ("cuda",)  # where `attend` folds query groups by default (the CPU keeps the reference path)
 
 
+@functools.cache
 def flex_available() -> bool:
-    """Whether this torch has FlexAttention (torch >= 2.5)."""
+    """Whether this torch has FlexAttention (torch >= 2.5); asked once (every forward's mask choice reads it)."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
     except ImportError:
