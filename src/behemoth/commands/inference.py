@@ -1,4 +1,5 @@
-"""`behemoth generate`, `chat`, `serve`: a model answering, from one prompt to many clients."""
+"""`behemoth generate`, `chat`, `serve`: a model answering, from one prompt to many clients; `synthesize`: a
+teacher writing a dataset."""
 
 from __future__ import annotations
 
@@ -56,6 +57,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
         engine.close()
 
 
+def cmd_synthesize(args: argparse.Namespace) -> None:
+    from behemoth.inference.runner import default_dtype
+    from behemoth.inference.synthesize import Settings, load_prompts, synthesize
+
+    settings = Settings(samples=args.samples, max_tokens=args.max_tokens, temperature=args.temperature,
+                        top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop), seed=args.seed, verify=args.verify,
+                        extract=args.extract, keep=args.keep, shard_size=args.shard_size)
+    prompts, source = load_prompts(args.prompts, tasks=args.tasks, num_prompts=args.num_prompts,
+                                   difficulty=args.difficulty, seed=args.seed, prompt_field=args.prompt_field,
+                                   answer_field=args.answer_field)
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(torch.device(args.device))
+    m = synthesize(args.teacher, args.out, prompts, source, settings, batch_size=args.batch_size, device=args.device,
+                   dtype=dtype, say=lambda line: print(line, flush=True))
+    c = m["counts"]
+    accept = "" if c["acceptance"] is None else f", {c['acceptance']:.1%} verified (" + ", ".join(
+        f"{t} {v['acceptance']:.0%}" for t, v in c["per_task"].items()) + ")"
+    print(f"wrote {args.out}: {c['kept']:,} of {c['samples']:,} samples kept{accept}; train on it with "
+          f"--data.path={args.out}")
+
+
 def _add_model_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", required=True,
                    help="a checkpoint directory (native or transformers), or a run directory (its latest checkpoint); "
@@ -105,3 +126,33 @@ def register(sub) -> None:
     s.add_argument("--compile", action="store_true",
                    help="compile the decode step (CUDA graphs on GPU); the first request waits for compilation")
     s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("synthesize", help="write a dataset of a teacher's completions of prompts (sequence-level "
+                                          "distillation): sampled, verified, filtered, resumable")
+    s.add_argument("--teacher", required=True, help="a model directory (native or transformers) or a run directory")
+    s.add_argument("--out", required=True, help="the dataset directory (an interrupted run there is continued)")
+    s.add_argument("--prompts", help="a .jsonl of {prompt, answer (optional), task (optional)} or a text file (one "
+                                     "prompt per line); default: the built-in tasks' training problems")
+    s.add_argument("--prompt-field", default="prompt", help="the prompt's field in a .jsonl")
+    s.add_argument("--answer-field", default="answer", help="the reference answer's field in a .jsonl")
+    s.add_argument("--tasks", help="built-in tasks, comma-separated (default: all)")
+    s.add_argument("--num-prompts", type=int, default=1000, help="built-in problems to write completions for")
+    s.add_argument("--difficulty", type=int, default=1, help="of the built-in problems")
+    s.add_argument("--samples", type=int, default=1, help="completions per prompt")
+    s.add_argument("--max-tokens", type=int, default=128, help="the most tokens of one completion")
+    s.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float, default=1.0)
+    s.add_argument("--stop", action="append", default=[], help="a stop string (repeatable); EOS always stops")
+    s.add_argument("--seed", type=int, default=0, help="sampling (and the built-in problems drawn)")
+    s.add_argument("--verify", choices=["auto", "none", "task", "answer"], default="auto",
+                   help="task: the built-in exact checker; answer: the reference answer; auto: whichever applies")
+    s.add_argument("--extract", default="marker",
+                   help="how an answer is read from a completion: marker (after ####), boxed, last-number, re:PATTERN")
+    s.add_argument("--keep", choices=["all", "verified", "best"], default="all",
+                   help="all samples, the verified ones, or per prompt the most likely (verified) one")
+    s.add_argument("--shard-size", type=int, default=256, help="prompts per shard (the unit of resumption)")
+    s.add_argument("--batch-size", type=int, default=32, help="completions decoded together")
+    s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s.add_argument("--dtype", choices=list(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
+    s.set_defaults(fn=cmd_synthesize)

@@ -42,13 +42,14 @@ def cmd_distill_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from behemoth.data.corpus import iter_documents, resolve_paths
+    from behemoth.data.corpus import as_text, iter_documents, resolve_paths
     from behemoth.data.tokenizer import Tokenizer
 
     out = Path(args.out)
     if out.exists() and not args.force:
         raise UsageError(f"{out}: already exists (pass --force to replace it)")
-    tok = Tokenizer.train(iter_documents(resolve_paths(args.data), args.field), vocab_size=args.vocab_size)
+    docs = iter_documents(resolve_paths(args.data), args.field)
+    tok = Tokenizer.train(map(as_text, docs), vocab_size=args.vocab_size)
     tok.save(out)
     print(f"wrote {out}: {tok.vocab_size} tokens (fingerprint {tok.fingerprint[:12]})")
 

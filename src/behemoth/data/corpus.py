@@ -4,13 +4,19 @@ Formats, chosen by file extension:
 
 * `.txt` (or `.txt.gz`): the whole file is one document, read as UTF-8 with line endings kept exactly.
   (Splitting on blank lines would silently cut documents that contain paragraphs.)
-* `.jsonl` (or `.jsonl.gz`): one JSON object per line; the document is `obj[field]`. Blank lines are
-  skipped; a line that is not an object, lacks `field`, or holds a non-string there is an error
-  naming the file, the line number and the field.
+* `.jsonl` (or `.jsonl.gz`): one JSON object per line; the document is `obj[field]`, or, in a record
+  without `field`, `obj["completion"]` (the prompt-completion format of TRL and of `behemoth
+  synthesize`). Blank lines are skipped; a line that is not an object, lacks both, or holds a
+  non-string there is an error naming the file, the line number and the field.
 * `.parquet`: the string column `field`, read in record batches with pyarrow (an optional
   dependency, imported only when a parquet file is read).
 
-Documents that are empty or whitespace-only, and null values (JSON `null`, parquet nulls), are
+A record may also carry a prompt (`prompt_field`, default "prompt": a JSONL key or a parquet column): the
+document is then a `Prompted(prompt, text)`, the prompt before the text, and training masks the prompt out
+of the loss (`data.packing` keeps each document's prompt length, `data.loader` the mask). A null or empty
+prompt is no prompt.
+
+Documents whose text is empty or whitespace-only, and null values (JSON `null`, parquet nulls), are
 skipped: they would only add an end-of-text token. A corpus that yields no document at all is an
 error. All bad input raises `ValueError` naming the file (and line or column where there is one).
 """
@@ -24,10 +30,23 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet", ".txt.gz": "txt", ".jsonl.gz": "jsonl"}
 PathSpec = str | os.PathLike | Iterable[str | os.PathLike]
+COMPLETION = "completion"  # the text key of a prompt-completion record
+
+
+class Prompted(NamedTuple):
+    """A document whose `prompt` is context only: the model reads it but is not trained to write it."""
+
+    prompt: str
+    text: str
+
+
+def as_text(doc: str | Prompted) -> str:
+    """A document's whole text (prompt, then text): what a tokenizer is trained on."""
+    return doc if isinstance(doc, str) else doc.prompt + doc.text
 
 
 def file_format(path: Path) -> str | None:
@@ -78,23 +97,27 @@ def resolve_paths(spec: PathSpec) -> list[Path]:
     return out
 
 
-def iter_documents(paths: PathSpec, field: str = "text") -> Iterator[str]:
-    """The documents of the corpus `paths` (anything `resolve_paths` accepts), in file order.
+def iter_documents(paths: PathSpec, field: str = "text",
+                   prompt_field: str | None = "prompt") -> Iterator[str | Prompted]:
+    """The documents of the corpus `paths` (anything `resolve_paths` accepts), in file order: a string, or a
+    `Prompted` for a record with a prompt (`prompt_field`; None reads no prompts).
 
     Paths are resolved and checked when this is called; the files are read lazily as the iterator
     advances, so a malformed line deep in a file raises only when it is reached.
     """
     files = resolve_paths(paths)
-    return _iter_documents(files, field)
+    return _iter_documents(files, field, prompt_field)
 
 
-def _iter_documents(files: list[Path], field: str) -> Iterator[str]:
+def _iter_documents(files: list[Path], field: str, prompt_field: str | None) -> Iterator[str | Prompted]:
     count = 0
     for f in files:
         kind = file_format(f)
-        docs = _read_txt(f) if kind == "txt" else _read_jsonl(f, field) if kind == "jsonl" else _read_parquet(f, field)
+        docs = (_read_txt(f) if kind == "txt" else _read_jsonl(f, field, prompt_field) if kind == "jsonl"
+                else _read_parquet(f, field, prompt_field))
         for doc in docs:
-            if doc is not None and doc.strip():
+            text = doc.text if isinstance(doc, Prompted) else doc
+            if text is not None and text.strip():
                 count += 1
                 yield doc
     if count == 0:
@@ -125,7 +148,7 @@ def _read_txt(f: Path) -> Iterator[str]:
     yield text
 
 
-def _read_jsonl(f: Path, field: str) -> Iterator[str | None]:
+def _read_jsonl(f: Path, field: str, prompt_field: str | None) -> Iterator[str | Prompted | None]:
     lineno = 0
     try:
         with _open_text(f) as fh:
@@ -138,20 +161,22 @@ def _read_jsonl(f: Path, field: str) -> Iterator[str | None]:
                     raise ValueError(f"{f}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
                 if not isinstance(obj, dict):
                     raise ValueError(f"{f}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                if field not in obj:
+                key = field if field in obj else COMPLETION if COMPLETION in obj else None
+                if key is None:
                     keys = ", ".join(list(obj)[:8])
-                    raise ValueError(f"{f}:{lineno}: no field {field!r} (fields: {keys or 'none'})")
-                value = obj[field]
-                if value is not None and not isinstance(value, str):
-                    raise ValueError(f"{f}:{lineno}: field {field!r} is {type(value).__name__}, expected a string")
-                yield value
+                    raise ValueError(f"{f}:{lineno}: no field {field!r} or {COMPLETION!r} (fields: {keys or 'none'})")
+                value, prompt = obj[key], obj.get(prompt_field) if prompt_field else None
+                for name, v in ((key, value), (prompt_field, prompt)):
+                    if v is not None and not isinstance(v, str):
+                        raise ValueError(f"{f}:{lineno}: field {name!r} is {type(v).__name__}, expected a string")
+                yield Prompted(prompt, value) if prompt and value is not None else value
     except UnicodeDecodeError as e:
         raise ValueError(f"{f}: not UTF-8 text near line {lineno + 1} ({e.reason})") from None
     except (OSError, EOFError) as e:
         raise ValueError(f"{f}: cannot read ({e})") from None
 
 
-def _read_parquet(f: Path, field: str) -> Iterator[str | None]:
+def _read_parquet(f: Path, field: str, prompt_field: str | None) -> Iterator[str | Prompted | None]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -164,15 +189,19 @@ def _read_parquet(f: Path, field: str) -> Iterator[str | None]:
     schema = pf.schema_arrow
     if field not in schema.names:
         raise ValueError(f"{f}: no column {field!r} (columns: {', '.join(schema.names[:8]) or 'none'})")
-    col_type = schema.field(field).type
-    value_type = col_type.value_type if pa.types.is_dictionary(col_type) else col_type
-    is_string = pa.types.is_string(value_type) or pa.types.is_large_string(value_type)
-    is_string = is_string or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(value_type))
-    if not is_string:
-        raise ValueError(f"{f}: column {field!r} has type {col_type}, expected strings")
+    columns = [field] + ([prompt_field] if prompt_field and prompt_field in schema.names else [])
+    for name in columns:
+        col_type = schema.field(name).type
+        value_type = col_type.value_type if pa.types.is_dictionary(col_type) else col_type
+        is_string = pa.types.is_string(value_type) or pa.types.is_large_string(value_type)
+        is_string = is_string or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(value_type))
+        if not is_string:
+            raise ValueError(f"{f}: column {name!r} has type {col_type}, expected strings")
     try:
-        for batch in pf.iter_batches(columns=[field], batch_size=1024):
-            yield from batch.column(0).to_pylist()
+        for batch in pf.iter_batches(columns=columns, batch_size=1024):
+            texts = batch.column(0).to_pylist()
+            prompts = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
+            yield from (Prompted(p, t) if p and t is not None else t for t, p in zip(texts, prompts, strict=True))
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{f}: corrupt parquet data ({e})") from None
 

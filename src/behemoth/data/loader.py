@@ -5,7 +5,9 @@ tokens with stride `seq_len` (consecutive windows share one token, so every toke
 first is a label exactly once per epoch): window w is `tokens[w*S : w*S + S + 1]`, its input is
 `w[:-1]` and its labels `w[1:]`. Windows ignore document boundaries (documents are packed); each
 token also carries its position within its own document and a segment id, so the model can restart
-RoPE positions and block attention across documents.
+RoPE positions and block attention across documents. A label that is a document's prompt token (a store
+with prompts, `data.packing`) is IGNORE_INDEX: the model reads the prompt but is not trained to write it,
+while the first token after the prompt, and the EOS that ends the document, are trained.
 
 Epoch e visits every window once, in the order of a permutation seeded by (seed, e) (in stream order
 without shuffling). Batches take the next `batch_size` windows of the endless sequence epoch 0,
@@ -177,7 +179,13 @@ def window_batch(store: TokenStore, seq_len: int, windows: np.ndarray) -> Batch:
     doc_BS = store.doc_index(offsets_BS)
     positions_BS = offsets_BS - np.asarray(store.doc_starts)[doc_BS]
     segments_BS = doc_BS - doc_BS[:, :1]
+    labels_BS = rows_BW[:, 1:].copy()  # a copy: masking must not touch the inputs (a view when B = 1)
+    if store.prompt_lens is not None:  # the label at stream offset o + 1 is masked where it is its document's prompt
+        label_doc_BS = store.doc_index(offsets_BS + 1)
+        label_pos_BS = offsets_BS + 1 - np.asarray(store.doc_starts)[label_doc_BS]
+        in_prompt_BS = label_pos_BS < np.asarray(store.prompt_lens)[label_doc_BS]
+        labels_BS[in_prompt_BS] = IGNORE_INDEX
     return Batch(input_ids=torch.from_numpy(np.ascontiguousarray(rows_BW[:, :-1])),
-                 labels=torch.from_numpy(np.ascontiguousarray(rows_BW[:, 1:])),
+                 labels=torch.from_numpy(labels_BS),
                  positions=torch.from_numpy(positions_BS), segment_ids=torch.from_numpy(segments_BS),
                  offsets=torch.from_numpy(windows * S))

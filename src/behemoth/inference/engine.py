@@ -13,6 +13,12 @@ The engine owns a `KVCache` of `max_batch` rows (slots). One background thread r
 A request therefore joins a running batch without waiting for it to finish, and a client that goes
 away (`Request.cancel()`) stops costing anything at the next step. Handlers on other threads only
 touch `Request` queues; the model runs on the engine thread alone.
+
+`Engine(..., background=False)` runs no thread: the caller submits requests and drives the same loop with
+`run_until_done()` (batch work such as `behemoth synthesize`). Slots are then filled strictly in submission
+order, so the same requests give the same batches, and with seeded requests the same tokens, run after run.
+A request with `logprobs` gets, in its `Completion`, the sum of the model's log-probabilities (at temperature
+1, before any filtering) of every token it sampled, its stop token included.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class Request:
     stop_strings: tuple[str, ...] = ()
     lstrip: bool = False  # drop the answer's leading whitespace (chat)
     pixel_values: torch.Tensor | None = None  # the tiles of the prompt's images, in order
+    logprobs: bool = False  # sum the sampled tokens' log-probabilities into `Completion.logprob`
     id: int = field(default_factory=lambda: next(_ids))
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -59,6 +66,7 @@ class _Slot:
     generator: torch.Generator | None
     pos: int  # position of `last`
     last: int = 0  # the latest sampled token: the next decode step runs it
+    logprob: float = 0.0  # the sampled tokens' summed log-probabilities (requests with `logprobs`)
 
 
 @dataclass
@@ -71,9 +79,11 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, runner: Runner, max_batch: int = 8, max_len: int | None = None, compile: bool = False):
+    def __init__(self, runner: Runner, max_batch: int = 8, max_len: int | None = None, compile: bool = False,
+                 background: bool = True):
         """`max_len`: the context of each slot, allocated up front for every NoPE layer (default: the
-        model's max_seq_len up to `DEFAULT_CONTEXT`; Scout's 10M would not fit in any memory)."""
+        model's max_seq_len up to `DEFAULT_CONTEXT`; Scout's 10M would not fit in any memory). `background`
+        False: no thread, the caller runs the loop (`run_until_done`)."""
         if max_batch < 1 or (max_len is not None and max_len < 1):
             raise ValueError(f"max_batch={max_batch} and max_len={max_len} must be >= 1")
         self.runner = runner
@@ -90,8 +100,9 @@ class Engine:
         self.stats = EngineStats()
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="behemoth-engine", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._loop, name="behemoth-engine", daemon=True) if background else None
+        if self._thread is not None:
+            self._thread.start()
 
     # ---- API for other threads ---------------------------------------------------------------------
 
@@ -112,7 +123,19 @@ class Engine:
     def close(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def run_until_done(self) -> None:
+        """Without a background thread: run the loop here until every submitted request has finished. An
+        error is raised to the caller (the background loop instead fails the requests and goes on)."""
+        if self._thread is not None:
+            raise RuntimeError("run_until_done drives an engine made with background=False")
+        while True:
+            self._admit()
+            if self.active == 0:
+                return
+            self._step()
 
     # ---- the loop -------------------------------------------------------------------------------------
 
@@ -156,9 +179,11 @@ class Engine:
         with torch.no_grad():
             logits_nV = prefill(self.runner.model, prompts, fresh,
                                 torch.cat(tiles).to(self.device) if tiles else None)
+        logp_nV = _logprobs(logits_nV, [req for _, req in new])
         for j, (i, req) in enumerate(new):
             self.cache.load_row(i, fresh, j)
-            self._deliver(i, int(sample(logits_nV[j:j + 1], req.params, self.slots[i].generator)))
+            t = int(sample(logits_nV[j:j + 1], req.params, self.slots[i].generator))
+            self._deliver(i, t, None if logp_nV is None else float(logp_nV[j, t]))
 
     def _next_request(self) -> Request | None:
         while True:
@@ -180,19 +205,23 @@ class Engine:
         self.stats.steps += 1
         self.stats.max_active = max(self.stats.max_active, len(active))
         greedy = logits_BV.float().argmax(-1).tolist()
+        logp_BV = _logprobs(logits_BV, [s.request for s in self.slots if s is not None])
         for i in active:
             s = self.slots[i]
             t = greedy[i] if s.request.params.greedy else int(sample(logits_BV[i:i + 1], s.request.params, s.generator))
-            self._deliver(i, t)
+            self._deliver(i, t, None if logp_BV is None else float(logp_BV[i, t]))
 
-    def _deliver(self, i: int, token: int) -> None:
-        """Account one sampled token of slot i: emit its text, or finish the request."""
+    def _deliver(self, i: int, token: int, logprob: float | None = None) -> None:
+        """Account one sampled token of slot i (and its log-probability, for a request that asked): emit its
+        text, or finish the request."""
         s = self.slots[i]
         req = s.request
         if req.cancelled.is_set():
             self.stats.cancelled += 1
             self.slots[i] = None
             return
+        if req.logprobs and logprob is not None:
+            s.logprob += logprob
         self.stats.tokens += 1
         piece = s.text.push(token)
         if piece:
@@ -206,6 +235,14 @@ class Engine:
         rest = s.text.finish()
         if rest:
             s.request.events.put(("text", rest))
-        s.request.events.put(("done", s.text.completion()))
+        done = s.text.completion()
+        if s.request.logprobs:
+            done.logprob = s.logprob
+        s.request.events.put(("done", done))
         self.stats.completed += 1
         self.slots[i] = None
+
+
+def _logprobs(logits_BV: torch.Tensor, requests: list[Request]) -> torch.Tensor | None:
+    """Log-probabilities [B, V] (fp32) of the step's rows where any of its `requests` asked for them, else None."""
+    return logits_BV.float().log_softmax(-1) if any(r.logprobs for r in requests) else None

@@ -16,11 +16,13 @@ from behemoth.inference.sampling import SamplingParams
 
 @dataclass
 class Completion:
-    """Generated text, its tokens, and why it ended: "stop" (a stop token or string) or "length"."""
+    """Generated text, its tokens, and why it ended: "stop" (a stop token or string) or "length"; `logprob`, where
+    asked for (`engine.Request.logprobs`), the summed log-probability of the sampled tokens."""
 
     text: str
     token_ids: list[int]
     finish_reason: str
+    logprob: float | None = None
 
 
 class TextStream:

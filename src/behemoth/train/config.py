@@ -33,7 +33,8 @@ class ModelSection:
 @dataclass
 class DataSection:
     path: str | None = None  # file or glob of .txt/.jsonl/.parquet; None: the built-in STEM tasks
-    field: str = "text"  # the text field of .jsonl / column of .parquet
+    field: str = "text"  # the text field of .jsonl / column of .parquet (a record without it: its "completion")
+    # (`prompt_field` below also applies to text: a record's prompt comes before its text and is not trained on)
     tokenizer: str | None = None  # a tokenizer.json; None: char-level for tasks, a BPE trained on the corpus
     tokenizer_vocab_size: int = 2048  # when a BPE is trained on the corpus
     seq_len: int = 256

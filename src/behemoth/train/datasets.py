@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from behemoth.config import VisionConfig
-from behemoth.data.corpus import iter_documents, resolve_paths
+from behemoth.data.corpus import as_text, iter_documents, resolve_paths
 from behemoth.data.image_text import ImageTextData, ImageTextLoader, read_jsonl, split_examples, visual_task_examples
 from behemoth.data.images import IMAGE_SPECIAL_TOKENS, PATCH
 from behemoth.data.loader import DataLoader
@@ -27,13 +27,19 @@ Data = TokenStore | ImageTextData
 
 def fixed_tokenizer(d: DataSection, run_dir: Path, resume: bool, given: Tokenizer | None) -> Tokenizer | None:
     """The tokenizer a run is bound to, in order: its own (on resume), `data.tokenizer`, `given` (a
-    distillation teacher's); None when the run makes its own from the data."""
+    distillation teacher's), the one a dataset directory names (`behemoth synthesize` writes its teacher's
+    beside its shards and manifest); None when the run makes its own from the data."""
     saved = run_dir / "tokenizer.json"
     if resume and saved.is_file():
         return Tokenizer.load(saved)
     if d.tokenizer:
         return Tokenizer.load(d.tokenizer)
-    return given
+    if given is not None:
+        return given
+    own = Path(d.path) / "tokenizer.json" if d.path else None
+    if own is not None and (own.parent / "manifest.json").is_file() and own.is_file():
+        return Tokenizer.load(own)
+    return None
 
 
 def build_data(d: DataSection, run_dir: Path, seed: int, resume: bool, say: Callable[[str], None],
@@ -45,14 +51,16 @@ def build_data(d: DataSection, run_dir: Path, seed: int, resume: bool, say: Call
         tok = Tokenizer.from_chars(ALPHABET)
     elif tok is None:
         say(f"tokenizer: training a byte-level BPE ({d.tokenizer_vocab_size} tokens) on {d.path}")
-        tok = Tokenizer.train(iter_documents(paths, d.field), vocab_size=d.tokenizer_vocab_size)
+        tok = Tokenizer.train(map(as_text, iter_documents(paths, d.field, d.prompt_field)),
+                              vocab_size=d.tokenizer_vocab_size)
     if paths is None:
         train = make_problems("train", d.num_problems, seed=seed, tasks=d.tasks, difficulty=d.difficulty)
         val = make_problems("test", max(64, d.num_problems // 50), seed=seed, tasks=d.tasks, difficulty=d.difficulty)
         say(f"data: built-in tasks ({', '.join(sorted({p.task for p in train}))}), {len(train):,} training and "
             f"{len(val):,} held-out problems")
         return tok, build_in_memory((p.text for p in train), tok), build_in_memory((p.text for p in val), tok)
-    train, val = tokenize_corpus(paths, tok, Path(d.cache_dir), field=d.field, val_fraction=d.val_fraction, seed=seed)
+    train, val = tokenize_corpus(paths, tok, Path(d.cache_dir), field=d.field, val_fraction=d.val_fraction, seed=seed,
+                                 prompt_field=d.prompt_field or None)
     say(f"data: {d.path}: {train.num_docs:,} documents / {train.num_tokens:,} tokens for training, "
         f"{val.num_docs:,} / {val.num_tokens:,} held out")
     return tok, train, val

@@ -86,6 +86,12 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
     tok, train, val, model_cfg = build_run_data(cfg, ctx, shared_tok or given)
     d, t = cfg.data, cfg.train
     train_loader = make_loader(train, t.batch_size, d.seq_len, t.seed, shuffle=True)  # enough data for a batch?
+    if cfg.log.eval_every:  # and for one validation window (found now, not after training)
+        try:
+            make_loader(val, 1, d.seq_len, t.seed, shuffle=False)
+        except ValueError as e:
+            raise ValueError(f"{e} (the held-out split: raise data.val_fraction, lower data.seq_len, or turn "
+                             "evaluation off with log.eval_every=0)") from None
     check_teacher(teacher, cfg, model_cfg, tok, train, ctx.say, spec.distils)  # before anything is built
     models = build_models(cfg, ctx, model_cfg, tok, spec.trains_teacher)
     if models.teacher is not None:
