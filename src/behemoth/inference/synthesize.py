@@ -331,30 +331,13 @@ def synthesize(teacher_path: str, out: str | Path, prompts: list[Prompt], source
         counts.add(s["counts"])
     if done:
         say(f"synthesize: {len(done)} of {shards} shards already in {out}; continuing")
-    stop_ids = (teacher.tokenizer.eos_id,)
     t0, tokens = time.perf_counter(), 0
     for k in range(shards):
         if k in done:
             continue
         part = prompts[k * settings.shard_size:(k + 1) * settings.shard_size]
-        rows = [(teacher.encode(p), settings.params(stop_ids, sample_seed(settings.seed, p.index, s)))
-                for p in part for s in range(settings.samples)]
-        flat = teacher.complete(rows, settings.stop, batch_size)
-        comps = [flat[i * settings.samples:(i + 1) * settings.samples] for i in range(len(part))]
-        ok = [[verify(p, c.text) if verify else None for c in cs] for p, cs in zip(part, comps, strict=True)]
-        kept = select(part, comps, ok, settings.keep)
-        records, shard_counts = [], Counts()
-        for p, cs, vs, ks in zip(part, comps, ok, kept, strict=True):
-            for s, (c, v, keep) in enumerate(zip(cs, vs, ks, strict=True)):
-                shard_counts.samples[p.task] = shard_counts.samples.get(p.task, 0) + 1
-                shard_counts.verified[p.task] = shard_counts.verified.get(p.task, 0) + (v is True)
-                shard_counts.kept[p.task] = shard_counts.kept.get(p.task, 0) + keep
-                if keep:
-                    records.append({"prompt": p.text, "completion": c.text, "teacher": teacher.name,
-                                    "index": p.index, "sample": s, "verified": v, "logprob": c.logprob,
-                                    "tokens": len(c.token_ids), "finish_reason": c.finish_reason, "task": p.task,
-                                    "answer": p.answer})
-        tokens += sum(len(c.token_ids) for c in flat)
+        records, shard_counts, written = _shard(teacher, part, settings, verify, batch_size)
+        tokens += written
         entry = _write_shard(out, k, records, (part[0].index, part[-1].index + 1), asdict(shard_counts))
         manifest["shards"].append(entry)
         counts.add(entry["counts"])
@@ -365,13 +348,35 @@ def synthesize(teacher_path: str, out: str | Path, prompts: list[Prompt], source
         left = sum(1 for j in range(k + 1, shards) if j not in done)
         rate = (k + 1 - sum(1 for j in done if j <= k)) / elapsed
         accept = manifest["counts"]["acceptance"]
-        say(f"shard {k + 1}/{shards}: {len(part)} prompts, {len(flat)} samples, {len(records)} kept"
+        say(f"shard {k + 1}/{shards}: {len(part)} prompts, {len(part) * settings.samples} samples, {len(records)} kept"
             + (f", {accept:.0%} verified so far" if accept is not None else "")
             + f"; {tokens / elapsed:,.0f} tokens/s, ETA {format_duration(left / rate)}")
     manifest["counts"] = {"prompts": len(prompts), **counts.summary(verify is not None)}
     manifest["complete"] = True
     write_json_atomically(out / MANIFEST, manifest)
     return manifest
+
+
+def _shard(teacher: Teacher, part: Sequence[Prompt], settings: Settings, verify, batch_size: int
+           ) -> tuple[list[dict], Counts, int]:
+    """One shard's kept records, its counts, and the number of tokens the teacher wrote for it."""
+    rows = [(teacher.encode(p), settings.params((teacher.tokenizer.eos_id,), sample_seed(settings.seed, p.index, s)))
+            for p in part for s in range(settings.samples)]
+    flat = teacher.complete(rows, settings.stop, batch_size)
+    comps = [flat[i * settings.samples:(i + 1) * settings.samples] for i in range(len(part))]
+    ok = [[verify(p, c.text) if verify else None for c in cs] for p, cs in zip(part, comps, strict=True)]
+    kept = select(part, comps, ok, settings.keep)
+    records, counts = [], Counts()
+    for p, cs, vs, ks in zip(part, comps, ok, kept, strict=True):
+        for s, (c, v, keep) in enumerate(zip(cs, vs, ks, strict=True)):
+            counts.samples[p.task] = counts.samples.get(p.task, 0) + 1
+            counts.verified[p.task] = counts.verified.get(p.task, 0) + (v is True)
+            counts.kept[p.task] = counts.kept.get(p.task, 0) + keep
+            if keep:
+                records.append({"prompt": p.text, "completion": c.text, "teacher": teacher.name, "index": p.index,
+                                "sample": s, "verified": v, "logprob": c.logprob, "tokens": len(c.token_ids),
+                                "finish_reason": c.finish_reason, "task": p.task, "answer": p.answer})
+    return records, counts, sum(len(c.token_ids) for c in flat)
 
 
 def _resume(out: Path, head: dict) -> dict:

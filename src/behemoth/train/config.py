@@ -65,6 +65,9 @@ class OptimSection:
     grad_clip: float = 1.0  # max global grad norm; 0 disables
 
 
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+"""The KD divergences (`distill.loss`, `distill.on_policy_loss`; train/kd.py)."""
+
 BIAS_RULES: dict[str, float] = {"adaptive": 0.01, "proportional": 0.01, "sign": 1e-3}
 """Routing-bias update rules (`router.bias_update`, train/balance.py) and each one's default rate."""
 
@@ -128,6 +131,16 @@ class DistillSection:
     vocab_match: str = "marginal"
     # the frozen teacher's weights (any family): auto (bf16 when the run uses bf16 autocast, else fp32) | fp32 | bf16
     teacher_dtype: str = "auto"
+    # On-policy distillation (`train/on_policy.py`): the share of optimizer steps whose micro-batches are the
+    # student's own completions of prompts, graded by the teacher token by token (0: none, today's KD; 1: all)
+    on_policy: float = 0.0
+    on_policy_loss: str = "reverse_kl"  # the divergence at the student's tokens (any of `loss`'s)
+    # where prompts come from: auto (tasks on the built-in tasks, else corpus) | tasks (the built-in tasks' training
+    # prompts) | corpus (the first on_policy_prefix tokens of each row of the batch) | a .jsonl or text prompt file
+    on_policy_prompts: str = "auto"
+    on_policy_prefix: int = 32
+    on_policy_tokens: int = 64  # the most tokens the student writes per prompt
+    on_policy_temperature: float = 1.0  # the student's sampling temperature (0: greedy)
 
 
 @dataclass
@@ -226,13 +239,19 @@ class TrainConfig:
             ("distill.uld_weight", self.distill.uld_weight >= 0),
             ("distill.vocab_match", self.distill.vocab_match in ("exact", "prefix", "marginal")),
             ("distill.teacher_dtype", self.distill.teacher_dtype in ("auto", "fp32", "bf16")),
+            ("distill.on_policy", 0 <= self.distill.on_policy <= 1),
+            ("distill.on_policy_loss", self.distill.on_policy_loss in DIVERGENCES),
+            ("distill.on_policy_prefix", self.distill.on_policy_prefix >= 1),
+            ("distill.on_policy_tokens", self.distill.on_policy_tokens >= 1),
+            ("distill.on_policy_temperature", self.distill.on_policy_temperature >= 0),
             ("parallel.dp_shard", self.parallel.dp_shard == -1 or self.parallel.dp_shard >= 1),
         ]
         choices = {"router.bias_update": f" (one of {', '.join(BIAS_RULES)})",
                    "router.bias_max_step": " (at least the bias rate, router.bias_update_rate)",
                    "distill.tokenizer": " (teacher or own)", "distill.cross_method": " (aligned, uld or hybrid)",
                    "distill.vocab_match": " (exact, prefix or marginal)",
-                   "distill.teacher_dtype": " (auto, fp32 or bf16)"}
+                   "distill.teacher_dtype": " (auto, fp32 or bf16)", "distill.on_policy": " (a share in [0, 1])",
+                   "distill.on_policy_loss": f" (one of {', '.join(DIVERGENCES)})"}
         for key, ok in checks:
             if not ok:
                 raise ValueError(f"{key}={self.get(key)!r} is not a valid value{choices.get(key, '')}")

@@ -65,7 +65,9 @@ from typing import NamedTuple
 
 import torch
 
-KINDS = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+from behemoth.train.config import DIVERGENCES
+
+KINDS = DIVERGENCES
 MISSING_MASS = ("renormalize", "ignore", "residual")
 NEG_INF = float("-inf")
 

@@ -31,6 +31,7 @@ from behemoth.train.config import TrainConfig
 from behemoth.train.datasets import build_data, build_image_data, make_loader
 from behemoth.train.device import allow_tf32, autocast_dtype, peak_flops, resolve_device
 from behemoth.train.models import TEACHER_DIR, Models, build_models, fit_to_tokenizer, model_config
+from behemoth.train.on_policy import OnPolicyDistillStep, check_on_policy, prompt_pool
 from behemoth.train.placement import RunContext, place_model, start_processes
 from behemoth.train.probe import RouterProbe, probe_batch
 from behemoth.train.steps import CachedDistillStep, CodistillStep, DistillStep, PretrainStep, Step
@@ -46,6 +47,9 @@ def _distill_step(cfg: TrainConfig, model, teacher: TeacherSource, autocast) -> 
 
         return CrossTokenizerDistillStep(model, teacher.model, teacher.tokenizer, teacher.student_tokenizer,
                                          cfg.router, cfg.distill, autocast)
+    if cfg.distill.on_policy > 0:
+        return OnPolicyDistillStep(model, teacher.model, cfg.router, cfg.distill, autocast,
+                                   prompt_pool(cfg, teacher.tokenizer), teacher.tokenizer.eos_id, cfg.train.seed)
     return DistillStep(model, teacher.model, cfg.router, cfg.distill, autocast)
 
 
@@ -93,6 +97,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
             raise ValueError(f"{e} (the held-out split: raise data.val_fraction, lower data.seq_len, or turn "
                              "evaluation off with log.eval_every=0)") from None
     check_teacher(teacher, cfg, model_cfg, tok, train, ctx.say, spec.distils)  # before anything is built
+    check_on_policy(cfg, mode, teacher)
     models = build_models(cfg, ctx, model_cfg, tok, spec.trains_teacher)
     if models.teacher is not None:
         teacher.model = models.teacher

@@ -188,19 +188,19 @@ class DistillStep(PretrainStep):
     def _targets(self, batch: Batch) -> Teacher:
         return self._targets_from_hidden(teacher_hidden(self.teacher, batch, self.autocast_dtype))
 
-    def _distill(self, batch: Batch, h_BSD: torch.Tensor, teacher: Teacher,
-                 divisor: float) -> tuple[torch.Tensor, dict]:
+    def _distill(self, batch: Batch, h_BSD: torch.Tensor, teacher: Teacher, divisor: float,
+                 div: Divergence | None = None, weight: KDWeight | None = None) -> tuple[torch.Tensor, dict]:
         """The mixed CE + KD loss over the batch's labelled tokens (summed, then divided by `divisor`, see
-        `token_counts`) and its metrics."""
+        `token_counts`) and its metrics; `div` and `weight` default to the run's divergence and KD weight."""
         with autocast_context(batch.input_ids.device, self.autocast_dtype):
             # The tokenizers were checked identical before the first step, so teacher columns beyond the
             # student's vocabulary are padding: dropped and the teacher renormalised, without a mass check.
             # Logits small enough to hold at once: keep each chunk's activations for backward instead of
             # recomputing them. At Llama 4's vocabulary they are not.
             small = h_BSD.shape[0] * h_BSD.shape[1] * self.model.config.vocab_size <= self.MATERIALIZE_LOGITS
-            res = distill_loss(h_BSD.flatten(0, 1), self.model.logits, batch.labels.flatten(), teacher, self.div,
-                               self.weight, *self.schedule_at, max_padded_mass=None, recompute=not small,
-                               count=batch.labelled)
+            res = distill_loss(h_BSD.flatten(0, 1), self.model.logits, batch.labels.flatten(), teacher,
+                               div or self.div, weight or self.weight, *self.schedule_at, max_padded_mass=None,
+                               recompute=not small, count=batch.labelled)
         metrics = {"loss": res.ce_sum.detach() / divisor, "kd_loss": res.kd_sum.detach() / divisor,
                    "kd_weight": res.alpha_sum / divisor, "tokens": res.tokens}
         return res.loss_sum / divisor, metrics
