@@ -54,6 +54,7 @@ def test_the_share_of_on_policy_steps():
     for share, want in ((0.0, 0), (0.25, 25), (0.5, 50), (1 / 3, 33), (1.0, 100)):
         assert sum(on_policy_at(i, share) for i in range(100)) == want
     assert [on_policy_at(i, 0.25) for i in range(8)] == [False, False, False, True] * 2
+    assert [on_policy_at(i, 1.0, start=3) for i in range(5)] == [False, False, False, True, True]  # a warm start
 
 
 def test_rollout_rows_label_the_students_tokens_only():

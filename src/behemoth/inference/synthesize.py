@@ -336,13 +336,12 @@ def synthesize(teacher_path: str, out: str | Path, prompts: list[Prompt], source
         if k in done:
             continue
         part = prompts[k * settings.shard_size:(k + 1) * settings.shard_size]
-        records, shard_counts, written = _shard(teacher, part, settings, verify, batch_size)
-        tokens += written
-        entry = _write_shard(out, k, records, (part[0].index, part[-1].index + 1), asdict(shard_counts))
+        records, shard_counts, work = _shard(teacher, part, settings, verify, batch_size)
+        tokens += work["generated"]
+        entry = _write_shard(out, k, records, (part[0].index, part[-1].index + 1), asdict(shard_counts), work)
         manifest["shards"].append(entry)
         counts.add(entry["counts"])
-        manifest["counts"] = {"prompts": sum(s["stop"] - s["start"] for s in manifest["shards"]),
-                              **counts.summary(verify is not None)}
+        manifest["counts"] = _totals(manifest["shards"], counts, verify is not None)
         write_json_atomically(out / MANIFEST, manifest)
         elapsed = time.perf_counter() - t0
         left = sum(1 for j in range(k + 1, shards) if j not in done)
@@ -351,15 +350,22 @@ def synthesize(teacher_path: str, out: str | Path, prompts: list[Prompt], source
         say(f"shard {k + 1}/{shards}: {len(part)} prompts, {len(part) * settings.samples} samples, {len(records)} kept"
             + (f", {accept:.0%} verified so far" if accept is not None else "")
             + f"; {tokens / elapsed:,.0f} tokens/s, ETA {format_duration(left / rate)}")
-    manifest["counts"] = {"prompts": len(prompts), **counts.summary(verify is not None)}
+    manifest["counts"] = _totals(manifest["shards"], counts, verify is not None)
     manifest["complete"] = True
     write_json_atomically(out / MANIFEST, manifest)
     return manifest
 
 
+def _totals(shards: list[dict], counts: Counts, verifying: bool) -> dict:
+    """The manifest's counts: prompts done, samples, verified, kept, acceptance (per task too), and the tokens the
+    teacher read (prompts, once per sample) and wrote."""
+    tokens = {k: sum(s["tokens"][k] for s in shards) for k in ("prompt", "generated")}
+    return {"prompts": sum(s["stop"] - s["start"] for s in shards), **counts.summary(verifying), "tokens": tokens}
+
+
 def _shard(teacher: Teacher, part: Sequence[Prompt], settings: Settings, verify, batch_size: int
-           ) -> tuple[list[dict], Counts, int]:
-    """One shard's kept records, its counts, and the number of tokens the teacher wrote for it."""
+           ) -> tuple[list[dict], Counts, dict]:
+    """One shard's kept records, its counts, and the tokens the teacher read and wrote for it."""
     rows = [(teacher.encode(p), settings.params((teacher.tokenizer.eos_id,), sample_seed(settings.seed, p.index, s)))
             for p in part for s in range(settings.samples)]
     flat = teacher.complete(rows, settings.stop, batch_size)
@@ -376,7 +382,8 @@ def _shard(teacher: Teacher, part: Sequence[Prompt], settings: Settings, verify,
                 records.append({"prompt": p.text, "completion": c.text, "teacher": teacher.name, "index": p.index,
                                 "sample": s, "verified": v, "logprob": c.logprob, "tokens": len(c.token_ids),
                                 "finish_reason": c.finish_reason, "task": p.task, "answer": p.answer})
-    return records, counts, sum(len(c.token_ids) for c in flat)
+    generated = sum(len(c.token_ids) + (c.finish_reason == "stop") for c in flat)  # a stop token was sampled too
+    return records, counts, {"prompt": sum(len(ids) for ids, _ in rows), "generated": generated}
 
 
 def _resume(out: Path, head: dict) -> dict:
@@ -413,13 +420,13 @@ def _resume(out: Path, head: dict) -> dict:
     return manifest
 
 
-def _write_shard(out: Path, k: int, records: list[dict], span: tuple[int, int], counts: dict) -> dict:
+def _write_shard(out: Path, k: int, records: list[dict], span: tuple[int, int], counts: dict, tokens: dict) -> dict:
     """Shard k, written whole to a hidden temporary file, synced, then renamed into place."""
     name = f"shard-{k:05d}.jsonl"
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
     write_file_atomically(out / name, data)
     return {"shard": k, "file": name, "start": span[0], "stop": span[1], "records": len(records),
-            "sha256": hashlib.sha256(data).hexdigest(), "counts": counts}
+            "sha256": hashlib.sha256(data).hexdigest(), "counts": counts, "tokens": tokens}
 
 
 def _sha256(path: Path) -> str:

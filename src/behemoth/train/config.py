@@ -135,10 +135,12 @@ class DistillSection:
     # student's own completions of prompts, graded by the teacher token by token (0: none, today's KD; 1: all)
     on_policy: float = 0.0
     on_policy_loss: str = "reverse_kl"  # the divergence at the student's tokens (any of `loss`'s)
+    on_policy_start: float = 0.0  # the share of the run before rollouts begin (a logit-distillation warm start)
     # where prompts come from: auto (tasks on the built-in tasks, else corpus) | tasks (the built-in tasks' training
     # prompts) | corpus (the first on_policy_prefix tokens of each row of the batch) | a .jsonl or text prompt file
     on_policy_prompts: str = "auto"
     on_policy_prefix: int = 32
+    on_policy_rows: int = 0  # prompts per rollout micro-batch (0: the micro-batch's rows)
     on_policy_tokens: int = 64  # the most tokens the student writes per prompt
     on_policy_temperature: float = 1.0  # the student's sampling temperature (0: greedy)
 
@@ -240,8 +242,10 @@ class TrainConfig:
             ("distill.vocab_match", self.distill.vocab_match in ("exact", "prefix", "marginal")),
             ("distill.teacher_dtype", self.distill.teacher_dtype in ("auto", "fp32", "bf16")),
             ("distill.on_policy", 0 <= self.distill.on_policy <= 1),
+            ("distill.on_policy_start", 0 <= self.distill.on_policy_start < 1),
             ("distill.on_policy_loss", self.distill.on_policy_loss in DIVERGENCES),
             ("distill.on_policy_prefix", self.distill.on_policy_prefix >= 1),
+            ("distill.on_policy_rows", self.distill.on_policy_rows >= 0),
             ("distill.on_policy_tokens", self.distill.on_policy_tokens >= 1),
             ("distill.on_policy_temperature", self.distill.on_policy_temperature >= 0),
             ("parallel.dp_shard", self.parallel.dp_shard == -1 or self.parallel.dp_shard >= 1),

@@ -2,9 +2,12 @@
 
 For a fraction λ = `distill.on_policy` of the optimizer steps (spread evenly: step i is on-policy when
 floor((i + 1) λ) > floor(i λ), so λ = 1 is every step, 0 none, 0.25 every fourth), each micro-batch is a
-*rollout* instead of the loader's batch (which is still drawn, so the data order does not depend on λ):
+*rollout* instead of the loader's batch (which is still drawn, so the data order does not depend on λ).
+`distill.on_policy_start` = f delays the rollouts to the last 1 - f of the run (the steps from f x steps on
+count from 0): the first part is plain logit distillation, a warm start for the on-policy part.
 
-1. prompts, one per row: the built-in tasks' training prompts, a prompt file (.jsonl or text), or the first
+1. prompts, `distill.on_policy_rows` of them (0: as many as the micro-batch has rows): the built-in tasks' training
+   prompts, a prompt file (.jsonl or text), or the first
    `distill.on_policy_prefix` tokens of each row of the loader's batch (`distill.on_policy_prompts`);
 2. the student samples a completion of each (the KV-cache generator, the student's current weights, in eval
    mode so the samples neither move the routing statistics nor see dropout), at `on_policy_temperature`, up
@@ -20,7 +23,8 @@ exactly the rollouts the uninterrupted one did, with no state to save. Off-polic
 bit for bit. Each step logs `on_policy` (the share of its micro-batches that were rollouts) and the seconds
 spent generating (`gen_s`), scoring with the teacher (`score_s`) and on the student's forward and backward
 (`train_s`); on a rollout `loss` is the on-policy divergence and `rollout_nll` the student's cross-entropy on its
-own samples, and the step's tokens are the completions' (the tokens trained on).
+own samples, and the step's tokens are the completions' (the tokens trained on); `gen_positions` and
+`rollout_positions` count the positions the generator ran and the teacher and student computed (cost accounting).
 
 Shape legend: B rows, S rollout length (prompt + completion, right-padded), P prompt length.
 """
@@ -47,9 +51,11 @@ from behemoth.train.steps import DistillStep, autocast_context, token_counts
 from behemoth.train.teachers import TeacherSource
 
 
-def on_policy_at(step: int, share: float) -> bool:
-    """Whether optimizer step `step` (0-based) is on-policy at share λ = `share` (module docstring)."""
-    return int((step + 1) * share) > int(step * share)
+def on_policy_at(step: int, share: float, start: int = 0) -> bool:
+    """Whether optimizer step `step` (0-based) is on-policy at share λ = `share` from step `start` on (module
+    docstring)."""
+    i = step - start
+    return i >= 0 and int((i + 1) * share) > int(i * share)
 
 
 class PromptPool:
@@ -61,11 +67,13 @@ class PromptPool:
             raise ValueError("distill.on_policy_prompts: no prompts")
         self.pool, self.prefix, self.seed = [list(p) for p in pool] if pool is not None else None, prefix, seed
 
-    def draw(self, batch: Batch, step: int, micro: int) -> list[list[int]]:
-        """One prompt per row of `batch`, a pure function of (seed, step, micro)."""
-        rows = batch.input_ids.shape[0]
+    def draw(self, batch: Batch, step: int, micro: int, rows: int = 0) -> list[list[int]]:
+        """`rows` prompts (0: one per row of `batch`), a pure function of (seed, step, micro); corpus prefixes
+        take the batch's rows in turn."""
+        rows = rows or batch.input_ids.shape[0]
         if self.pool is None:
-            return batch.input_ids[:, :self.prefix].tolist()
+            prefixes = batch.input_ids[:, :self.prefix].tolist()
+            return [prefixes[i % len(prefixes)] for i in range(rows)]
         rng = np.random.default_rng([self.seed, step, micro])
         return [self.pool[i] for i in rng.integers(0, len(self.pool), rows).tolist()]
 
@@ -112,14 +120,15 @@ class OnPolicyDistillStep(DistillStep):
 
     def begin_step(self, index: int, total: int) -> None:
         super().begin_step(index, total)
-        self.on_now, self.micro = on_policy_at(index, self.share), 0
+        self.on_now = on_policy_at(index, self.share, int(self.cfg.on_policy_start * total))
+        self.micro = 0
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> dict:
         micro, self.micro = self.micro, self.micro + 1
         if not self.on_now:
             return {**super().forward_backward(batch, loss_scale), "on_policy": 0.0}
         t0 = time.perf_counter()
-        prompts = self.pool.draw(batch, self.schedule_at[0], micro)
+        prompts = self.pool.draw(batch, self.schedule_at[0], micro, self.cfg.on_policy_rows)
         completions = self.sample(prompts, rollout_seed(self.seed, self.schedule_at[0], micro))
         rollout = rollout_batch(prompts, completions, self.eos_id, batch.input_ids.device)
         t1 = time.perf_counter()
@@ -132,7 +141,11 @@ class OnPolicyDistillStep(DistillStep):
         metrics["rollout_nll"], metrics["loss"] = metrics["loss"], metrics["kd_loss"]
         out = self._finish(loss, metrics, self.moes, loss_scale, share)
         t3 = time.perf_counter()
-        return {**out, "on_policy": 1.0, "gen_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2}
+        # the work done, for cost accounting: positions the generator ran (every row until the longest stops, its
+        # prompt padded to the longest), and positions scored by the teacher and trained
+        decoded = len(prompts) * (max(map(len, prompts)) + max(map(len, completions)))
+        return {**out, "on_policy": 1.0, "gen_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2,
+                "gen_positions": float(decoded), "rollout_positions": float(rollout.input_ids.numel())}
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
