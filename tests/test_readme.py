@@ -152,6 +152,8 @@ def scratch(tmp_path_factory):
         rows.append({"image": f"p{i % 6}.png", "prompt": f"Q: colour {i}?\nA:", "text": f" {colour}"})
     (home / "pics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     Image.new("RGB", (100, 60), "blue").save(home / "photo.png")
+    (home / "questions.jsonl").write_text("".join(json.dumps({"prompt": f"Q: {i}+{i}=?\nA:", "answer": str(2 * i)})
+                                                  + "\n" for i in range(4)))
     vl = PRESETS["mini-maverick-vl"]
     (home / "my_vl_config.json").write_text(json.dumps({"format": "behemoth", "model": vl.to_dict()}))
     (home / "path" / "to").mkdir(parents=True)
@@ -194,7 +196,9 @@ def _runnable(command: str, places: dict[str, str], n: int) -> list[str] | str:
         own_dir = any(a.startswith(("--train.out_dir", "--config")) for a in argv)
         return argv + size + ([] if own_dir else [f"--train.out_dir=runs/readme{n}"])
     extra = {"distill-cache": TINY_RUN + TINY_TEXT, "eval": ["--problems", "8", "--seq-len", "32"],
-             "generate": ["--max-new-tokens", "4"], "chat": ["--max-new-tokens", "4"]}
+             "generate": ["--max-new-tokens", "4"], "chat": ["--max-new-tokens", "4"],
+             # a teacher of two steps verifies nothing: what it writes is kept, so that training on it can run
+             "synthesize": ["--num-prompts", "8", "--max-tokens", "16", "--keep", "all"]}
     return argv + extra.get(argv[0], [])
 
 
