@@ -161,6 +161,10 @@ def test_bad_input_is_one_line_and_exit_2(char_model_dir, tmp_path, write_prompt
     assert "another teacher" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     fails(["--out", str(out), "--temperature", "0.5"], "other settings (temperature differ)")
+    bare = tmp_path / "no-tokenizer"  # a teacher that cannot turn prompts into tokens
+    shutil.copytree(char_model_dir, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    assert main(["synthesize", "--teacher", str(bare), "--out", str(tmp_path / "nt")]) == 2
+    assert "has no tokenizer.json" in capsys.readouterr().err and not (tmp_path / "nt").exists()
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     fails(["--out", str(tmp_path / "busy")], "is not a synthesized dataset")
