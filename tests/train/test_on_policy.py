@@ -152,3 +152,19 @@ def test_bad_on_policy_settings_are_one_line(teacher_dir, tmp_path, capsys):
     fails(["distill", f"--distill.teacher={teacher_dir}", "--distill.on_policy=1",
            f"--distill.on_policy_prompts={prompts}"], "p.jsonl:1: no 'prompt' field")
     assert not (tmp_path / "r").exists()  # nothing written
+
+
+def test_distributed_ranks_decode_every_step_and_sample_the_same(monkeypatch):
+    """With several processes every rank runs all `on_policy_tokens` decode steps (its forwards are collectives);
+    the completions are those of the early-stopping single-process path."""
+    import behemoth.train.on_policy as on_policy
+
+    step = make_step(1.0, **{"distill.on_policy_tokens": 24})
+    prompts = [TOK.encode(p.prompt) for p in make_problems("train", 6)]
+    alone = step.sample(prompts, 7)
+    monkeypatch.setattr(on_policy, "world_size", lambda: 2)
+    calls = []
+    real = on_policy.token_steps
+    monkeypatch.setattr(on_policy, "token_steps", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert step.sample(prompts, 7) == alone and calls
+    assert any(c[-1] == TOK.eos_id and len(c) < 25 for c in alone)  # some stopped early: the paths differ in steps

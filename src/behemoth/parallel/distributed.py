@@ -175,6 +175,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def world_size() -> int:
+    """The number of processes in the run (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def _replicas(t: torch.Tensor) -> int:
     """How many ranks hold the same local part of `t`: a DTensor's replicated mesh dimensions (HSDP's
     replicate dimension); a plain tensor is whole on every rank."""

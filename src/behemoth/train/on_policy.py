@@ -42,8 +42,10 @@ from torch import nn
 from behemoth.data.loader import IGNORE_INDEX, Batch
 from behemoth.data.tasks import make_problems
 from behemoth.data.tokenizer import Tokenizer
-from behemoth.inference.generate import generate
+from behemoth.inference.generate import generate, token_steps
+from behemoth.inference.sampling import SamplingParams
 from behemoth.inference.synthesize import load_prompts
+from behemoth.parallel.distributed import world_size
 from behemoth.train.config import DistillSection, RouterSection, TrainConfig
 from behemoth.train.kd import Divergence
 from behemoth.train.kd_weight import KDWeight
@@ -150,13 +152,20 @@ class OnPolicyDistillStep(DistillStep):
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
         """The student's completions of `prompts` (each ending with EOS where it stopped there), with the current
-        weights in eval mode (restored to training mode after)."""
+        weights in eval mode (restored to training mode after). In a distributed run every rank decodes the full
+        `on_policy_tokens` steps: a sharded or expert-parallel forward is a collective, and ranks whose rows
+        stopped at different steps would otherwise wait for each other forever."""
         c = self.cfg
+        params = SamplingParams(max_new_tokens=c.on_policy_tokens, temperature=c.on_policy_temperature, seed=seed,
+                                stop_ids=(self.eos_id,))
         self.model.eval()
         try:
             with autocast_context(next(self.model.parameters()).device, self.autocast_dtype):
-                out = generate(self.model, prompts, max_new_tokens=c.on_policy_tokens,
-                               temperature=c.on_policy_temperature, seed=seed, stop_ids=(self.eos_id,))
+                if world_size() > 1:
+                    steps = torch.stack(list(token_steps(self.model, prompts, params)), 1).tolist()
+                    out = [next((r[:j] for j, t in enumerate(r) if t == self.eos_id), r) for r in steps]
+                else:
+                    out = generate(self.model, prompts, params)
         finally:
             self.model.train()
         return [o + [self.eos_id] if len(o) < c.on_policy_tokens else o for o in out]
