@@ -57,13 +57,18 @@ def flops_per_position(recipe) -> dict[str, float]:
     return {"student_train": student, "student_forward": student / 3, "teacher_forward": teacher / 3}
 
 
-def task_lengths(recipe) -> tuple[float, float]:
-    """Mean prompt and solution length (characters = tokens) of the tasks' training problems."""
+def task_lengths(recipe) -> tuple[float, float, float]:
+    """Mean prompt and solution length (characters = tokens) of the tasks' training problems, and the mean over
+    rollouts of `ROLLOUT_ROWS` prompts of the longest one (what a rollout's rows are padded to)."""
+    import random
+
     from behemoth.data.tasks import make_problems
 
     problems = make_problems("train", 2000, seed=0, tasks=recipe.tasks)
-    return (sum(len(p.prompt) for p in problems) / len(problems),
-            sum(len(p.solution) for p in problems) / len(problems))
+    prompts = [len(p.prompt) for p in problems]
+    rng = random.Random(0)
+    longest = sum(max(rng.choices(prompts, k=ROLLOUT_ROWS)) for _ in range(200)) / 200
+    return sum(prompts) / len(prompts), sum(len(p.solution) for p in problems) / len(problems), longest
 
 
 def plan(recipe, steps_scale: float = 1.0) -> dict:
@@ -72,13 +77,16 @@ def plan(recipe, steps_scale: float = 1.0) -> dict:
     batch = recipe.batch_size * recipe.seq_len
     logit_steps = max(1, round(recipe.student_steps * steps_scale))
     budget = logit_steps * batch * (f["student_train"] + f["teacher_forward"])
-    prompt, solution = task_lengths(recipe)
+    prompt, solution, longest = task_lengths(recipe)
     row = prompt + solution + 1  # + EOS
-    rollout = ROLLOUT_ROWS * row * (f["student_forward"] + f["teacher_forward"] + f["student_train"])
+    # a rollout's rows are padded to its longest prompt plus its longest completion (a student early in training, or
+    # one of 48, writes up to ROLLOUT_TOKENS), and the generator runs every row that long
+    padded = longest + ROLLOUT_TOKENS
+    rollout = ROLLOUT_ROWS * padded * (f["student_forward"] + f["teacher_forward"] + f["student_train"])
     synth_prompts = max(1, int(SYNTH_SHARE * budget / (row * f["teacher_forward"])))
     half = max(1, logit_steps // 2)
     warm_rollouts = max(1, round((budget - half * batch * (f["student_train"] + f["teacher_forward"])) / rollout))
-    return {"budget": budget, "flops": f, "row_tokens": row,
+    return {"budget": budget, "flops": f, "row_tokens": row, "rollout_row_positions": padded,
             "steps": {"scratch": max(1, round(budget / (batch * f["student_train"]))), "logit": logit_steps,
                       "sequence": max(1, round((1 - SYNTH_SHARE) * budget / (batch * f["student_train"]))),
                       "on_policy": max(1, round(budget / rollout)), "logit+on_policy": half + warm_rollouts},
@@ -164,16 +172,16 @@ def _teach(method: str, seed: int, teacher: Path, out: Path, recipe, p: dict) ->
 
 def _synthesize(seed: int, teacher: Path, out: Path, recipe, p: dict) -> tuple[Path, float, float]:
     """The teacher's verified solutions of `p["synth_prompts"]` training prompts; (directory, seconds, FLOPs)."""
-    from behemoth.inference.synthesize import Settings, load_prompts, synthesize
+    from behemoth.data.prompts import load_prompts
+    from behemoth.inference.synthesize import Settings, synthesize
 
     settings = Settings(max_tokens=ROLLOUT_TOKENS, temperature=1.0, seed=seed, verify="task", keep=SYNTH_KEEP,
-                        shard_size=512)
+                        shard_size=512, batch_size=64)
     prompts, source = load_prompts(None, tasks=recipe.tasks, num_prompts=p["synth_prompts"], seed=seed + 1000)
     t0 = time.perf_counter()
-    m = synthesize(str(teacher), out / "data", prompts, source, settings, batch_size=64, say=lambda line: None)
-    tokens = m["counts"]["tokens"]
-    return out / "data", time.perf_counter() - t0, (tokens["prompt"] + tokens["generated"]) * p["flops"][
-        "teacher_forward"]
+    m = synthesize(str(teacher), out / "data", prompts, source, settings, say=lambda line: None)
+    computed = m["counts"]["tokens"]["computed"]  # prefills padded, every decode slot of every step
+    return out / "data", time.perf_counter() - t0, computed * p["flops"]["teacher_forward"]
 
 
 def _quality(run_dir: Path, teacher: Path, recipe, eval_problems: int | None) -> dict:

@@ -14,17 +14,18 @@ from behemoth.checkpoint import save_model
 from behemoth.cli import main
 from behemoth.data.answers import matches
 from behemoth.data.corpus import Prompted, iter_documents
+from behemoth.data.prompts import load_prompts
 from behemoth.data.tasks import check, make_problems
-from behemoth.inference.synthesize import Settings, Teacher, load_prompts, sample_seed, select, synthesize
+from behemoth.inference.synthesize import Settings, Teacher, sample_seed, select, synthesize
 from behemoth.inference.text import Completion
 
-QUICK = {"max_tokens": 12, "temperature": 1.0, "shard_size": 4}
+QUICK = {"max_tokens": 12, "temperature": 1.0, "shard_size": 4, "batch_size": 3}
 
 
 def _run(model_dir, out, prompts_file=None, say=lambda line: None, **settings):
     s = Settings(**{**QUICK, **settings})
     prompts, source = load_prompts(prompts_file, tasks="add,count", num_prompts=10, seed=s.seed)
-    return synthesize(str(model_dir), out, prompts, source, s, batch_size=3, say=say)
+    return synthesize(str(model_dir), out, prompts, source, s, say=say)
 
 
 def _shards(out) -> dict[str, bytes]:
@@ -80,7 +81,8 @@ def test_sampled_logprob_is_the_full_forward_closed_form(char_model_dir):
     prompts, _ = load_prompts(None, tasks="add,count", num_prompts=5)
     rows = [(teacher.encode(p), settings.params((teacher.tokenizer.eos_id,), sample_seed(0, p.index, 0)))
             for p in prompts]
-    done = teacher.complete(rows, (), batch_size=2)  # continuous batching: rows join as others finish
+    done, computed = teacher.complete(rows, (), batch_size=2)  # continuous batching: rows join as others finish
+    assert computed >= sum(len(p) + len(c.token_ids) for (p, _), c in zip(rows, done, strict=True))
     assert {c.finish_reason for c in done} == {"stop", "length"}
     for (prompt, _), c in zip(rows, done, strict=True):
         stop = [teacher.tokenizer.eos_id] if c.finish_reason == "stop" else []
@@ -98,29 +100,41 @@ def test_task_checker_flags_every_sample(char_model_dir, tmp_path):
 
 
 def test_verified_only_keeps_exactly_what_the_checker_accepts(char_model_dir, tmp_path, write_prompts):
-    # reference answers a random model hits often: the first digit it writes
-    rows = [{"prompt": f"Q: {i}+{i}=?\nA:", "answer": str(i % 3)} for i in range(10)]
+    # a random teacher that ends its completions at the first letter, and reference answers it often hits: the
+    # first digit of its first sample (found by a first run), so that the filter keeps some and drops some
+    rule, letters = r"re:(\d)", tuple("abcdefghijklmnopqrstuvwxyz")
+    texts = [f"Q: {i}+{i}=?\nA:" for i in range(10)]
+    questions = write_prompts(tmp_path / "q.jsonl", [{"prompt": t} for t in texts])
+    first = _run(char_model_dir, tmp_path / "probe", questions, samples=3, stop=letters)
+    digits = {r["index"]: r["completion"] for r in _records(tmp_path / "probe") if r["sample"] == 0}
+    rows = [{"prompt": t, "answer": next((ch for ch in digits[i] if ch.isdigit()), "none")}
+            for i, t in enumerate(texts)]
     prompts = write_prompts(tmp_path / "p.jsonl", rows)
-    everything = _run(char_model_dir, tmp_path / "all", prompts, samples=3, extract=r"re:(\d)")
-    _run(char_model_dir, tmp_path / "ver", prompts, samples=3, extract=r"re:(\d)", keep="verified")
+    everything = _run(char_model_dir, tmp_path / "all", prompts, samples=3, extract=rule, stop=letters)
+    _run(char_model_dir, tmp_path / "ver", prompts, samples=3, extract=rule, stop=letters, keep="verified")
     records = _records(tmp_path / "all")
+    assert first["counts"]["samples"] == len(records) == 30
     for r in records:
-        assert r["verified"] == matches(r["completion"], r["answer"], r"re:(\d)")
-    accepted = [r for r in records if r["verified"]]
+        assert r["verified"] == matches(r["completion"], r["answer"], rule)
+    accepted = [r for r in records if r["verified"] and r["finish_reason"] == "stop"]  # (a cut-off one: never)
     assert 0 < len(accepted) < len(records)  # the filter is not trivial either way
     assert _records(tmp_path / "ver") == accepted
-    assert everything["counts"]["verified"] == len(accepted)
-    assert everything["counts"]["acceptance"] == pytest.approx(len(accepted) / len(records))
+    assert everything["counts"]["verified"] == sum(bool(r["verified"]) for r in records)
+    assert everything["counts"]["acceptance"] == pytest.approx(everything["counts"]["verified"] / len(records))
 
 
-def test_best_of_n_takes_the_most_likely_verified_sample():
-    def c(lp):
-        return Completion("", [], "stop", lp)
+def test_best_of_n_takes_the_most_likely_verified_whole_sample():
+    def c(lp, n=0, end="stop"):
+        return Completion("", [5] * n, end, lp)
 
-    comps = [[c(-3.0), c(-1.0), c(-2.0)], [c(-1.0), c(-1.0)], [c(-5.0)]]
-    assert select([None] * 3, comps, [[True, False, True], [None, None], [False]], "best") == [
-        [False, False, True], [True, False], [False]]
-    assert select([None], [comps[0]], [[True, False, True]], "verified") == [[True, False, True]]
+    comps = [[c(-3.0), c(-1.0), c(-2.0)], [c(-1.0), c(-1.0)], [c(-5.0)], [c(-4.0, 7), c(-1.0)], [c(-0.1, 3, "length")]]
+    verified = [[True, False, True], [None, None], [False], [True, True], [True]]
+    assert select([None] * 5, comps, verified, "best") == [
+        [False, False, True], [True, False], [False],
+        [True, False],  # per token: -4 / 8 beats -1 / 1
+        [False]]  # cut off by max_tokens: never the best, never kept as verified
+    assert select([None] * 2, [comps[0], comps[4]], [verified[0], verified[4]], "verified") == [
+        [True, False, True], [False]]
 
 
 def test_the_dataset_is_a_training_corpus_with_prompts_masked(char_model_dir, tmp_path):
@@ -132,6 +146,12 @@ def test_the_dataset_is_a_training_corpus_with_prompts_masked(char_model_dir, tm
 
 def test_seeds_are_per_sample():
     assert sample_seed(0, 1, 0) != sample_seed(0, 0, 1) and sample_seed(0, 1, 0) == sample_seed(0, 1, 0)
+
+
+def test_a_run_where_every_completion_ends_at_once(char_model_dir, tmp_path):
+    """The engine admits the next requests when every admitted one finished at its first token."""
+    manifest = _run(char_model_dir, tmp_path / "one", max_tokens=1, batch_size=1)
+    assert manifest["counts"]["samples"] == 10 and manifest["counts"]["tokens"]["generated"] == 10
 
 
 def test_bad_input_is_one_line_and_exit_2(char_model_dir, tmp_path, write_prompts, capsys):
@@ -148,6 +168,8 @@ def test_bad_input_is_one_line_and_exit_2(char_model_dir, tmp_path, write_prompt
     fails(["--out", str(tmp_path / "x"), "--prompts", str(no_answers), "--verify", "answer"], "no reference answer")
     fails(["--out", str(tmp_path / "x"), "--prompts", str(no_answers), "--keep", "verified"], "needs a verifier")
     fails(["--out", str(tmp_path / "x"), "--extract", "re:("], "not a regular expression")
+    fails(["--out", str(tmp_path / "long"), "--max-tokens", "5000"], "exceeds the teacher's context")
+    assert not (tmp_path / "long").exists()  # found before anything was written: the directory stays usable
     # a directory holding another teacher's shards is left as it was
     other = tmp_path / "other-teacher"  # the same architecture and tokenizer, other weights
     save_model(build_model(load_model(str(char_model_dir)).config, seed=1), other)
@@ -198,7 +220,7 @@ def test_a_transformers_teacher_of_another_family_writes_too(tmp_path):
     teacher = Teacher(teacher_dir)  # its log-probabilities are its own forward's
     prompts, _ = load_prompts(None, tasks="add", num_prompts=3)
     rows = [(teacher.encode(p), Settings(**QUICK).params((teacher.tokenizer.eos_id,), 5)) for p in prompts]
-    for (prompt, _), c in zip(rows, teacher.complete(rows, (), batch_size=3), strict=True):
+    for (prompt, _), c in zip(rows, teacher.complete(rows, (), batch_size=3)[0], strict=True):
         stop = [teacher.tokenizer.eos_id] if c.finish_reason == "stop" else []
         ids = torch.tensor([prompt + c.token_ids + stop])
         with torch.no_grad():

@@ -62,7 +62,7 @@ def test_rollout_rows_label_the_students_tokens_only():
     assert b.input_ids.tolist() == [[5, 6, 7, 9, 10], [8, 11, TOK.eos_id, TOK.eos_id, TOK.eos_id]]
     X = IGNORE_INDEX
     assert b.labels.tolist() == [[X, X, 9, 10, TOK.eos_id], [11, X, X, X, X]]
-    assert b.segment_ids.tolist() == [[0] * 5, [0, 1, 1, 1, 1]] and b.labelled == 4
+    assert b.positions.tolist() == [[0, 1, 2, 3, 4], [0, -1, -1, -1, -1]] and b.labelled == 4  # padding: -1
 
 
 @pytest.mark.parametrize("kind", ["reverse_kl", "forward_kl"])
@@ -74,7 +74,7 @@ def test_rollout_loss_is_the_closed_form_at_the_sampled_tokens(kind):
     assert metrics["on_policy"] == 1.0 and metrics["gen_s"] > 0
     # the same rollout again (a pure function of seed, step and micro-batch; the weights did not move)
     prompts = step.pool.draw(batch, 0, 0)
-    rows = rollout_batch(prompts, step.sample(prompts, rollout_seed(0, 0, 0)), TOK.eos_id, torch.device("cpu"))
+    rows = rollout_batch(prompts, step.sample(prompts, rollout_seed(0, 0, 0))[0], TOK.eos_id, torch.device("cpu"))
     assert rows.labelled == metrics["tokens"] > 0
     with torch.no_grad():
         s = step.model.logits(step.model.hidden_states(rows.input_ids, **rows.model_inputs)).float() / 2.0
@@ -155,16 +155,26 @@ def test_bad_on_policy_settings_are_one_line(teacher_dir, tmp_path, capsys):
 
 
 def test_distributed_ranks_decode_every_step_and_sample_the_same(monkeypatch):
-    """With several processes every rank runs all `on_policy_tokens` decode steps (its forwards are collectives);
-    the completions are those of the early-stopping single-process path."""
+    """Alone, decoding stops once every row has; with several processes every rank runs all `on_policy_tokens`
+    decode steps (its forwards are collectives), and the completions are the same."""
     import behemoth.train.on_policy as on_policy
 
-    step = make_step(1.0, **{"distill.on_policy_tokens": 24})
+    step = make_step(1.0, **{"distill.on_policy_tokens": 40})
+    logits = step.model.logits
+    bias = torch.zeros(CFG.vocab_size)
+    bias[TOK.eos_id] = 4.0  # a student that stops soon, so that the early stop happens
+    monkeypatch.setattr(step.model, "logits", lambda h: logits(h) + bias)
     prompts = [TOK.encode(p.prompt) for p in make_problems("train", 6)]
-    alone = step.sample(prompts, 7)
+    alone, n_alone = step.sample(prompts, 7)
     monkeypatch.setattr(on_policy, "world_size", lambda: 2)
-    calls = []
-    real = on_policy.token_steps
-    monkeypatch.setattr(on_policy, "token_steps", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    assert step.sample(prompts, 7) == alone and calls
-    assert any(c[-1] == TOK.eos_id and len(c) < 25 for c in alone)  # some stopped early: the paths differ in steps
+    spread, n_spread = step.sample(prompts, 7)
+    assert spread == alone and n_alone == 16 and n_spread == 40
+    assert all(c[-1] == TOK.eos_id for c in alone)
+
+
+def test_ranks_draw_their_own_rollouts():
+    pool = PromptPool([TOK.encode(p.prompt) for p in make_problems("train", 50)], 8, seed=0)
+    batch = next(loader())
+    assert pool.draw(batch, 3, 0, 8, rank=0) != pool.draw(batch, 3, 0, 8, rank=1)
+    assert pool.draw(batch, 3, 0, 8, rank=1) == pool.draw(batch, 3, 0, 8, rank=1)
+    assert rollout_seed(0, 3, 0, 0) != rollout_seed(0, 3, 0, 1)

@@ -58,18 +58,19 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_synthesize(args: argparse.Namespace) -> None:
+    from behemoth.data.prompts import load_prompts
     from behemoth.inference.runner import default_dtype
-    from behemoth.inference.synthesize import Settings, load_prompts, synthesize
+    from behemoth.inference.synthesize import Settings, synthesize
 
     settings = Settings(samples=args.samples, max_tokens=args.max_tokens, temperature=args.temperature,
                         top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop), seed=args.seed, verify=args.verify,
-                        extract=args.extract, keep=args.keep, shard_size=args.shard_size)
+                        extract=args.extract, keep=args.keep, shard_size=args.shard_size, batch_size=args.batch_size)
     prompts, source = load_prompts(args.prompts, tasks=args.tasks, num_prompts=args.num_prompts,
                                    difficulty=args.difficulty, seed=args.seed, prompt_field=args.prompt_field,
                                    answer_field=args.answer_field)
     dtype = DTYPES[args.dtype] if args.dtype else default_dtype(torch.device(args.device))
-    m = synthesize(args.teacher, args.out, prompts, source, settings, batch_size=args.batch_size, device=args.device,
-                   dtype=dtype, say=lambda line: print(line, flush=True))
+    m = synthesize(args.teacher, args.out, prompts, source, settings, device=args.device, dtype=dtype,
+                   say=lambda line: print(line, flush=True))
     c = m["counts"]
     accept = "" if c["acceptance"] is None else f", {c['acceptance']:.1%} verified (" + ", ".join(
         f"{t} {v['acceptance']:.0%}" for t, v in c["per_task"].items()) + ")"

@@ -76,6 +76,7 @@ class EngineStats:
     tokens: int = 0
     steps: int = 0
     max_active: int = 0  # the most requests ever decoded in one step
+    positions: int = 0  # positions the model computed: prefills (padded to their longest prompt) and decode slots
 
 
 class Engine:
@@ -134,7 +135,9 @@ class Engine:
         while True:
             self._admit()
             if self.active == 0:
-                return
+                if self.waiting.empty():
+                    return
+                continue  # every newcomer finished at its first token: admit the next ones
             self._step()
 
     # ---- the loop -------------------------------------------------------------------------------------
@@ -176,6 +179,7 @@ class Engine:
         tiles = [req.pixel_values for _, req in new if req.pixel_values is not None]
         fresh = KVCache(self.runner.model.config, len(new), max(map(len, prompts)), device=self.device,
                         dtype=self.cache.dtype)
+        self.stats.positions += len(new) * max(map(len, prompts))
         with torch.no_grad():
             logits_nV = prefill(self.runner.model, prompts, fresh,
                                 torch.cat(tiles).to(self.device) if tiles else None)
@@ -203,6 +207,7 @@ class Engine:
                                      torch.tensor(pos, device=self.device), self.cache)
         active = [i for i, s in enumerate(self.slots) if s is not None]
         self.stats.steps += 1
+        self.stats.positions += self.max_batch  # every slot runs, free ones included
         self.stats.max_active = max(self.stats.max_active, len(active))
         greedy = logits_BV.float().argmax(-1).tolist()
         logp_BV = _logprobs(logits_BV, [s.request for s in self.slots if s is not None])

@@ -11,10 +11,11 @@ generator seeded from (seed, prompt index, sample index), run through the contin
 another family samples through its own `generate`, in batches seeded likewise.
 
 What is kept (`keep`): every sample (`all`), the verified ones (`verified`: rejection sampling), or per
-prompt the one with the highest log-probability under the teacher (`best`), among the verified ones when
-verifying. Each record is {prompt, completion, teacher, index, sample, verified (null when not verified),
-logprob (the summed log-probability of the sampled tokens, stop token included), tokens, finish_reason,
-task, answer}.
+prompt the one with the highest mean log-probability per token under the teacher (`best`; the mean, so that
+short completions are not favoured), among the verified ones when verifying. `verified` and `best` never keep a
+completion cut off by `max_tokens`: trained on, it would end with an EOS its teacher never wrote. Each record is
+{prompt, completion, teacher, index, sample, verified (null when not verified), logprob (the summed
+log-probability of the sampled tokens, stop token included), tokens, finish_reason, task, answer}.
 
 On disk: `shard-NNNNN.jsonl` (shard k: prompts [k*shard_size, (k+1)*shard_size)) and `manifest.json`
 (teacher and tokenizer fingerprints, the prompts' fingerprint, the settings, every shard's records, hash and
@@ -41,7 +42,8 @@ from behemoth.checkpoint.foreign import ForeignTeacher, load_any_model
 from behemoth.checkpoint.locate import resolve_model_dir
 from behemoth.data.answers import extractor, matches
 from behemoth.data.fingerprint import teacher_fingerprint
-from behemoth.data.tasks import Problem, check, make_problems
+from behemoth.data.prompts import Prompt
+from behemoth.data.tasks import check
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.fsutil import write_file_atomically, write_json_atomically
 from behemoth.inference.engine import Engine, Request
@@ -55,18 +57,6 @@ MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"
 KEEP = ("all", "verified", "best")
 VERIFY = ("auto", "none", "task", "answer")
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One prompt: its text, its reference `answer` (None: not verifiable by answer), its `task` (a built-in
-    task's name, a JSONL's "task", else "all") and, for a built-in problem, the `problem` its checker grades."""
-
-    index: int
-    text: str
-    answer: str | None = None
-    task: str = "all"
-    problem: Problem | None = None
 
 
 @dataclass(frozen=True)
@@ -84,10 +74,12 @@ class Settings:
     extract: str = "marker"
     keep: str = "all"
     shard_size: int = 256
+    batch_size: int = 32  # completions decoded together: which rows share a batch moves the floats a little
 
     def __post_init__(self) -> None:
         checks = [("samples", self.samples >= 1, "must be >= 1"), ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
                   ("shard_size", self.shard_size >= 1, "must be >= 1"),
+                  ("batch_size", self.batch_size >= 1, "must be >= 1"),
                   ("verify", self.verify in VERIFY, f"must be one of {', '.join(VERIFY)}"),
                   ("keep", self.keep in KEEP, f"must be one of {', '.join(KEEP)}")]
         for name, ok, why in checks:
@@ -127,55 +119,7 @@ class Counts:
                 "acceptance": verified / total if verifying and total else None, "per_task": per_task}
 
 
-# ---- prompts ---------------------------------------------------------------------------------------
-
-def load_prompts(source: str | None, *, tasks: Sequence[str] | str | None = None, num_prompts: int = 1000,
-                 difficulty: int = 1, seed: int = 0, prompt_field: str = "prompt",
-                 answer_field: str = "answer") -> tuple[list[Prompt], dict]:
-    """The prompts and a description of where they came from (with a fingerprint of their content): the
-    built-in tasks' training problems when `source` is None (`num_prompts` of `tasks`), else a .jsonl or a
-    text file (module docstring). Bad input is a `ValueError` naming the file and line."""
-    if source is None:
-        problems = make_problems("train", num_prompts, seed=seed, tasks=tasks, difficulty=difficulty)
-        prompts = [Prompt(i, p.prompt, p.answer, p.task, p) for i, p in enumerate(problems)]
-        desc = {"source": "tasks", "tasks": sorted({p.task for p in problems}), "difficulty": difficulty}
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"--prompts {source}: no such file")
-        prompts = (_jsonl_prompts(path, prompt_field, answer_field) if path.name.endswith(".jsonl")
-                   else [Prompt(i, line) for i, line in enumerate(_text_lines(path))])
-        if not prompts:
-            raise ValueError(f"--prompts {source}: no prompts in it")
-        desc = {"source": str(path)}
-    digest = hashlib.sha256(json.dumps([[p.text, p.answer, p.task] for p in prompts]).encode()).hexdigest()
-    return prompts, {**desc, "count": len(prompts), "fingerprint": digest}
-
-
-def _text_lines(path: Path) -> list[str]:
-    try:
-        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason})") from None
-
-
-def _jsonl_prompts(path: Path, prompt_field: str, answer_field: str) -> list[Prompt]:
-    out = []
-    for lineno, line in enumerate(_text_lines(path), 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get(prompt_field), str) or not row[prompt_field]:
-            raise ValueError(f"{path}:{lineno}: no {prompt_field!r} field with the prompt's text "
-                             f"(fields: {', '.join(row) if isinstance(row, dict) else type(row).__name__})")
-        answer = row.get(answer_field)
-        if answer is not None and not isinstance(answer, (str, int, float)):
-            raise ValueError(f"{path}:{lineno}: {answer_field!r} must be a string or a number")
-        out.append(Prompt(len(out), row[prompt_field], None if answer is None else str(answer),
-                          str(row.get("task", "all"))))
-    return out
-
+# ---- verification ------------------------------------------------------------------------------
 
 def verifier(prompts: Sequence[Prompt], settings: Settings, source: str) -> Callable[[Prompt, str], bool] | None:
     """How a completion is verified (None: not at all), from `settings.verify`: `task` (the built-in checker),
@@ -229,15 +173,21 @@ class Teacher:
             raise ValueError(f"prompt {prompt.index}: empty (it encodes to no tokens)")
         return ids
 
+    def check_fits(self, prompts: Sequence[Prompt], max_tokens: int) -> None:
+        """Every prompt encodes, and fits the teacher's context with `max_tokens` after it (`ValueError`)."""
+        longest = max(prompts, key=lambda p: len(self.encode(p)))
+        need = len(self.encode(longest)) + max_tokens
+        if self.max_len is not None and need > self.max_len:
+            raise ValueError(f"prompt {longest.index} ({need - max_tokens} tokens) plus --max-tokens {max_tokens} "
+                             f"exceeds the teacher's context of {self.max_len} tokens")
+
     def complete(self, rows: list[tuple[list[int], SamplingParams]], stop: tuple[str, ...],
-                 batch_size: int) -> list[Completion]:
-        """One completion per (prompt ids, sampling params) row, in order."""
+                 batch_size: int) -> tuple[list[Completion], int]:
+        """One completion per (prompt ids, sampling params) row, in order, and the positions the model computed
+        (prefills padded to their longest prompt; every decode slot of every step, idle ones included)."""
         if self.foreign:
             return _foreign_complete(self, rows, stop, batch_size)
         need = max(len(ids) for ids, _ in rows) + rows[0][1].max_new_tokens
-        if need > self.max_len:
-            raise ValueError(f"a prompt plus --max-tokens needs {need} tokens, more than the teacher's context "
-                             f"({self.max_len})")
         engine = Engine(Runner(self.model, self.tokenizer, name=self.name), max_batch=batch_size, max_len=need,
                         background=False)
         requests = [engine.submit(Request(ids, params, stop, logprobs=True)) for ids, params in rows]
@@ -245,22 +195,24 @@ class Teacher:
         out = []
         for r in requests:
             events = [r.events.get_nowait() for _ in range(r.events.qsize())]
-            kind, value = events[-1]
-            if kind != "done":
-                raise RuntimeError(f"generation failed: {value}")
-            out.append(value)
-        return out
+            if not events or events[-1][0] != "done":
+                last = events[-1] if events else "no event"
+                raise RuntimeError(f"request {r.id}: generation did not finish ({last})")
+            out.append(events[-1][1])
+        return out, engine.stats.positions
 
 
 @torch.no_grad()
 def _foreign_complete(teacher: Teacher, rows: list[tuple[list[int], SamplingParams]], stop: tuple[str, ...],
-                      batch_size: int) -> list[Completion]:
+                      batch_size: int) -> tuple[list[Completion], int]:
     """A transformers model's sampled completions (its own `generate`, rows left-padded), `batch_size` rows
-    at a time, each batch seeded with its first row's seed; log-probabilities from its raw logits."""
+    at a time, each batch seeded with its first row's seed (transformers samples from the global generator,
+    so a row's sample depends on its batch: `Settings.batch_size` is part of what a resumed run must match);
+    log-probabilities from its raw logits. Also the positions computed."""
     hf = teacher.model.model
     device = next(hf.parameters()).device
     pad = teacher.tokenizer.pad_id
-    out = []
+    out, positions = [], 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         params = batch[0][1]
@@ -274,6 +226,7 @@ def _foreign_complete(teacher: Teacher, rows: list[tuple[list[int], SamplingPara
                           eos_token_id=list(params.stop_ids), pad_token_id=pad, output_logits=True,
                           return_dict_in_generate=True, **sampling)
         new_BN = gen.sequences[:, L:]
+        positions += len(batch) * gen.sequences.shape[1]
         logp_BN = torch.stack(gen.logits, 1).float().log_softmax(-1).gather(-1, new_BN[..., None])[..., 0]
         for b in range(len(batch)):
             done = Completer(teacher.tokenizer, batch[b][1], stop)
@@ -287,7 +240,7 @@ def _foreign_complete(teacher: Teacher, rows: list[tuple[list[int], SamplingPara
             c = done.completion()
             c.logprob = total
             out.append(c)
-    return out
+    return out, positions
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -298,24 +251,33 @@ def select(prompts: Sequence[Prompt], completions: Sequence[Sequence[Completion]
     `verified[i][s]` is True, False, or None when not verifying."""
     chosen = []
     for comps, ok in zip(completions, verified, strict=True):
+        whole = [c.finish_reason != "length" for c in comps]  # not cut off by max_tokens
         if keep == "all":
             chosen.append([True] * len(comps))
         elif keep == "verified":
-            chosen.append([v is True for v in ok])
-        else:
-            pool = [s for s in range(len(comps)) if ok[s] is not False]  # verified, or all when not verifying
-            best = max(pool, key=lambda s: (comps[s].logprob, -s), default=None)
+            chosen.append([v is True and w for v, w in zip(ok, whole, strict=True)])
+        else:  # verified (or any, when not verifying), whole, the highest mean log-probability per token
+            pool = [s for s in range(len(comps)) if ok[s] is not False and whole[s]]
+            best = max(pool, key=lambda s: (mean_logprob(comps[s]), -s), default=None)
             chosen.append([s == best for s in range(len(comps))])
     return chosen
 
 
+def mean_logprob(c: Completion) -> float:
+    """A completion's log-probability per sampled token (its stop token counted)."""
+    return c.logprob / max(1, len(c.token_ids) + (c.finish_reason == "stop"))
+
+
 def synthesize(teacher_path: str, out: str | Path, prompts: list[Prompt], source: dict, settings: Settings,
-               batch_size: int = 32, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               say: Callable[[str], None] = print) -> dict:
-    """Write the teacher's dataset into `out` (or continue an interrupted one there); returns the manifest."""
+               device: str = "cpu", dtype: torch.dtype = torch.float32, say: Callable[[str], None] = print) -> dict:
+    """Write the teacher's dataset into `out` (or continue an interrupted one there); returns the manifest.
+    Everything is checked before anything is written."""
     out = Path(out)
+    if not prompts:
+        raise ValueError(f"{source['source']}: no prompts")
     verify = verifier(prompts, settings, source["source"])
     teacher = Teacher(teacher_path, device, dtype)
+    teacher.check_fits(prompts, settings.max_tokens)
     head = {"format": FORMAT, "version": VERSION,
             "teacher": {"path": str(teacher_path), "name": teacher.name, "family": teacher.family,
                         "fingerprint": teacher.fingerprint},
@@ -336,7 +298,7 @@ def synthesize(teacher_path: str, out: str | Path, prompts: list[Prompt], source
         if k in done:
             continue
         part = prompts[k * settings.shard_size:(k + 1) * settings.shard_size]
-        records, shard_counts, work = _shard(teacher, part, settings, verify, batch_size)
+        records, shard_counts, work = _shard(teacher, part, settings, verify)
         tokens += work["generated"]
         entry = _write_shard(out, k, records, (part[0].index, part[-1].index + 1), asdict(shard_counts), work)
         manifest["shards"].append(entry)
@@ -358,17 +320,16 @@ def synthesize(teacher_path: str, out: str | Path, prompts: list[Prompt], source
 
 def _totals(shards: list[dict], counts: Counts, verifying: bool) -> dict:
     """The manifest's counts: prompts done, samples, verified, kept, acceptance (per task too), and the tokens the
-    teacher read (prompts, once per sample) and wrote."""
-    tokens = {k: sum(s["tokens"][k] for s in shards) for k in ("prompt", "generated")}
+    teacher read (prompts, once per sample) and wrote, and the positions it computed (padding included)."""
+    tokens = {k: sum(s["tokens"][k] for s in shards) for k in ("prompt", "generated", "computed")}
     return {"prompts": sum(s["stop"] - s["start"] for s in shards), **counts.summary(verifying), "tokens": tokens}
 
 
-def _shard(teacher: Teacher, part: Sequence[Prompt], settings: Settings, verify, batch_size: int
-           ) -> tuple[list[dict], Counts, dict]:
+def _shard(teacher: Teacher, part: Sequence[Prompt], settings: Settings, verify) -> tuple[list[dict], Counts, dict]:
     """One shard's kept records, its counts, and the tokens the teacher read and wrote for it."""
     rows = [(teacher.encode(p), settings.params((teacher.tokenizer.eos_id,), sample_seed(settings.seed, p.index, s)))
             for p in part for s in range(settings.samples)]
-    flat = teacher.complete(rows, settings.stop, batch_size)
+    flat, computed = teacher.complete(rows, settings.stop, settings.batch_size)
     comps = [flat[i * settings.samples:(i + 1) * settings.samples] for i in range(len(part))]
     ok = [[verify(p, c.text) if verify else None for c in cs] for p, cs in zip(part, comps, strict=True)]
     kept = select(part, comps, ok, settings.keep)
@@ -383,7 +344,7 @@ def _shard(teacher: Teacher, part: Sequence[Prompt], settings: Settings, verify,
                                 "sample": s, "verified": v, "logprob": c.logprob, "tokens": len(c.token_ids),
                                 "finish_reason": c.finish_reason, "task": p.task, "answer": p.answer})
     generated = sum(len(c.token_ids) + (c.finish_reason == "stop") for c in flat)  # a stop token was sampled too
-    return records, counts, {"prompt": sum(len(ids) for ids, _ in rows), "generated": generated}
+    return records, counts, {"prompt": sum(len(ids) for ids, _ in rows), "generated": generated, "computed": computed}
 
 
 def _resume(out: Path, head: dict) -> dict:
@@ -396,7 +357,8 @@ def _resume(out: Path, head: dict) -> dict:
             old = json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{file}: not valid JSON ({e}); not writing into {out}") from None
-        if old.get("format") != FORMAT:
+        keys = ("teacher", "tokenizer", "prompts", "settings", "shards")
+        if not isinstance(old, dict) or old.get("format") != FORMAT or any(k not in old for k in keys):
             raise ValueError(f"{file}: not a synthesized dataset's manifest; not writing into {out}")
         if old["teacher"]["fingerprint"] != head["teacher"]["fingerprint"]:
             raise ValueError(f"{out}: holds the shards of another teacher ({old['teacher']['name']}, "

@@ -180,6 +180,11 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
 def _replicas(t: torch.Tensor) -> int:
     """How many ranks hold the same local part of `t`: a DTensor's replicated mesh dimensions (HSDP's
     replicate dimension); a plain tensor is whole on every rank."""

@@ -31,6 +31,7 @@ Shape legend: B rows, S rollout length (prompt + completion, right-padded), P pr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Sequence
@@ -40,12 +41,12 @@ import torch
 from torch import nn
 
 from behemoth.data.loader import IGNORE_INDEX, Batch
+from behemoth.data.prompts import load_prompts
 from behemoth.data.tasks import make_problems
 from behemoth.data.tokenizer import Tokenizer
-from behemoth.inference.generate import generate, token_steps
+from behemoth.inference.generate import token_steps
 from behemoth.inference.sampling import SamplingParams
-from behemoth.inference.synthesize import load_prompts
-from behemoth.parallel.distributed import world_size
+from behemoth.parallel.distributed import rank, world_size
 from behemoth.train.config import DistillSection, RouterSection, TrainConfig
 from behemoth.train.kd import Divergence
 from behemoth.train.kd_weight import KDWeight
@@ -62,46 +63,58 @@ def on_policy_at(step: int, share: float, start: int = 0) -> bool:
 
 class PromptPool:
     """Where rollout prompts come from: a fixed list of token-id prompts drawn with replacement, or (`pool`
-    None) the first `prefix` tokens of each row of the loader's batch."""
+    None) the first `prefix` tokens of each row of the loader's batch, cut before the first EOS (a packed row may
+    begin a document inside its prefix: the prompt is the text before it)."""
 
-    def __init__(self, pool: Sequence[Sequence[int]] | None, prefix: int, seed: int):
+    def __init__(self, pool: Sequence[Sequence[int]] | None, prefix: int, seed: int, eos_id: int = -1):
         if pool is not None and not pool:
             raise ValueError("distill.on_policy_prompts: no prompts")
         self.pool, self.prefix, self.seed = [list(p) for p in pool] if pool is not None else None, prefix, seed
+        self.eos_id = eos_id
 
-    def draw(self, batch: Batch, step: int, micro: int, rows: int = 0) -> list[list[int]]:
-        """`rows` prompts (0: one per row of `batch`), a pure function of (seed, step, micro); corpus prefixes
-        take the batch's rows in turn."""
+    @property
+    def longest(self) -> int:
+        """The longest prompt this pool can give, in tokens."""
+        return self.prefix if self.pool is None else max(map(len, self.pool))
+
+    def draw(self, batch: Batch, step: int, micro: int, rows: int = 0, rank: int = 0) -> list[list[int]]:
+        """`rows` prompts (0: one per row of `batch`), a pure function of (seed, step, micro, rank): each
+        data-parallel rank draws its own; corpus prefixes take the batch's rows (this rank's) in turn."""
         rows = rows or batch.input_ids.shape[0]
         if self.pool is None:
-            prefixes = batch.input_ids[:, :self.prefix].tolist()
+            prefixes = [_before_eos(r, self.eos_id) for r in batch.input_ids[:, :self.prefix].tolist()]
             return [prefixes[i % len(prefixes)] for i in range(rows)]
-        rng = np.random.default_rng([self.seed, step, micro])
+        rng = np.random.default_rng([self.seed, step, micro, rank])
         return [self.pool[i] for i in rng.integers(0, len(self.pool), rows).tolist()]
 
 
-def rollout_seed(seed: int, step: int, micro: int) -> int:
-    """The sampling generator's seed of one rollout micro-batch (63 bits of a hash)."""
-    digest = hashlib.blake2b(f"behemoth.on_policy|{seed}|{step}|{micro}".encode(), digest_size=8).digest()
+def _before_eos(ids: list[int], eos_id: int) -> list[int]:
+    """`ids` up to its first EOS; what follows it where the row starts with one."""
+    cut = ids.index(eos_id) if eos_id in ids else len(ids)
+    return ids[:cut] if cut > 0 else (ids[1:] or ids)
+
+
+def rollout_seed(seed: int, step: int, micro: int, rank: int = 0) -> int:
+    """The sampling generator's seed of one rollout micro-batch on one rank (63 bits of a hash)."""
+    digest = hashlib.blake2b(f"behemoth.on_policy|{seed}|{step}|{micro}|{rank}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 
 def rollout_batch(prompts: list[list[int]], completions: list[list[int]], eos_id: int,
                   device: torch.device) -> Batch:
     """Prompt + completion rows (+ EOS where the student stopped there), right-padded, as a training batch:
-    labels are the student's own tokens, IGNORE_INDEX on the prompt and the padding; the padding is a second
-    segment, so nothing attends across it."""
+    labels are the student's own tokens, IGNORE_INDEX on the prompt and the padding; the padding has position -1,
+    as in generation and image-text rows, so no real token attends to it and it counts in no expert's load."""
     rows = [p + c for p, c in zip(prompts, completions, strict=True)]
     S = max(len(r) for r in rows) - 1
     ids_BS = torch.full((len(rows), S + 1), eos_id, dtype=torch.long)
     labels_BS = torch.full((len(rows), S), IGNORE_INDEX, dtype=torch.long)
-    segments_BS = torch.ones(len(rows), S, dtype=torch.long)
+    positions_BS = torch.full((len(rows), S), -1, dtype=torch.long)
     for b, (p, r) in enumerate(zip(prompts, rows, strict=True)):
         ids_BS[b, :len(r)] = torch.tensor(r)
         labels_BS[b, len(p) - 1:len(r) - 1] = ids_BS[b, len(p):len(r)]
-        segments_BS[b, :len(r) - 1] = 0
-    positions_BS = torch.arange(S).expand(len(rows), S).contiguous()
-    batch = Batch(ids_BS[:, :-1].contiguous(), labels_BS, positions_BS, segments_BS,
+        positions_BS[b, :len(r) - 1] = torch.arange(len(r) - 1)
+    batch = Batch(ids_BS[:, :-1].contiguous(), labels_BS, positions_BS, torch.zeros_like(positions_BS),
                   num_labelled=int((labels_BS != IGNORE_INDEX).sum()))
     return batch.to(device)
 
@@ -114,7 +127,13 @@ class OnPolicyDistillStep(DistillStep):
                  autocast_dtype: torch.dtype | None, pool: PromptPool, eos_id: int, seed: int):
         super().__init__(student, teacher, router, distill, autocast_dtype)
         self.pool, self.eos_id, self.seed = pool, eos_id, seed
+        self.rank = rank()
         self.share = distill.on_policy
+        need = pool.longest + distill.on_policy_tokens
+        if need > student.config.max_seq_len:
+            raise ValueError(f"distill.on_policy_tokens={distill.on_policy_tokens}: the longest rollout prompt "
+                             f"({pool.longest} tokens) and its completion exceed the student's max_seq_len "
+                             f"({student.config.max_seq_len})")
         self.on_div = Divergence(kind=distill.on_policy_loss, temperature=distill.temperature, beta=distill.beta,
                                  skew=distill.skew, missing_mass=distill.missing_mass)
         self.kd_only = KDWeight(schedule="constant", alpha=1.0)
@@ -122,53 +141,73 @@ class OnPolicyDistillStep(DistillStep):
 
     def begin_step(self, index: int, total: int) -> None:
         super().begin_step(index, total)
-        self.on_now = on_policy_at(index, self.share, int(self.cfg.on_policy_start * total))
+        self.on_now = on_policy_at(index, self.share, round(self.cfg.on_policy_start * total))
         self.micro = 0
 
     def forward_backward(self, batch: Batch, loss_scale: float) -> dict:
         micro, self.micro = self.micro, self.micro + 1
         if not self.on_now:
             return {**super().forward_backward(batch, loss_scale), "on_policy": 0.0}
-        t0 = time.perf_counter()
-        prompts = self.pool.draw(batch, self.schedule_at[0], micro, self.cfg.on_policy_rows)
-        completions = self.sample(prompts, rollout_seed(self.seed, self.schedule_at[0], micro))
-        rollout = rollout_batch(prompts, completions, self.eos_id, batch.input_ids.device)
-        t1 = time.perf_counter()
+        device, step = batch.input_ids.device, self.schedule_at[0]
+        t0 = _clock(device)
+        prompts = self.pool.draw(batch, step, micro, self.cfg.on_policy_rows, self.rank)
+        completions, decode_steps = self.sample(prompts, rollout_seed(self.seed, step, micro, self.rank))
+        rollout = rollout_batch(prompts, completions, self.eos_id, device)
+        t1 = _clock(device)
         targets = self._targets(rollout)
-        t2 = time.perf_counter()
+        t2 = _clock(device)
         divisor, share = token_counts(rollout)  # the rollout's loss: the on-policy divergence alone
         loss, metrics = self._distill(rollout, self._hidden(rollout), targets, divisor, self.on_div, self.kd_only)
         # on a rollout the cross-entropy is the student's surprise at its own samples, not a loss it minimises:
         # logged as `rollout_nll`, and `loss` (the progress line's) is the divergence it does minimise
         metrics["rollout_nll"], metrics["loss"] = metrics["loss"], metrics["kd_loss"]
         out = self._finish(loss, metrics, self.moes, loss_scale, share)
-        t3 = time.perf_counter()
-        # the work done, for cost accounting: positions the generator ran (every row until the longest stops, its
-        # prompt padded to the longest), and positions scored by the teacher and trained
-        decoded = len(prompts) * (max(map(len, prompts)) + max(map(len, completions)))
+        t3 = _clock(device)
+        # the work done, for cost accounting: positions the generator ran (every row, its prompt padded to the
+        # longest, for every decode step taken), and positions scored by the teacher and trained
+        decoded = len(prompts) * (max(map(len, prompts)) + decode_steps)
         return {**out, "on_policy": 1.0, "gen_s": t1 - t0, "score_s": t2 - t1, "train_s": t3 - t2,
                 "gen_positions": float(decoded), "rollout_positions": float(rollout.input_ids.numel())}
 
     @torch.no_grad()
-    def sample(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
-        """The student's completions of `prompts` (each ending with EOS where it stopped there), with the current
-        weights in eval mode (restored to training mode after). In a distributed run every rank decodes the full
-        `on_policy_tokens` steps: a sharded or expert-parallel forward is a collective, and ranks whose rows
-        stopped at different steps would otherwise wait for each other forever."""
+    def sample(self, prompts: list[list[int]], seed: int) -> tuple[list[list[int]], int]:
+        """The student's completions of `prompts` (each ending with EOS where it stopped there) and the decode steps
+        taken, with the current weights, eagerly (a compiled training model is not recompiled for generation) and in
+        eval mode (restored after). Alone, decoding stops once every row has stopped, checked every 16 steps as
+        `generate` does; in a distributed run every rank decodes all `on_policy_tokens` steps: a sharded or
+        expert-parallel forward is a collective, and ranks whose rows stopped at different steps would otherwise
+        wait for each other forever."""
         c = self.cfg
         params = SamplingParams(max_new_tokens=c.on_policy_tokens, temperature=c.on_policy_temperature, seed=seed,
                                 stop_ids=(self.eos_id,))
+        alone, was_training = world_size() == 1, self.model.training
+        steps: list[torch.Tensor] = []
         self.model.eval()
         try:
-            with autocast_context(next(self.model.parameters()).device, self.autocast_dtype):
-                if world_size() > 1:
-                    steps = torch.stack(list(token_steps(self.model, prompts, params)), 1).tolist()
-                    out = [next((r[:j] for j, t in enumerate(r) if t == self.eos_id), r) for r in steps]
-                else:
-                    out = generate(self.model, prompts, params)
+            with _eager(), autocast_context(next(self.model.parameters()).device, self.autocast_dtype):
+                for i, next_B in enumerate(token_steps(self.model, prompts, params)):
+                    steps.append(next_B)
+                    if alone and i % 16 == 15 and bool((torch.stack(steps, 1) == self.eos_id).any(1).all()):
+                        break
         finally:
-            self.model.train()
-        return [o + [self.eos_id] if len(o) < c.on_policy_tokens else o for o in out]
+            self.model.train(was_training)
+        rows = torch.stack(steps, 1).tolist()
+        out = [next((r[:j + 1] for j, t in enumerate(r) if t == self.eos_id), r) for r in rows]  # EOS kept
+        return out, len(steps)
+
+
+def _eager():
+    """Run eagerly even where the model was compiled (torch >= 2.6 has `set_stance`)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def _clock(device: torch.device) -> float:
+    """The time, once the device's queued work is done (on a GPU, phases are timed by their work, not their
+    launches)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def check_on_policy(cfg: TrainConfig, mode: str, teacher: TeacherSource) -> None:
@@ -192,7 +231,7 @@ def prompt_pool(cfg: TrainConfig, tok: Tokenizer) -> PromptPool:
     if source == "auto":
         source = "tasks" if cfg.data.path is None else "corpus"
     if source == "corpus":
-        return PromptPool(None, min(d.on_policy_prefix, cfg.data.seq_len), cfg.train.seed)
+        return PromptPool(None, min(d.on_policy_prefix, cfg.data.seq_len), cfg.train.seed, tok.eos_id)
     if source == "tasks":
         texts = [p.prompt for p in make_problems("train", cfg.data.num_problems, seed=cfg.train.seed,
                                                  tasks=cfg.data.tasks, difficulty=cfg.data.difficulty)]
@@ -204,4 +243,4 @@ def prompt_pool(cfg: TrainConfig, tok: Tokenizer) -> PromptPool:
     ids = [tok.encode(t) for t in texts]
     if any(not i for i in ids):
         raise ValueError(f"distill.on_policy_prompts={source}: a prompt encodes to no tokens")
-    return PromptPool(ids, d.on_policy_prefix, cfg.train.seed)
+    return PromptPool(ids, d.on_policy_prefix, cfg.train.seed, tok.eos_id)
