@@ -17,13 +17,14 @@ ROWS = [{"prompt": "Q: 1+1=?\nA:", "completion": " 2\n"},  # the prompt-completi
         {"text": "plain text"},  # no prompt: trained on whole
         {"prompt": "Q: x", "text": " y"},  # a prompt beside the text field
         {"prompt": None, "text": "null prompt"},  # a null or empty prompt is none
-        {"prompt": "", "completion": "empty prompt"}]
+        {"prompt": "", "completion": "empty prompt"},
+        {"prompt": "Q: 7", "text": "Q: 7 is seven"}]  # a text that holds its prompt: the prompt is not repeated
 
 
 def test_jsonl_records_with_prompts(tmp_path, write_jsonl):
     docs = list(iter_documents(write_jsonl(tmp_path / "a.jsonl", ROWS)))
     assert docs == [Prompted("Q: 1+1=?\nA:", " 2\n"), "plain text", Prompted("Q: x", " y"), "null prompt",
-                    "empty prompt"]
+                    "empty prompt", Prompted("Q: 7", " is seven")]
     assert as_text(docs[0]) == "Q: 1+1=?\nA: 2\n"
     assert list(iter_documents(tmp_path / "a.jsonl", prompt_field=None))[0] == " 2\n"  # prompts not read
 
@@ -42,6 +43,8 @@ def test_parquet_prompt_column(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     pq.write_table(pa.table({"text": ["a1", "b2"], "prompt": ["Q:", None]}), tmp_path / "p.parquet")
     assert list(iter_documents(tmp_path / "p.parquet")) == [Prompted("Q:", "a1"), "b2"]
+    pq.write_table(pa.table({"prompt": ["Q:"], "completion": [" 3"]}), tmp_path / "c.parquet")  # TRL's format
+    assert list(iter_documents(tmp_path / "c.parquet")) == [Prompted("Q:", " 3")]
 
 
 def _labels_by_hand(store: TokenStore) -> np.ndarray:
@@ -57,7 +60,7 @@ def _labels_by_hand(store: TokenStore) -> np.ndarray:
 def test_store_keeps_prompt_lengths_and_loader_masks_them(tmp_path, write_jsonl):
     write_jsonl(tmp_path / "a.jsonl", ROWS * 3)
     train, _ = tokenize_corpus(tmp_path / "a.jsonl", CHARS, tmp_path / "cache", val_fraction=0.0)
-    assert train.meta["prompted"] == 6
+    assert train.meta["prompted"] == 9
     assert list(train.prompt_lens[:5]) == [len("Q: 1+1=?\nA:"), 0, len("Q: x"), 0, 0]
     reopened = TokenStore.open(train.directory)
     assert np.array_equal(reopened.prompt_lens, train.prompt_lens)

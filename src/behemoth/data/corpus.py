@@ -14,7 +14,8 @@ Formats, chosen by file extension:
 A record may also carry a prompt (`prompt_field`, default "prompt": a JSONL key or a parquet column): the
 document is then a `Prompted(prompt, text)`, the prompt before the text, and training masks the prompt out
 of the loss (`data.packing` keeps each document's prompt length, `data.loader` the mask). A null or empty
-prompt is no prompt.
+prompt is no prompt; a text that already begins with its prompt is the whole document (the prompt is not
+repeated, only masked).
 
 Documents whose text is empty or whitespace-only, and null values (JSON `null`, parquet nulls), are
 skipped: they would only add an end-of-text token. A corpus that yields no document at all is an
@@ -169,11 +170,18 @@ def _read_jsonl(f: Path, field: str, prompt_field: str | None) -> Iterator[str |
                 for name, v in ((key, value), (prompt_field, prompt)):
                     if v is not None and not isinstance(v, str):
                         raise ValueError(f"{f}:{lineno}: field {name!r} is {type(v).__name__}, expected a string")
-                yield Prompted(prompt, value) if prompt and value is not None else value
+                yield _prompted(prompt, value)
     except UnicodeDecodeError as e:
         raise ValueError(f"{f}: not UTF-8 text near line {lineno + 1} ({e.reason})") from None
     except (OSError, EOFError) as e:
         raise ValueError(f"{f}: cannot read ({e})") from None
+
+
+def _prompted(prompt: str | None, text: str | None) -> str | Prompted | None:
+    """A record's document: its text alone, or its prompt and the text after it (module docstring)."""
+    if not prompt or text is None:
+        return text
+    return Prompted(prompt, text[len(prompt):] if text.startswith(prompt) else text)
 
 
 def _read_parquet(f: Path, field: str, prompt_field: str | None) -> Iterator[str | Prompted | None]:
@@ -187,6 +195,8 @@ def _read_parquet(f: Path, field: str, prompt_field: str | None) -> Iterator[str
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{f}: not a readable parquet file ({e})") from None
     schema = pf.schema_arrow
+    if field not in schema.names and COMPLETION in schema.names:
+        field = COMPLETION  # the prompt-completion format
     if field not in schema.names:
         raise ValueError(f"{f}: no column {field!r} (columns: {', '.join(schema.names[:8]) or 'none'})")
     columns = [field] + ([prompt_field] if prompt_field and prompt_field in schema.names else [])
@@ -201,7 +211,7 @@ def _read_parquet(f: Path, field: str, prompt_field: str | None) -> Iterator[str
         for batch in pf.iter_batches(columns=columns, batch_size=1024):
             texts = batch.column(0).to_pylist()
             prompts = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
-            yield from (Prompted(p, t) if p and t is not None else t for t, p in zip(texts, prompts, strict=True))
+            yield from (_prompted(p, t) for t, p in zip(texts, prompts, strict=True))
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{f}: corrupt parquet data ({e})") from None
 
