@@ -188,11 +188,47 @@ def _quality(run_dir: Path, teacher: Path, recipe, eval_problems: int | None) ->
     from behemoth.checkpoint.locate import latest_checkpoint
     from behemoth.eval import evaluate_model
 
-    ev = evaluate_model(str(latest_checkpoint(run_dir)), str(teacher), problems=eval_problems or recipe.eval_problems,
-                        seq_len=recipe.seq_len, max_new_tokens=40, tasks=recipe.tasks)
+    ckpt = latest_checkpoint(run_dir)
+    problems = eval_problems or recipe.eval_problems
+    ev = evaluate_model(str(ckpt), str(teacher), problems=problems, seq_len=recipe.seq_len, max_new_tokens=40,
+                        tasks=recipe.tasks)
     t = ev["tasks"]
     return {"accuracy": t["overall"], "interval": t["interval"], "per_task": t["per_task"], "n": t["n"],
-            "heldout_loss": ev["heldout"]["loss"], "teacher_kl": ev["teacher_kl"]["kl"]}
+            "heldout_loss": solution_loss(ckpt, recipe, problems), "document_loss": ev["heldout"]["loss"],
+            "teacher_kl": ev["teacher_kl"]["kl"]}
+
+
+def solution_loss(ckpt: Path, recipe, problems: int) -> float:
+    """The student's loss on the held-out problems' solutions given their questions (the prompts masked): what
+    every method trains its student to write. (`eval`'s held-out loss covers the questions too, which a student
+    trained on prompt-masked data never learnt to predict.)"""
+    from behemoth.checkpoint.model_dir import load_model
+    from behemoth.data.corpus import Prompted
+    from behemoth.data.packing import build_in_memory
+    from behemoth.data.tasks import distinct_problems
+    from behemoth.data.tokenizer import Tokenizer
+    from behemoth.eval.metrics import heldout_loss
+
+    test = distinct_problems("test", problems, seed=0, tasks=recipe.tasks)
+    store = build_in_memory([Prompted(p.prompt, p.solution) for p in test], Tokenizer.load(ckpt))
+    return heldout_loss(load_model(ckpt), store, min(recipe.seq_len, store.num_tokens - 1), max_batches=None)["loss"]
+
+
+def refresh(runs: list[dict], work: Path) -> list[dict]:
+    """The recorded runs with their held-out losses measured again from their run directories (where these still
+    exist): a change to how quality is summarised needs no retraining."""
+    from behemoth import demo
+    from behemoth.checkpoint.locate import latest_checkpoint
+
+    out = []
+    for r in runs:
+        run_dir = work / f"{r['method']}_s{r['seed']}" / "student"
+        if (run_dir / "checkpoints").is_dir():
+            r = {**r, "document_loss": r.get("document_loss", r["heldout_loss"]),
+                 "heldout_loss": solution_loss(latest_checkpoint(run_dir), demo.FULL, r["n"])}
+        out.append(r)
+    RUNS_FILE.write_text("".join(json.dumps(r) + "\n" for r in out))
+    return out
 
 
 # ---- the grid, the summary, the table ----------------------------------------------------------------
@@ -299,6 +335,7 @@ def main() -> None:
     p.add_argument("--work", default="out/teaching", help="run directories (and the teachers trained here)")
     p.add_argument("--teachers", help="existing demo teachers, a path with {seed} (a run or checkpoint directory)")
     p.add_argument("--table", action="store_true", help="print the table of the recorded runs")
+    p.add_argument("--refresh", action="store_true", help="measure the recorded runs' held-out losses again")
     p.add_argument("--plan", action="store_true", help="print each method's planned steps at equal FLOPs")
     p.add_argument("--one", nargs=2, metavar=("METHOD", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
@@ -321,11 +358,13 @@ def main() -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
-    failed = 0 if args.table else run_grid(methods, [int(s) for s in args.seeds.split(",")], args.jobs,
-                                           Path(args.work), args.teachers)
+    failed = 0 if args.table or args.refresh else run_grid(methods, [int(s) for s in args.seeds.split(",")],
+                                                           args.jobs, Path(args.work), args.teachers)
     runs = [json.loads(line) for line in RUNS_FILE.read_text().splitlines()] if RUNS_FILE.exists() else []
     if not runs:
         p.error(f"no runs recorded in {RUNS_FILE}")
+    if args.refresh:
+        runs = refresh(runs, Path(args.work))
     path = write_summary(runs)
     print(table(summarize(runs)))
     print(f"wrote {path}")
