@@ -34,10 +34,11 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from grid import record, recorded, report, run_pool
 
 RESULTS = Path(__file__).parent / "results"
 RUNS_FILE = RESULTS / "teaching_runs.jsonl"
@@ -233,41 +234,22 @@ def refresh(runs: list[dict], work: Path) -> list[dict]:
 
 # ---- the grid, the summary, the table ----------------------------------------------------------------
 
-def _done() -> set[tuple[str, int]]:
-    if not RUNS_FILE.exists():
-        return set()
-    return {(r["method"], r["seed"]) for r in map(json.loads, RUNS_FILE.read_text().splitlines())}
-
-
 def run_grid(methods: list[str], seeds: list[int], jobs: int, work: Path, teachers: str | None) -> int:
     """Every (method, seed) not yet recorded, `jobs` subprocesses at a time; the number that failed. Teachers are
     trained first (in this process), so that no two runs make the same one."""
     from behemoth import demo
 
-    todo = [(m, s) for s in seeds for m in methods if (m, s) not in _done()]
+    done = {(r["method"], r["seed"]) for r in recorded(RUNS_FILE)}
+    todo = [(m, s) for s in seeds for m in methods if (m, s) not in done]
     for s in sorted({s for _, s in todo}):
         print(f"teacher of seed {s}: {ensure_teacher(s, work, teachers, demo.FULL)}", flush=True)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    running: list[tuple[subprocess.Popen, tuple]] = []
-    failed, finished, t0 = 0, 0, time.perf_counter()
-    while todo or running:
-        while todo and len(running) < jobs:
-            m, s = todo.pop(0)
-            cmd = [sys.executable, __file__, "--one", m, str(s), "--work", str(work), "--threads", str(threads)]
-            cmd += ["--teachers", teachers] if teachers else []
-            running.append((subprocess.Popen(cmd), (m, s)))
-        time.sleep(2)
-        for proc, key in list(running):
-            if proc.poll() is None:
-                continue
-            running.remove((proc, key))
-            finished += 1
-            failed += proc.returncode != 0
-            left = len(todo) + len(running)
-            eta = (time.perf_counter() - t0) / finished * left / max(1, min(jobs, left or 1))
-            print(f"[{finished}/{finished + left}] {key}: {'done' if proc.returncode == 0 else 'FAILED'}; "
-                  f"ETA {eta / 60:.0f} min", flush=True)
-    return failed
+
+    def command(key: tuple) -> list[str]:
+        cmd = [sys.executable, __file__, "--one", key[0], str(key[1]), "--work", str(work), "--threads", str(threads)]
+        return cmd + (["--teachers", teachers] if teachers else [])
+
+    return run_pool(todo, command, jobs)
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -350,9 +332,7 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         method, seed = args.one[0], int(args.one[1])
         teacher = ensure_teacher(seed, Path(args.work), args.teachers, _demo_recipe())
-        rec = run_one(method, seed, teacher, Path(args.work) / f"{method}_s{seed}")
-        with RUNS_FILE.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+        record(RUNS_FILE, run_one(method, seed, teacher, Path(args.work) / f"{method}_s{seed}"))
         return
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
@@ -360,16 +340,10 @@ def main() -> None:
         p.error(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
     failed = 0 if args.table or args.refresh else run_grid(methods, [int(s) for s in args.seeds.split(",")],
                                                            args.jobs, Path(args.work), args.teachers)
-    runs = [json.loads(line) for line in RUNS_FILE.read_text().splitlines()] if RUNS_FILE.exists() else []
-    if not runs:
-        p.error(f"no runs recorded in {RUNS_FILE}")
-    if args.refresh:
+    runs = recorded(RUNS_FILE)
+    if args.refresh and runs:
         runs = refresh(runs, Path(args.work))
-    path = write_summary(runs)
-    print(table(summarize(runs)))
-    print(f"wrote {path}")
-    if failed:
-        sys.exit(f"{failed} run(s) failed; run the same command again to retry them")
+    report(runs, write_summary, lambda rs: table(summarize(rs)), failed, RUNS_FILE)
 
 
 if __name__ == "__main__":

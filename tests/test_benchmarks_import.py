@@ -19,4 +19,4 @@ def test_benchmark_script_imports(script, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)
     spec.loader.exec_module(module)  # top-level code only: each script runs under `if __name__ == "__main__"`
-    assert callable(getattr(module, "main", None)) or script.name == "common.py"
+    assert callable(getattr(module, "main", None)) or script.name in ("common.py", "grid.py")  # (their helpers)
