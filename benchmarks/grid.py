@@ -46,11 +46,15 @@ def run_pool(keys: list[tuple], command: Callable[[tuple], list[str]], jobs: int
     return failed
 
 
-def report(runs: list[dict], write_summary: Callable[[list[dict]], Path], table: Callable[[list[dict]], str],
-           failed: int, runs_file: Path) -> None:
-    """Write the summary of `runs`, print its table, and exit non-zero when runs failed or none is recorded."""
+def report(runs_file: Path, write_summary: Callable[[list[dict]], Path], table: Callable[[list[dict]], str],
+           failed: int, refresh: Callable[[list[dict]], list[dict]] | None = None) -> None:
+    """Write the summary of the recorded runs (after `refresh`, which measures them again from their run
+    directories), print its table, and exit non-zero when runs failed or none is recorded."""
+    runs = recorded(runs_file)
     if not runs:
         sys.exit(f"no runs recorded in {runs_file}")
+    if refresh is not None:
+        runs = refresh(runs)
     path = write_summary(runs)
     print(table(runs))
     print(f"wrote {path}")

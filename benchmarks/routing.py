@@ -29,11 +29,12 @@ import datetime
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+
+from grid import record, recorded, report, run_pool
 
 RESULTS = Path(__file__).parent / "results"
 RUNS_FILE = RESULTS / "routing_runs.jsonl"
@@ -121,38 +122,15 @@ def refresh(runs: list[dict], work: Path) -> list[dict]:
     return out
 
 
-def _done() -> set[tuple[str, str, int]]:
-    if not RUNS_FILE.exists():
-        return set()
-    return {(r["method"], r["recipe"], r["seed"]) for r in map(json.loads, RUNS_FILE.read_text().splitlines())}
-
-
 def run_grid(methods: list[str], recipes: list[str], seeds: list[int], jobs: int, work: Path,
              threads: int = 0) -> int:
     """Every (method, recipe, seed) not yet in RUNS_FILE, `jobs` subprocesses at a time with `threads` CPU
     threads each (0: the CPUs split between them); the number that failed."""
-    done = _done()
+    done = {(r["method"], r["recipe"], r["seed"]) for r in recorded(RUNS_FILE)}
     todo = [(m, r, s) for r in recipes for s in seeds for m in methods if (m, r, s) not in done]
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-    running: list[tuple[subprocess.Popen, tuple]] = []
-    t0, finished, failed = time.perf_counter(), 0, 0
-    while todo or running:
-        while todo and len(running) < jobs:
-            key = todo.pop(0)
-            cmd = [sys.executable, __file__, "--one", *map(str, key), "--work", str(work), "--threads", str(threads)]
-            running.append((subprocess.Popen(cmd), key))
-        time.sleep(2)
-        for proc, key in list(running):
-            if proc.poll() is None:
-                continue
-            running.remove((proc, key))
-            finished += 1
-            left = len(todo) + len(running)
-            eta = (time.perf_counter() - t0) / finished * left / max(1, min(jobs, left or 1))
-            status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
-            failed += proc.returncode != 0
-            print(f"[{finished}/{finished + left}] {key}: {status}; ETA {eta / 60:.0f} min", flush=True)
-    return failed
+    return run_pool(todo, lambda key: [sys.executable, __file__, "--one", *map(str, key), "--work", str(work),
+                                       "--threads", str(threads)], jobs)
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -263,9 +241,7 @@ def main() -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         method, recipe, seed = args.one[0], args.one[1], int(args.one[2])
-        rec = run_one(method, recipe, seed, Path(args.work) / f"{recipe}_{method}_s{seed}")
-        with RUNS_FILE.open("a") as f:  # one line per run, appended whole
-            f.write(json.dumps(rec) + "\n")
+        record(RUNS_FILE, run_one(method, recipe, seed, Path(args.work) / f"{recipe}_{method}_s{seed}"))
         return
     methods, recipes = args.methods.split(","), args.recipes.split(",")
     unknown = [m for m in methods if m not in METHODS] + [r for r in recipes if r not in RECIPES]
@@ -275,16 +251,8 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     failed = 0 if args.table or args.refresh else run_grid(methods, recipes, seeds, args.jobs, Path(args.work),
                                                            args.threads)
-    runs = [json.loads(line) for line in RUNS_FILE.read_text().splitlines()] if RUNS_FILE.exists() else []
-    if not runs:
-        p.error(f"no runs recorded in {RUNS_FILE}")
-    if args.refresh:
-        runs = refresh(runs, Path(args.work))
-    path = write_summary(runs)
-    print(table(summarize(runs)))
-    print(f"wrote {path}")
-    if failed:
-        sys.exit(f"{failed} run(s) failed; run the same command again to retry them")
+    report(RUNS_FILE, write_summary, lambda runs: table(summarize(runs)), failed,
+           (lambda runs: refresh(runs, Path(args.work))) if args.refresh else None)
 
 
 if __name__ == "__main__":

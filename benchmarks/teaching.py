@@ -340,10 +340,8 @@ def main() -> None:
         p.error(f"unknown method(s) {', '.join(unknown)} (known: {', '.join(METHODS)})")
     failed = 0 if args.table or args.refresh else run_grid(methods, [int(s) for s in args.seeds.split(",")],
                                                            args.jobs, Path(args.work), args.teachers)
-    runs = recorded(RUNS_FILE)
-    if args.refresh and runs:
-        runs = refresh(runs, Path(args.work))
-    report(runs, write_summary, lambda rs: table(summarize(rs)), failed, RUNS_FILE)
+    report(RUNS_FILE, write_summary, lambda runs: table(summarize(runs)), failed,
+           (lambda runs: refresh(runs, Path(args.work))) if args.refresh else None)
 
 
 if __name__ == "__main__":
