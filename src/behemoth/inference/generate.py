@@ -171,17 +171,27 @@ def generate(model: nn.Module, prompts: Prompts, params: SamplingParams | None =
         if pixel_values is not None:
             raise ValueError("images need a model with a cache-aware forward (a behemoth Transformer)")
         return generate_reference(model, prompts, params)
+    return [_cut(row, params.stop_ids) for row in sampled_rows(model, prompts, params, cache_dtype, compile,
+                                                                pixel_values)]
+
+
+def sampled_rows(model: nn.Module, prompts: Prompts, params: SamplingParams, cache_dtype: torch.dtype | None = None,
+                 compile: bool = False, pixel_values: torch.Tensor | None = None,
+                 early_stop: bool = True) -> list[list[int]]:
+    """Every decode step's token of each row, uncut: all rows as long as the number of steps taken. With
+    `early_stop`, decoding ends once every row has met a stop id, checked every 16 steps (`generate`); without,
+    it takes all `max_new_tokens` steps (ranks of a distributed model, whose forwards are collectives, must)."""
     stop = torch.tensor(params.stop_ids, dtype=torch.long)
     steps: list[torch.Tensor] = []
     for i, next_B in enumerate(token_steps(model, prompts, params, cache_dtype, compile, pixel_values)):
         steps.append(next_B)
-        if params.stop_ids and i % 16 == 15:
+        if early_stop and params.stop_ids and i % 16 == 15:
             seen_B = torch.isin(torch.stack(steps, 1), stop.to(next_B.device)).any(1)
             if bool(seen_B.all()):
                 break
     if not steps:
         return [[] for _ in _as_lists(prompts)]
-    return [_cut(row, params.stop_ids) for row in torch.stack(steps, 1).tolist()]
+    return torch.stack(steps, 1).tolist()
 
 
 def _cut(row: list[int], stop_ids: tuple[int, ...]) -> list[int]:

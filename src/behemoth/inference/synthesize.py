@@ -175,10 +175,9 @@ class Teacher:
 
     def check_fits(self, prompts: Sequence[Prompt], max_tokens: int) -> None:
         """Every prompt encodes, and fits the teacher's context with `max_tokens` after it (`ValueError`)."""
-        longest = max(prompts, key=lambda p: len(self.encode(p)))
-        need = len(self.encode(longest)) + max_tokens
-        if self.max_len is not None and need > self.max_len:
-            raise ValueError(f"prompt {longest.index} ({need - max_tokens} tokens) plus --max-tokens {max_tokens} "
+        length, longest = max((len(self.encode(p)), p.index) for p in prompts)
+        if self.max_len is not None and length + max_tokens > self.max_len:
+            raise ValueError(f"prompt {longest} ({length} tokens) plus --max-tokens {max_tokens} "
                              f"exceeds the teacher's context of {self.max_len} tokens")
 
     def complete(self, rows: list[tuple[list[int], SamplingParams]], stop: tuple[str, ...],

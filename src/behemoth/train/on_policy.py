@@ -31,7 +31,6 @@ Shape legend: B rows, S rollout length (prompt + completion, right-padded), P pr
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 from collections.abc import Sequence
@@ -44,7 +43,7 @@ from behemoth.data.loader import IGNORE_INDEX, Batch
 from behemoth.data.prompts import load_prompts
 from behemoth.data.tasks import make_problems
 from behemoth.data.tokenizer import Tokenizer
-from behemoth.inference.generate import token_steps
+from behemoth.inference.generate import sampled_rows
 from behemoth.inference.sampling import SamplingParams
 from behemoth.parallel.distributed import rank, world_size
 from behemoth.train.config import DistillSection, RouterSection, TrainConfig
@@ -180,26 +179,16 @@ class OnPolicyDistillStep(DistillStep):
         c = self.cfg
         params = SamplingParams(max_new_tokens=c.on_policy_tokens, temperature=c.on_policy_temperature, seed=seed,
                                 stop_ids=(self.eos_id,))
-        alone, was_training = world_size() == 1, self.model.training
-        steps: list[torch.Tensor] = []
+        was_training = self.model.training
         self.model.eval()
         try:
-            with _eager(), autocast_context(next(self.model.parameters()).device, self.autocast_dtype):
-                for i, next_B in enumerate(token_steps(self.model, prompts, params)):
-                    steps.append(next_B)
-                    if alone and i % 16 == 15 and bool((torch.stack(steps, 1) == self.eos_id).any(1).all()):
-                        break
+            with torch.compiler.set_stance("force_eager"), autocast_context(next(self.model.parameters()).device,
+                                                                            self.autocast_dtype):
+                rows = sampled_rows(self.model, prompts, params, early_stop=world_size() == 1)
         finally:
             self.model.train(was_training)
-        rows = torch.stack(steps, 1).tolist()
         out = [next((r[:j + 1] for j, t in enumerate(r) if t == self.eos_id), r) for r in rows]  # EOS kept
-        return out, len(steps)
-
-
-def _eager():
-    """Run eagerly even where the model was compiled (torch >= 2.6 has `set_stance`)."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+        return out, len(rows[0])
 
 
 def _clock(device: torch.device) -> float:
@@ -211,7 +200,8 @@ def _clock(device: torch.device) -> float:
 
 
 def check_on_policy(cfg: TrainConfig, mode: str, teacher: TeacherSource) -> None:
-    """On-policy settings a run can use, checked before anything is built (`ValueError` naming the key)."""
+    """On-policy settings a run can use, checked before anything is built (`ValueError` naming the key); the
+    rollout prompts are made here, once (`teacher.prompts`)."""
     if cfg.distill.on_policy <= 0:
         return
     why = ("applies to `behemoth distill` (a frozen teacher grades the student's samples)" if mode != "distill" else
@@ -222,7 +212,7 @@ def check_on_policy(cfg: TrainConfig, mode: str, teacher: TeacherSource) -> None
            "is for text; image-text data (data.images) has no rollouts" if cfg.data.images else None)
     if why:
         raise ValueError(f"distill.on_policy={cfg.distill.on_policy}: on-policy distillation {why}")
-    prompt_pool(cfg, teacher.tokenizer)  # a bad prompt file is found now
+    teacher.prompts = prompt_pool(cfg, teacher.tokenizer)  # a bad prompt file is found now
 
 
 def prompt_pool(cfg: TrainConfig, tok: Tokenizer) -> PromptPool:

@@ -31,7 +31,7 @@ from behemoth.train.config import TrainConfig
 from behemoth.train.datasets import build_data, build_image_data, make_loader
 from behemoth.train.device import allow_tf32, autocast_dtype, peak_flops, resolve_device
 from behemoth.train.models import TEACHER_DIR, Models, build_models, fit_to_tokenizer, model_config
-from behemoth.train.on_policy import OnPolicyDistillStep, check_on_policy, prompt_pool
+from behemoth.train.on_policy import OnPolicyDistillStep, check_on_policy
 from behemoth.train.placement import RunContext, place_model, start_processes
 from behemoth.train.probe import RouterProbe, probe_batch
 from behemoth.train.steps import CachedDistillStep, CodistillStep, DistillStep, PretrainStep, Step
@@ -48,8 +48,8 @@ def _distill_step(cfg: TrainConfig, model, teacher: TeacherSource, autocast) -> 
         return CrossTokenizerDistillStep(model, teacher.model, teacher.tokenizer, teacher.student_tokenizer,
                                          cfg.router, cfg.distill, autocast)
     if cfg.distill.on_policy > 0:
-        return OnPolicyDistillStep(model, teacher.model, cfg.router, cfg.distill, autocast,
-                                   prompt_pool(cfg, teacher.tokenizer), teacher.tokenizer.eos_id, cfg.train.seed)
+        return OnPolicyDistillStep(model, teacher.model, cfg.router, cfg.distill, autocast, teacher.prompts,
+                                   teacher.tokenizer.eos_id, cfg.train.seed)
     return DistillStep(model, teacher.model, cfg.router, cfg.distill, autocast)
 
 

@@ -39,6 +39,8 @@ class TeacherSource:
     path: Path | None = None  # the frozen teacher's model directory
     student_tokenizer: Tokenizer | None = None  # set by `check_teacher` when it differs from `tokenizer`
     overlap: dict | None = None  # then also the vocabularies' overlap (`cross_step.overlap_report`), for the log
+    prompts: object | None = None  # on-policy distillation: the prompts it grades the student's answers to
+    # (`on_policy.PromptPool`, made once by `on_policy.check_on_policy`)
 
 
 def no_teacher(cfg: TrainConfig, ctx: RunContext) -> TeacherSource:
