@@ -135,6 +135,7 @@ def test_top_k_top_p_filters_closed_form():
     assert keep(None, 0.1) == [True, False, False, False]  # at least one token
     assert keep(None, 1.0) == [True] * 4
     assert keep(3, 0.6) == [True, True, False, False]
+    assert keep(None, 5e-324) == [True, False, False, False]  # below fp32's range: still the most likely token
 
 
 def test_sampling_follows_the_distribution():

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from behemoth.commands.common import DTYPES
+from behemoth.commands.common import DTYPES, UsageError
 
 
 def _runner(args: argparse.Namespace):
@@ -39,14 +39,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from behemoth.inference.server import make_server
+    try:
+        from behemoth.inference.server import make_server
+    except ImportError as e:
+        raise UsageError(f"serve needs FastAPI and uvicorn ({e}): pip install 'behemoth[serve]'") from None
 
     runner = _runner(args)
     server, engine = make_server(runner, args.host, args.port, max_batch=args.max_batch,
                                  max_tokens_limit=args.max_tokens_limit, model_name=args.name, max_len=args.max_len,
                                  compile=args.compile)
     host, port = server.server_address[:2]
-    print(f"serving {server.RequestHandlerClass.api.model_name} on http://{host}:{port}/v1 "
+    print(f"serving {server.api.model_name} on http://{host}:{port}/v1 "
           f"(batch {args.max_batch}, context {engine.max_len}); Ctrl-C stops", flush=True)
     try:
         server.serve_forever()

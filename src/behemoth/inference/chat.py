@@ -46,6 +46,18 @@ class ChatFormat:
     stop_ids: tuple[int, ...]
     stop_strings: tuple[str, ...]
 
+    @property
+    def jinja(self) -> str:
+        """The format as a Jinja chat template (`messages`, `add_generation_prompt`), for clients that format chats
+        themselves (`/tokenizer_info`); it renders the text whose tokens `encode` gives."""
+        if self.name == "llama4":
+            return ("<|begin_of_text|>{% for m in messages %}<|header_start|>{{ m['role'] }}<|header_end|>\n\n"
+                    "{{ m['content'] }}<|eot|>{% endfor %}"
+                    "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}")
+        return ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+                "{% elif m['role'] == 'assistant' %}A: {{ m['content'] | trim }}\n"
+                "{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
+
     def encode(self, messages: Iterable[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Prompt ids for `messages` (dicts with a "role" and a "content": a string or a list of parts, see
         the module docstring)."""

@@ -18,7 +18,10 @@ touch `Request` queues; the model runs on the engine thread alone.
 `run_until_done()` (batch work such as `behemoth synthesize`). Slots are then filled strictly in submission
 order, so the same requests give the same batches, and with seeded requests the same tokens, run after run.
 A request with `logprobs` gets, in its `Completion`, the sum of the model's log-probabilities (at temperature
-1, before any filtering) of every token it sampled, its stop token included.
+1, before any filtering) of every token it sampled, its stop token included; one with `top_logprobs` gets each
+sampled token's log-probability and its k most likely alternatives (also readable while it runs, in
+`Request.sampled`); one with `prompt_logprobs` gets the same for every prompt token, from the prefill's own hidden
+states (no second pass). A request with `max_new_tokens` 0 samples nothing: it only scores its prompt.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,10 +38,11 @@ from behemoth.inference.cache import KVCache
 from behemoth.inference.generate import compiled_decode_step, decode_step, prefill
 from behemoth.inference.runner import Runner
 from behemoth.inference.sampling import SamplingParams, sample
-from behemoth.inference.text import Completer
+from behemoth.inference.text import Completer, TokenLogprob
 
 _ids = itertools.count()
 DEFAULT_CONTEXT = 8192
+SCORE_CHUNK = 256  # prompt positions scored at a time: bounds the [positions, vocabulary] log-probabilities held
 
 
 @dataclass
@@ -51,12 +56,26 @@ class Request:
     lstrip: bool = False  # drop the answer's leading whitespace (chat)
     pixel_values: torch.Tensor | None = None  # the tiles of the prompt's images, in order
     logprobs: bool = False  # sum the sampled tokens' log-probabilities into `Completion.logprob`
+    top_logprobs: int | None = None  # per sampled token: its log-probability and this many alternatives
+    prompt_logprobs: bool = False  # the same for every prompt token (`top_logprobs` alternatives, or none)
+    on_event: Callable[[str], None] | None = None  # called with its kind (on the engine thread) after each event
     id: int = field(default_factory=lambda: next(_ids))
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    sampled: list[TokenLogprob] = field(default_factory=list)  # with `top_logprobs`: filled as tokens are sampled
+    prompt_scores: list[TokenLogprob | None] | None = None  # with `prompt_logprobs`: set before its first event
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def emit(self, kind: str, value: object) -> None:
+        self.events.put((kind, value))
+        if self.on_event is not None:
+            self.on_event(kind)
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.logprobs or self.top_logprobs is not None
 
 
 @dataclass
@@ -154,7 +173,7 @@ class Engine:
             except Exception as e:  # never let one bad step kill the server: fail the running requests
                 for i, s in enumerate(self.slots):
                     if s is not None:
-                        s.request.events.put(("error", f"{type(e).__name__}: {e}"))
+                        s.request.emit("error", f"{type(e).__name__}: {e}")
                         self.slots[i] = None
 
     def _admit(self) -> None:
@@ -180,14 +199,23 @@ class Engine:
         fresh = KVCache(self.runner.model.config, len(new), max(map(len, prompts)), device=self.device,
                         dtype=self.cache.dtype)
         self.stats.positions += len(new) * max(map(len, prompts))
+        score = any(req.prompt_logprobs for _, req in new)
         with torch.no_grad():
-            logits_nV = prefill(self.runner.model, prompts, fresh,
-                                torch.cat(tiles).to(self.device) if tiles else None)
-        logp_nV = _logprobs(logits_nV, [req for _, req in new])
+            out = prefill(self.runner.model, prompts, fresh, torch.cat(tiles).to(self.device) if tiles else None,
+                          hidden=score)
+            logits_nV, h_nSD = out if score else (out, None)
+            logp_nV = _logprobs(logits_nV, [req for _, req in new])
+            for j, (_, req) in enumerate(new):
+                if req.prompt_logprobs:
+                    req.prompt_scores = score_tokens(self.runner.model, h_nSD[j, :len(req.prompt_ids)],
+                                                        req.prompt_ids, req.top_logprobs or 0)
         for j, (i, req) in enumerate(new):
+            if req.params.max_new_tokens == 0:  # scoring only
+                self._finish(i)
+                continue
             self.cache.load_row(i, fresh, j)
             t = int(sample(logits_nV[j:j + 1], req.params, self.slots[i].generator))
-            self._deliver(i, t, None if logp_nV is None else float(logp_nV[j, t]))
+            self._deliver(i, t, None if logp_nV is None else logp_nV[j])
 
     def _next_request(self) -> Request | None:
         while True:
@@ -214,23 +242,26 @@ class Engine:
         for i in active:
             s = self.slots[i]
             t = greedy[i] if s.request.params.greedy else int(sample(logits_BV[i:i + 1], s.request.params, s.generator))
-            self._deliver(i, t, None if logp_BV is None else float(logp_BV[i, t]))
+            self._deliver(i, t, None if logp_BV is None else logp_BV[i])
 
-    def _deliver(self, i: int, token: int, logprob: float | None = None) -> None:
-        """Account one sampled token of slot i (and its log-probability, for a request that asked): emit its
-        text, or finish the request."""
+    def _deliver(self, i: int, token: int, logp_V: torch.Tensor | None = None) -> None:
+        """Account one sampled token of slot i (and, for a request that asked, its log-probability from the row's
+        log-probabilities [V]): emit its text, or finish the request."""
         s = self.slots[i]
         req = s.request
         if req.cancelled.is_set():
             self.stats.cancelled += 1
             self.slots[i] = None
             return
-        if req.logprobs and logprob is not None:
+        if req.wants_logprobs and logp_V is not None:
+            logprob = float(logp_V[token])
             s.logprob += logprob
+            if req.top_logprobs is not None:
+                req.sampled.append(TokenLogprob(token, logprob, _top(logp_V[None], req.top_logprobs)[0]))
         self.stats.tokens += 1
         piece = s.text.push(token)
         if piece:
-            req.events.put(("text", piece))
+            req.emit("text", piece)
         if s.text.reason:
             return self._finish(i)
         s.last, s.pos = token, s.pos + 1
@@ -239,15 +270,41 @@ class Engine:
         s = self.slots[i]
         rest = s.text.finish()
         if rest:
-            s.request.events.put(("text", rest))
+            s.request.emit("text", rest)
         done = s.text.completion()
         if s.request.logprobs:
             done.logprob = s.logprob
-        s.request.events.put(("done", done))
+        if s.request.top_logprobs is not None:
+            done.token_logprobs = list(s.request.sampled)
+        done.prompt_logprobs = s.request.prompt_scores
+        s.request.emit("done", done)
         self.stats.completed += 1
         self.slots[i] = None
 
 
 def _logprobs(logits_BV: torch.Tensor, requests: list[Request]) -> torch.Tensor | None:
     """Log-probabilities [B, V] (fp32) of the step's rows where any of its `requests` asked for them, else None."""
-    return logits_BV.float().log_softmax(-1) if any(r.logprobs for r in requests) else None
+    return logits_BV.float().log_softmax(-1) if any(r.wants_logprobs for r in requests) else None
+
+
+def _top(logp_NV: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """The k most likely (id, log-probability) of each row, most likely first."""
+    if k == 0:
+        return [[] for _ in range(logp_NV.shape[0])]
+    values_NK, ids_NK = torch.topk(logp_NV, min(k, logp_NV.shape[-1]), dim=-1)
+    return [list(zip(i, v, strict=True)) for i, v in zip(ids_NK.tolist(), values_NK.tolist(), strict=True)]
+
+
+def score_tokens(model: torch.nn.Module, h_SD: torch.Tensor, ids: list[int], k: int) -> list[TokenLogprob | None]:
+    """Each token's log-probability given the ones before it, from the final hidden states [S, D] of the sequence
+    `ids` (S tokens): [None, then S-1 `TokenLogprob`s with k alternatives each], computed `SCORE_CHUNK` positions
+    at a time so that a long prompt never holds all its [S, V] log-probabilities at once."""
+    out: list[TokenLogprob | None] = [None]
+    for a in range(0, len(ids) - 1, SCORE_CHUNK):
+        b = min(a + SCORE_CHUNK, len(ids) - 1)
+        logp_cV = model.logits(h_SD[a:b]).float().log_softmax(-1)
+        nxt = torch.tensor(ids[a + 1:b + 1], device=logp_cV.device)
+        chosen = logp_cV.gather(-1, nxt[:, None])[:, 0].tolist()
+        for t, lp, top in zip(ids[a + 1:b + 1], chosen, _top(logp_cV, k), strict=True):
+            out.append(TokenLogprob(t, lp, top))
+    return out

@@ -47,10 +47,11 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 def prefill(model: nn.Module, rows: list[list[int]], cache: KVCache,
-            pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+            pixel_values: torch.Tensor | None = None, hidden: bool = False):
     """Run the prompts (right-padded, padding at position -1) into `cache`; logits [B, V] of each
     row's last prompt token. `pixel_values`: the image tiles of all prompts, in order (their features
-    fill the `<|patch|>` tokens row by row)."""
+    fill the `<|patch|>` tokens row by row). `hidden`: also return the final hidden states [B, S, D] of every
+    position (for scoring the prompt itself), as `(logits_BV, h_BSD)`."""
     device = cache.k[0].device
     lens_B = torch.tensor([len(r) for r in rows], device=device)
     S = int(lens_B.max())
@@ -60,7 +61,8 @@ def prefill(model: nn.Module, rows: list[list[int]], cache: KVCache,
     pos_BS = torch.arange(S, device=device).expand(len(rows), S)
     pos_BS = torch.where(pos_BS < lens_B[:, None], pos_BS, -1)
     h_BSD = model.hidden_states(ids_BS, pos_BS, cache=cache, pixel_values=pixel_values)
-    return model.logits(h_BSD[torch.arange(len(rows), device=device), lens_B - 1])
+    logits_BV = model.logits(h_BSD[torch.arange(len(rows), device=device), lens_B - 1])
+    return (logits_BV, h_BSD) if hidden else logits_BV
 
 
 def decode_step(model: nn.Module, next_B: torch.Tensor, pos_B: torch.Tensor, cache: KVCache) -> torch.Tensor:

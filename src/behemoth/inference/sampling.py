@@ -51,7 +51,8 @@ def filter_logits(logits_BV: torch.Tensor, top_k: int | None, top_p: float) -> t
         sorted_BV, order_BV = torch.sort(logits_BV, dim=-1, descending=True)
         probs_BV = torch.softmax(sorted_BV, dim=-1)
         before_BV = probs_BV.cumsum(-1) - probs_BV  # mass of the strictly more likely tokens
-        drop_BV = before_BV >= top_p  # the first token always stays (its "before" mass is 0)
+        drop_BV = before_BV >= top_p
+        drop_BV[:, 0] = False  # the most likely token always stays (a top_p below fp32's range would drop it)
         logits_BV = logits_BV.masked_fill(torch.zeros_like(drop_BV).scatter(-1, order_BV, drop_BV), float("-inf"))
     return logits_BV
 

@@ -15,14 +15,28 @@ from behemoth.inference.sampling import SamplingParams
 
 
 @dataclass
+class TokenLogprob:
+    """One token's log-probability under the model (fp32, at temperature 1, before any top-k/top-p filtering), and
+    the `top` most likely tokens at its position with theirs, most likely first (as many as were asked for)."""
+
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Completion:
-    """Generated text, its tokens, and why it ended: "stop" (a stop token or string) or "length"; `logprob`, where
-    asked for (`engine.Request.logprobs`), the summed log-probability of the sampled tokens."""
+    """Generated text, its tokens, and why it ended: "stop" (a stop token or string) or "length". Where asked for
+    (`engine.Request`): `logprob`, the summed log-probability of the sampled tokens; `token_logprobs`, one entry per
+    sampled token (a stop token included, so a completion of n sampled tokens has n); `prompt_logprobs`, one per
+    prompt token, the first None (nothing precedes it)."""
 
     text: str
     token_ids: list[int]
     finish_reason: str
     logprob: float | None = None
+    token_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class TextStream:
