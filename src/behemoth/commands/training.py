@@ -58,7 +58,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from behemoth.eval import evaluate_model
     from behemoth.eval.metrics import format_accuracy
 
-    report = evaluate_model(args.model, args.teacher, args.data, args.problems, args.difficulty, args.seq_len)
+    harness = [t.strip() for t in (args.lm_eval or "").split(",") if t.strip()]
+    report = evaluate_model(args.model, args.teacher, args.data, args.problems, args.difficulty, args.seq_len,
+                            lm_eval=harness, lm_eval_limit=args.lm_eval_limit, lm_eval_include=args.lm_eval_include)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
     h = report["heldout"]
@@ -71,6 +73,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         per = ", ".join(f"{k} {format_accuracy(v, t['per_task_interval'][k])}" for k, v in t["per_task"].items())
         print(f"  exact match {format_accuracy(t['overall'], t['interval'])} (95% interval) on {t['n']} held-out "
               f"problems ({per})")
+    for task, row in report.get("lm_eval", {}).items():
+        shown = ", ".join(f"{k} {v:.4f} ± {row[k + '_stderr']:.4f}" if k + "_stderr" in row else f"{k} {v:.4f}"
+                          for k, v in row.items() if k != "n" and not k.endswith("_stderr"))
+        print(f"  lm-eval {task} ({row['n']} documents): {shown}")
     if args.out:
         print(f"wrote {args.out}")
 
@@ -122,6 +128,11 @@ def register(sub) -> None:
     s.add_argument("--difficulty", type=int, default=1)
     s.add_argument("--seq-len", type=int, default=256)
     s.add_argument("--out", help="write the JSON report here")
+    s.add_argument("--lm-eval", metavar="TASKS",
+                   help="also run lm-evaluation-harness tasks in-process (comma-separated; behemoth_tasks_gen and "
+                        "behemoth_tasks_mc ship with behemoth, others need their data at hand); needs lm_eval")
+    s.add_argument("--lm-eval-limit", type=int, help="at most this many documents per harness task")
+    s.add_argument("--lm-eval-include", help="a folder of further harness task definitions (YAML)")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("demo", help="the main job: train a teacher, distil a student, compare with one trained "

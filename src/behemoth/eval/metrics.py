@@ -218,13 +218,19 @@ def _token_bytes(tok: Tokenizer) -> TokenBytes | None:
 
 def evaluate_model(model_dir: str, teacher_dir: str | None = None, data: str | None = None, problems: int = 200,
                    difficulty: int = 1, seq_len: int = 256, seed: int = 0, max_new_tokens: int = 64,
-                   tasks: Sequence[str] | None = None) -> dict:
+                   tasks: Sequence[str] | None = None, lm_eval: Sequence[str] = (), lm_eval_limit: int | None = None,
+                   lm_eval_include: str | None = None) -> dict:
     """Held-out loss/perplexity, KL to a teacher (if given) and, on the built-in tasks, exact-match
     accuracy of greedy answers. Data: the built-in held-out test problems (of `tasks`, default all), or every
-    document of `data`.
+    document of `data`. `lm_eval`: lm-evaluation-harness tasks to run in-process as well (`eval.harness`; at most
+    `lm_eval_limit` documents each, task definitions also from `lm_eval_include`), reported under "lm_eval".
     `model_dir` and `teacher_dir` are model directories (native, or transformers of any causal LM family) or run
     directories (their latest checkpoint). Bits per byte come with the loss wherever the tokenizer spells its
     tokens as text (`data.token_bytes`)."""
+    if lm_eval:  # unknown task names fail here, before any work
+        from behemoth.eval.harness import harness_metrics, run_harness, task_manager
+
+        manager = task_manager(lm_eval, lm_eval_include)
     model_dir = str(resolve_model_dir(model_dir))
     model = load_any_model(model_dir, dtype=torch.float32)
     tok = Tokenizer.load(model_dir)
@@ -248,4 +254,6 @@ def evaluate_model(model_dir: str, teacher_dir: str | None = None, data: str | N
         report["teacher_kl"] = teacher_kl(model, teacher, store, seq_len, max_batches=None)
     if test is not None:
         report["tasks"] = task_accuracy(model, tok, test, max_new_tokens=max_new_tokens)
+    if lm_eval:
+        report["lm_eval"] = harness_metrics(run_harness(model, tok, lm_eval, limit=lm_eval_limit, manager=manager))
     return report

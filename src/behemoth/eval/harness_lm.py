@@ -1,0 +1,113 @@
+"""`BehemothLM`: lm-evaluation-harness's model interface over a loaded behemoth model, in-process (imported only
+when the harness is installed and asked for; see `harness.py`).
+
+Log-likelihoods come from batched, right-padded forward passes (fp32 log-softmax, as the server computes them);
+generation is greedy through `inference.generate`, cut at the harness's stop strings. Contexts are encoded as
+`behemoth eval` encodes prompts (`Tokenizer.encode`; `encode_prompt` where the harness asks for special tokens).
+
+Shape legend: B rows, S positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from lm_eval import utils as lm_utils
+from lm_eval.api.model import TemplateLM
+from torch import nn
+
+from behemoth.data.tokenizer import Tokenizer
+from behemoth.inference.generate import generate
+
+
+class BehemothLM(TemplateLM):
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, batch_size: int = 32, max_length: int | None = None):
+        super().__init__()
+        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.max_length = max_length or model.config.max_seq_len
+        self._device = next(model.parameters()).device
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tokenizer.bos_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer.encode_prompt(string) if add_special_tokens else self.tokenizer.encode(string)
+
+    def tok_decode(self, tokens, **kwargs) -> str:
+        return self.tokenizer.decode(tokens)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        rows = [(ctx + cont)[-(self.max_length + 1):] for _, ctx, cont in requests]
+        n_cont = [len(cont) for _, _, cont in requests]
+        return _batched(rows, self.batch_size, lambda b: _score(self.model, b[0], b[1], self._device), extra=n_cont)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        out = []
+        for (text,) in [r.args for r in requests]:
+            windows = [lm_utils.make_disjoint_window(w) for w in lm_utils.get_rolling_token_windows(
+                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)]
+            scores = self._loglikelihood_tokens([(None, c, t) for c, t in windows])
+            out.append(sum(s for s, _ in scores))
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for i in range(0, len(requests), self.batch_size):
+            chunk = [r.args for r in requests[i:i + self.batch_size]]
+            for (_, kw), text in zip(chunk, self._generate(chunk), strict=True):
+                stops = kw.get("until") or []
+                stops = [stops] if isinstance(stops, str) else stops
+                cut = min((text.find(s) for s in stops if s and s in text), default=len(text))
+                out.append(text[:cut])
+        return out
+
+    def _generate(self, chunk) -> list[str]:
+        """Greedy continuations of a chunk of (context, gen_kwargs), in groups of equal max_gen_toks."""
+        texts: list[str] = [""] * len(chunk)
+        by_len: dict[int, list[int]] = {}
+        for j, (_, kw) in enumerate(chunk):
+            by_len.setdefault(int(kw.get("max_gen_toks", 256)), []).append(j)
+        for n, idx in by_len.items():
+            rows = [self.tok_encode(chunk[j][0])[-(self.max_length - n):] for j in idx]
+            for j, r in zip(idx, generate(self.model, rows, max_new_tokens=n, stop_ids=(self.eot_token_id,)),
+                            strict=True):
+                texts[j] = self.tokenizer.decode(r)
+        return texts
+
+
+@torch.no_grad()
+def _score(model: nn.Module, rows: list[list[int]], n_cont: list[int], device) -> list[tuple[float, bool]]:
+    """(sum of the last n_cont tokens' log-probabilities, whether each is the argmax) for each row, from one
+    right-padded forward pass; padding is at position -1 (seen by no query)."""
+    S = max(map(len, rows))
+    ids = torch.zeros(len(rows), S, dtype=torch.long, device=device)
+    pos = torch.full((len(rows), S), -1, dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)] = torch.tensor(r, device=device)
+        pos[b, :len(r)] = torch.arange(len(r), device=device)
+    logp = model.logits(model.hidden_states(ids, pos)).float().log_softmax(-1)
+    out = []
+    for b, (r, n) in enumerate(zip(rows, n_cont, strict=True)):
+        at = torch.arange(len(r) - n - 1, len(r) - 1, device=device)
+        target = torch.tensor(r[len(r) - n:], device=device)
+        lp = logp[b, at]
+        out.append((float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+    return out
+
+
+def _batched(rows: list[list[int]], batch_size: int, fn: Callable, extra: list) -> list:
+    """`fn((rows, extra))` over batches of similar lengths (longest first), results in the input order."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+    out: list = [None] * len(rows)
+    for k in range(0, len(order), batch_size):
+        idx = order[k:k + batch_size]
+        for i, r in zip(idx, fn(([rows[i] for i in idx], [extra[i] for i in idx])), strict=True):
+            out[i] = r
+    return out
