@@ -25,8 +25,8 @@ PINNED = {
         "--shard-tokens=1048576 --teacher=None --temperature=None --top-k=None --values='u8'"),
     'tokenizer train': "--data=None --field='text' --force=False --out=None --vocab-size=8192",
     'tokenizer': '',
-    'eval': ('--data=None --difficulty=1 --lm-eval-include=None --lm-eval-limit=None --lm-eval=None --model=None '
-             '--out=None --problems=200 --seq-len=256 --teacher=None'),
+    'eval': ('--card=False --data=None --difficulty=1 --lm-eval-include=None --lm-eval-limit=None --lm-eval=None '
+             '--model=None --out=None --problems=200 --seq-len=256 --teacher=None'),
     'demo': "--force=False --out='out/demo' --quick=False --results=None --seeds=1 --vision=False",
     'generate': ('--chat-format=None --chat=False --compile=False --device=<cuda if available> --dtype=None --image=[] '
         '--max-new-tokens=128 --model=None --prompt=None --seed=None --stop=[] --stream=False --system=None '

@@ -7,6 +7,7 @@ import math
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +57,11 @@ def test_demo_pipeline_and_report(tmp_path):
         shown_acc = format_accuracy(ev["tasks"]["overall"], ev["tasks"]["interval"])
         assert shown_acc in format_table(report) and shown_acc in html
     assert saved["seed"] == 0 and not (tmp_path / "d" / "seed_0").exists()  # one seed: today's layout
+    for ev in models.values():  # each model's card carries the demo's evaluation, with its interval
+        card = (Path(ev["model"]) / "README.md").read_text()
+        lo, hi = ev["tasks"]["interval"]
+        assert (f"| exact match | behemoth built-in tasks (held-out problems) | {ev['tasks']['overall']:.4f} | "
+                f"[{lo:.4f}, {hi:.4f}] | {ev['tasks']['n']} | behemoth demo (seed 0) |") in card
 
 
 def assert_intervals(acc: dict) -> None:
@@ -105,6 +111,9 @@ def test_demo_vision_part(tmp_path):
     assert_intervals(v["majority_baseline"])
     assert v["params"] == 6_324_864 and v["recipe"]["steps"] == 2
     assert (tmp_path / "d" / "vision" / v["accuracy"]["samples"][0]["image"]).is_file()
+    card = (Path(v["model"]) / "README.md").read_text()
+    row = f"| exact match | behemoth built-in visual tasks (held-out pictures) | {v['accuracy']['overall']:.4f} |"
+    assert row in card
     html = (tmp_path / "d" / "report.html").read_text()
     assert "Learning from pictures" in html and html.count("data:image/png;base64") >= 5  # chart + pictures
     table = format_table(report)

@@ -26,11 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from behemoth.checkpoint.locate import latest_checkpoint
+from behemoth.checkpoint.model_card import update_results
 from behemoth.checkpoint.model_dir import load_model
 from behemoth.config import PRESETS
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.data.vision_tasks import make_visual_problems
 from behemoth.eval import evaluate_model
+from behemoth.eval.card import write_card_results
 from behemoth.eval.metrics import format_accuracy, majority_baseline, visual_task_accuracy
 from behemoth.eval.report import write_html
 from behemoth.eval.seeds import aggregate, format_aggregate, write_results, write_summary_html
@@ -199,6 +201,7 @@ def _story(out: Path, r: Recipe, quick: bool, vr: VisionRecipe | None, say, seed
         t0 = time.perf_counter()
         ev = evaluate_model(str(ckpt), teacher, problems=r.eval_problems, seq_len=r.seq_len, max_new_tokens=40,
                             tasks=r.tasks)
+        write_card_results(ckpt, ev, f"behemoth demo (seed {seed})")
         evals[name] = {**ev, "train_seconds": seconds, "train_tokens": summary["tokens"],
                        "tokens_per_s": summary["tokens"] / max(seconds, 1e-9),
                        "routing": final_routing(read_metrics(ckpt.parent.parent), summary["step"])}
@@ -238,11 +241,14 @@ def run_vision(out: Path, r: VisionRecipe, say, seed: int = 0) -> dict:
     acc = evaluate_vision(ckpt, r, model, test)
     base = majority_baseline([p.problem for p in make_visual_problems("train", r.problems, seed=seed)],
                              [p.problem for p in test])
+    update_results(ckpt, [{"metric": "exact match", "value": acc["overall"], "interval": acc["interval"],
+                           "n": acc["n"], "dataset": "behemoth built-in visual tasks (held-out pictures)",
+                           "source": f"behemoth demo (seed {seed}); majority-answer baseline {base['overall']:.4f}"}])
     (out / "samples").mkdir(exist_ok=True)
     for i, (p, s) in enumerate(zip(test, acc["samples"], strict=False)):
         p.image().save(out / "samples" / f"{i}.png")
         s["image"] = f"samples/{i}.png"
-    result = {"recipe": r.__dict__, "params": model.config.num_params(),
+    result = {"model": str(ckpt), "recipe": r.__dict__, "params": model.config.num_params(),
               "active_params": model.config.num_active_params(), "train_seconds": seconds,
               "train_tokens": summary["tokens"], "tokens_per_s": summary["tokens"] / max(seconds, 1e-9),
               "accuracy": acc, "majority_baseline": base,

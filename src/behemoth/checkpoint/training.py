@@ -38,17 +38,19 @@ def _model_target(root: Path, name: str) -> Path:
 
 
 def save_training_checkpoint(run_dir: str | Path, step: int, models: dict[str, nn.Module], train_state: dict,
-                             keep_last: int, extra_files: dict[str, bytes] | None = None) -> Path:
+                             keep_last: int, extra_files: dict[str, bytes] | None = None,
+                             model_files: dict[str, dict[str, bytes]] | None = None) -> Path:
     """Write `checkpoints/step_{step:07d}` atomically (replacing a checkpoint of the same step only once the
     new one is complete), then move `latest` to it, then prune. `extra_files` (e.g. the tokenizer) are
-    written beside every model, so each directory describes itself."""
+    written beside every model, so each directory describes itself; `model_files` beside one model each (by
+    its name: e.g. its model card)."""
     ckpt_root = Path(run_dir) / CHECKPOINTS
     final = ckpt_root / step_dir_name(step)
     with atomic_dir(final) as tmp:
         for name, model in models.items():
             target = _model_target(tmp, name)
             write_model_files(model, target, step=step)
-            for fname, data in (extra_files or {}).items():
+            for fname, data in {**(extra_files or {}), **(model_files or {}).get(name, {})}.items():
                 (target / fname).write_bytes(data)
         write_state(train_state, tmp, "train_state")
     _publish(ckpt_root, final, keep_last)
@@ -57,7 +59,8 @@ def save_training_checkpoint(run_dir: str | Path, step: int, models: dict[str, n
 
 def save_distributed_training_checkpoint(run_dir: str | Path, step: int, models: dict[str, nn.Module], optimizer,
                                          train_state: dict, keep_last: int,
-                                         extra_files: dict[str, bytes] | None = None) -> Path:
+                                         extra_files: dict[str, bytes] | None = None,
+                                         model_files: dict[str, dict[str, bytes]] | None = None) -> Path:
     """Every rank calls this: the distributed form of `save_training_checkpoint`, the same layout with DCP
     files in place of safetensors. Each model as `save_sharded_model` writes it (so `load_model(step_dir)`
     reads it in one process), the optimizer state of all models in `optim.dcp/` (parameters named
@@ -73,7 +76,8 @@ def save_distributed_training_checkpoint(run_dir: str | Path, step: int, models:
     for name, model in models.items():
         target = _model_target(tmp, name)
         write_sharded_model_files(model, target, step=step)
-        for fname, data in (extra_files or {}).items() if rank0 else ():
+        files = {**(extra_files or {}), **(model_files or {}).get(name, {})}
+        for fname, data in files.items() if rank0 else ():
             (target / fname).write_bytes(data)
     write_dcp({"optimizer": get_optimizer_state_dict(nn.ModuleDict(models), optimizer)}, tmp / OPTIM_SHARDED_DIR)
     if rank0:

@@ -25,6 +25,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     from behemoth.checkpoint import export_hf, load_model, resolve_model_dir, save_model
+    from behemoth.checkpoint.model_card import carry_card
     from behemoth.checkpoint.model_dir import detect_format
 
     src, dst = resolve_model_dir(args.src), Path(args.dst)
@@ -42,6 +43,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
     for name in TOKENIZER_FILES:  # the tokenizer travels with the weights, so `generate` works on dst
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)
+    carry_card(src, dst, library="transformers" if args.direction == "native-to-hf" else "behemoth")
     print(f"wrote {dst} ({model.config.num_params():,} parameters, {time.time() - t0:.1f}s)")
 
 

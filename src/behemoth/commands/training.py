@@ -77,6 +77,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         shown = ", ".join(f"{k} {v:.4f} ± {row[k + '_stderr']:.4f}" if k + "_stderr" in row else f"{k} {v:.4f}"
                           for k, v in row.items() if k != "n" and not k.endswith("_stderr"))
         print(f"  lm-eval {task} ({row['n']} documents): {shown}")
+    if args.card:
+        from behemoth.eval.card import write_card_results
+
+        card = write_card_results(report["model"], report, "behemoth eval")
+        print(f"updated the results of {card}" if card else f"{report['model']}: no model card (README.md) to update")
     if args.out:
         print(f"wrote {args.out}")
 
@@ -133,6 +138,8 @@ def register(sub) -> None:
                         "behemoth_tasks_mc ship with behemoth, others need their data at hand); needs lm_eval")
     s.add_argument("--lm-eval-limit", type=int, help="at most this many documents per harness task")
     s.add_argument("--lm-eval-include", help="a folder of further harness task definitions (YAML)")
+    s.add_argument("--card", action="store_true",
+                   help="also write the results into the model directory's model card (README.md)")
     s.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("demo", help="the main job: train a teacher, distil a student, compare with one trained "

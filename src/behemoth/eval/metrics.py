@@ -242,7 +242,7 @@ def evaluate_model(model_dir: str, teacher_dir: str | None = None, data: str | N
     else:
         test, store = None, build_in_memory(iter_documents(resolve_paths(data)), tok)
     seq_len = min(seq_len, store.num_tokens - 1)  # a small held-out set still gives one window
-    report: dict = {"model": model_dir, "params": model.config.num_params(),
+    report: dict = {"model": model_dir, "data": data, "params": model.config.num_params(),
                     "active_params": model.config.num_active_params(),
                     "heldout": heldout_loss(model, store, seq_len, max_batches=None, token_bytes=_token_bytes(tok))}
     if teacher_dir:

@@ -27,6 +27,7 @@ import torch
 from behemoth.checkpoint.locate import CHECKPOINTS, latest_checkpoint
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.parallel.distributed import ShardedBatches, broadcast_from_rank0
+from behemoth.train.card import run_card_facts
 from behemoth.train.config import TrainConfig
 from behemoth.train.datasets import build_data, build_image_data, make_loader
 from behemoth.train.device import allow_tf32, autocast_dtype, peak_flops, resolve_device
@@ -109,6 +110,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, say: Callable[[str], No
     trainer = make_trainer(cfg, ctx, step, train_loader, (train, val), models.state,
                            run_flops(cfg, model, teacher.model, spec.trains_teacher))
     opening = [{"type": "cross_tokenizer", **teacher.overlap}] if teacher.overlap else []
+    trainer.card_facts = run_card_facts(cfg, mode, trainer.models, tok, train, teacher, ctx.device) \
+        if ctx.dist.is_main else None
     return fit(cfg, ctx, trainer, tok, model_cfg, resumed=models.state is not None, opening=opening)
 
 

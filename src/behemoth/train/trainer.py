@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from behemoth.checkpoint.model_card import CARD
 from behemoth.checkpoint.training import (
     load_optimizer_state,
     save_distributed_training_checkpoint,
@@ -35,6 +36,7 @@ from behemoth.parallel.distributed import (
 from behemoth.progress import format_duration
 from behemoth.runlog import METRICS_FILE
 from behemoth.train.balance import BiasBalancer
+from behemoth.train.card import card_text
 from behemoth.train.config import TrainConfig
 from behemoth.train.health import RoutingHealth, stability_means
 from behemoth.train.optim import build_optimizer, lr_at
@@ -135,6 +137,8 @@ class Trainer:
         self.nonfinite_streak = 0
         self.tokens_seen = 0
         self.elapsed = 0.0
+        self.card_facts: dict[str, dict] | None = None  # each model's card facts (`train/card.py`); None: no cards
+        self.last_eval: dict | None = None  # {"step", "val_loss"} of the latest evaluation
         self._signal: int | None = None
         self._signal_at = 0.0
 
@@ -146,6 +150,7 @@ class Trainer:
                  "health": self.health.state_dict(), "balancer": self.balancer.state_dict(),
                  "nonfinite_total": self.nonfinite_total,
                  "nonfinite_streak": self.nonfinite_streak, "tokens_seen": self.tokens_seen, "elapsed": self.elapsed,
+                 "last_eval": self.last_eval,
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                  "config": self.cfg.to_dict()}
         if self.info.world == 1:
@@ -162,18 +167,29 @@ class Trainer:
         self.balancer.load_state_dict(state.get("balancer"))
         self.nonfinite_total, self.nonfinite_streak = int(state["nonfinite_total"]), int(state["nonfinite_streak"])
         self.tokens_seen, self.elapsed = int(state["tokens_seen"]), float(state["elapsed"])
+        self.last_eval = state.get("last_eval")
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
 
     def save(self) -> Path:
         tok = self.info.run_dir / "tokenizer.json"
         extra = {"tokenizer.json": tok.read_bytes()} if tok.is_file() else None
+        cards = self._cards()
         if self.info.world > 1:
             return save_distributed_training_checkpoint(self.info.run_dir, self.global_step, self.models,
                                                         self.optimizer, self.state_dict(),
-                                                        self.cfg.checkpoint.keep_last, extra)
+                                                        self.cfg.checkpoint.keep_last, extra, cards)
         return save_training_checkpoint(self.info.run_dir, self.global_step, self.models, self.state_dict(),
-                                        self.cfg.checkpoint.keep_last, extra)
+                                        self.cfg.checkpoint.keep_last, extra, cards)
+
+    def _cards(self) -> dict[str, dict[str, bytes]] | None:
+        """Each model's model card as it stands at this step (the held-out loss is the trained model's)."""
+        if self.card_facts is None:
+            return None
+        state = {"step": self.global_step, "total_steps": self.cfg.train.steps, "tokens_seen": self.tokens_seen,
+                 "elapsed_s": self.elapsed}
+        return {name: {CARD: card_text(facts, state | {"eval": self.last_eval if name == "model" else None})
+                       .encode("utf-8")} for name, facts in self.card_facts.items()}
 
     # ---- the loop --------------------------------------------------------------------------------
     def fit(self, log: MetricsLog) -> dict:
@@ -375,6 +391,7 @@ class Trainer:
         if n:
             loss = total / n
             log.write({"type": "eval", "step": self.global_step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50))})
+            self.last_eval = {"step": self.global_step, "val_loss": loss}
             self.say(f"  eval @ {self.global_step}: val loss {loss:.4f} (ppl {math.exp(min(loss, 50)):.2f})")
 
 
