@@ -44,6 +44,12 @@ COVERED_ELSEWHERE = {
     ".venv/bin/behemoth serve --model HF_DIR --port 8000":
         "tests/inference/test_server.py::test_serve_command_on_a_transformers_directory",
     "python: from openai import OpenAI": "tests/inference/test_server.py::test_completion_and_chat",
+    ".venv/bin/behemoth serve --model out/demo/teacher --name teacher --port 8000 &":
+        "tests/eval/test_harness.py::test_the_harness_against_the_server_and_in_process",
+    ".venv/bin/lm_eval --model local-completions --include_path src/behemoth/eval/harness_tasks --model_args"
+    " base_url=http://127.0.0.1:8000/v1/completions,model=teacher,tokenizer_backend=remote"
+    " --tasks behemoth_tasks_gen,behemoth_tasks_mc":
+        "tests/eval/test_harness.py::test_the_harness_against_the_server_and_in_process",
 }
 TRAINING = ("train", "distill", "codistill")
 TINY_RUN = ["--train.steps=2", "--train.batch_size=2", "--data.num_problems=40", "--log.every=1",
