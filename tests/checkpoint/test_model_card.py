@@ -137,3 +137,11 @@ def test_eval_card_and_convert_carry_it(runs, tmp_path, capsys):
     assert carried.split("---\n", 2)[2] == text.split("---\n", 2)[2]  # the body as it was
     assert meta["model-index"] == front(d)["model-index"]
     assert carry_card(tmp_path / "nothing", tmp_path, "behemoth") is None
+
+
+def test_a_results_row_keeps_its_columns():
+    from behemoth.checkpoint.model_card import results_section
+
+    row = results_section([{"metric": "KL(teacher || model)", "value": 0.1, "dataset": "a|b", "n": 3,
+                            "source": "x"}], "m").splitlines()[5]
+    assert row.replace("\\|", "").count("|") == 7 and "KL(teacher \\|\\| model)" in row

@@ -81,8 +81,8 @@ def results_section(results: list[dict], name: str) -> str:
     rows = ["| metric | dataset | value | 95% interval | n | source |", "|---|---|---:|---|---:|---|"]
     for r in results:
         interval = f"[{r['interval'][0]:.4f}, {r['interval'][1]:.4f}]" if r.get("interval") else ""
-        rows.append(f"| {r['metric']} | {r['dataset']} | {r['value']:.4f} | {interval} | {r.get('n', '')} | "
-                    f"{r.get('source', '')} |")
+        metric, dataset, source = (_cell(r.get(k, "")) for k in ("metric", "dataset", "source"))
+        rows.append(f"| {metric} | {dataset} | {r['value']:.4f} | {interval} | {r.get('n', '')} | {source} |")
     body = "\n".join(rows) if results else "No evaluation yet (`behemoth eval --model DIR --card` adds one)."
     return f"{RESULTS_BEGIN}\n## Evaluation\n\n{body}\n{RESULTS_END}"
 
