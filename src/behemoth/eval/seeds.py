@@ -108,8 +108,8 @@ def seed_figures(report: dict) -> dict:
     models = {}
     for name, ev in report["models"].items():
         t = ev["tasks"]
-        models[name] = {"params": ev.get("params"), "active_params": ev.get("active_params"),
-                        "accuracy": t["overall"], "interval": t.get("interval"), "n": t["n"],
+        sizes = {k: ev[k] for k in ("params", "active_params") if k in ev}
+        models[name] = {**sizes, "accuracy": t["overall"], "interval": t.get("interval"), "n": t["n"],
                         "heldout_loss": ev["heldout"]["loss"]}
         if "teacher_kl" in ev:
             models[name]["teacher_kl"] = ev["teacher_kl"]["kl"]
