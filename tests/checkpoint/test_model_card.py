@@ -145,3 +145,17 @@ def test_a_results_row_keeps_its_columns():
     row = results_section([{"metric": "KL(teacher || model)", "value": 0.1, "dataset": "a|b", "n": 3,
                             "source": "x"}], "m").splitlines()[5]
     assert row.replace("\\|", "").count("|") == 7 and "KL(teacher \\|\\| model)" in row
+
+
+def test_a_corpus_run_names_its_corpus_and_fingerprint(tmp_path):
+    from behemoth.data.corpus import corpus_fingerprint
+
+    corpus = tmp_path / "notes.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"note {i} on foxes, dogs and the cats of house {i}"}) + "\n"
+                              for i in range(300)))
+    run_training(cfg_for(tmp_path / "run", **{"data.path": str(corpus), "data.cache_dir": str(tmp_path / "cache"),
+                                             "data.tokenizer_vocab_size": 300, "log.eval_every": 0}),
+                 say=lambda s: None)
+    text = (latest_checkpoint(tmp_path / "run") / CARD).read_text()
+    assert f"| fingerprint | corpus sha256 {corpus_fingerprint(corpus)} |" in text and "| name | notes.jsonl |" in text
+    assert front(latest_checkpoint(tmp_path / "run"))["datasets"] == ["notes.jsonl"]

@@ -8,6 +8,7 @@ what does (steps, tokens seen, wall time, the latest held-out loss) each time a 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,23 @@ from behemoth.train.config import TrainConfig
 MODES = {"pretrain": "trained from scratch (next-token loss)", "distill": "distilled from a frozen teacher",
          "codistill": "distilled from a teacher trained in the same run"}
 COMMANDS = {"pretrain": "train", "distill": "distill", "codistill": "codistill"}
+HASH_TOKENS = 1 << 28  # in-memory training tokens up to this many are hashed for the card
+
+
+def _cache_fingerprint(store) -> str | None:
+    """The corpus fingerprint of a cached tokenized corpus (`data.packing`: its meta.json, beside the split)."""
+    directory = getattr(store, "directory", None)
+    meta = Path(directory).parent / "meta.json" if directory else None
+    if meta is None or not meta.is_file():
+        return None
+    corpus = json.loads(meta.read_text()).get("corpus")
+    return f"corpus sha256 {corpus}" if corpus else None
 
 
 def data_facts(cfg: TrainConfig, train) -> dict:
     """The training data: a corpus path, or the built-in tasks with their settings; its size; a fingerprint (the
-    corpus cache's content key where the corpus was cached, else sha256 of the training tokens)."""
+    corpus fingerprint of a cached corpus: sha256 over its files' names, sizes and contents; else sha256 of the
+    training tokens, up to `HASH_TOKENS` of them)."""
     d = cfg.data
     if d.path:
         name, source = Path(d.path).name, {"path": d.path, "field": d.field}
@@ -34,10 +47,10 @@ def data_facts(cfg: TrainConfig, train) -> dict:
     else:
         name, source = "behemoth built-in tasks", {"tasks": d.tasks or "all", "problems": d.num_problems,
                                                     "difficulty": d.difficulty}
-    fingerprint = getattr(train, "meta", {}).get("corpus")
+    fingerprint = _cache_fingerprint(train)
     tokens = getattr(train, "tokens", None)
-    if fingerprint is None and tokens is not None:
-        fingerprint = hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()
+    if fingerprint is None and tokens is not None and len(tokens) <= HASH_TOKENS:
+        fingerprint = "tokens sha256 " + hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()
     size = {"documents": train.num_docs, "tokens": train.num_tokens} if hasattr(train, "num_docs") else \
         {"examples": len(train)} if hasattr(train, "__len__") else {}
     return {"name": name, **source, **size, "seq_len": d.seq_len, "fingerprint": fingerprint}
