@@ -147,6 +147,13 @@ def test_client_disconnect_frees_the_slot(server):
 
 
 def test_client_leaving_a_non_streaming_request_frees_the_slot(server):
+    """...and is no error: the server logs no traceback for it."""
+    import logging
+
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append
+    logging.getLogger("uvicorn.error").addHandler(handler)
     srv, engine, _ = server
     before = engine.stats.cancelled
     sock = socket.create_connection(("127.0.0.1", srv.server_address[1]), timeout=30)
@@ -159,7 +166,10 @@ def test_client_leaving_a_non_streaming_request_frees_the_slot(server):
     sock.close()
     while (engine.active or engine.stats.cancelled == before) and time.time() < deadline:
         time.sleep(0.02)
+    time.sleep(0.2)  # the handler's answer to nobody
+    logging.getLogger("uvicorn.error").removeHandler(handler)
     assert engine.stats.cancelled == before + 1 and engine.active == 0
+    assert not errors, [r.getMessage() for r in errors]
 
 
 def test_concurrent_load_every_request_answered(client, server):

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HTTPRequest
@@ -80,6 +80,10 @@ def make_app(api: API) -> BodyGuard:
     async def _invalid(_, e: RequestValidationError):
         err = validation_error(e)
         return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(ConnectionResetError)
+    async def _client_left(_, e: ConnectionResetError):  # its requests are cancelled; nobody reads the answer
+        return Response(status_code=499)  # nginx's "client closed request", for the access log
 
     @app.exception_handler(HTTPException)
     async def _http(request: HTTPRequest, e: HTTPException):
