@@ -256,26 +256,28 @@ async def _completions(api: API, body: CompletionRequest, http: HTTPRequest):
         results = []
         for i, req in enumerate(reqs):
             prompt_ids, prompt_text = prompt_of(i)
-            at, seen, echoed = 0, 0, not body.echo  # characters sent; sampled tokens listed; prompt sent
+            # the sampled tokens listed so far (the engine may have sampled ahead of the text sent: a token's
+            # offset is where its text starts in the final text, after the text of the tokens before it)
+            base, listed, echoed = len(prompt_text) if body.echo else 0, [], not body.echo
             async for kind, value in waiter.events(req, http):
                 if not echoed:
                     echoed = True
                     lp = None if req.top_logprobs is None else api.completion_logprobs(
                         req.prompt_scores or [None] * len(prompt_ids), prompt_ids, 0, as_id)
                     yield chunk(i, prompt_text, lp)
-                    at = len(prompt_text)
                 text = value if kind == "text" else ""
                 lp = None
                 if req.top_logprobs is not None:
-                    new = req.sampled[seen:] if kind == "text" else (value.token_logprobs or [])[seen:]
-                    seen += len(new)
-                    lp = api.completion_logprobs(new, [e.id for e in new], at, as_id) if new else None
+                    new = req.sampled[len(listed):] if kind == "text" else \
+                        (value.token_logprobs or [])[len(listed):]
+                    start = base + len(api.tokenizer.decode(listed))
+                    listed += [e.id for e in new]
+                    lp = api.completion_logprobs(new, [e.id for e in new], start, as_id) if new else None
                 if kind == "done":
                     results.append(value)
                     yield chunk(i, "", lp, value.finish_reason)
                 elif text or lp is not None:
                     yield chunk(i, text, lp)
-                    at += len(text)
         if body.stream_options and body.stream_options.include_usage:
             usage = api.usage([ids[i // n] for i in range(0, len(reqs), n)], results)
             yield CompletionResponse(id=rid, created=created, model=api.model_name, choices=[], usage=usage)
