@@ -196,8 +196,19 @@ def decode(d: dict) -> list[str]:
     return rows
 
 
+def serve_roofline(d: dict) -> list[str]:
+    rows = ["| model | GPUs | batch that fits | decode step (bound) | prefill of the batch (bound) | planner, output "
+            "tokens/s | published (TensorRT-LLM) | planner / published |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in d["rows"]:
+        rows.append(f"| {r['model']} fp8 | {r['gpus']} x {r['gpu']} | {r['batch']:,} | {r['decode_step_s'] * 1e3:.1f} "
+                    f"ms ({r['decode_bound']}) | {r['prefill_s']:.2f} s ({r['prefill_bound']}) | "
+                    f"{r['output_tokens_per_s']:,.0f} | {r['published']:,.0f} | {r['ratio']:.2f}× |")
+    return rows
+
+
 RENDERERS: dict[str, Callable] = {"presets": presets, "demo_seeds": demo_seeds, "cross_family": cross_family,
-                                  "teaching": teaching, "routing": routing, "vision": vision, "decode": decode}
+                                  "teaching": teaching, "routing": routing, "vision": vision, "decode": decode,
+                                  "serve_roofline": serve_roofline}
 
 
 # ---- the README -----------------------------------------------------------------------------------------------

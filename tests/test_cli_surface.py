@@ -16,8 +16,8 @@ RUNTIME_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 PINNED = {
     'info': '--batch=1 --config=None --context=None --json=False --preset=None',
     'convert': '--drop-router-bias=False --dtype=None --max-shard-gb=5.0 direction dst src',
-    'plan': ('--batch=1 --config=None --context=8192 --gpu-mem-gb=None --gpus=None --json=False --mode=None '
-        '--precision=None --preset=None --tflops=400.0 --tokens=None'),
+    'plan': ('--batch=1 --config=None --context=8192 --gpu-mem-gb=None --gpu=\'h100\' --gpus=None --hbm-tb-s=None '
+             '--json=False --link-gb-s=None --mode=None --precision=None --preset=None --tflops=400.0 --tokens=None'),
     'train': '--config=None --resume=False',
     'distill': '--config=None --resume=False',
     'codistill': '--config=None --resume=False',

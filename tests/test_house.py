@@ -17,7 +17,7 @@ LAYERS = (
     ("inference", "parallel"),
     ("train",),
     ("eval",),
-    ("demo", "plan", "info"),
+    ("demo", "plan", "roofline", "info"),
     ("cli", "commands", "__main__"),
 )
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

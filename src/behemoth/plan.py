@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from behemoth import roofline
 from behemoth.config import ModelConfig
 from behemoth.inference.cache import cache_bytes
 
@@ -63,6 +64,9 @@ class PlanRequest:
     batch: int  # sequences (serve: in all; train: per GPU)
     tflops: float  # sustained dense TFLOP/s per GPU, for the time estimates
     tokens: float | None = None  # training tokens in all (train) or tokens to generate (serve)
+    gpu: str = "h100"  # serve: the GPU whose memory bandwidth and interconnect bound decode (`roofline.HARDWARE`)
+    hbm_tb_s: float | None = None  # serve: override its memory bandwidth (TB/s)
+    link_gb_s: float | None = None  # serve: override its interconnect (GB/s each way)
 
     def check(self) -> None:
         for name, ok in (("mode", self.mode in ("train", "serve")), ("gpus", self.gpus >= 1),
@@ -290,14 +294,44 @@ def plan(cfg: ModelConfig, req: PlanRequest, name: str = "") -> dict:
         step_tokens = req.gpus * req.batch * req.context
         out["tokens_per_step"] = step_tokens
         out["seconds_per_step"] = fpt * step_tokens / rate
+        if req.tokens is not None:
+            out["total_seconds"] = fpt * req.tokens / rate
     else:
-        out["seconds_per_token"] = fpt / rate  # compute-bound: one token of one sequence, all GPUs on it
-        out["seconds_per_decode_step"] = fpt * req.batch / rate
+        out |= _serve_times(cfg, req)
+        if req.tokens is not None:  # generated at the batch asked for
+            out["total_seconds"] = req.tokens / (out["decode"]["tokens_per_s_per_gpu"] * req.gpus)
     if req.tokens is not None:
         out["tokens"] = req.tokens
-        out["total_seconds"] = fpt * req.tokens / rate
         out["total_days"] = out["total_seconds"] / 86400
     return out
+
+
+def _serve_times(cfg: ModelConfig, req: PlanRequest) -> dict:
+    """Decode and prefill on the roofline (`roofline.py`): the bound that dominates, tokens/s, and the batch at
+    which decode becomes compute-bound."""
+    hw = roofline.hardware(req.gpu, req.hbm_tb_s, req.link_gb_s)
+    args = dict(gpus=req.gpus, tflops=req.tflops, precision=req.precision)
+    return {"hardware": {"name": hw.name, "hbm_tb_s": hw.hbm_tb_s, "link_gb_s": hw.link_gb_s,
+                         "collective_us": hw.collective_us},
+            "decode": roofline.decode(cfg, hw, req.batch, req.context, **args),
+            "prefill": roofline.prefill(cfg, hw, 1, req.context, **args),
+            "compute_bound_batch": roofline.compute_bound_batch(cfg, hw, req.context, **args)}
+
+
+def _serve_rows(p: dict) -> list[str]:
+    d, f, hw = p["decode"], p["prefill"], p["hardware"]
+    b = d["bounds_seconds"]
+    cb = p["compute_bound_batch"]
+    return [f"on {hw['name']} ({hw['hbm_tb_s']:g} TB/s memory, {hw['link_gb_s']:g} GB/s link each way) at "
+            f"{p['sustained_tflops_per_gpu']:g} TFLOP/s sustained per GPU:",
+            f"  decode step of {p['batch']:,} sequence{'s' if p['batch'] != 1 else ''} at {p['context']:,} tokens: "
+            f"{d['seconds'] * 1e3:.3g} ms, "
+            f"{d['bound']}-bound (compute {b['compute'] * 1e3:.3g} ms, memory {b['memory'] * 1e3:.3g} ms, "
+            f"all-to-all {b['all_to_all'] * 1e3:.3g} ms); {d['tokens_per_s_per_sequence']:,.1f} tokens/s per "
+            f"sequence, {d['tokens_per_s_per_gpu']:,.1f} per GPU",
+            f"  prefill of one {p['context']:,}-token prompt: {f['seconds'] * 1e3:.4g} ms, {f['bound']}-bound",
+            "  decode becomes compute-bound at batch " + (f"{cb:,}" if cb else "never (the KV cache grows with "
+                                                          "the batch as fast as the compute)")]
 
 
 def format_plan(p: dict) -> str:
@@ -325,8 +359,7 @@ def format_plan(p: dict) -> str:
         rows.append(f"at {tf:g} TFLOP/s per GPU: {p['seconds_per_step']:.3g} s per step of "
                     f"{p['tokens_per_step']:,} tokens")
     else:
-        rows.append(f"at {tf:g} TFLOP/s per GPU (compute bound): {p['seconds_per_token'] * 1e3:.3g} ms per token, "
-                    f"{p['seconds_per_decode_step'] * 1e3:.3g} ms per decode step of {p['batch']:,} sequences")
+        rows += _serve_rows(p)
     if "total_seconds" in p:
         rows.append(f"{p['tokens']:.4g} tokens: {p['total_seconds']:.4g} s = {p['total_days']:.1f} days")
     return "\n".join(rows)

@@ -53,7 +53,8 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
     cfg, name = model_from_args(args)
     req = PlanRequest(mode=args.mode, gpus=args.gpus, gpu_mem_gb=args.gpu_mem_gb, precision=args.precision,
-                      context=args.context, batch=args.batch, tflops=args.tflops, tokens=args.tokens)
+                      context=args.context, batch=args.batch, tflops=args.tflops, tokens=args.tokens, gpu=args.gpu,
+                      hbm_tb_s=args.hbm_tb_s, link_gb_s=args.link_gb_s)
     try:
         result = plan(cfg, req, name)
     except ValueError as e:
@@ -92,5 +93,10 @@ def register(sub) -> None:
                    help="sustained TFLOP/s per GPU for the time estimates (default 400, ~40%% of an H100's "
                         "dense bf16 peak)")
     s.add_argument("--tokens", type=float, help="also give the time for this many tokens (e.g. 30e12)")
+    s.add_argument("--gpu", default="h100", choices=("h100", "h200"),
+                   help="serve: the GPU whose memory bandwidth and interconnect bound decode (default h100)")
+    s.add_argument("--hbm-tb-s", type=float, help="serve: memory bandwidth per GPU in TB/s (default: the GPU's)")
+    s.add_argument("--link-gb-s", type=float,
+                   help="serve: interconnect per GPU in GB/s, one direction (default: the GPU's NVLink, 450)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(fn=cmd_plan)
