@@ -206,9 +206,20 @@ def serve_roofline(d: dict) -> list[str]:
     return rows
 
 
+def speculative(d: dict) -> list[str]:
+    rows = ["| decode steps | method | tokens/s | vs the target alone | accepted drafts | tokens per target step | "
+            "outputs equal the target's |", "|---|---|---:|---:|---:|---:|---:|"]
+    for mode, methods in d["modes"].items():
+        for name, r in methods.items():
+            acc = "–" if r["acceptance"] is None else f"{r['acceptance']:.1%}"
+            rows.append(f"| {mode} | {name} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}× | {acc} | "
+                        f"{r['tokens_per_target_step']:.2f} | {r['outputs_equal_target']} of {d['problems']} |")
+    return rows
+
+
 RENDERERS: dict[str, Callable] = {"presets": presets, "demo_seeds": demo_seeds, "cross_family": cross_family,
                                   "teaching": teaching, "routing": routing, "vision": vision, "decode": decode,
-                                  "serve_roofline": serve_roofline}
+                                  "serve_roofline": serve_roofline, "speculative": speculative}
 
 
 # ---- the README -----------------------------------------------------------------------------------------------

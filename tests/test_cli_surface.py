@@ -28,9 +28,9 @@ PINNED = {
     'eval': ('--card=False --data=None --difficulty=1 --lm-eval-include=None --lm-eval-limit=None --lm-eval=None '
              '--model=None --out=None --problems=200 --seq-len=256 --teacher=None'),
     'demo': "--force=False --out='out/demo' --quick=False --results=None --seeds=1 --vision=False",
-    'generate': ('--chat-format=None --chat=False --compile=False --device=<cuda if available> --dtype=None --image=[] '
-        '--max-new-tokens=128 --model=None --prompt=None --seed=None --stop=[] --stream=False --system=None '
-        '--temperature=0.0 --top-k=None --top-p=1.0'),
+    'generate': ('--chat-format=None --chat=False --compile=False --device=<cuda if available> --draft-adaptive=False '
+        '--draft-k=4 --draft=None --dtype=None --image=[] --max-new-tokens=128 --model=None --prompt=None --seed=None '
+        '--stop=[] --stream=False --system=None --temperature=0.0 --top-k=None --top-p=1.0'),
     'chat': ('--chat-format=None --device=<cuda if available> --dtype=None --max-new-tokens=512 --model=None '
         '--seed=None --system=None --temperature=0.0 --top-k=None --top-p=1.0'),
     'serve': ("--chat-format=None --compile=False --device=<cuda if available> --dtype=None --host='127.0.0.1' "

@@ -27,8 +27,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from behemoth.inference.interactive import run_generate
 
     runner = _runner(args)
+    draft = None
+    if args.draft:
+        from behemoth.inference.runner import Draft
+
+        if not 1 <= args.draft_k <= 16:
+            raise UsageError(f"behemoth generate: error: --draft-k {args.draft_k}: must be in [1, 16]")
+        draft = Draft.load(args.draft, runner, k=args.draft_k, adaptive=args.draft_adaptive,
+                           k_max=max(args.draft_k, 8))
     run_generate(runner, args.prompt, _sampling(args, runner, args.chat), tuple(args.stop), chat=args.chat,
-                 system=args.system, stream=args.stream, compile=args.compile, images=args.image)
+                 system=args.system, stream=args.stream, compile=args.compile, images=args.image, draft=draft)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -111,6 +119,11 @@ def register(sub) -> None:
     s.add_argument("--compile", action="store_true", help="compile the decode step (pays off for long outputs)")
     s.add_argument("--image", action="append", default=[],
                    help="an image file placed before the prompt's text (repeatable; needs a vision model)")
+    s.add_argument("--draft", help="decode speculatively with this draft model (a smaller model with the same "
+                                   "tokenizer, e.g. the demo's distilled student); the output is the model's own")
+    s.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per step (default 4)")
+    s.add_argument("--draft-adaptive", action="store_true",
+                   help="adapt k to the running acceptance rate (--draft-k is the first k, 8 the most)")
     s.set_defaults(fn=cmd_generate)
 
     s = sub.add_parser("chat", help="an interactive chat that keeps the conversation (/reset, /system, /exit)")

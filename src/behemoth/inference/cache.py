@@ -19,6 +19,12 @@ prefill, a free slot in the server); it writes nothing that a later query of tha
 `load_row` replaces one row with a row of another cache (the server prefills newcomers together in a
 cache sized to their prompts, then moves each into its slot).
 
+Speculative decoding writes keys it may take back: a verify step extends each row by k + 1 tokens, and on a
+rejection `truncate` empties the positions after the last accepted one. A cache made with `lookahead` = k keeps
+k more slots per chunked layer (C + k), and a multi-token step then keeps every token among the last L rather than
+only those of the next token's chunk, so that keys written past a chunk boundary never overwrite keys that the
+chunk of an earlier position, where a row may roll back to, still needs.
+
 The cache is created by the caller and passed into the model's forward; no module allocates one.
 
 Shape legend: B batch rows, G KV heads, L slots of a layer kind, H head dim, S new tokens, n tokens
@@ -79,12 +85,14 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
-        if batch_size < 1 or max_len < 1:
-            raise ValueError(f"KVCache: batch_size={batch_size} and max_len={max_len} must be >= 1")
-        self.config, self.batch_size, self.max_len = cfg, batch_size, max_len
-        self.slots = slots_per_kind(cfg, max_len)
-        self.chunk = {k: (cfg.attention_chunk_size if k else None) for k in self.slots}
+                 dtype: torch.dtype = torch.float32, lookahead: int = 0):
+        if batch_size < 1 or max_len < 1 or lookahead < 0:
+            raise ValueError(f"KVCache: batch_size={batch_size} and max_len={max_len} must be >= 1, "
+                             f"lookahead={lookahead} >= 0")
+        self.config, self.batch_size, self.max_len, self.lookahead = cfg, batch_size, max_len, lookahead
+        self.chunk = {k: (cfg.attention_chunk_size if k else None) for k in slots_per_kind(cfg, max_len)}
+        self.slots = {k: min(n + lookahead, max_len) if self.chunk[k] is not None else n
+                      for k, n in slots_per_kind(cfg, max_len).items()}
         self.layer_kind = list(cfg.rope_layers)
         G, H = cfg.n_kv_heads, cfg.head_dim
         self.k = [torch.zeros(batch_size, G, self.slots[kind], H, device=device, dtype=dtype)
@@ -111,6 +119,13 @@ class KVCache:
             self.k[layer][row, :, :n] = src.k[layer][src_row]
             self.v[layer][row, :, :n] = src.v[layer][src_row]
         self.empty = False
+
+    def truncate(self, lengths_B: list[int] | torch.Tensor) -> None:
+        """Forget every key at position >= `lengths_B[b]` in row b (a speculative step's rejected tokens): their
+        slots become empty, so no later query sees them."""
+        lengths = torch.as_tensor(lengths_B, device=next(iter(self.pos.values())).device)[:, None]
+        for p in self.pos.values():
+            p.masked_fill_(p >= lengths, -1)
 
     def reset(self) -> None:
         """Empty every row in place (positions to -1): the tensors keep their addresses, so a compiled decode step
@@ -179,7 +194,7 @@ class KVCache:
         plans = {}
         for kind, L in self.slots.items():
             start_B1 = next_B1 - L
-            if self.chunk[kind] is not None:
+            if self.chunk[kind] is not None and not self.lookahead:  # (with lookahead: all of the last L)
                 start_B1 = torch.maximum(start_B1, next_B1 // self.chunk[kind] * self.chunk[kind])
             b_n, s_n = torch.nonzero(valid_BS & (pos_BS >= start_B1), as_tuple=True)
             slot_n = pos_BS[b_n, s_n].remainder(L)

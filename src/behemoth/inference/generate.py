@@ -88,11 +88,11 @@ _POOL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _pooled_cache(model: nn.Module, rows: int, max_len: int, device: torch.device,
-                  dtype: torch.dtype) -> tuple[KVCache, Callable]:
+                  dtype: torch.dtype, lookahead: int = 0) -> tuple[KVCache, Callable]:
     caches = _POOL.setdefault(model, {})
-    key = (rows, max_len, str(device), dtype)
+    key = (rows, max_len, str(device), dtype, lookahead)
     if key not in caches:
-        cache = KVCache(model.config, rows, max_len, device=device, dtype=dtype)
+        cache = KVCache(model.config, rows, max_len, device=device, dtype=dtype, lookahead=lookahead)
         caches[key] = (cache, compiled_decode_step(cache))
     cache, step = caches[key]
     cache.reset()

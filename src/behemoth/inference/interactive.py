@@ -13,7 +13,7 @@ from typing import TextIO
 
 import torch
 
-from behemoth.inference.runner import Runner
+from behemoth.inference.runner import Draft, Runner
 from behemoth.inference.sampling import SamplingParams
 from behemoth.inference.text import Completion
 
@@ -23,9 +23,11 @@ HELP = ("commands: /reset (forget the conversation), /system TEXT (set the syste
 
 def run_generate(runner: Runner, prompts: list[str], params: SamplingParams, stop_strings: tuple[str, ...] = (),
                  chat: bool = False, system: str | None = None, stream: bool = False, compile: bool = False,
-                 images: Sequence[str] = (), out: TextIO | None = None, err: TextIO | None = None) -> list[str]:
+                 images: Sequence[str] = (), out: TextIO | None = None, err: TextIO | None = None,
+                 draft: Draft | None = None) -> list[str]:
     """Complete each prompt (as raw text, or as a user turn with `chat`); several prompts run as one
-    batch. `images` (files) go before the text of a single prompt. Returns the texts."""
+    batch. `images` (files) go before the text of a single prompt; `draft`: decode speculatively. Returns the
+    texts."""
     out, err = out or sys.stdout, err or sys.stderr
     if images and len(prompts) > 1:
         raise ValueError("--image goes with a single --prompt")
@@ -43,12 +45,15 @@ def run_generate(runner: Runner, prompts: list[str], params: SamplingParams, sto
     ids = [encode(p) for p in prompts]
     stop_strings = tuple(stop_strings) + (runner.chat.stop_strings if chat else ())
     t0 = time.perf_counter()
+    if draft is not None and stream:
+        raise ValueError("--draft does not stream: leave out --stream")
     if stream and len(ids) == 1:
         done = _print_stream(runner.stream(ids[0], params, stop_strings, lstrip=chat, compile=compile,
                                            pixel_values=pixels), out)
         texts, n = [done.text], len(done.token_ids)
     else:
-        done = runner.complete(ids, params, stop_strings, lstrip=chat, compile=compile, pixel_values=pixels)
+        done = runner.complete(ids, params, stop_strings, lstrip=chat, compile=compile, pixel_values=pixels,
+                               draft=draft)
         texts = [c.text for c in done]
         n = sum(len(c.token_ids) for c in done)
         for i, t in enumerate(texts):
@@ -57,6 +62,11 @@ def run_generate(runner: Runner, prompts: list[str], params: SamplingParams, sto
             out.write(t + "\n")
     dt = time.perf_counter() - t0
     err.write(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tokens/s, {len(ids)} prompt(s)]\n")
+    if draft is not None and draft.stats is not None:
+        st = draft.stats
+        err.write(f"[speculative: {st.accepted} of {st.drafted} drafted tokens accepted ({st.acceptance:.0%}), "
+                  f"{st.tokens_per_step:.2f} tokens per target step and row, k {st.ks[0] if st.ks else draft.k}"
+                  f"{f'..{st.ks[-1]} (adaptive)' if draft.adaptive and st.ks else ''}]\n")
     return texts
 
 

@@ -9,6 +9,7 @@ beside the weights.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +24,30 @@ from behemoth.data.tokenizer import Tokenizer
 from behemoth.inference.chat import ChatFormat, chat_format
 from behemoth.inference.generate import generate, token_steps
 from behemoth.inference.sampling import SamplingParams
+from behemoth.inference.speculative import SpecStats, speculative_generate
 from behemoth.inference.text import Completer, Completion
+
+
+@dataclass
+class Draft:
+    """A draft model for speculative decoding (`inference/speculative.py`): its model, k (the first k when
+    adaptive) and k's ceiling; `stats` holds the latest run's."""
+
+    model: nn.Module
+    k: int = 4
+    adaptive: bool = False
+    k_max: int = 8
+    stats: SpecStats | None = None
+
+    @classmethod
+    def load(cls, path: str | Path, target: Runner, **options) -> Draft:
+        """A draft from a model directory, checked against the target: the same tokenizer."""
+        directory = resolve_model_dir(path)
+        if Tokenizer.load(directory).fingerprint != target.tokenizer.fingerprint:
+            raise ValueError(f"--draft {path}: its tokenizer differs from the model's (a draft proposes the "
+                             "target's token ids)")
+        device, dtype = next(target.model.parameters()).device, next(target.model.parameters()).dtype
+        return cls(load_model(str(directory), dtype=dtype, device=device).eval(), **options)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -96,11 +120,19 @@ class Runner:
 
     def complete(self, prompts_ids: Sequence[Sequence[int]], params: SamplingParams,
                  stop_strings: Sequence[str] = (), lstrip: bool = False, compile: bool = False,
-                 pixel_values: torch.Tensor | None = None) -> list[Completion]:
+                 pixel_values: torch.Tensor | None = None, draft: Draft | None = None) -> list[Completion]:
         """Batched: one completion per prompt (`lstrip`: drop leading whitespace, for chat answers;
-        `pixel_values`: the tiles of all the prompts' images, in order)."""
+        `pixel_values`: the tiles of all the prompts' images, in order; `draft`: decode speculatively with it, its
+        statistics then in `draft.stats`)."""
         out = []
-        for ids in generate(self.model, prompts_ids, params, compile=compile, pixel_values=pixel_values):
+        if draft is not None:
+            if pixel_values is not None:
+                raise ValueError("--draft: speculative decoding takes text prompts (no images)")
+            rows, draft.stats = speculative_generate(self.model, draft.model, prompts_ids, params, k=draft.k,
+                                                     adaptive=draft.adaptive, k_max=draft.k_max)
+        else:
+            rows = generate(self.model, prompts_ids, params, compile=compile, pixel_values=pixel_values)
+        for ids in rows:
             done = Completer(self.tokenizer, params, tuple(stop_strings), lstrip)
             for t in ids:
                 done.push(t)
