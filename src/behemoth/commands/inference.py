@@ -108,7 +108,7 @@ def _add_sampling_args(s: argparse.ArgumentParser, max_new: int) -> None:
     s.add_argument("--system", help="a system message (chat)")
 
 
-def register(sub) -> None:
+def _add_generate(sub) -> None:
     s = sub.add_parser("generate", help="complete prompts (raw text, or --chat for a user turn)")
     _add_model_args(s)
     s.add_argument("--prompt", action="append", required=True, help="the prompt; repeat for a batch")
@@ -125,6 +125,10 @@ def register(sub) -> None:
     s.add_argument("--draft-adaptive", action="store_true",
                    help="adapt k to the running acceptance rate (--draft-k is the first k, 8 the most)")
     s.set_defaults(fn=cmd_generate)
+
+
+def register(sub) -> None:
+    _add_generate(sub)
 
     s = sub.add_parser("chat", help="an interactive chat that keeps the conversation (/reset, /system, /exit)")
     _add_model_args(s)

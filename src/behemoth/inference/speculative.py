@@ -121,15 +121,7 @@ def speculative_generate(target: nn.Module, draft: nn.Module, prompts, params: S
     `compile`: compile the draft's one-token steps (`generate.compiled_decode_step`)."""
     rows = _as_lists(prompts)
     V = target.config.vocab_size
-    if draft.config.vocab_size > V:
-        raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size}) is larger than the target's ({V}): "
-                         "they need one tokenizer")
-    if not 1 <= k <= k_max:
-        raise ValueError(f"k={k}: must be in [1, k_max={k_max}]")
-    max_len = max(map(len, rows)) + params.max_new_tokens + k_max + 1
-    for m, name in ((target, "target"), (draft, "draft")):
-        if max_len > m.config.max_seq_len:
-            raise ValueError(f"prompt + max_new_tokens + k_max + 1 = {max_len} exceeds the {name}'s max_seq_len")
+    max_len = _check(target, draft, rows, params, k, k_max)
     t, d = _Step(target, len(rows), max_len, k_max), _Step(draft, len(rows), max_len, k_max, compile)
     gen = torch.Generator(device=t.device).manual_seed(params.seed) if params.seed is not None else None
     cost = draft_cost if draft_cost is not None else \
@@ -180,6 +172,22 @@ def speculative_generate(target: nn.Module, draft: nn.Module, prompts, params: S
         if adaptive:
             k = best_k(stats.acceptance, cost, k_max)
     return out, stats
+
+
+def _check(target: nn.Module, draft: nn.Module, rows: list[list[int]], params: SamplingParams, k: int,
+           k_max: int) -> int:
+    """The caches' length, once the settings are checked (one vocabulary, k in range, the context in reach)."""
+    V = target.config.vocab_size
+    if draft.config.vocab_size > V:
+        raise ValueError(f"the draft's vocabulary ({draft.config.vocab_size}) is larger than the target's ({V}): "
+                         "they need one tokenizer")
+    if not 1 <= k <= k_max:
+        raise ValueError(f"k={k}: must be in [1, k_max={k_max}]")
+    max_len = max(map(len, rows)) + params.max_new_tokens + k_max + 1
+    for m, name in ((target, "target"), (draft, "draft")):
+        if max_len > m.config.max_seq_len:
+            raise ValueError(f"prompt + max_new_tokens + k_max + 1 = {max_len} exceeds the {name}'s max_seq_len")
+    return max_len
 
 
 def probs_or_logits(logits_BSV: torch.Tensor, params: SamplingParams, vocab: int) -> torch.Tensor:
