@@ -34,7 +34,8 @@ PINNED = {
     'chat': ('--chat-format=None --device=<cuda if available> --dtype=None --max-new-tokens=512 --model=None '
         '--seed=None --system=None --temperature=0.0 --top-k=None --top-p=1.0'),
     'serve': ("--chat-format=None --compile=False --device=<cuda if available> --dtype=None --host='127.0.0.1' "
-        '--max-batch=8 --max-len=None --max-tokens-limit=1024 --model=None --name=None --port=8000'),
+        '--max-batch=8 --max-len=None --max-tokens-limit=1024 --model=None --name=None --port=8000 '
+        '--prefill-chunk=2048'),
     'synthesize': ("--answer-field='answer' --batch-size=32 --device=<cuda if available> --difficulty=1 --dtype=None "
         "--extract='marker' --keep='all' --max-tokens=128 --num-prompts=1000 --out=None --prompt-field='prompt' "
         "--prompts=None --samples=1 --seed=0 --shard-size=256 --stop=[] --tasks=None --teacher=None "

@@ -87,3 +87,31 @@ def test_compiled_engine_gives_the_same_answers(runner):
         assert [answer(r)[0] for r in reqs] == solo
     finally:
         engine.close()
+
+
+def test_chunked_prefill_gives_the_same_tokens_and_lets_others_decode_meanwhile(runner):
+    """A long prompt prefilled 64 tokens at a time (across attention chunks of 32) answers as when prefilled whole,
+    and a short request admitted with it decodes while the long one is still being prefilled."""
+    from behemoth.data.tasks import make_problems
+
+    long_prompt = runner.encode_prompt("".join(p.text for p in make_problems("train", 12, seed=3)) + "Q: 12+7=?\nA:")
+    assert len(long_prompt) > 300
+    short = runner.encode_prompt("Q: 3*4=?\nA:")
+    params = SamplingParams(max_new_tokens=12, stop_ids=())
+    answers = {}
+    for chunk in (None, 64):
+        engine = Engine(runner, max_batch=4, background=False, prefill_chunk=chunk)
+        order: list[str] = []
+        reqs = {}
+        for name, ids in (("long", long_prompt), ("short", short)):
+            r = Request(ids, params)
+            r.on_event = lambda kind, name=name, order=order: order.append(f"{name}:{kind}")
+            reqs[name] = engine.submit(r)
+        engine.run_until_done()
+        answers[chunk] = {name: answer(r) for name, r in reqs.items()}
+        if chunk:
+            first_long = order.index("long:text") if "long:text" in order else order.index("long:done")
+            assert order.index("short:text") < first_long  # the short one was answered during the long prefill
+            assert order[:first_long].count("short:text") >= 4
+        engine.close()
+    assert answers[None] == answers[64]

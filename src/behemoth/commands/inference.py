@@ -55,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     runner = _runner(args)
     server, engine = make_server(runner, args.host, args.port, max_batch=args.max_batch,
                                  max_tokens_limit=args.max_tokens_limit, model_name=args.name, max_len=args.max_len,
-                                 compile=args.compile)
+                                 compile=args.compile, prefill_chunk=args.prefill_chunk or None)
     host, port = server.server_address[:2]
     print(f"serving {server.api.model_name} on http://{host}:{port}/v1 "
           f"(batch {args.max_batch}, context {engine.max_len}); Ctrl-C stops", flush=True)
@@ -144,6 +144,9 @@ def register(sub) -> None:
     s.add_argument("--max-len", type=int,
                    help="context per request, allocated up front (default: the model's max_seq_len, at most 8192)")
     s.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    s.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="prefill longer prompts this many tokens at a time, between decode steps of the running "
+                        "requests (default 2048; 0: whole)")
     s.add_argument("--compile", action="store_true",
                    help="compile the decode step (CUDA graphs on GPU); the first request waits for compilation")
     s.set_defaults(fn=cmd_serve)

@@ -14,6 +14,12 @@ A request therefore joins a running batch without waiting for it to finish, and 
 away (`Request.cancel()`) stops costing anything at the next step. Handlers on other threads only
 touch `Request` queues; the model runs on the engine thread alone.
 
+With `prefill_chunk` set, a prompt longer than it is prefilled a chunk at a time into a cache of its own,
+one chunk per turn of the loop between two decode steps of the running requests, and moved into its slot when
+complete: a long prompt then delays a decode step by one chunk's work at most, and its activations are bounded
+by the chunk, not by its length (prompts with images, or whose log-probabilities are asked for, are prefilled
+whole).
+
 `Engine(..., background=False)` runs no thread: the caller submits requests and drives the same loop with
 `run_until_done()` (batch work such as `behemoth synthesize`). Slots are then filled strictly in submission
 order, so the same requests give the same batches, and with seeded requests the same tokens, run after run.
@@ -79,6 +85,14 @@ class Request:
 
 
 @dataclass
+class _Prefill:
+    """A long prompt being prefilled a chunk at a time into a cache of its own (then moved into its slot)."""
+
+    cache: KVCache
+    done: int = 0  # prompt tokens prefilled so far
+
+
+@dataclass
 class _Slot:
     request: Request
     text: Completer
@@ -86,6 +100,7 @@ class _Slot:
     pos: int  # position of `last`
     last: int = 0  # the latest sampled token: the next decode step runs it
     logprob: float = 0.0  # the sampled tokens' summed log-probabilities (requests with `logprobs`)
+    prefill: _Prefill | None = None  # while its prompt is prefilled in chunks: not decoded yet
 
 
 @dataclass
@@ -100,12 +115,16 @@ class EngineStats:
 
 class Engine:
     def __init__(self, runner: Runner, max_batch: int = 8, max_len: int | None = None, compile: bool = False,
-                 background: bool = True):
+                 background: bool = True, prefill_chunk: int | None = None):
         """`max_len`: the context of each slot, allocated up front for every NoPE layer (default: the
         model's max_seq_len up to `DEFAULT_CONTEXT`; Scout's 10M would not fit in any memory). `background`
-        False: no thread, the caller runs the loop (`run_until_done`)."""
-        if max_batch < 1 or (max_len is not None and max_len < 1):
-            raise ValueError(f"max_batch={max_batch} and max_len={max_len} must be >= 1")
+        False: no thread, the caller runs the loop (`run_until_done`). `prefill_chunk`: prefill longer prompts a
+        chunk of this many tokens at a time (module docstring); None: whole."""
+        if max_batch < 1 or (max_len is not None and max_len < 1) or (prefill_chunk is not None and prefill_chunk < 1):
+            raise ValueError(f"max_batch={max_batch}, max_len={max_len} and prefill_chunk={prefill_chunk} must be "
+                             ">= 1")
+        self.prefill_chunk = prefill_chunk
+        self._prefilling: list[int] = []  # slots whose prompts are being prefilled in chunks, oldest first
         self.runner = runner
         self.max_batch = max_batch
         self.max_len = min(max_len or DEFAULT_CONTEXT, runner.max_len)
@@ -157,7 +176,7 @@ class Engine:
                 if self.waiting.empty():
                     return
                 continue  # every newcomer finished at its first token: admit the next ones
-            self._step()
+            self._turn()
 
     # ---- the loop -------------------------------------------------------------------------------------
 
@@ -169,12 +188,50 @@ class Engine:
                     self._wake.wait(timeout=0.1)  # sleep until a request arrives
                     self._wake.clear()
                     continue
-                self._step()
+                self._turn()
             except Exception as e:  # never let one bad step kill the server: fail the running requests
                 for i, s in enumerate(self.slots):
                     if s is not None:
                         s.request.emit("error", f"{type(e).__name__}: {e}")
                         self.slots[i] = None
+                self._prefilling.clear()
+
+    def _turn(self) -> None:
+        """One turn of the loop: a chunk of the oldest long prompt, then a decode step of the running requests."""
+        if self._prefilling:
+            self._prefill_chunk()
+        if any(s is not None and s.prefill is None for s in self.slots):
+            self._step()
+
+    def _chunked(self, req: Request) -> bool:
+        return (self.prefill_chunk is not None and len(req.prompt_ids) > self.prefill_chunk
+                and req.pixel_values is None and not req.prompt_logprobs and req.params.max_new_tokens > 0)
+
+    def _prefill_chunk(self) -> None:
+        """Prefill the next chunk of the oldest long prompt; once whole, move it into its slot and sample its first
+        token (a request cancelled meanwhile frees its slot)."""
+        i = self._prefilling[0]
+        s = self.slots[i]
+        if s.request.cancelled.is_set():
+            self.stats.cancelled += 1
+            self.slots[i] = None
+            self._prefilling.pop(0)
+            return
+        pf, ids = s.prefill, s.request.prompt_ids
+        a, b = pf.done, min(pf.done + self.prefill_chunk, len(ids))
+        with torch.no_grad():
+            h_1SD = self.runner.model.hidden_states(torch.tensor([ids[a:b]], device=self.device),
+                                                    torch.arange(a, b, device=self.device)[None], cache=pf.cache)
+            pf.done = b
+            self.stats.positions += b - a
+            if b < len(ids):
+                return
+            logits_1V = self.runner.model.logits(h_1SD[:, -1])
+        self.cache.load_row(i, pf.cache, 0)
+        s.prefill = None
+        self._prefilling.pop(0)
+        logp = _logprobs(logits_1V, [s.request])
+        self._deliver(i, int(sample(logits_1V, s.request.params, s.generator)), None if logp is None else logp[0])
 
     def _admit(self) -> None:
         """Fill free slots from the queue; the newcomers' prompts are prefilled together, into a cache
@@ -194,6 +251,13 @@ class Engine:
                 gen = torch.Generator(device=self.device).manual_seed(req.params.seed)
             text = Completer(self.runner.tokenizer, req.params, req.stop_strings, req.lstrip)
             self.slots[i] = _Slot(req, text, gen, pos=len(req.prompt_ids) - 1)
+            if self._chunked(req):
+                self.slots[i].prefill = _Prefill(KVCache(self.runner.model.config, 1, len(req.prompt_ids),
+                                                         device=self.device, dtype=self.cache.dtype))
+                self._prefilling.append(i)
+        new = [(i, req) for i, req in new if self.slots[i].prefill is None]
+        if not new:
+            return
         prompts = [req.prompt_ids for _, req in new]
         tiles = [req.pixel_values for _, req in new if req.pixel_values is not None]
         fresh = KVCache(self.runner.model.config, len(new), max(map(len, prompts)), device=self.device,
@@ -228,17 +292,17 @@ class Engine:
             self.stats.cancelled += 1
 
     def _step(self) -> None:
-        tokens = [s.last if s is not None else 0 for s in self.slots]
-        pos = [s.pos if s is not None else -1 for s in self.slots]
+        tokens = [s.last if s is not None and s.prefill is None else 0 for s in self.slots]
+        pos = [s.pos if s is not None and s.prefill is None else -1 for s in self.slots]
         with torch.no_grad():
             logits_BV = self._decode(self.runner.model, torch.tensor(tokens, device=self.device),
                                      torch.tensor(pos, device=self.device), self.cache)
-        active = [i for i, s in enumerate(self.slots) if s is not None]
+        active = [i for i, s in enumerate(self.slots) if s is not None and s.prefill is None]
         self.stats.steps += 1
         self.stats.positions += self.max_batch  # every slot runs, free ones included
         self.stats.max_active = max(self.stats.max_active, len(active))
         greedy = logits_BV.float().argmax(-1).tolist()
-        logp_BV = _logprobs(logits_BV, [s.request for s in self.slots if s is not None])
+        logp_BV = _logprobs(logits_BV, [self.slots[i].request for i in active])
         for i in active:
             s = self.slots[i]
             t = greedy[i] if s.request.params.greedy else int(sample(logits_BV[i:i + 1], s.request.params, s.generator))
