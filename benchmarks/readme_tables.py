@@ -217,9 +217,21 @@ def speculative(d: dict) -> list[str]:
     return rows
 
 
+def prefill_gap(d: dict) -> list[str]:
+    rows = ["| long prompt | prefill | worst gap of the 8 running requests | median gap | tokens they made meanwhile | "
+            "long prompt's first token after |", "|---:|---|---:|---:|---:|---:|"]
+    for r in d["rows"]:
+        how = "whole" if r["prefill_chunk"] is None else f"chunks of {r['prefill_chunk']}"
+        rows.append(f"| {r['long_prompt']:,} | {how} | {r['worst_gap_s'] * 1e3:,.0f} ms | "
+                    f"{r['median_gap_s'] * 1e3:,.0f} ms | {r['tokens_meanwhile']} | "
+                    f"{r['time_to_first_token_s']:.2f} s |")
+    return rows
+
+
 RENDERERS: dict[str, Callable] = {"presets": presets, "demo_seeds": demo_seeds, "cross_family": cross_family,
                                   "teaching": teaching, "routing": routing, "vision": vision, "decode": decode,
-                                  "serve_roofline": serve_roofline, "speculative": speculative}
+                                  "serve_roofline": serve_roofline, "speculative": speculative,
+                                  "prefill_gap": prefill_gap}
 
 
 # ---- the README -----------------------------------------------------------------------------------------------
