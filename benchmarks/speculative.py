@@ -91,6 +91,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--adaptive", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--note", default="", help="what the models are, for the results file")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,7 +118,7 @@ def main() -> None:
         "benchmark": "speculative", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "command": "python benchmarks/speculative.py " + " ".join(sys.argv[1:]), "device": device,
         "machine": machine_info(), "target": str(target_dir), "drafts": drafts, "k": args.k, "adaptive": args.adaptive,
-        "problems": len(prompts), "tasks": args.tasks,
+        "problems": len(prompts), "tasks": args.tasks, "note": args.note,
         "target_active_params": target.config.num_active_params(),
         "draft_active_params": {n: m.config.num_active_params() for n, m in models.items()},
         "modes": results}, indent=2) + "\n")
