@@ -70,6 +70,8 @@ def weight_bytes_touched(cfg: ModelConfig, tokens: float, precision: str) -> dic
     input embedding's rows, and per MoE layer the routed experts those tokens select."""
     total = cfg.param_breakdown()["total"]
     dense = sum(v for k, v in total.items() if k not in ("routed_experts", "embeddings", "vision_tower", "projector"))
+    if cfg.tie_word_embeddings:  # the head reads the embedding matrix every step (counted once, as "embeddings")
+        dense += total["embeddings"]
     out = {"dense": BF16 * dense, "embedding_rows": BF16 * min(tokens, cfg.vocab_size) * cfg.dim, "experts": 0.0}
     if cfg.moe is not None and cfg.moe_layers:
         touched = experts_touched(cfg.moe.num_experts, cfg.moe.top_k, tokens)

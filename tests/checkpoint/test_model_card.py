@@ -159,3 +159,19 @@ def test_a_corpus_run_names_its_corpus_and_fingerprint(tmp_path):
     text = (latest_checkpoint(tmp_path / "run") / CARD).read_text()
     assert f"| fingerprint | corpus sha256 {corpus_fingerprint(corpus)} |" in text and "| name | notes.jsonl |" in text
     assert front(latest_checkpoint(tmp_path / "run"))["datasets"] == ["notes.jsonl"]
+
+
+def test_an_ordinary_hugging_face_card_keeps_its_front_matter(tmp_path):
+    """A card this project did not write (YAML lists in its front matter): the results section is added, the front
+    matter left as it was, and it still parses."""
+    card = "---\nlicense: apache-2.0\ntags:\n- llama\n- text-generation\n---\n# A model\n\nSome words.\n"
+    (tmp_path / CARD).write_text(card)
+    update_results(tmp_path, [{"metric": "exact match", "value": 0.5, "dataset": "tasks", "source": "test"}])
+    text = (tmp_path / CARD).read_text()
+    assert text.startswith(card.split("# A model")[0]) and "| exact match | tasks | 0.5000 |" in text
+    assert yaml.safe_load(text.split("---\n")[1]) == {"license": "apache-2.0", "tags": ["llama", "text-generation"]}
+    out = tmp_path / "copy"
+    out.mkdir()
+    carry_card(tmp_path, out, "transformers")
+    assert (out / CARD).read_text() == text
+    assert model_fingerprint(out)["sha256"] is None  # no weights, no fingerprint

@@ -74,8 +74,9 @@ def test_echo_scores_a_text_as_a_full_forward_pass(server):
     assert "".join(lp["tokens"]) == text and lp["text_offset"] == [text.index(t, o) for t, o in
                                                                    zip(lp["tokens"], lp["text_offset"], strict=True)]
     assert lp["text_offset"][0] == 0 and lp["text_offset"][-1] == len(text) - len(lp["tokens"][-1])
-    for top in lp["top_logprobs"][1:]:
-        assert len(top) == 2 and all(v <= 0 for v in top.values())
+    for token, value, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:], strict=True):
+        assert len(top) in (2, 3) and all(v <= 0 for v in top.values())  # k, or k + 1 with the token itself
+        assert top[token] == value
 
 
 def test_token_id_prompts_echo_and_the_generated_tokens(server):
@@ -247,3 +248,25 @@ def test_keep_alive_answers_do_not_wait_for_a_delayed_ack(server):
         conn.getresponse().read()
     conn.close()
     assert time.perf_counter() - start < 0.3
+
+
+def test_a_seed_out_of_range_is_refused(server):
+    status, err = post(server, "/v1/completions", {"model": MODEL, "prompt": "Q:", "seed": 2**70, "max_tokens": 2})
+    assert status == 400 and "'seed'" in err["error"]["message"]
+    assert get(server, "/health")[1]["status"] == "ok"
+
+
+def test_streamed_chat_logprobs_equal_the_whole_answer(server):
+    """With a stop string cutting the answer: the same tokens listed, streamed or not (the stop token never)."""
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server[0].server_address[1]}/v1", api_key="x",
+                           max_retries=0, timeout=60)
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "5+5=?"}], max_tokens=40, temperature=1.0, seed=4,
+              logprobs=True, top_logprobs=1, extra_body={"return_tokens_as_token_ids": True})
+    whole = client.chat.completions.create(**kw).choices[0]
+    cut = whole.message.content[3:5]
+    assert len(whole.message.content) > 6, whole.message.content
+    whole = client.chat.completions.create(**kw, stop=[cut]).choices[0]
+    chunks = list(client.chat.completions.create(**kw, stop=[cut], stream=True))
+    streamed = [c.token for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for c in ch.choices[0].logprobs.content]
+    assert streamed == [c.token for c in whole.logprobs.content]

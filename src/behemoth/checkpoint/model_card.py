@@ -30,12 +30,17 @@ HASH_LIMIT = 4 << 30  # weights up to this size are hashed whole; above it, thei
 def model_fingerprint(directory: str | Path) -> dict:
     """A model directory's fingerprint: sha256 over its weights (the safetensors files, in name order) when
     they total at most `HASH_LIMIT` bytes, else over config.json and each file's safetensors header (names,
-    shapes, dtypes, offsets) and size, said as such in "kind"."""
+    shapes, dtypes, offsets) and size, said as such in "kind". A directory written by several processes
+    (`model.dcp/`) or with `.bin` weights is hashed whole; one without weights files has no fingerprint (None)."""
     directory = Path(directory)
-    files = sorted(directory.glob("*.safetensors"))
+    files = sorted(directory.glob("*.safetensors")) or sorted(
+        f for pattern in ("model.dcp/*", "*.bin") for f in directory.glob(pattern) if f.is_file())
+    if not files:
+        return {"sha256": None, "kind": "no weights files found", "bytes": 0}
+    whole_only = files[0].suffix != ".safetensors"  # DCP and .bin files have no safetensors header to read
     total = sum(f.stat().st_size for f in files)
     h = hashlib.sha256()
-    whole = total <= HASH_LIMIT
+    whole = total <= HASH_LIMIT or whole_only
     if not whole:
         cfg = directory / "config.json"
         h.update(cfg.read_bytes() if cfg.is_file() else b"")
@@ -150,16 +155,19 @@ def _dump_front(front: dict) -> str:
 
 
 def _read_front(text: str) -> dict | None:
-    """The front matter this module writes (one JSON value per key), or None."""
+    """The front matter this module writes (one JSON value per key), or None: also for front matter written
+    otherwise (an ordinary Hugging Face card's YAML lists), which is then left as it is."""
     if not text.startswith("---\n") or "\n---\n" not in text:
         return None
     out = {}
     for line in text[4:text.index("\n---\n")].splitlines():
-        key, _, value = line.partition(": ")
+        key, sep, value = line.partition(": ")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
-            out[key] = value
+            return None
+        if not sep or not key or key.startswith((" ", "-")):
+            return None
     return out
 
 

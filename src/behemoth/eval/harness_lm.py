@@ -75,7 +75,10 @@ class BehemothLM(TemplateLM):
         for j, (_, kw) in enumerate(chunk):
             by_len.setdefault(int(kw.get("max_gen_toks", 256)), []).append(j)
         for n, idx in by_len.items():
-            rows = [self.tok_encode(chunk[j][0])[-(self.max_length - n):] for j in idx]
+            room = self.max_length - n  # prompt tokens that fit beside n new ones (the last ones are kept)
+            if room < 1:
+                raise ValueError(f"max_gen_toks={n} leaves no room for a prompt in {self.max_length} tokens")
+            rows = [self.tok_encode(chunk[j][0])[-room:] for j in idx]
             for j, r in zip(idx, generate(self.model, rows, max_new_tokens=n, stop_ids=(self.eot_token_id,)),
                             strict=True):
                 texts[j] = self.tokenizer.decode(r)

@@ -245,10 +245,15 @@ class Engine:
                 new.append((i, req))
         if not new:
             return
-        for i, req in new:
-            gen = None
-            if req.params.seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(req.params.seed)
+        for i, req in list(new):
+            try:
+                gen = None
+                if req.params.seed is not None:
+                    gen = torch.Generator(device=self.device).manual_seed(req.params.seed)
+            except (ValueError, RuntimeError, OverflowError) as e:  # this request's settings: fail it alone
+                req.emit("error", f"{type(e).__name__}: {e}")
+                new.remove((i, req))
+                continue
             text = Completer(self.runner.tokenizer, req.params, req.stop_strings, req.lstrip)
             self.slots[i] = _Slot(req, text, gen, pos=len(req.prompt_ids) - 1)
             if self._chunked(req):

@@ -26,7 +26,7 @@ EXPECTED = {
     "model": "a string", "prompt": "a string, a list of strings, a list of token ids or a list of lists of them",
     "temperature": "a number in [0, 2]", "top_p": "a number in (0, 1]", "top_k": "an integer >= -1",
     "max_tokens": "an integer >= 0", "max_completion_tokens": "an integer >= 0", "n": "an integer in [1, 16]",
-    "seed": "an integer", "stop": "a string or a list of up to 16 strings", "stream": "a boolean",
+    "seed": "a 64-bit integer", "stop": "a string or a list of up to 16 strings", "stream": "a boolean",
     "echo": "a boolean", "logprobs": "an integer in [0, 20] (a boolean for chat)",
     "top_logprobs": "an integer in [0, 20]", "ignore_eos": "a boolean", "presence_penalty": "0 (not supported)",
     "frequency_penalty": "0 (not supported)", "logit_bias": "empty (not supported)", "suffix": "null (not supported)",
@@ -38,8 +38,9 @@ EXPECTED = {
 def _depth(raw: bytes) -> int:
     """The deepest nesting of arrays/objects in a JSON text, brackets inside strings not counted (C-speed: the
     strings are cut out by a regular expression, then only brackets are kept)."""
-    brackets = re.sub(rb'"(?:[^"\\]|\\.)*"', b"", raw).translate(None, delete=bytes(
-        b for b in range(256) if b not in b"[]{}"))
+    # an unterminated string runs to the end (the optional closing quote keeps the match linear in its length)
+    strings_cut = re.sub(rb'"(?:[^"\\]|\\.)*"?', b"", raw)
+    brackets = strings_cut.translate(None, delete=bytes(b for b in range(256) if b not in b"[]{}"))
     return max(itertools.accumulate(1 if b in b"[{" else -1 for b in brackets), default=0)
 
 

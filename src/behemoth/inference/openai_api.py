@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import time
 from dataclasses import replace
 
 import tokenizers
 import torch
 
+from behemoth.data.token_bytes import TokenBytes
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.inference.engine import Engine, Request
 from behemoth.inference.openai_schema import (
@@ -272,22 +274,45 @@ class API:
         """Log-probabilities of the tokens `ids` (one `entries` item each, None for a prompt's first token);
         `start`: the offset in the choice's text where the text of `ids` begins."""
         offsets = self.offsets(ids, start)
+        tops = []
+        for e in entries:  # the token itself is always listed among its alternatives (k + 1 where it is not in the k)
+            top = None if e is None else self._top(e.top, as_id)
+            if top is not None:
+                top.setdefault(self.piece(e.id, as_id), e.logprob)
+            tops.append(top)
         return CompletionLogprobs(
             tokens=[self.piece(t, as_id) for t in ids],
             token_logprobs=[None if e is None else e.logprob for e in entries],
-            top_logprobs=[None if e is None else self._top(e.top, as_id) for e in entries],
-            text_offset=offsets)
+            top_logprobs=tops, text_offset=offsets)
 
     def offsets(self, ids: list[int], start: int) -> list[int]:
-        """The character offset where each token's text begins, counting from `start`."""
-        pieces = [self.tokenizer.decode([t]) for t in ids]
-        if "".join(pieces) == self.tokenizer.decode(ids):  # every token decodes on its own: running sums
-            out, at = [], start
-            for p in pieces:
-                out.append(at)
-                at += len(p)
-            return out
-        return [start + len(self.tokenizer.decode(ids[:i])) for i in range(len(ids))]  # split characters
+        """The character offset where each token's text begins, counting from `start`: the characters completed by
+        the bytes of the tokens before it (`data.token_bytes`), fed to an incremental UTF-8 decoder (linear in the
+        tokens). A tokenizer whose tokens do not spell bytes one by one falls back to decoding each prefix."""
+        table = self._byte_table()
+        if table is None:
+            return [start + len(self.tokenizer.decode(ids[:i])) for i in range(len(ids))]
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        out, at = [], start
+        for t in ids:
+            out.append(at)
+            at += len(decoder.decode(table[t] if t < len(table) else b""))
+        return out
+
+    def token_bytes(self, token: int) -> list[int]:
+        """The UTF-8 bytes a token adds to the text (part of a character for some byte-level tokens)."""
+        table = self._byte_table()
+        if table is None or token >= len(table):
+            return list(self.piece(token).encode("utf-8"))
+        return list(table[token])
+
+    def _byte_table(self) -> list[bytes] | None:
+        if not hasattr(self, "_table"):
+            try:
+                self._table = TokenBytes.of(self.tokenizer).table
+            except ValueError:  # a tokenizer whose tokens do not spell text one by one (WordPiece)
+                self._table = None
+        return self._table
 
     def completion_choice_logprobs(self, req: Request, done: Completion, prompt_text: str, echo: bool,
                                    as_id: bool = False) -> CompletionLogprobs | None:
@@ -307,8 +332,7 @@ class API:
 
     def chat_logprobs(self, entries: list[TokenLogprob], as_id: bool = False) -> ChatLogprobs:
         def info(t: int, lp: float) -> TopLogprob:
-            p = self.piece(t, as_id)
-            return TopLogprob(token=p, logprob=lp, bytes=list(p.encode("utf-8")))
+            return TopLogprob(token=self.piece(t, as_id), logprob=lp, bytes=self.token_bytes(t))
 
         return ChatLogprobs(content=[TokenLogprobInfo(**info(e.id, e.logprob).model_dump(),
                                                       top_logprobs=[info(t, lp) for t, lp in e.top])

@@ -309,18 +309,19 @@ async def _chat(api: API, body: ChatCompletionRequest, http: HTTPRequest):
         results = []
         for i, req in enumerate(reqs):
             yield chunk(i, {"role": "assistant", "content": ""})
-            seen = 0
+            seen, stop_ids = 0, set(req.params.stop_ids)
             async for kind, value in waiter.events(req, http):
                 lp = None
-                if req.top_logprobs is not None and kind == "text":
-                    new = req.sampled[seen:]
+                if req.top_logprobs is not None:  # the answer's tokens: what was sampled, less the stop token
+                    new = [e for e in req.sampled[seen:] if e.id not in stop_ids] if kind == "text" else \
+                        (value.token_logprobs or [])[seen:len(value.token_ids)]
                     seen += len(new)
-                    lp = api.chat_logprobs(new, body.return_tokens_as_token_ids).model_dump()
+                    lp = api.chat_logprobs(new, body.return_tokens_as_token_ids).model_dump() if new else None
                 if kind == "text":
                     yield chunk(i, {"content": value}, lp)
                 else:
                     results.append(value)
-                    yield chunk(i, {}, None, value.finish_reason)
+                    yield chunk(i, {}, lp, value.finish_reason)
         if body.stream_options and body.stream_options.include_usage:
             yield chunk(-1, {}, usage=api.usage([reqs[0].prompt_ids], results).model_dump())
 
