@@ -214,7 +214,10 @@ def summarize(runs: list[dict], teachers: dict) -> dict:
     return out
 
 
-def table(result: dict) -> str:
+def table(result: dict, labels: dict | None = None, teacher_labels: dict | None = None) -> str:
+    """The README's table (`labels`: a method's name in it, `teacher_labels`: a teacher's)."""
+    labels = labels or {}
+    teacher_labels = teacher_labels or {name: f"teacher (Qwen 2, {name} tokenizer)" for name in result["teachers"]}
     t, cost = result["teachers"], result.get("step_cost", {})
     lines = ["| student | bits/byte | exact match | gap recovered, bits/byte (per seed) | gap recovered, accuracy "
              "(per seed) | step cost vs scratch |", "|---|---|---|---|---|---|"]
@@ -224,10 +227,10 @@ def table(result: dict) -> str:
         g_b, g_a = (", ".join(f"{g:.0%}" for g in gaps.get(k, []) if g is not None) or "-"
                     for k in ("bits_per_byte", "accuracy"))
         c = f"{cost[m]['vs_scratch']:.2f}x ({cost[m]['median_ms']:.0f} ms)" if m in cost else "-"
-        lines.append(f"| {m} | {b['mean']:.4f} ± {b['std']:.4f} | {a['mean']:.1%} ± {a['std']:.1%} | {g_b} | {g_a} "
-                     f"| {c} |")
+        lines.append(f"| {labels.get(m, m)} | {b['mean']:.4f} ± {b['std']:.4f} | {a['mean']:.1%} ± {a['std']:.1%} | "
+                     f"{g_b} | {g_a} | {c} |")
     for name, v in t.items():
-        lines.append(f"| teacher (Qwen 2, {name} tokenizer) | {v['bits_per_byte']:.4f} | {v['accuracy']:.1%} | | | |")
+        lines.append(f"| {teacher_labels[name]} | {v['bits_per_byte']:.4f} | {v['accuracy']:.1%} | | | |")
     return "\n".join(lines)
 
 

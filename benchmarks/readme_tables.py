@@ -103,20 +103,10 @@ CROSS_TEACHERS = {"bpe": "teacher (Qwen 2, BPE)", "chars": "teacher (Qwen 2, cha
 
 
 def cross_family(d: dict) -> list[str]:
-    cost = d.get("step_cost", {})
-    rows = ["| student | bits/byte | exact match | gap recovered, bits/byte (per seed) | gap recovered, accuracy "
-            "(per seed) | step cost vs scratch |", "|---|---|---|---|---|---|"]
-    for m, row in d["summary"].items():
-        b, a = row["bits_per_byte"], row["accuracy"]
-        gaps = row.get("gap_recovered", {})
-        g_b, g_a = (", ".join(f"{g:.0%}" for g in gaps.get(k, []) if g is not None) or "-"
-                    for k in ("bits_per_byte", "accuracy"))
-        c = f"{cost[m]['vs_scratch']:.2f}x ({cost[m]['median_ms']:.0f} ms)" if m in cost else "-"
-        rows.append(f"| {CROSS_LABELS.get(m, m)} | {b['mean']:.4f} ± {b['std']:.4f} | {a['mean']:.1%} ± "
-                    f"{a['std']:.1%} | {g_b} | {g_a} | {c} |")
-    for name, v in d["teachers"].items():
-        rows.append(f"| {CROSS_TEACHERS.get(name, name)} | {v['bits_per_byte']:.4f} | {v['accuracy']:.1%} | | | |")
-    return rows
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cross_family as bench  # the benchmark's own table, with the README's labels
+
+    return bench.table(d, CROSS_LABELS, CROSS_TEACHERS).splitlines()
 
 
 TEACHING_LABELS = {"scratch": "scratch (no teacher)", "logit": "logit distillation (the demo's)",

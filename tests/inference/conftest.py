@@ -85,3 +85,21 @@ def hf_model_dir(tmp_path_factory):
     model.save_pretrained(d)
     llama4_style_tokenizer().save(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def server(char_model_dir):
+    """A live server (`make_server`) on 127.0.0.1 over the character model, model id "tiny", run in a thread:
+    (server, engine, runner)."""
+    import threading
+
+    from behemoth.inference.runner import Runner
+    from behemoth.inference.server import make_server
+
+    runner = Runner.load(char_model_dir)
+    srv, engine = make_server(runner, port=0, model_name="tiny", max_tokens_limit=1500, quiet=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv, engine, runner
+    srv.shutdown()
+    srv.server_close()
+    engine.close()

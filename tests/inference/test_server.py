@@ -12,24 +12,11 @@ import time
 
 import pytest
 
-from behemoth.inference.runner import Runner
 from behemoth.inference.sampling import SamplingParams
-from behemoth.inference.server import make_server
 
 openai = pytest.importorskip("openai")
 
 MODEL = "tiny"
-
-
-@pytest.fixture(scope="module")
-def server(char_model_dir):
-    runner = Runner.load(char_model_dir)
-    srv, engine = make_server(runner, port=0, model_name=MODEL, max_tokens_limit=1500, quiet=True)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv, engine, runner
-    srv.shutdown()
-    srv.server_close()
-    engine.close()
 
 
 @pytest.fixture(scope="module")

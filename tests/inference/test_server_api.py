@@ -7,29 +7,15 @@ from __future__ import annotations
 import http.client
 import json
 import math
-import threading
 
 import pytest
 import torch
 
 from behemoth.inference.http_guards import MAX_BODY, MAX_DEPTH
-from behemoth.inference.runner import Runner
-from behemoth.inference.server import make_server
 
 openai = pytest.importorskip("openai")
 
 MODEL = "tiny"
-
-
-@pytest.fixture(scope="module")
-def server(char_model_dir):
-    runner = Runner.load(char_model_dir)
-    srv, engine = make_server(runner, port=0, model_name=MODEL, max_tokens_limit=256, quiet=True)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield srv, engine, runner
-    srv.shutdown()
-    srv.server_close()
-    engine.close()
 
 
 def post(server, path: str, body, raw: bytes | None = None, headers=None):
