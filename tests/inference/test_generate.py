@@ -145,6 +145,8 @@ def test_sampling_follows_the_distribution():
     freq = torch.bincount(ids, minlength=4).float() / ids.numel()
     assert (freq - torch.softmax(logits[0] / 2.0, -1)).abs().max() < 0.015
     assert sample(logits[:2], SamplingParams()).tolist() == [0, 0]
+    tiny = SamplingParams(temperature=5e-324, top_p=5e-324)  # divides logits to infinity without the floor
+    assert sample(logits[:2], tiny, g).tolist() == [0, 0]
 
 
 def test_bad_options_and_lengths_are_refused():

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+MIN_TEMPERATURE = 1e-6  # logits of magnitude up to ~1e32 stay finite divided by it
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -58,10 +60,12 @@ def filter_logits(logits_BV: torch.Tensor, top_k: int | None, top_p: float) -> t
 
 
 def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids [B] (int64) from logits [B, V] of any dtype (computed in fp32)."""
+    """Next token ids [B] (int64) from logits [B, V] of any dtype (computed in fp32). A temperature below
+    `MIN_TEMPERATURE` samples as at it (already all but greedy): dividing by a far smaller one overflows fp32 to
+    inf, and the softmax of infinities is undefined."""
     logits_BV = logits_BV.float()
     if params.greedy:
         return logits_BV.argmax(-1)
-    logits_BV = filter_logits(logits_BV / params.temperature, params.top_k, params.top_p)
+    logits_BV = filter_logits(logits_BV / max(params.temperature, MIN_TEMPERATURE), params.top_k, params.top_p)
     probs_BV = torch.softmax(logits_BV, dim=-1)
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)

@@ -65,6 +65,10 @@ TIMEOUT_S = 600.0  # a request still unfinished after this is cancelled (503)
 # ---- the app --------------------------------------------------------------------------------------------------
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413)}
+# `"stream": true` answers with server-sent events: `data: {chunk}` lines (the JSON of a chunk, or of an error), then
+# `data: [DONE]`; the events' schema is not published
+STREAMED = {200: {"content": {"text/event-stream": {"schema": {
+    "description": "server-sent events: a JSON chunk per event, then [DONE]"}}}}} | ERRORS
 
 
 def make_app(api: API) -> BodyGuard:
@@ -110,11 +114,11 @@ def make_app(api: API) -> BodyGuard:
     async def detokenize(body: DetokenizeRequest):
         return api.detokenize(body)
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=STREAMED)
     async def completions(body: CompletionRequest, http: HTTPRequest):
         return await _completions(api, body, http)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAMED)
     async def chat(body: ChatCompletionRequest, http: HTTPRequest):
         return await _chat(api, body, http)
 
