@@ -18,7 +18,7 @@ from lm_eval.api.model import TemplateLM
 from torch import nn
 
 from behemoth.data.tokenizer import Tokenizer
-from behemoth.inference.generate import generate
+from behemoth.inference.generate import generate, padded
 
 
 class BehemothLM(TemplateLM):
@@ -89,12 +89,7 @@ class BehemothLM(TemplateLM):
 def _score(model: nn.Module, rows: list[list[int]], n_cont: list[int], device) -> list[tuple[float, bool]]:
     """(sum of the last n_cont tokens' log-probabilities, whether each is the argmax) for each row, from one
     right-padded forward pass; padding is at position -1 (seen by no query)."""
-    S = max(map(len, rows))
-    ids = torch.zeros(len(rows), S, dtype=torch.long, device=device)
-    pos = torch.full((len(rows), S), -1, dtype=torch.long, device=device)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)] = torch.tensor(r, device=device)
-        pos[b, :len(r)] = torch.arange(len(r), device=device)
+    ids, pos = padded(rows, device)
     logp = model.logits(model.hidden_states(ids, pos)).float().log_softmax(-1)
     out = []
     for b, (r, n) in enumerate(zip(rows, n_cont, strict=True)):

@@ -46,6 +46,20 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
 
 
+def padded(rows: list[list[int]], device: torch.device, starts: list[int] | None = None):
+    """Token rows right-padded into ids [B, S] and positions [B, S] (row b's at starts[b], starts[b] + 1, ...;
+    default 0), the padding at position -1, which no query sees and no cache keeps; S is at least 1."""
+    S = max(1, max(map(len, rows), default=0))
+    ids_BS = torch.zeros(len(rows), S, dtype=torch.long, device=device)
+    pos_BS = torch.full((len(rows), S), -1, dtype=torch.long, device=device)
+    for b, r in enumerate(rows):
+        if r:
+            start = starts[b] if starts is not None else 0
+            ids_BS[b, :len(r)] = torch.tensor(r, device=device)
+            pos_BS[b, :len(r)] = torch.arange(start, start + len(r), device=device)
+    return ids_BS, pos_BS
+
+
 def prefill(model: nn.Module, rows: list[list[int]], cache: KVCache,
             pixel_values: torch.Tensor | None = None, hidden: bool = False):
     """Run the prompts (right-padded, padding at position -1) into `cache`; logits [B, V] of each
@@ -54,12 +68,7 @@ def prefill(model: nn.Module, rows: list[list[int]], cache: KVCache,
     position (for scoring the prompt itself), as `(logits_BV, h_BSD)`."""
     device = cache.k[0].device
     lens_B = torch.tensor([len(r) for r in rows], device=device)
-    S = int(lens_B.max())
-    ids_BS = torch.zeros(len(rows), S, dtype=torch.long, device=device)
-    for b, r in enumerate(rows):
-        ids_BS[b, :len(r)] = torch.tensor(r, device=device)
-    pos_BS = torch.arange(S, device=device).expand(len(rows), S)
-    pos_BS = torch.where(pos_BS < lens_B[:, None], pos_BS, -1)
+    ids_BS, pos_BS = padded(rows, device)
     h_BSD = model.hidden_states(ids_BS, pos_BS, cache=cache, pixel_values=pixel_values)
     logits_BV = model.logits(h_BSD[torch.arange(len(rows), device=device), lens_B - 1])
     return (logits_BV, h_BSD) if hidden else logits_BV

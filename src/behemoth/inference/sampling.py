@@ -59,13 +59,16 @@ def filter_logits(logits_BV: torch.Tensor, top_k: int | None, top_p: float) -> t
     return logits_BV
 
 
+def distribution(logits_BV: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution [B, V] (fp32) a sampled token is drawn from: temperature, then top-k and top-p. A
+    temperature below `MIN_TEMPERATURE` counts as it (already all but greedy): dividing by a far smaller one
+    overflows fp32 to inf, and the softmax of infinities is undefined."""
+    logits_BV = logits_BV.float() / max(params.temperature, MIN_TEMPERATURE)
+    return torch.softmax(filter_logits(logits_BV, params.top_k, params.top_p), dim=-1)
+
+
 def sample(logits_BV: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids [B] (int64) from logits [B, V] of any dtype (computed in fp32). A temperature below
-    `MIN_TEMPERATURE` samples as at it (already all but greedy): dividing by a far smaller one overflows fp32 to
-    inf, and the softmax of infinities is undefined."""
-    logits_BV = logits_BV.float()
+    """Next token ids [B] (int64) from logits [B, V] of any dtype (computed in fp32)."""
     if params.greedy:
-        return logits_BV.argmax(-1)
-    logits_BV = filter_logits(logits_BV / max(params.temperature, MIN_TEMPERATURE), params.top_k, params.top_p)
-    probs_BV = torch.softmax(logits_BV, dim=-1)
-    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+        return logits_BV.float().argmax(-1)
+    return torch.multinomial(distribution(logits_BV, params), 1, generator=generator).squeeze(-1)

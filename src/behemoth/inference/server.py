@@ -250,7 +250,7 @@ async def _completions(api: API, body: CompletionRequest, http: HTTPRequest):
                                                                                     as_id),
                                             finish_reason=done.finish_reason))
         return CompletionResponse(id=rid, created=created, model=api.model_name, choices=choices,
-                                  usage=api.usage([ids[i // n] for i in range(0, len(reqs), n)], results))
+                                  usage=api.usage(ids, results))
 
     def chunk(i: int, text: str, logprobs=None, finish: str | None = None) -> CompletionResponse:
         return CompletionResponse(id=rid, created=created, model=api.model_name, choices=[
@@ -283,7 +283,7 @@ async def _completions(api: API, body: CompletionRequest, http: HTTPRequest):
                 elif text or lp is not None:
                     yield chunk(i, text, lp)
         if body.stream_options and body.stream_options.include_usage:
-            usage = api.usage([ids[i // n] for i in range(0, len(reqs), n)], results)
+            usage = api.usage(ids, results)
             yield CompletionResponse(id=rid, created=created, model=api.model_name, choices=[], usage=usage)
 
     return _stream(waiter, produce, http)

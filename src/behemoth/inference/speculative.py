@@ -37,9 +37,10 @@ from behemoth.inference.generate import (
     _model_device_dtype,
     _pooled_cache,
     decode_step,
+    padded,
     prefill,
 )
-from behemoth.inference.sampling import SamplingParams, filter_logits
+from behemoth.inference.sampling import SamplingParams, distribution
 
 
 @dataclass
@@ -68,8 +69,7 @@ class SpecStats:
 def probs(logits_NV: torch.Tensor, params: SamplingParams, vocab: int) -> torch.Tensor:
     """The distribution tokens are drawn from (fp32, [N, vocab]): temperature, top-k and top-p applied; a smaller
     vocabulary is padded with zeros."""
-    logits = filter_logits(logits_NV.float() / params.temperature, params.top_k, params.top_p)
-    p = torch.softmax(logits, dim=-1)
+    p = distribution(logits_NV, params)
     return p if p.shape[-1] == vocab else torch.nn.functional.pad(p, (0, vocab - p.shape[-1]))
 
 
@@ -101,13 +101,7 @@ class _Step:
 
     def run(self, tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
         """Logits [B, S, V] of each row's tokens at positions start, start + 1, ... (an empty row: none)."""
-        S = max(1, max(map(len, tokens)))
-        ids = torch.zeros(len(tokens), S, dtype=torch.long, device=self.device)
-        pos = torch.full((len(tokens), S), -1, dtype=torch.long, device=self.device)
-        for b, (t, p0) in enumerate(zip(tokens, starts, strict=True)):
-            if t:
-                ids[b, :len(t)] = torch.tensor(t, device=self.device)
-                pos[b, :len(t)] = torch.arange(p0, p0 + len(t), device=self.device)
+        ids, pos = padded(tokens, self.device, starts)
         return self.model.logits(self.model.hidden_states(ids, pos, cache=self.cache))
 
 
