@@ -100,3 +100,10 @@ def test_plan_serve_says_which_bound(capsys):
     assert p["hardware"]["hbm_tb_s"] == 4.0 and p["hardware"]["name"] == "H200 SXM"
     d = p["decode"]
     assert math.isclose(d["tokens_per_s_per_gpu"], 4 / d["seconds"] / 8)
+
+
+def test_a_bandwidth_must_be_positive(capsys):
+    args = ["plan", "--preset", "maverick", "--mode", "serve", "--gpus", "8", "--gpu-mem-gb", "80",
+            "--precision", "fp8"]
+    assert main(args + ["--hbm-tb-s", "-3"]) == 2 and "--hbm-tb-s=-3.0" in capsys.readouterr().err
+    assert main(args + ["--link-gb-s", "0"]) == 2 and "--link-gb-s=0.0" in capsys.readouterr().err

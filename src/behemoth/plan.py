@@ -72,7 +72,9 @@ class PlanRequest:
         for name, ok in (("mode", self.mode in ("train", "serve")), ("gpus", self.gpus >= 1),
                          ("gpu_mem_gb", self.gpu_mem_gb > 0), ("precision", self.precision in ("bf16", "fp8")),
                          ("context", self.context >= 1), ("batch", self.batch >= 1), ("tflops", self.tflops > 0),
-                         ("tokens", self.tokens is None or self.tokens > 0)):
+                         ("tokens", self.tokens is None or self.tokens > 0),
+                         ("hbm_tb_s", self.hbm_tb_s is None or self.hbm_tb_s > 0),
+                         ("link_gb_s", self.link_gb_s is None or self.link_gb_s > 0)):
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: not a valid value")
 
