@@ -7,12 +7,20 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup demo demo-seeds test test-all bench routing-ablation lint
+.PHONY: setup setup-dev demo demo-seeds test test-all bench routing-ablation lint
+# `setup`: torch and the package with its server, what the demo, `serve` and the benchmarks run on;
+# `setup-dev` adds the test and lint tools (transformers for the parity tests, the HTTP clients,
+# lm-evaluation-harness, ruff).
 setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q -e ".[serve]"
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
@@ -23,10 +31,10 @@ demo: setup
 demo-seeds: setup
 	$(BIN)/behemoth demo --out out/demo-seeds --force --seeds 3 --results benchmarks/results/demo_seeds_cpu.json
 
-test: setup
+test: setup-dev
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
 
-test-all: setup
+test-all: setup-dev
 	$(BIN)/python -m pytest -q
 
 bench: setup
@@ -36,7 +44,7 @@ bench: setup
 routing-ablation: setup
 	$(BIN)/python benchmarks/routing.py --jobs 2
 
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check src tests benchmarks
 
 # Every GPU figure in one run (benchmarks/gpu_check.py, under 8 minutes on one H100/H200). On a bare GPU
@@ -46,5 +54,5 @@ GPU_PYTHON ?= $(BIN)/python
 GPU_OUT ?= out/gpu-check
 GPU_ARGS ?=
 .PHONY: gpu-check
-gpu-check: $(if $(filter $(BIN)/python,$(GPU_PYTHON)),setup)
+gpu-check: $(if $(filter $(BIN)/python,$(GPU_PYTHON)),setup-dev)
 	PYTHONPATH=src$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) benchmarks/gpu_check.py --out $(GPU_OUT) $(GPU_ARGS)
