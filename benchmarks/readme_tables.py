@@ -175,13 +175,19 @@ def vision(runs: list[dict]) -> list[str]:
 
 
 def decode(d: dict) -> list[str]:
-    rows = ["| model | batch 1 | batch 8 |", "|---|---|---|"]
+    rows = ["| model | batch 1 | batch 8 | batch-1 floor (weights + cache bytes per token) | batch 1 / floor, eager / "
+            "compiled / transformers |", "|---|---|---|---:|---|"]
     for m in d["models"]:
         cells = []
         for run in m["runs"]:
             e, c, h = run["ours"], run["ours_compile"], run["hf"]
             cells.append(f"{e['decode_tok_s']:,.1f} / {c['decode_tok_s']:,.1f} / {h['decode_tok_s']:,.1f} "
                          f"({e['decode_speedup_vs_hf']:.2f}× / {c['decode_speedup_vs_hf']:.2f}×)")
+        f = m["bandwidth_floor"]
+        one = next(r for r in m["runs"] if r["batch"] == 1)
+        mib = (f["active_weight_bytes"] + f["cache_bytes"]) / 2**20
+        cells.append(f"{f['batch1_max_tok_s']:,.0f} tokens/s ({mib:.1f} MiB)")
+        cells.append(" / ".join(f"{one[k]['of_floor']:.2f}" for k in ("ours", "ours_compile", "hf")))
         rows.append(f"| {m['model']} | " + " | ".join(cells) + " |")
     return rows
 
@@ -218,10 +224,26 @@ def prefill_gap(d: dict) -> list[str]:
     return rows
 
 
+def prefix_reuse(d: dict) -> list[str]:
+    rows = ["| what | reuse | time to first token, first | median after the first | prompt tokens reused |",
+            "|---|---|---:|---:|---:|"]
+    for r in d["server"]:
+        rows.append(f"| {len(r['ttft_s'])} requests, a {d['system_tokens']:,}-token system prompt + "
+                    f"{d['question_tokens']} of their own | {'prefix cache' if r['prefix_cache_bytes'] else 'none'} | "
+                    f"{r['ttft_s'][0] * 1e3:,.0f} ms | {r['median_ttft_after_first_s'] * 1e3:,.0f} ms | "
+                    f"{r['reused_tokens']:,} |")
+    for r in d["chat"]:
+        rows.append(f"| chat, {len(r['ttft_s'])} turns ({r['prompt_tokens'][0]}-{r['prompt_tokens'][-1]:,} prompt "
+                    f"tokens) | {'cache kept across turns' if r['reuse'] else 'none'} | "
+                    f"{r['ttft_s'][0] * 1e3:,.0f} ms | "
+                    f"{r['median_ttft_after_first_s'] * 1e3:,.0f} ms | {sum(r['reused_tokens']):,} |")
+    return rows
+
+
 RENDERERS: dict[str, Callable] = {"presets": presets, "demo_seeds": demo_seeds, "cross_family": cross_family,
                                   "teaching": teaching, "routing": routing, "vision": vision, "decode": decode,
                                   "serve_roofline": serve_roofline, "speculative": speculative,
-                                  "prefill_gap": prefill_gap}
+                                  "prefill_gap": prefill_gap, "prefix_reuse": prefix_reuse}
 
 
 # ---- the README -----------------------------------------------------------------------------------------------

@@ -141,3 +141,30 @@ def test_the_harness_against_the_server_and_in_process(model_dir, tmp_path, caps
 def test_unknown_harness_task_is_one_line(model_dir, capsys):
     assert main(["eval", "--model", str(model_dir), "--problems", "7", "--lm-eval", "no_such_task"]) == 2
     assert "unknown task(s) no_such_task" in capsys.readouterr().err
+
+
+def test_generation_follows_the_tasks_sampling_settings(model_dir):
+    """gen_kwargs as transformers reads them: greedy unless do_sample (or a temperature without it) asks for sampling;
+    sampled continuations are seeded (the same twice) and differ from greedy ones; `until` cuts the text."""
+    from behemoth.checkpoint.model_dir import load_model
+    from behemoth.eval.harness_lm import BehemothLM
+
+    lm = BehemothLM(load_model(model_dir), Tokenizer.load(model_dir), batch_size=4)
+    greedy = lm._params({"max_gen_toks": 7, "until": ["\n"]})
+    assert greedy.temperature == 0 and greedy.max_new_tokens == 7
+    assert lm._params({"do_sample": False, "temperature": 0.8}).temperature == 0
+    hot = lm._params({"do_sample": True, "temperature": 5.0, "top_p": 0.9, "max_gen_toks": 12})
+    assert (hot.temperature, hot.top_p, hot.seed) == (5.0, 0.9, lm.seed)
+    chunk = [("Q: 3+4=?\nA:", {"max_gen_toks": 12}), ("Q: 3+4=?\nA:", {"do_sample": True, "temperature": 5.0,
+                                                                           "max_gen_toks": 12})]
+    a, b = lm._generate(chunk), lm._generate(chunk)
+    assert a == b and a[0] != a[1]
+
+    class Req:
+        def __init__(self, args):
+            self.args = args
+
+    text = lm._generate(chunk[:1])[0]
+    stop = text[len(text) // 2]
+    cut = lm.generate_until([Req((chunk[0][0], {"max_gen_toks": 12, "until": [stop]}))])[0]
+    assert cut == text[:text.find(stop)]

@@ -5,6 +5,7 @@ requests free their slots."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from behemoth.inference.engine import Engine, Request
 from behemoth.inference.runner import Runner
@@ -115,3 +116,88 @@ def test_chunked_prefill_gives_the_same_tokens_and_lets_others_decode_meanwhile(
             assert order[:first_long].count("short:text") >= 4
         engine.close()
     assert answers[None] == answers[64]
+
+
+def test_prefix_cache_hits_give_the_same_tokens_as_misses(runner):
+    """Requests sharing a long beginning (a system prompt crossing attention chunks of 32 tokens) and follow-ups that
+    extend an earlier prompt with its answer reuse the cached keys, and answer exactly as without the cache; images
+    and scored prompts take no prefix."""
+    from behemoth.data.tasks import make_problems
+
+    system = runner.encode_prompt("".join(p.text for p in make_problems("train", 3, seed=5)))
+    assert len(system) > 70
+    questions = [runner.encode_prompt(f"Q: {a}*7=?\nA:") for a in (3, 4, 5, 6)]
+    params = SamplingParams(max_new_tokens=10, stop_ids=())
+    results = {}
+    for budget in (0, 1 << 26):
+        engine = Engine(runner, max_batch=2, background=False, prefill_chunk=48, prefix_cache_bytes=budget)
+        got = []
+        first = engine.submit(Request(system + questions[0], params))
+        engine.run_until_done()
+        events = [first.events.get_nowait() for _ in range(first.events.qsize())]
+        done = events[-1][1]
+        got.append((done.text, done.finish_reason))
+        follow = system + questions[0] + done.token_ids + questions[1]
+        reqs = [engine.submit(Request(system + q, params)) for q in questions[1:]]  # the system prompt
+        reqs.append(engine.submit(Request(follow, params)))  # the first prompt and its answer
+        engine.run_until_done()
+        got += [answer(r) for r in reqs]
+        results[budget] = got
+        if budget:
+            st = engine.stats.prefix
+            assert st.hits == 4  # every request after the first
+            assert st.reused_tokens >= 3 * len(system) + len(system + questions[0]) + len(done.token_ids) - 1
+        engine.close()
+    assert results[0] == results[1 << 26]
+
+
+def test_prefix_cache_keeps_within_its_budget_and_prefers_the_longer_sequence(runner):
+    from behemoth.inference.cache import KVCache
+    from behemoth.inference.prefix_cache import PrefixCache
+
+    cfg = runner.model.config
+    one = KVCache(cfg, 1, 40).nbytes()
+    pc = PrefixCache(max_bytes=int(2.5 * one))
+    caches = []
+    for seed in range(3):
+        ids = [1 + (seed + t) % 30 for t in range(40)]
+        c = KVCache(cfg, 1, 40)
+        c.plan_extend(torch.arange(40)[None])  # positions 0..39 held (values are zeros: only bookkeeping here)
+        caches.append((ids, c))
+        pc.store(ids, c, 0)
+    assert len(pc.entries) == 2 and pc.stats.evicted == 1 and pc.nbytes <= pc.max_bytes
+    ids0 = caches[0][0]
+    assert pc.lookup(ids0 + [5])[0] == 0  # the oldest was evicted
+    ids2 = caches[2][0]
+    assert pc.lookup(ids2 + [5])[0] == 40 and pc.lookup(ids2)[0] == 39  # the last prompt token is always run
+    longer = KVCache(cfg, 1, 60)
+    longer.plan_extend(torch.arange(60)[None])
+    pc.store(ids2 + [7] * 20, longer, 0)  # extends the entry of ids2, which it replaces
+    assert len(pc.entries) <= 2 and all(len(e.ids) != 40 or e.ids[0] != ids2[0] for e in pc.entries.values())
+
+
+def test_reusable_prefix_respects_chunks(runner):
+    """A chunked layer keeps only its current chunk: reusing a row up to a point in an earlier chunk falls back to
+    that chunk's start; a row that stops early is reusable up to where it stops."""
+    from behemoth.inference.cache import CHUNKED, GLOBAL, KVCache
+
+    cfg = runner.model.config
+    C = cfg.attention_chunk_size
+    c = KVCache(cfg, 1, 4 * C)
+    c.plan_extend(torch.arange(2 * C + 5)[None])  # ran into the third chunk
+    for t in c.k:
+        t.copy_(torch.randn_like(t))
+    assert c.reusable(0, 2 * C + 3) == 2 * C + 3  # same chunk
+    assert c.reusable(0, C + 7) == C  # an earlier chunk: its keys are gone
+    assert c.reusable(0, 3 * C) == 2 * C + 5  # beyond what the row holds
+    other = KVCache(cfg, 1, 2 * C + 3)
+    other.load_prefix(0, c, 0, 2 * C + 3)
+    assert set(c.pos) == {CHUNKED, GLOBAL}  # the model has both kinds of layer
+    assert sorted(p for p in other.pos[GLOBAL][0].tolist() if p >= 0) == list(range(2 * C + 3))
+    assert sorted(p for p in other.pos[CHUNKED][0].tolist() if p >= 0) == list(range(2 * C, 2 * C + 3))
+    for layer, kind in enumerate(c.layer_kind):  # the keys moved with their positions
+        want = torch.arange(2 * C + 3) if kind == GLOBAL else torch.arange(2 * C, 2 * C + 3)
+        src = [(c.pos[kind][0] == p).nonzero()[0, 0] for p in want]
+        dst = [(other.pos[kind][0] == p).nonzero()[0, 0] for p in want]
+        assert torch.equal(other.k[layer][0, :, dst], c.k[layer][0, :, src])
+    assert other.reusable(0, 2 * C + 3) == 2 * C + 3

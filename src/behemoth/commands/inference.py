@@ -52,10 +52,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise UsageError(f"serve needs FastAPI and uvicorn ({e}): pip install 'behemoth[serve]'") from None
 
+    if args.prefix_cache_mb < 0:
+        raise UsageError(f"behemoth serve: error: --prefix-cache-mb {args.prefix_cache_mb}: must be >= 0")
     runner = _runner(args)
     server, engine = make_server(runner, args.host, args.port, max_batch=args.max_batch,
                                  max_tokens_limit=args.max_tokens_limit, model_name=args.name, max_len=args.max_len,
-                                 compile=args.compile, prefill_chunk=args.prefill_chunk or None)
+                                 compile=args.compile, prefill_chunk=args.prefill_chunk or None,
+                                 prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
     host, port = server.server_address[:2]
     print(f"serving {server.api.model_name} on http://{host}:{port}/v1 "
           f"(batch {args.max_batch}, context {engine.max_len}); Ctrl-C stops", flush=True)
@@ -147,6 +150,9 @@ def register(sub) -> None:
     s.add_argument("--prefill-chunk", type=int, default=2048,
                    help="prefill longer prompts this many tokens at a time, between decode steps of the running "
                         "requests (default 2048; 0: whole)")
+    s.add_argument("--prefix-cache-mb", type=float, default=1024,
+                   help="memory for the keys and values of earlier requests, reused by prompts that begin alike "
+                        "(a system prompt, a conversation's earlier turns); default 1024 MiB, 0: none")
     s.add_argument("--compile", action="store_true",
                    help="compile the decode step (CUDA graphs on GPU); the first request waits for compilation")
     s.set_defaults(fn=cmd_serve)

@@ -2,8 +2,10 @@
 when the harness is installed and asked for; see `harness.py`).
 
 Log-likelihoods come from batched, right-padded forward passes (fp32 log-softmax, as the server computes them);
-generation is greedy through `inference.generate`, cut at the harness's stop strings. Contexts are encoded as
-`behemoth eval` encodes prompts (`Tokenizer.encode`; `encode_prompt` where the harness asks for special tokens).
+generation goes through `inference.generate`, greedy unless the task's `gen_kwargs` ask for sampling (`do_sample`
+with `temperature`, `top_p`, `top_k`; seeded by `seed`), and is cut at the harness's stop strings (`until`).
+Contexts are encoded as `behemoth eval` encodes prompts (`Tokenizer.encode`; `encode_prompt` where the harness
+asks for special tokens).
 
 Shape legend: B rows, S positions, V vocabulary.
 """
@@ -19,12 +21,14 @@ from torch import nn
 
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.inference.generate import generate, padded
+from behemoth.inference.sampling import SamplingParams
 
 
 class BehemothLM(TemplateLM):
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, batch_size: int = 32, max_length: int | None = None):
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, batch_size: int = 32, max_length: int | None = None,
+                 seed: int = 1234):
         super().__init__()
-        self.model, self.tokenizer, self.batch_size = model.eval(), tokenizer, batch_size
+        self.model, self.tokenizer, self.batch_size, self.seed = model.eval(), tokenizer, batch_size, seed
         self.max_length = max_length or model.config.max_seq_len
         self._device = next(model.parameters()).device
 
@@ -69,20 +73,31 @@ class BehemothLM(TemplateLM):
         return out
 
     def _generate(self, chunk) -> list[str]:
-        """Greedy continuations of a chunk of (context, gen_kwargs), in groups of equal max_gen_toks."""
+        """Continuations of a chunk of (context, gen_kwargs), in groups of equal sampling settings."""
         texts: list[str] = [""] * len(chunk)
-        by_len: dict[int, list[int]] = {}
+        groups: dict[SamplingParams, list[int]] = {}
         for j, (_, kw) in enumerate(chunk):
-            by_len.setdefault(int(kw.get("max_gen_toks", 256)), []).append(j)
-        for n, idx in by_len.items():
-            room = self.max_length - n  # prompt tokens that fit beside n new ones (the last ones are kept)
+            groups.setdefault(self._params(kw), []).append(j)
+        for params, idx in groups.items():
+            room = self.max_length - params.max_new_tokens  # prompt tokens that fit beside the new ones (the last)
             if room < 1:
-                raise ValueError(f"max_gen_toks={n} leaves no room for a prompt in {self.max_length} tokens")
+                raise ValueError(f"max_gen_toks={params.max_new_tokens} leaves no room for a prompt in "
+                                 f"{self.max_length} tokens")
             rows = [self.tok_encode(chunk[j][0])[-room:] for j in idx]
-            for j, r in zip(idx, generate(self.model, rows, max_new_tokens=n, stop_ids=(self.eot_token_id,)),
-                            strict=True):
+            for j, r in zip(idx, generate(self.model, rows, params), strict=True):
                 texts[j] = self.tokenizer.decode(r)
         return texts
+
+    def _params(self, kw: dict) -> SamplingParams:
+        """The harness's gen_kwargs as sampling settings: greedy unless `do_sample` (or, without it, a temperature
+        above 0) asks otherwise, as transformers' generate reads them."""
+        n = int(kw.get("max_gen_toks", 256))
+        temperature = float(kw.get("temperature", 0.0) or 0.0)
+        sample = bool(kw.get("do_sample", temperature > 0))
+        if not sample or temperature == 0:
+            return SamplingParams(max_new_tokens=n, stop_ids=(self.eot_token_id,))
+        return SamplingParams(max_new_tokens=n, temperature=temperature, top_p=float(kw.get("top_p", 1.0) or 1.0),
+                              top_k=kw.get("top_k") or None, seed=self.seed, stop_ids=(self.eot_token_id,))
 
 
 @torch.no_grad()

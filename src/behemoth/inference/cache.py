@@ -19,6 +19,12 @@ prefill, a free slot in the server); it writes nothing that a later query of tha
 `load_row` replaces one row with a row of another cache (the server prefills newcomers together in a
 cache sized to their prompts, then moves each into its slot).
 
+A row's first n positions can be copied out (`extract`) and back into a row of any cache (`load_prefix`), by
+position rather than by slot, so caches of other sizes exchange them: the prefix cache and a chat's cache across
+turns keep conversations this way (`inference/prefix_cache.py`). `reusable(row, n)` says how much of a row a
+continuation at position n may keep: every global key before n, and for the chunked kind the keys of n's own chunk,
+which a row holds only if it last ran in that chunk (else the chunk's start, where no chunked key is needed).
+
 Speculative decoding writes keys it may take back: a verify step extends each row by k + 1 tokens, and on a
 rejection `truncate` empties the positions after the last accepted one. A cache made with `lookahead` = k keeps
 k more slots per chunked layer (C + k), and a multi-token step then keeps every token among the last L rather than
@@ -119,6 +125,48 @@ class KVCache:
             self.k[layer][row, :, :n] = src.k[layer][src_row]
             self.v[layer][row, :, :n] = src.v[layer][src_row]
         self.empty = False
+
+    def load_prefix(self, row: int, src: KVCache, src_row: int, n: int) -> None:
+        """Make row `row` hold what row `src_row` of `src` holds at positions below `n`, nothing else. Positions are
+        copied by value (a key at p goes to slot p % L here), so the two caches may differ in size; `n` must be
+        `src.reusable(src_row, n)` (the keys a continuation at n needs) and at most this cache's `max_len`."""
+        if n > self.max_len:
+            raise ValueError(f"load_prefix: {n} positions do not fit a cache of max_len={self.max_len}")
+        for kind, L in self.slots.items():
+            self.pos[kind][row].fill_(-1)
+            p_L = src.pos[kind][src_row]
+            keep = (p_L >= 0) & (p_L < n) & (p_L >= n - L)  # a ring of L slots keeps the last L positions
+            idx = torch.nonzero(keep, as_tuple=True)[0]
+            dst = p_L[idx].remainder(L)
+            self.pos[kind][row, dst] = p_L[idx]
+            for layer, k in enumerate(self.layer_kind):
+                if k == kind:
+                    self.k[layer][row, :, dst] = src.k[layer][src_row, :, idx].to(self.dtype)
+                    self.v[layer][row, :, dst] = src.v[layer][src_row, :, idx].to(self.dtype)
+        self.empty = False
+
+    def extract(self, row: int, n: int) -> KVCache:
+        """A one-row cache of `max_len` n holding row `row`'s positions below n (see `load_prefix`)."""
+        out = KVCache(self.config, 1, n, device=self.k[0].device, dtype=self.dtype)
+        out.load_prefix(0, self, row, n)
+        return out
+
+    def reusable(self, row: int, n: int) -> int:
+        """The most of row `row`'s first n positions a continuation can keep: the first global position the row
+        lacks, or n; then, if the row lacks a chunked key of that point's own chunk (it last ran in a later chunk),
+        the start of the chunk, where a chunked layer needs no earlier key."""
+        for kind in self.slots:
+            if self.chunk[kind] is None:
+                p_L = self.pos[kind][row]
+                present = torch.zeros(n + 1, dtype=torch.bool, device=p_L.device)
+                present[p_L[(p_L >= 0) & (p_L < n)]] = True
+                n = int(torch.argmin(present.to(torch.int8)))  # the first missing position (present[n] is False)
+        for kind in self.slots:
+            if self.chunk[kind] is not None:
+                p_L, start = self.pos[kind][row], n // self.chunk[kind] * self.chunk[kind]
+                if int(((p_L >= start) & (p_L < n)).sum()) < n - start:
+                    n = start
+        return n
 
     def truncate(self, lengths_B: list[int] | torch.Tensor) -> None:
         """Forget every key at position >= `lengths_B[b]` in row b (a speculative step's rejected tokens): their

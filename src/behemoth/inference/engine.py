@@ -20,6 +20,11 @@ complete: a long prompt then delays a decode step by one chunk's work at most, a
 by the chunk, not by its length (prompts with images, or whose log-probabilities are asked for, are prefilled
 whole).
 
+With `prefix_cache_bytes`, the engine keeps the keys and values of the sequences it ran (each prompt after its
+prefill, each prompt with its answer when it finishes) in a `PrefixCache`, and a newcomer copies the longest
+prefix it shares with one of them into its row and prefills only the rest (`EngineStats.prefix` counts the
+tokens reused).
+
 `Engine(..., background=False)` runs no thread: the caller submits requests and drives the same loop with
 `run_until_done()` (batch work such as `behemoth synthesize`). Slots are then filled strictly in submission
 order, so the same requests give the same batches, and with seeded requests the same tokens, run after run.
@@ -42,6 +47,7 @@ import torch
 
 from behemoth.inference.cache import KVCache
 from behemoth.inference.generate import compiled_decode_step, decode_step, prefill
+from behemoth.inference.prefix_cache import PrefixCache, PrefixStats
 from behemoth.inference.runner import Runner
 from behemoth.inference.sampling import SamplingParams, sample
 from behemoth.inference.text import Completer, TokenLogprob
@@ -101,6 +107,7 @@ class _Slot:
     last: int = 0  # the latest sampled token: the next decode step runs it
     logprob: float = 0.0  # the sampled tokens' summed log-probabilities (requests with `logprobs`)
     prefill: _Prefill | None = None  # while its prompt is prefilled in chunks: not decoded yet
+    tokens: list[int] = field(default_factory=list)  # the tokens sampled so far
 
 
 @dataclass
@@ -111,15 +118,17 @@ class EngineStats:
     steps: int = 0
     max_active: int = 0  # the most requests ever decoded in one step
     positions: int = 0  # positions the model computed: prefills (padded to their longest prompt) and decode slots
+    prefix: PrefixStats | None = None  # the prefix cache's lookups, hits and reused tokens (None: no prefix cache)
 
 
 class Engine:
     def __init__(self, runner: Runner, max_batch: int = 8, max_len: int | None = None, compile: bool = False,
-                 background: bool = True, prefill_chunk: int | None = None):
+                 background: bool = True, prefill_chunk: int | None = None, prefix_cache_bytes: int = 0):
         """`max_len`: the context of each slot, allocated up front for every NoPE layer (default: the
         model's max_seq_len up to `DEFAULT_CONTEXT`; Scout's 10M would not fit in any memory). `background`
         False: no thread, the caller runs the loop (`run_until_done`). `prefill_chunk`: prefill longer prompts a
-        chunk of this many tokens at a time (module docstring); None: whole."""
+        chunk of this many tokens at a time (module docstring); None: whole. `prefix_cache_bytes`: keep the keys and
+        values of sequences run before within this budget, for prompts that begin alike (0: no prefix cache)."""
         if max_batch < 1 or (max_len is not None and max_len < 1) or (prefill_chunk is not None and prefill_chunk < 1):
             raise ValueError(f"max_batch={max_batch}, max_len={max_len} and prefill_chunk={prefill_chunk} must be "
                              ">= 1")
@@ -136,7 +145,8 @@ class Engine:
         self._decode = compiled_decode_step(self.cache) if compile else decode_step
         self.slots: list[_Slot | None] = [None] * max_batch
         self.waiting: queue.Queue[Request] = queue.Queue()
-        self.stats = EngineStats()
+        self.prefix = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.stats = EngineStats(prefix=self.prefix.stats if self.prefix is not None else None)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="behemoth-engine", daemon=True) if background else None
@@ -227,6 +237,7 @@ class Engine:
             if b < len(ids):
                 return
             logits_1V = self.runner.model.logits(h_1SD[:, -1])
+        self._store(s.request, ids, pf.cache, 0)
         self.cache.load_row(i, pf.cache, 0)
         s.prefill = None
         self._prefilling.pop(0)
@@ -257,27 +268,37 @@ class Engine:
             text = Completer(self.runner.tokenizer, req.params, req.stop_strings, req.lstrip)
             self.slots[i] = _Slot(req, text, gen, pos=len(req.prompt_ids) - 1)
             if self._chunked(req):
-                self.slots[i].prefill = _Prefill(KVCache(self.runner.model.config, 1, len(req.prompt_ids),
-                                                         device=self.device, dtype=self.cache.dtype))
+                cache = KVCache(self.runner.model.config, 1, len(req.prompt_ids), device=self.device,
+                                dtype=self.cache.dtype)
+                hit, snapshot = self._lookup(req)
+                if hit:
+                    cache.load_prefix(0, snapshot, 0, hit)
+                self.slots[i].prefill = _Prefill(cache, done=hit)
                 self._prefilling.append(i)
         new = [(i, req) for i, req in new if self.slots[i].prefill is None]
         if not new:
             return
-        prompts = [req.prompt_ids for _, req in new]
+        hits = [self._lookup(req) for _, req in new]
+        rows = [req.prompt_ids[n:] for (_, req), (n, _) in zip(new, hits, strict=True)]
         tiles = [req.pixel_values for _, req in new if req.pixel_values is not None]
-        fresh = KVCache(self.runner.model.config, len(new), max(map(len, prompts)), device=self.device,
-                        dtype=self.cache.dtype)
-        self.stats.positions += len(new) * max(map(len, prompts))
+        fresh = KVCache(self.runner.model.config, len(new), max(len(req.prompt_ids) for _, req in new),
+                        device=self.device, dtype=self.cache.dtype)
+        for j, (n, snapshot) in enumerate(hits):
+            if n:
+                fresh.load_prefix(j, snapshot, 0, n)
+        self.stats.positions += len(new) * max(map(len, rows))
         score = any(req.prompt_logprobs for _, req in new)
         with torch.no_grad():
-            out = prefill(self.runner.model, prompts, fresh, torch.cat(tiles).to(self.device) if tiles else None,
-                          hidden=score)
+            out = prefill(self.runner.model, rows, fresh, torch.cat(tiles).to(self.device) if tiles else None,
+                          hidden=score, starts=[n for n, _ in hits])
             logits_nV, h_nSD = out if score else (out, None)
             logp_nV = _logprobs(logits_nV, [req for _, req in new])
             for j, (_, req) in enumerate(new):
                 if req.prompt_logprobs:
                     req.prompt_scores = score_tokens(self.runner.model, h_nSD[j, :len(req.prompt_ids)],
                                                         req.prompt_ids, req.top_logprobs or 0)
+        for j, (_, req) in enumerate(new):
+            self._store(req, req.prompt_ids, fresh, j)
         for j, (i, req) in enumerate(new):
             if req.params.max_new_tokens == 0:  # scoring only
                 self._finish(i)
@@ -285,6 +306,18 @@ class Engine:
             self.cache.load_row(i, fresh, j)
             t = int(sample(logits_nV[j:j + 1], req.params, self.slots[i].generator))
             self._deliver(i, t, None if logp_nV is None else logp_nV[j])
+
+    def _lookup(self, req: Request) -> tuple[int, KVCache | None]:
+        """The prefix of `req`'s prompt held by the prefix cache: (tokens, snapshot), or (0, None). Prompts with
+        images, and prompts whose every token is scored (their hidden states come from the prefill), take none."""
+        if self.prefix is None or req.pixel_values is not None or req.prompt_logprobs:
+            return 0, None
+        return self.prefix.lookup(req.prompt_ids)
+
+    def _store(self, req: Request, ids: list[int], cache: KVCache, row: int) -> None:
+        """Keep `cache`'s row `row`, which holds `ids`, in the prefix cache (never a prompt with images)."""
+        if self.prefix is not None and req.pixel_values is None and len(ids) > 1:
+            self.prefix.store(ids, cache, row)
 
     def _next_request(self) -> Request | None:
         while True:
@@ -328,6 +361,7 @@ class Engine:
             if req.top_logprobs is not None:
                 req.sampled.append(TokenLogprob(token, logprob, _top(logp_V[None], req.top_logprobs)[0]))
         self.stats.tokens += 1
+        s.tokens.append(token)
         piece = s.text.push(token)
         if piece:
             req.emit("text", piece)
@@ -337,6 +371,8 @@ class Engine:
 
     def _finish(self, i: int) -> None:
         s = self.slots[i]
+        if s.prefill is None and s.tokens:  # the row holds the prompt and every sampled token but the last
+            self._store(s.request, s.request.prompt_ids + s.tokens[:-1], self.cache, i)
         rest = s.text.finish()
         if rest:
             s.request.emit("text", rest)

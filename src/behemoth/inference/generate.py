@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -61,14 +62,15 @@ def padded(rows: list[list[int]], device: torch.device, starts: list[int] | None
 
 
 def prefill(model: nn.Module, rows: list[list[int]], cache: KVCache,
-            pixel_values: torch.Tensor | None = None, hidden: bool = False):
+            pixel_values: torch.Tensor | None = None, hidden: bool = False, starts: list[int] | None = None):
     """Run the prompts (right-padded, padding at position -1) into `cache`; logits [B, V] of each
     row's last prompt token. `pixel_values`: the image tiles of all prompts, in order (their features
     fill the `<|patch|>` tokens row by row). `hidden`: also return the final hidden states [B, S, D] of every
-    position (for scoring the prompt itself), as `(logits_BV, h_BSD)`."""
+    position (for scoring the prompt itself), as `(logits_BV, h_BSD)`. `starts`: row b's tokens continue at
+    position starts[b] (its cache row already holding the positions before; default 0)."""
     device = cache.k[0].device
     lens_B = torch.tensor([len(r) for r in rows], device=device)
-    ids_BS, pos_BS = padded(rows, device)
+    ids_BS, pos_BS = padded(rows, device, starts)
     h_BSD = model.hidden_states(ids_BS, pos_BS, cache=cache, pixel_values=pixel_values)
     logits_BV = model.logits(h_BSD[torch.arange(len(rows), device=device), lens_B - 1])
     return (logits_BV, h_BSD) if hidden else logits_BV
@@ -91,6 +93,46 @@ def compiled_decode_step(cache: KVCache) -> Callable:
     return torch.compile(decode_step, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
+@dataclass
+class CacheSession:
+    """One conversation's KV cache, kept from one call of `token_steps` to the next (`behemoth chat`): a call whose
+    prompt begins with what the cache holds (the earlier turns and answers) prefills only the rest. The cache
+    grows by doubling when a turn needs more room. `reused`: the prompt tokens the latest call did not prefill."""
+
+    cache: KVCache | None = None
+    ids: list[int] = field(default_factory=list)  # the tokens the cache held after the latest prefill
+    ran: list[torch.Tensor] = field(default_factory=list)  # [1] tokens decoded into it since (kept on the device)
+    reused: int = 0
+
+    def held(self) -> list[int]:
+        """The tokens whose keys the cache holds, positions 0.. in order."""
+        return self.ids + [int(t) for t in self.ran]
+
+    def clear(self) -> None:
+        self.cache, self.ids, self.ran, self.reused = None, [], [], 0
+
+    def prepare(self, model: nn.Module, row: list[int], max_len: int, device: torch.device,
+                dtype: torch.dtype) -> tuple[KVCache, int]:
+        """(cache, n): a cache of at least `max_len` positions holding the first n tokens of `row` (n < len(row)),
+        the longest beginning shared with what it held that a continuation can reuse."""
+        held, n = self.held(), 0
+        if self.cache is not None:
+            m = min(len(held), len(row) - 1)
+            n = next((i for i in range(m) if held[i] != row[i]), m)
+            n = self.cache.reusable(0, n)
+        if self.cache is None or self.cache.max_len < max_len or self.cache.dtype != dtype:
+            size = min(max(max_len, 2 * (self.cache.max_len if self.cache is not None else 0)),
+                       model.config.max_seq_len)
+            grown = KVCache(model.config, 1, size, device=device, dtype=dtype)
+            if n:
+                grown.load_prefix(0, self.cache, 0, n)
+            self.cache = grown
+        else:
+            self.cache.truncate([n])
+        self.ids, self.ran, self.reused = list(row), [], n
+        return self.cache, n
+
+
 # compiled generation: one cache and compiled step per (model, rows, length bucket, device, dtype), kept while the
 # model lives and reset in place for each call, so that a second call with the same shapes compiles nothing new
 _POOL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -111,7 +153,8 @@ def _pooled_cache(model: nn.Module, rows: int, max_len: int, device: torch.devic
 @torch.no_grad()  # on a generator function, torch applies it around each step, not while the caller runs
 def token_steps(model: nn.Module, prompts: Prompts, params: SamplingParams,
                 cache_dtype: torch.dtype | None = None, compile: bool = False,
-                pixel_values: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+                pixel_values: torch.Tensor | None = None,
+                session: CacheSession | None = None) -> Iterator[torch.Tensor]:
     """Yield each step's new token of every row, [B] on the model's device (rows that stopped keep
     going; the caller decides what to keep). At most `params.max_new_tokens` steps.
 
@@ -119,6 +162,9 @@ def token_steps(model: nn.Module, prompts: Prompts, params: SamplingParams,
     synchronisation (the MoE gathers its experts' weights instead of reading ids on the host), and
     on CUDA captured as a CUDA graph ("reduce-overhead"). Compilation takes seconds to a minute
     the first time for each batch size and cache bucket.
+
+    `session` (one prompt, eager, no images): keep the cache in it and reuse what it held for a prompt that begins
+    alike (`CacheSession`).
     """
     rows = _as_lists(prompts)
     V = model.config.vocab_size
@@ -131,16 +177,25 @@ def token_steps(model: nn.Module, prompts: Prompts, params: SamplingParams,
                          f"{model.config.max_seq_len}")
     if params.max_new_tokens == 0:
         return
-    if compile:  # cache sizes in buckets of 256 and one cache per shape, so that later calls reuse the compiled step
+    if session is not None and (compile or pixel_values is not None or len(rows) != 1):
+        raise ValueError("a cache session takes one text prompt, eager")
+    start = 0
+    if session is not None:
+        cache, start = session.prepare(model, rows[0], max_len, device, cache_dtype or dtype)
+        step = decode_step
+    elif compile:  # cache sizes in buckets of 256 and one cache per shape, so that later calls reuse the compiled step
         max_len = min(-(-max_len // COMPILE_BUCKET) * COMPILE_BUCKET, model.config.max_seq_len)
         cache, step = _pooled_cache(model, len(rows), max_len, device, cache_dtype or dtype)
     else:
         cache, step = KVCache(model.config, len(rows), max_len, device=device, dtype=cache_dtype or dtype), decode_step
     gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    next_B = sample(prefill(model, rows, cache, pixel_values), params, gen)
+    next_B = sample(prefill(model, [r[start:] for r in rows], cache, pixel_values, starts=[start] * len(rows)),
+                    params, gen)
     pos_B = torch.tensor([len(r) for r in rows], device=device)
     yield next_B
     for _ in range(params.max_new_tokens - 1):
+        if session is not None:
+            session.ran.append(next_B)
         next_B = sample(step(model, next_B, pos_B, cache), params, gen)
         pos_B = pos_B + 1
         yield next_B

@@ -13,6 +13,7 @@ from typing import TextIO
 
 import torch
 
+from behemoth.inference.generate import CacheSession
 from behemoth.inference.runner import Draft, Runner
 from behemoth.inference.sampling import SamplingParams
 from behemoth.inference.text import Completion
@@ -91,9 +92,13 @@ def _print_stream(pieces: Generator[str, None, Completion], out: TextIO) -> Comp
 def chat_loop(runner: Runner, params: SamplingParams, system: str | None = None,
               read: Callable[[str], str] = input, out: TextIO | None = None,
               err: TextIO | None = None) -> list[dict]:
-    """Read user turns until EOF or /exit; stream each answer; keep the conversation. Returns it."""
+    """Read user turns until EOF or /exit; stream each answer; keep the conversation. Returns it.
+
+    The conversation's KV cache is kept from turn to turn (`CacheSession`), so a turn prefills only what is new
+    since the last: its own message and the template around it (a conversation with images is prefilled whole)."""
     out, err = out or sys.stdout, err or sys.stderr
     history: list[dict] = []
+    session = CacheSession()
     pending: list[tuple[list[int], torch.Tensor]] = []  # images for the next user message
     pixels: list[torch.Tensor] = []  # every image of the conversation, in order
     err.write(f"chatting with {runner.name} ({runner.chat.name} format). {HELP}\n")
@@ -110,6 +115,7 @@ def chat_loop(runner: Runner, params: SamplingParams, system: str | None = None,
             return history
         if cmd == "/reset":
             history, pending, pixels = [], [], []
+            session.clear()
             err.write("(conversation cleared)\n")
             continue
         if cmd.startswith("/image"):
@@ -138,10 +144,14 @@ def chat_loop(runner: Runner, params: SamplingParams, system: str | None = None,
             continue
         turn = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, room),
                                  "stop_ids": params.stop_ids + runner.chat.stop_ids})
+        if turn_pixels:
+            session.clear()
         t0 = time.perf_counter()
         done = _print_stream(runner.stream(ids, turn, runner.chat.stop_strings, lstrip=True,
-                                           pixel_values=torch.cat(turn_pixels) if turn_pixels else None), out)
+                                           pixel_values=torch.cat(turn_pixels) if turn_pixels else None,
+                                           session=None if turn_pixels else session), out)
         n = len(done.token_ids)
-        err.write(f"[{n} tokens, {n / max(time.perf_counter() - t0, 1e-9):.1f} tokens/s]\n")
+        reused = f", {session.reused} of {len(ids)} prompt tokens reused" if session.reused else ""
+        err.write(f"[{n} tokens, {n / max(time.perf_counter() - t0, 1e-9):.1f} tokens/s{reused}]\n")
         history += [user, {"role": "assistant", "content": done.text}]
         pixels, pending = turn_pixels, []

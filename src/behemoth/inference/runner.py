@@ -22,7 +22,7 @@ from behemoth.data.image_text import encode_image
 from behemoth.data.images import PATCH, load_image
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.inference.chat import ChatFormat, chat_format
-from behemoth.inference.generate import generate, token_steps
+from behemoth.inference.generate import CacheSession, generate, token_steps
 from behemoth.inference.sampling import SamplingParams
 from behemoth.inference.speculative import SpecStats, speculative_generate
 from behemoth.inference.text import Completer, Completion
@@ -146,10 +146,12 @@ class Runner:
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
                stop_strings: Sequence[str] = (), lstrip: bool = False, compile: bool = False,
-               pixel_values: torch.Tensor | None = None) -> Iterator[str]:
-        """One prompt, text pieces as they become final; `StopIteration.value` is the `Completion`."""
+               pixel_values: torch.Tensor | None = None, session: CacheSession | None = None) -> Iterator[str]:
+        """One prompt, text pieces as they become final; `StopIteration.value` is the `Completion`. `session`: keep
+        the cache there, reusing what it held for a prompt that begins alike (a conversation's next turn)."""
         done = Completer(self.tokenizer, params, tuple(stop_strings), lstrip)
-        for next_B in token_steps(self.model, [prompt_ids], params, compile=compile, pixel_values=pixel_values):
+        for next_B in token_steps(self.model, [prompt_ids], params, compile=compile, pixel_values=pixel_values,
+                                  session=session):
             piece = done.push(int(next_B[0]))
             if piece:
                 yield piece
