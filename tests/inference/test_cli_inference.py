@@ -91,3 +91,15 @@ def test_bad_input_is_one_line(run_dir, argv, needle, capsys):
 def test_run_dir_without_checkpoints_is_refused(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "neither a model directory" in capsys.readouterr().err
+
+
+def test_generate_reads_long_prompts_from_files_and_prefills_them_in_chunks(run_dir, tmp_path, capsys):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Q: 12+7=?\nA: #### 19\n" * 30 + "Q: 3+4=?\nA:")
+    args = ["generate", "--model", str(run_dir), "--max-new-tokens", "6", "--prompt-file", str(prompt)]
+    assert main(args + ["--prefill-chunk", "64"]) == 0
+    chunked = capsys.readouterr().out
+    assert main(args + ["--prefill-chunk", "0"]) == 0
+    assert capsys.readouterr().out == chunked
+    assert main(["generate", "--model", str(run_dir), "--prompt-file", str(tmp_path / "nope.txt")]) == 2
+    assert "--prompt-file" in capsys.readouterr().err

@@ -246,3 +246,16 @@ def test_a_prefilled_row_moves_into_a_larger_cache():
             pos = torch.tensor([-1, -1, t])
             out = model(ids[:, None], pos[:, None], cache=big)[2, 0]
             assert (out - ref[t]).abs().max() < 1e-5, t
+
+
+@pytest.mark.parametrize("cfg", [DEBUG, SCOUT_LIKE], ids=["debug", "scout-like"])
+def test_chunked_prefill_equals_whole(cfg):
+    """Prompts of different lengths prefilled 24 tokens at a time (across attention chunks of 16 and 32): the same
+    last-token logits as one whole prefill (fp32), and the same generated tokens."""
+    model = build_model(cfg).eval()
+    rows = _prompts([70, 9, 48], cfg.vocab_size)
+    with torch.no_grad():
+        whole = prefill(model, rows, KVCache(cfg, 3, 90))
+        pieces = prefill(model, rows, KVCache(cfg, 3, 90), chunk=24)
+    torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-5)
+    assert generate(model, rows, max_new_tokens=12, prefill_chunk=24) == generate(model, rows, max_new_tokens=12)

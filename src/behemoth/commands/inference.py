@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -26,6 +27,16 @@ def _sampling(args: argparse.Namespace, runner, chat: bool):
 def cmd_generate(args: argparse.Namespace) -> None:
     from behemoth.inference.interactive import run_generate
 
+    if args.prefill_chunk < 0:
+        raise UsageError(f"behemoth generate: error: --prefill-chunk {args.prefill_chunk}: must be >= 0")
+    prompts = list(args.prompt)
+    for path in args.prompt_file:
+        try:
+            prompts.append(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"behemoth generate: error: --prompt-file {path}: {e.strerror or e}") from None
+    if not prompts:
+        raise UsageError("behemoth generate: error: give a --prompt or a --prompt-file")
     runner = _runner(args)
     draft = None
     if args.draft:
@@ -35,8 +46,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise UsageError(f"behemoth generate: error: --draft-k {args.draft_k}: must be in [1, 16]")
         draft = Draft.load(args.draft, runner, k=args.draft_k, adaptive=args.draft_adaptive,
                            k_max=max(args.draft_k, 8))
-    run_generate(runner, args.prompt, _sampling(args, runner, args.chat), tuple(args.stop), chat=args.chat,
-                 system=args.system, stream=args.stream, compile=args.compile, images=args.image, draft=draft)
+    run_generate(runner, prompts, _sampling(args, runner, args.chat), tuple(args.stop), chat=args.chat,
+                 system=args.system, stream=args.stream, compile=args.compile, images=args.image, draft=draft,
+                 prefill_chunk=args.prefill_chunk or None)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -114,7 +126,9 @@ def _add_sampling_args(s: argparse.ArgumentParser, max_new: int) -> None:
 def _add_generate(sub) -> None:
     s = sub.add_parser("generate", help="complete prompts (raw text, or --chat for a user turn)")
     _add_model_args(s)
-    s.add_argument("--prompt", action="append", required=True, help="the prompt; repeat for a batch")
+    s.add_argument("--prompt", action="append", default=[], help="the prompt; repeat for a batch")
+    s.add_argument("--prompt-file", action="append", default=[],
+                   help="a file whose text is a prompt (long prompts); repeatable, after the --prompt ones")
     _add_sampling_args(s, 128)
     s.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the chat format as a user message")
@@ -127,6 +141,9 @@ def _add_generate(sub) -> None:
     s.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per step (default 4)")
     s.add_argument("--draft-adaptive", action="store_true",
                    help="adapt k to the running acceptance rate (--draft-k is the first k, 8 the most)")
+    s.add_argument("--prefill-chunk", type=int, default=2048,
+                   help="prefill prompts this many tokens at a time: activations bounded by the chunk, not the prompt "
+                        "(default 2048; 0: whole)")
     s.set_defaults(fn=cmd_generate)
 
 

@@ -108,6 +108,7 @@ class KVCache:
                     for kind, n in self.slots.items()}
         self.was_empty = False
         self.empty = True  # known to hold nothing: a prefill can skip reading it
+        self._read: dict[bool, int] = {}  # slots of each kind a multi-token step reads (`begin`)
 
     def load_row(self, row: int, src: KVCache, src_row: int) -> None:
         """Make row `row` hold exactly what row `src_row` of `src` holds (the rest of the row empty).
@@ -195,8 +196,9 @@ class KVCache:
         """Start a forward over new tokens at `pos_BS` [B, S]: (decode?, write plans, key positions).
 
         One token per row is a decode step: keys come from the cache alone, [B, L]. More tokens (a
-        prefill, or extending a conversation) attend to the old cache plus themselves, [B, L + S],
-        or to themselves alone when the cache is known empty, [B, S].
+        prefill, or extending a conversation) attend to the old cache plus themselves, [B, n + S], where n
+        is the kind's slots up to the last one any row uses (a chunked prefill into a long cache reads what is
+        filled so far, not the whole allocation), or to themselves alone when the cache is known empty, [B, S].
         """
         if pos_BS.shape[0] != self.batch_size:
             raise ValueError(f"KVCache has {self.batch_size} rows, the input {pos_BS.shape[0]}")
@@ -204,7 +206,9 @@ class KVCache:
             plans = self.plan_decode(pos_BS)
             return True, plans, dict(self.pos)
         self.was_empty = self.empty
-        key_pos = {kind: pos_BS if self.was_empty else torch.cat([p, pos_BS], dim=1) for kind, p in self.pos.items()}
+        self._read = {kind: 0 if self.was_empty else _extent(p) for kind, p in self.pos.items()}
+        key_pos = {kind: pos_BS if self.was_empty else torch.cat([p[:, :self._read[kind]], pos_BS], dim=1)
+                   for kind, p in self.pos.items()}
         return False, self.plan_extend(pos_BS), key_pos
 
     # ---- where new keys go ------------------------------------------------------------------------
@@ -256,7 +260,7 @@ class KVCache:
         """Store one layer's planned new keys/values; return the keys/values its queries attend to.
 
         decode: the cache itself after the write, [B, G, L, H] (its positions were updated by
-        `plan_decode`). Otherwise the old cache followed by the new tokens, [B, G, L + S, H] (or just
+        `plan_decode`). Otherwise the old cache's used slots followed by the new tokens, [B, G, n + S, H] (or just
         the new tokens when the cache is known empty), read before the write.
         """
         if decode:
@@ -265,11 +269,18 @@ class KVCache:
         if self.was_empty:
             k_all, v_all = k_BGSH, v_BGSH
         else:
-            k_all = torch.cat([self.k[layer].to(k_BGSH.dtype), k_BGSH], dim=2)
-            v_all = torch.cat([self.v[layer].to(v_BGSH.dtype), v_BGSH], dim=2)
+            n = self._read[self.layer_kind[layer]]
+            k_all = torch.cat([self.k[layer][:, :, :n].to(k_BGSH.dtype), k_BGSH], dim=2)
+            v_all = torch.cat([self.v[layer][:, :, :n].to(v_BGSH.dtype), v_BGSH], dim=2)
         self._write(layer, plan, k_BGSH, v_BGSH)
         return k_all, v_all
 
     def _write(self, layer: int, plan: WritePlan, k_BGSH: torch.Tensor, v_BGSH: torch.Tensor) -> None:
         self.k[layer][plan.b_n, :, plan.slot_n] = k_BGSH[plan.b_n, :, plan.s_n].to(self.dtype)
         self.v[layer][plan.b_n, :, plan.slot_n] = v_BGSH[plan.b_n, :, plan.s_n].to(self.dtype)
+
+
+def _extent(pos_BL: torch.Tensor) -> int:
+    """Slots up to the last one any row uses (positions [B, L], -1 empty): what a multi-token step must read."""
+    used_L = (pos_BL >= 0).any(0)
+    return int(used_L.nonzero().max()) + 1 if bool(used_L.any()) else 0

@@ -382,9 +382,9 @@ class Engine:
         if s.request.top_logprobs is not None:
             done.token_logprobs = list(s.request.sampled)
         done.prompt_logprobs = s.request.prompt_scores
-        s.request.emit("done", done)
         self.stats.completed += 1
-        self.slots[i] = None
+        self.slots[i] = None  # before the answer goes out: whoever receives it finds the slot free
+        s.request.emit("done", done)
 
 
 def _logprobs(logits_BV: torch.Tensor, requests: list[Request]) -> torch.Tensor | None:

@@ -62,13 +62,27 @@ def padded(rows: list[list[int]], device: torch.device, starts: list[int] | None
 
 
 def prefill(model: nn.Module, rows: list[list[int]], cache: KVCache,
-            pixel_values: torch.Tensor | None = None, hidden: bool = False, starts: list[int] | None = None):
+            pixel_values: torch.Tensor | None = None, hidden: bool = False, starts: list[int] | None = None,
+            chunk: int | None = None):
     """Run the prompts (right-padded, padding at position -1) into `cache`; logits [B, V] of each
     row's last prompt token. `pixel_values`: the image tiles of all prompts, in order (their features
     fill the `<|patch|>` tokens row by row). `hidden`: also return the final hidden states [B, S, D] of every
     position (for scoring the prompt itself), as `(logits_BV, h_BSD)`. `starts`: row b's tokens continue at
-    position starts[b] (its cache row already holding the positions before; default 0)."""
+    position starts[b] (its cache row already holding the positions before; default 0). `chunk`: run the rows
+    `chunk` positions at a time (each piece into the cache before the next), so that activations are bounded by the
+    chunk rather than the prompt (not with `hidden` or images)."""
     device = cache.k[0].device
+    longest = max(map(len, rows))
+    if chunk is not None and longest > chunk and not hidden and pixel_values is None:
+        starts = starts or [0] * len(rows)
+        logits: list[torch.Tensor | None] = [None] * len(rows)
+        for a in range(0, longest, chunk):
+            ids_BS, pos_BS = padded([r[a:a + chunk] for r in rows], device, [s + a for s in starts])
+            h_BSD = model.hidden_states(ids_BS, pos_BS, cache=cache)
+            for b, r in enumerate(rows):
+                if a < len(r) <= a + chunk:  # the row's last token is in this piece
+                    logits[b] = model.logits(h_BSD[b, len(r) - 1 - a])
+        return torch.stack(logits)
     lens_B = torch.tensor([len(r) for r in rows], device=device)
     ids_BS, pos_BS = padded(rows, device, starts)
     h_BSD = model.hidden_states(ids_BS, pos_BS, cache=cache, pixel_values=pixel_values)
@@ -154,7 +168,7 @@ def _pooled_cache(model: nn.Module, rows: int, max_len: int, device: torch.devic
 def token_steps(model: nn.Module, prompts: Prompts, params: SamplingParams,
                 cache_dtype: torch.dtype | None = None, compile: bool = False,
                 pixel_values: torch.Tensor | None = None,
-                session: CacheSession | None = None) -> Iterator[torch.Tensor]:
+                session: CacheSession | None = None, prefill_chunk: int | None = None) -> Iterator[torch.Tensor]:
     """Yield each step's new token of every row, [B] on the model's device (rows that stopped keep
     going; the caller decides what to keep). At most `params.max_new_tokens` steps.
 
@@ -164,7 +178,7 @@ def token_steps(model: nn.Module, prompts: Prompts, params: SamplingParams,
     the first time for each batch size and cache bucket.
 
     `session` (one prompt, eager, no images): keep the cache in it and reuse what it held for a prompt that begins
-    alike (`CacheSession`).
+    alike (`CacheSession`). `prefill_chunk`: prefill the prompts that many positions at a time (`prefill`).
     """
     rows = _as_lists(prompts)
     V = model.config.vocab_size
@@ -189,8 +203,8 @@ def token_steps(model: nn.Module, prompts: Prompts, params: SamplingParams,
     else:
         cache, step = KVCache(model.config, len(rows), max_len, device=device, dtype=cache_dtype or dtype), decode_step
     gen = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    next_B = sample(prefill(model, [r[start:] for r in rows], cache, pixel_values, starts=[start] * len(rows)),
-                    params, gen)
+    next_B = sample(prefill(model, [r[start:] for r in rows], cache, pixel_values, starts=[start] * len(rows),
+                            chunk=prefill_chunk), params, gen)
     pos_B = torch.tensor([len(r) for r in rows], device=device)
     yield next_B
     for _ in range(params.max_new_tokens - 1):
@@ -224,9 +238,9 @@ def stream(model: nn.Module, prompts: Prompts, params: SamplingParams | None = N
 
 def generate(model: nn.Module, prompts: Prompts, params: SamplingParams | None = None,
              cache_dtype: torch.dtype | None = None, compile: bool = False, pixel_values: torch.Tensor | None = None,
-             **options) -> list[list[int]]:
+             prefill_chunk: int | None = None, **options) -> list[list[int]]:
     """New tokens of each prompt, cut before its first stop id. Options as `SamplingParams`;
-    `pixel_values` as in `prefill`.
+    `pixel_values` and `prefill_chunk` as in `prefill`.
 
     Tokens stay on the device during the loop; whether every row has stopped is checked every 16
     steps, so a GPU is not synchronised once per token. A model without a cache-aware
@@ -238,18 +252,19 @@ def generate(model: nn.Module, prompts: Prompts, params: SamplingParams | None =
             raise ValueError("images need a model with a cache-aware forward (a behemoth Transformer)")
         return generate_reference(model, prompts, params)
     return [_cut(row, params.stop_ids) for row in sampled_rows(model, prompts, params, cache_dtype, compile,
-                                                                pixel_values)]
+                                                                pixel_values, prefill_chunk=prefill_chunk)]
 
 
 def sampled_rows(model: nn.Module, prompts: Prompts, params: SamplingParams, cache_dtype: torch.dtype | None = None,
                  compile: bool = False, pixel_values: torch.Tensor | None = None,
-                 early_stop: bool = True) -> list[list[int]]:
+                 early_stop: bool = True, prefill_chunk: int | None = None) -> list[list[int]]:
     """Every decode step's token of each row, uncut: all rows as long as the number of steps taken. With
     `early_stop`, decoding ends once every row has met a stop id, checked every 16 steps (`generate`); without,
     it takes all `max_new_tokens` steps (ranks of a distributed model, whose forwards are collectives, must)."""
     stop = torch.tensor(params.stop_ids, dtype=torch.long)
     steps: list[torch.Tensor] = []
-    for i, next_B in enumerate(token_steps(model, prompts, params, cache_dtype, compile, pixel_values)):
+    for i, next_B in enumerate(token_steps(model, prompts, params, cache_dtype, compile, pixel_values,
+                                           prefill_chunk=prefill_chunk)):
         steps.append(next_B)
         if early_stop and params.stop_ids and i % 16 == 15:
             seen_B = torch.isin(torch.stack(steps, 1), stop.to(next_B.device)).any(1)

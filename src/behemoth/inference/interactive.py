@@ -25,10 +25,11 @@ HELP = ("commands: /reset (forget the conversation), /system TEXT (set the syste
 def run_generate(runner: Runner, prompts: list[str], params: SamplingParams, stop_strings: tuple[str, ...] = (),
                  chat: bool = False, system: str | None = None, stream: bool = False, compile: bool = False,
                  images: Sequence[str] = (), out: TextIO | None = None, err: TextIO | None = None,
-                 draft: Draft | None = None) -> list[str]:
+                 draft: Draft | None = None, prefill_chunk: int | None = None) -> list[str]:
     """Complete each prompt (as raw text, or as a user turn with `chat`); several prompts run as one
-    batch. `images` (files) go before the text of a single prompt; `draft`: decode speculatively. Returns the
-    texts."""
+    batch. `images` (files) go before the text of a single prompt; `draft`: decode speculatively;
+    `prefill_chunk`: prefill the prompts that many tokens at a time (bounded activations for long prompts).
+    Returns the texts."""
     out, err = out or sys.stdout, err or sys.stderr
     if images and len(prompts) > 1:
         raise ValueError("--image goes with a single --prompt")
@@ -50,11 +51,11 @@ def run_generate(runner: Runner, prompts: list[str], params: SamplingParams, sto
         raise ValueError("--draft does not stream: leave out --stream")
     if stream and len(ids) == 1:
         done = _print_stream(runner.stream(ids[0], params, stop_strings, lstrip=chat, compile=compile,
-                                           pixel_values=pixels), out)
+                                           pixel_values=pixels, prefill_chunk=prefill_chunk), out)
         texts, n = [done.text], len(done.token_ids)
     else:
         done = runner.complete(ids, params, stop_strings, lstrip=chat, compile=compile, pixel_values=pixels,
-                               draft=draft)
+                               draft=draft, prefill_chunk=prefill_chunk)
         texts = [c.text for c in done]
         n = sum(len(c.token_ids) for c in done)
         for i, t in enumerate(texts):

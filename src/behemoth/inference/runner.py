@@ -120,7 +120,8 @@ class Runner:
 
     def complete(self, prompts_ids: Sequence[Sequence[int]], params: SamplingParams,
                  stop_strings: Sequence[str] = (), lstrip: bool = False, compile: bool = False,
-                 pixel_values: torch.Tensor | None = None, draft: Draft | None = None) -> list[Completion]:
+                 pixel_values: torch.Tensor | None = None, draft: Draft | None = None,
+                 prefill_chunk: int | None = None) -> list[Completion]:
         """Batched: one completion per prompt (`lstrip`: drop leading whitespace, for chat answers;
         `pixel_values`: the tiles of all the prompts' images, in order; `draft`: decode speculatively with it, its
         statistics then in `draft.stats`)."""
@@ -131,7 +132,8 @@ class Runner:
             rows, draft.stats = speculative_generate(self.model, draft.model, prompts_ids, params, k=draft.k,
                                                      adaptive=draft.adaptive, k_max=draft.k_max)
         else:
-            rows = generate(self.model, prompts_ids, params, compile=compile, pixel_values=pixel_values)
+            rows = generate(self.model, prompts_ids, params, compile=compile, pixel_values=pixel_values,
+                            prefill_chunk=prefill_chunk)
         for ids in rows:
             done = Completer(self.tokenizer, params, tuple(stop_strings), lstrip)
             for t in ids:
@@ -146,12 +148,13 @@ class Runner:
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams,
                stop_strings: Sequence[str] = (), lstrip: bool = False, compile: bool = False,
-               pixel_values: torch.Tensor | None = None, session: CacheSession | None = None) -> Iterator[str]:
+               pixel_values: torch.Tensor | None = None, session: CacheSession | None = None,
+               prefill_chunk: int | None = None) -> Iterator[str]:
         """One prompt, text pieces as they become final; `StopIteration.value` is the `Completion`. `session`: keep
         the cache there, reusing what it held for a prompt that begins alike (a conversation's next turn)."""
         done = Completer(self.tokenizer, params, tuple(stop_strings), lstrip)
         for next_B in token_steps(self.model, [prompt_ids], params, compile=compile, pixel_values=pixel_values,
-                                  session=session):
+                                  session=session, prefill_chunk=prefill_chunk):
             piece = done.push(int(next_B[0]))
             if piece:
                 yield piece
