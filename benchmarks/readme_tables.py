@@ -240,10 +240,23 @@ def prefix_reuse(d: dict) -> list[str]:
     return rows
 
 
+def long_context(d: dict) -> list[str]:
+    mib = 2**20
+    rows = ["| context | prefill | decode | peak memory above the model | KV cache | one layer's K/V copy | largest "
+            "piece (query-key pairs) | closed form, fitted |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in d["rows"]:
+        rows.append(f"| {r['context']:,} | {r['prefill_s']:,.1f} s | {r['decode_tok_s']:,.0f} tokens/s | "
+                    f"{r['peak_above_start_bytes'] / mib:,.0f} MiB | {r['cache_bytes'] / mib:,.1f} MiB | "
+                    f"{r['kv_copy_bytes'] / mib:,.1f} MiB | {r['max_pairs'] / 2**20:,.0f} M | "
+                    f"{r['predicted_bytes'] / mib:,.0f} MiB |")
+    return rows
+
+
 RENDERERS: dict[str, Callable] = {"presets": presets, "demo_seeds": demo_seeds, "cross_family": cross_family,
                                   "teaching": teaching, "routing": routing, "vision": vision, "decode": decode,
                                   "serve_roofline": serve_roofline, "speculative": speculative,
-                                  "prefill_gap": prefill_gap, "prefix_reuse": prefix_reuse}
+                                  "prefill_gap": prefill_gap, "prefix_reuse": prefix_reuse,
+                                  "long_context": long_context}
 
 
 # ---- the README -----------------------------------------------------------------------------------------------

@@ -48,6 +48,13 @@ def test_demo_pipeline_and_report(tmp_path):
     assert f"accuracy: {shown['accuracy']}, heldout loss: {shown['heldout_loss']}." in html
     assert html.count("data:image/png;base64") >= 2
     assert "vision" not in report and "Learning from pictures" not in html
+    drafts = saved["drafts"]  # each student as the teacher's speculative draft
+    assert set(drafts) == {"distilled", "scratch"}
+    for d in drafts.values():
+        assert d["drafted"] > 0 and 0 <= d["accepted"] <= d["drafted"]
+        assert d["acceptance"] == pytest.approx(d["accepted"] / d["drafted"])
+        assert 1 <= d["tokens_per_step"] <= d["k"] + 1
+        assert f"{d['acceptance']:.1%}" in html and f"{d['acceptance']:.0%} of drafts accepted" in format_table(report)
     for ev in saved["models"].values():  # every accuracy with its 95% interval, in the JSON, table and page
         assert_intervals(ev["tasks"])
     for ev in models.values():  # bits per byte beside the loss (the tasks are ASCII: one byte per token)

@@ -29,6 +29,7 @@ from behemoth.checkpoint.locate import latest_checkpoint
 from behemoth.checkpoint.model_card import update_results
 from behemoth.checkpoint.model_dir import load_model
 from behemoth.config import PRESETS
+from behemoth.data.tasks import distinct_problems
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.data.vision_tasks import make_visual_problems
 from behemoth.eval import evaluate_model
@@ -36,6 +37,8 @@ from behemoth.eval.card import write_card_results
 from behemoth.eval.metrics import format_accuracy, majority_baseline, visual_task_accuracy
 from behemoth.eval.report import write_html
 from behemoth.eval.seeds import aggregate, format_aggregate, write_results, write_summary_html
+from behemoth.inference.sampling import SamplingParams
+from behemoth.inference.speculative import speculative_generate
 from behemoth.runlog import read_metrics
 from behemoth.train.config import build_config
 from behemoth.train.health import final_routing
@@ -84,6 +87,7 @@ class VisionRecipe:
     eval_problems: int  # held-out pictures
 
 
+DRAFT_PROMPTS, DRAFT_K = 64, 4  # the students as the teacher's speculative drafts (`draft_acceptance`)
 VISION_FULL = VisionRecipe(steps=1200, batch_size=32, seq_len=80, lr=1e-3, problems=6000, eval_problems=300)
 VISION_QUICK = VisionRecipe(steps=60, batch_size=16, seq_len=80, lr=1e-3, problems=1000, eval_problems=60)
 
@@ -216,6 +220,7 @@ def _story(out: Path, r: Recipe, quick: bool, vr: VisionRecipe | None, say, seed
     report = {"seed": seed, "recipe": r.__dict__, "quick": quick, "models": evals, "gap_recovered": gap,
               "story_holds": {"teacher_ahead": acc["teacher"] > max(acc["distilled"], acc["scratch"]),
                               "distilled_ahead_of_scratch": acc["distilled"] > acc["scratch"]},
+              "drafts": draft_acceptance({name: ckpt for name, (ckpt, _, _) in runs.items()}, r, seed),
               "wall_seconds": 0.0}
     if vr:
         report["vision"] = run_vision(out / "vision", vr, say, seed)
@@ -265,6 +270,23 @@ def evaluate_vision(ckpt: Path, r: VisionRecipe, model=None, test=None) -> dict:
     return visual_task_accuracy(model, Tokenizer.load(ckpt), test, max_tiles=1, samples=6)
 
 
+def draft_acceptance(ckpts: dict[str, Path], r: Recipe, seed: int = 0) -> dict:
+    """Each student as the teacher's speculative draft (`inference.speculative`, greedy, k = `DRAFT_K`) on the first
+    `DRAFT_PROMPTS` held-out problems: the share of its proposals the teacher accepts, and the tokens the teacher
+    gains per verify step. A student that agrees with its teacher drafts well: a distillation-quality figure
+    measured where it pays at inference."""
+    teacher, tok = load_model(ckpts["teacher"]), Tokenizer.load(ckpts["teacher"])
+    problems = distinct_problems("test", DRAFT_PROMPTS, seed=seed, tasks=r.tasks)[:DRAFT_PROMPTS]
+    prompts = [tok.encode(p.prompt) for p in problems]
+    params = SamplingParams(max_new_tokens=40, stop_ids=(*tok.encode("\n")[-1:], tok.eos_id))
+    out = {}
+    for name in ("distilled", "scratch"):
+        _, st = speculative_generate(teacher, load_model(ckpts[name]), prompts, params, k=DRAFT_K)
+        out[name] = {"acceptance": st.acceptance, "tokens_per_step": st.tokens_per_step, "drafted": st.drafted,
+                     "accepted": st.accepted, "prompts": len(prompts), "k": DRAFT_K}
+    return out
+
+
 def _gap(distilled: float, scratch: float, teacher: float) -> float | None:
     """(distilled - scratch) / (teacher - scratch): the share of the teacher's lead the student recovered."""
     return None if teacher == scratch else (distilled - scratch) / (teacher - scratch)
@@ -287,6 +309,12 @@ def format_table(report: dict) -> str:
     g = report["gap_recovered"]
     fmt = {k: "n/a" if v is None else f"{v:.0%}" for k, v in g.items()}
     rows.append(f"gap recovered by distillation: accuracy {fmt['accuracy']}, held-out loss {fmt['heldout_loss']}")
+    if "drafts" in report:
+        d = report["drafts"]
+        rows.append(f"as the teacher's speculative draft (k = {d['distilled']['k']}, {d['distilled']['prompts']} "
+                    "held-out prompts): " + ", ".join(
+                        f"{n} {v['acceptance']:.0%} of drafts accepted ({v['tokens_per_step']:.2f} tokens per teacher "
+                        "step)" for n, v in d.items()))
     s = report["story_holds"]
     if not (s["teacher_ahead"] and s["distilled_ahead_of_scratch"]):
         rows.append("note: in this run " + ("the teacher is not ahead of both students; " if not s["teacher_ahead"]

@@ -259,3 +259,29 @@ def test_chunked_prefill_equals_whole(cfg):
         pieces = prefill(model, rows, KVCache(cfg, 3, 90), chunk=24)
     torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-5)
     assert generate(model, rows, max_new_tokens=12, prefill_chunk=24) == generate(model, rows, max_new_tokens=12)
+
+
+def test_prefill_pieces_shorten_with_the_context(monkeypatch):
+    """A piece's queries times the keys they see stay within PREFILL_PAIRS; a prefill whose pieces shorten that way
+    still equals the whole one."""
+    g = importlib.import_module("behemoth.inference.generate")
+    assert g.piece_len(1024, 0) == 1024 and g.piece_len(1024, 1 << 16) < 1024
+    for done in (0, 5000, 60_000, 1 << 18):
+        n = g.piece_len(2048, done)
+        assert n * (done + n) <= g.PREFILL_PAIRS or n == 16
+    monkeypatch.setattr(g, "PREFILL_PAIRS", 40 * 40)
+    model = build_model(DEBUG).eval()
+    rows = _prompts([90, 31], DEBUG.vocab_size)
+    sizes = []
+    real = model.hidden_states
+
+    def spy(ids, pos, **kw):
+        sizes.append(ids.shape[1])
+        return real(ids, pos, **kw)
+
+    with torch.no_grad():
+        whole = prefill(model, rows, KVCache(DEBUG, 2, 100))
+        model.hidden_states = spy
+        pieces = prefill(model, rows, KVCache(DEBUG, 2, 100), chunk=32)
+    assert sizes[0] == 32 and min(sizes) < 32  # shorter pieces once the keys grow
+    torch.testing.assert_close(pieces, whole, rtol=1e-5, atol=1e-5)

@@ -22,6 +22,19 @@ def _img_file(path: Path) -> str | None:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() if path.is_file() else None
 
 
+def _drafts(drafts: dict | None) -> str:
+    """The students as the teacher's speculative drafts (`demo.draft_acceptance`); nothing for older reports."""
+    if not drafts:
+        return ""
+    k, n = drafts["distilled"]["k"], drafts["distilled"]["prompts"]
+    cells = "".join(f"<tr><td>{html.escape(name)}</td><td>{d['acceptance']:.1%}</td><td>{d['tokens_per_step']:.2f}</td>"
+                    "</tr>" for name, d in drafts.items())
+    return (f"<p><b>Students as the teacher's speculative draft</b> (greedy, k = {k}, {n} held-out prompts; the "
+            "teacher's output is its own either way): the share of the student's proposals the teacher accepts, "
+            "and the tokens the teacher gains per verify step.</p><table><tr><th>draft</th><th>accepted</th>"
+            f"<th>tokens per teacher step</th></tr>{cells}</table>")
+
+
 def write_html(report: dict, run_dirs: dict[str, Path], out: Path, vision_dir: Path | None = None) -> Path:
     """Loss curves, accuracy per task, parameters and speed, gap recovered, expert load, routing stability; and,
     when the report has a `vision` part (its run in `vision_dir`), the multimodal student's section."""
@@ -55,6 +68,7 @@ Wall time {report['wall_seconds'] / 60:.1f} min.</p>
 <th>bits/byte</th><th>perplexity</th><th>KL(teacher||model)</th><th>exact match [95% interval]</th></tr>{rows}</table>
 {_per_task_table(models)}
 <p><b>Gap recovered</b> = (distilled − scratch) / (teacher − scratch): {gap_text}.</p>
+{_drafts(report.get("drafts"))}
 <h2>Training loss</h2><img src="{loss_png}"><h2>Accuracy per task</h2><img src="{acc_png}">
 <h2>Expert load over training</h2>{heatmaps}
 {_stability_table(run_dirs)}

@@ -52,6 +52,9 @@ def aggregate(reports: Sequence[dict]) -> dict:
     out = {"seeds": [r.get("seed", i) for i, r in enumerate(reports)], "models": models,
            "gap_recovered": {k: spread([r["gap_recovered"][k] for r in reports]) for k in reports[0]["gap_recovered"]},
            "ordering_held": {k: {"per_seed": v, "every_seed": all(v)} for k, v in held.items()}}
+    if all(r.get("drafts") for r in reports):  # the students as the teacher's speculative drafts
+        out["draft_acceptance"] = {m: spread([r["drafts"][m]["acceptance"] for r in reports])
+                                   for m in reports[0]["drafts"]}
     if all("vision" in r for r in reports):
         out["vision"] = {k: spread([r["vision"][k]["overall"] for r in reports])
                          for k in ("accuracy", "majority_baseline")}
@@ -92,6 +95,9 @@ def format_aggregate(agg: dict) -> str:
         rows.append("routing at the end, largest over seeds: " + "; ".join(
             f"{name} dead experts {m['dead_experts']['max']:.0f}, max/mean load {m['worst_max_over_mean']['max']:.2f}"
             for name, m in routed.items()))
+    if "draft_acceptance" in agg:
+        rows.append("as the teacher's speculative draft, share of drafts accepted (%): " + "; ".join(
+            f"{name} {_pm(m, '.1f', pct=True)}" for name, m in agg["draft_acceptance"].items()))
     held = agg["ordering_held"]
     rows.append("teacher > distilled > scratch: " + "; ".join(
         f"by {LABEL[k]} in {sum(v['per_seed'])} of {n} seeds" for k, v in held.items()))

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from behemoth.inference.cache import KVCache
-from behemoth.inference.generate import compiled_decode_step, decode_step, prefill
+from behemoth.inference.generate import compiled_decode_step, decode_step, piece_len, prefill
 from behemoth.inference.prefix_cache import PrefixCache, PrefixStats
 from behemoth.inference.runner import Runner
 from behemoth.inference.sampling import SamplingParams, sample
@@ -228,7 +228,8 @@ class Engine:
             self._prefilling.pop(0)
             return
         pf, ids = s.prefill, s.request.prompt_ids
-        a, b = pf.done, min(pf.done + self.prefill_chunk, len(ids))
+        a = pf.done
+        b = min(a + piece_len(self.prefill_chunk, a), len(ids))
         with torch.no_grad():
             h_1SD = self.runner.model.hidden_states(torch.tensor([ids[a:b]], device=self.device),
                                                     torch.arange(a, b, device=self.device)[None], cache=pf.cache)

@@ -24,6 +24,10 @@ from behemoth.inference.sampling import SamplingParams, sample
 
 Prompts = Sequence[Sequence[int]] | torch.Tensor
 COMPILE_BUCKET = 256
+# query-key pairs one piece of a chunked prefill may score: a piece of n queries over k keys holds an n x k attention
+# mask (and the attention's own n x k buffers), so past PREFILL_PAIRS / chunk keys the pieces shorten, and what a
+# prefill holds beyond its KV cache stays bounded whatever the context (about 5 bytes a pair measured on the CPU)
+PREFILL_PAIRS = 1 << 26
 
 
 def _as_lists(prompts: Prompts) -> list[list[int]]:
@@ -61,6 +65,15 @@ def padded(rows: list[list[int]], device: torch.device, starts: list[int] | None
     return ids_BS, pos_BS
 
 
+def piece_len(chunk: int, done: int) -> int:
+    """The next piece of a chunked prefill after `done` positions: `chunk`, halved while the piece's queries times
+    the keys they see (done + piece) exceed `PREFILL_PAIRS`, down to 16 at least."""
+    n = chunk
+    while n > 16 and n * (done + n) > PREFILL_PAIRS:
+        n //= 2
+    return n
+
+
 def prefill(model: nn.Module, rows: list[list[int]], cache: KVCache,
             pixel_values: torch.Tensor | None = None, hidden: bool = False, starts: list[int] | None = None,
             chunk: int | None = None):
@@ -69,19 +82,23 @@ def prefill(model: nn.Module, rows: list[list[int]], cache: KVCache,
     fill the `<|patch|>` tokens row by row). `hidden`: also return the final hidden states [B, S, D] of every
     position (for scoring the prompt itself), as `(logits_BV, h_BSD)`. `starts`: row b's tokens continue at
     position starts[b] (its cache row already holding the positions before; default 0). `chunk`: run the rows
-    `chunk` positions at a time (each piece into the cache before the next), so that activations are bounded by the
-    chunk rather than the prompt (not with `hidden` or images)."""
+    `chunk` positions at a time (each piece into the cache before the next; shorter where the context is long,
+    `piece_len`), so that activations are bounded by the chunk rather than the prompt (not with `hidden` or
+    images)."""
     device = cache.k[0].device
     longest = max(map(len, rows))
     if chunk is not None and longest > chunk and not hidden and pixel_values is None:
         starts = starts or [0] * len(rows)
         logits: list[torch.Tensor | None] = [None] * len(rows)
-        for a in range(0, longest, chunk):
-            ids_BS, pos_BS = padded([r[a:a + chunk] for r in rows], device, [s + a for s in starts])
+        a = 0
+        while a < longest:
+            n = piece_len(chunk, a + max(starts))
+            ids_BS, pos_BS = padded([r[a:a + n] for r in rows], device, [s + a for s in starts])
             h_BSD = model.hidden_states(ids_BS, pos_BS, cache=cache)
             for b, r in enumerate(rows):
-                if a < len(r) <= a + chunk:  # the row's last token is in this piece
+                if a < len(r) <= a + n:  # the row's last token is in this piece
                     logits[b] = model.logits(h_BSD[b, len(r) - 1 - a])
+            a += n
         return torch.stack(logits)
     lens_B = torch.tensor([len(r) for r in rows], device=device)
     ids_BS, pos_BS = padded(rows, device, starts)
