@@ -201,3 +201,32 @@ def test_reusable_prefix_respects_chunks(runner):
         dst = [(other.pos[kind][0] == p).nonzero()[0, 0] for p in want]
         assert torch.equal(other.k[layer][0, :, dst], c.k[layer][0, :, src])
     assert other.reusable(0, 2 * C + 3) == 2 * C + 3
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_draft_model_in_the_engine_changes_no_greedy_token(runner, k):
+    """Speculative decoding in the continuous-batching engine: requests of different lengths joining and leaving,
+    a long one prefilled in chunks (across 32-token attention chunks), greedy ones answered exactly as without a
+    draft; sampled ones complete with their own seeds; the draft's proposals are counted."""
+    from behemoth import build_model
+    from behemoth.data.tasks import make_problems
+
+    draft = build_model(runner.model.config.replace(n_layers=2), seed=3).eval()  # a poor draft: many rejections
+    prompts = [runner.encode_prompt(f"Q: {a}*{a}=?\nA:") for a in range(3, 8)]
+    prompts.append(runner.encode_prompt("".join(p.text for p in make_problems("train", 4, seed=3)) + "Q: 2+2=?\nA:"))
+    lengths = (40, 5, 25, 12, 33, 20)
+    answers = {}
+    for d in (None, draft, runner.model):  # no draft, a poor one, the model itself (every proposal accepted)
+        engine = Engine(runner, max_batch=3, background=False, prefill_chunk=64, draft=d, draft_k=k)
+        reqs = [engine.submit(Request(p, SamplingParams(max_new_tokens=n, stop_ids=(runner.tokenizer.eos_id,))))
+                for p, n in zip(prompts, lengths, strict=True)]
+        sampled = engine.submit(Request(prompts[0], SamplingParams(max_new_tokens=30, temperature=1.0, seed=5)))
+        engine.run_until_done()
+        answers[d is None, d is runner.model] = [answer(r) for r in reqs]
+        assert answer(sampled)[1] in ("stop", "length")
+        if d is not None:
+            assert engine.stats.drafted > 0
+        if d is runner.model:
+            assert engine.stats.accepted == engine.stats.drafted or engine.stats.accepted > 0.9 * engine.stats.drafted
+        engine.close()
+    assert answers[False, False] == answers[True, False] == answers[False, True]

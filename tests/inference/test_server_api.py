@@ -256,3 +256,36 @@ def test_streamed_chat_logprobs_equal_the_whole_answer(server):
     streamed = [c.token for ch in chunks if ch.choices and ch.choices[0].logprobs
                 for c in ch.choices[0].logprobs.content]
     assert streamed == [c.token for c in whole.logprobs.content]
+
+
+def test_a_server_with_a_draft_answers_as_the_model_alone(server):
+    """`serve --draft`: greedy answers equal the plain server's, and every token's log-probability (sampled ones
+    too) is the model's own, from a full forward pass."""
+    import threading
+
+    from behemoth import build_model
+    from behemoth.inference.server import make_server
+
+    runner = server[2]
+    draft = build_model(runner.model.config.replace(n_layers=2), seed=1).eval()
+    srv, engine = make_server(runner, port=0, model_name=MODEL, quiet=True, draft=draft, draft_k=3)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        drafted = (srv, engine, runner)
+        for body in ({"prompt": "Q: 12*3=?\nA:", "max_tokens": 20, "temperature": 0},
+                     {"prompt": "Q: 5+8=?\nA:", "max_tokens": 12, "temperature": 1.0, "seed": 3, "ignore_eos": True}):
+            body = {"model": MODEL, "logprobs": 2, "return_tokens_as_token_ids": True, **body}
+            plain, spec = post(server, "/v1/completions", body), post(drafted, "/v1/completions", body)
+            assert plain[0] == spec[0] == 200, spec
+            lp = spec[1]["choices"][0]["logprobs"]
+            gen = [int(t.removeprefix("token_id:")) for t in lp["tokens"]]
+            ids = runner.encode_prompt(body["prompt"])
+            ref = forward_logprobs(runner, ids + gen)[len(ids) - 1:]
+            assert torch.allclose(torch.tensor(lp["token_logprobs"]), ref, atol=1e-5, rtol=0)
+            if body["temperature"] == 0:
+                assert spec[1]["choices"][0]["text"] == plain[1]["choices"][0]["text"]
+        assert engine.stats.drafted > 0
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        engine.close()

@@ -67,10 +67,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.prefix_cache_mb < 0:
         raise UsageError(f"behemoth serve: error: --prefix-cache-mb {args.prefix_cache_mb}: must be >= 0")
     runner = _runner(args)
+    draft = None
+    if args.draft:
+        from behemoth.inference.runner import Draft
+
+        if not 1 <= args.draft_k <= 16:
+            raise UsageError(f"behemoth serve: error: --draft-k {args.draft_k}: must be in [1, 16]")
+        draft = Draft.load(args.draft, runner).model
     server, engine = make_server(runner, args.host, args.port, max_batch=args.max_batch,
                                  max_tokens_limit=args.max_tokens_limit, model_name=args.name, max_len=args.max_len,
                                  compile=args.compile, prefill_chunk=args.prefill_chunk or None,
-                                 prefix_cache_bytes=int(args.prefix_cache_mb * 2**20))
+                                 prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), draft=draft,
+                                 draft_k=args.draft_k)
     host, port = server.server_address[:2]
     print(f"serving {server.api.model_name} on http://{host}:{port}/v1 "
           f"(batch {args.max_batch}, context {engine.max_len}); Ctrl-C stops", flush=True)
@@ -170,6 +178,9 @@ def register(sub) -> None:
     s.add_argument("--prefix-cache-mb", type=float, default=1024,
                    help="memory for the keys and values of earlier requests, reused by prompts that begin alike "
                         "(a system prompt, a conversation's earlier turns); default 1024 MiB, 0: none")
+    s.add_argument("--draft", help="decode speculatively with this draft model (the same tokenizer, e.g. the demo's "
+                                   "distilled student); answers follow the model's own distribution")
+    s.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per step (default 4)")
     s.add_argument("--compile", action="store_true",
                    help="compile the decode step (CUDA graphs on GPU); the first request waits for compilation")
     s.set_defaults(fn=cmd_serve)

@@ -25,6 +25,12 @@ prefill, each prompt with its answer when it finishes) in a `PrefixCache`, and a
 prefix it shares with one of them into its row and prefills only the rest (`EngineStats.prefix` counts the
 tokens reused).
 
+With a `draft` model (the same tokenizer; e.g. a distilled student), every decode step is a round of speculative
+decoding for all running requests (`inference.speculative`): the draft proposes `draft_k` tokens per row from its
+own cache, the model checks them in one multi-token step, each row accepts by its own sampling settings and
+generator (greedy: the model's own tokens; sampled: the model's distribution exactly), and both caches forget
+the rejected positions. `EngineStats.drafted` / `accepted` count the proposals.
+
 `Engine(..., background=False)` runs no thread: the caller submits requests and drives the same loop with
 `run_until_done()` (batch work such as `behemoth synthesize`). Slots are then filled strictly in submission
 order, so the same requests give the same batches, and with seeded requests the same tokens, run after run.
@@ -46,10 +52,11 @@ from dataclasses import dataclass, field
 import torch
 
 from behemoth.inference.cache import KVCache
-from behemoth.inference.generate import compiled_decode_step, decode_step, piece_len, prefill
+from behemoth.inference.generate import compiled_decode_step, decode_step, padded, piece_len, prefill
 from behemoth.inference.prefix_cache import PrefixCache, PrefixStats
 from behemoth.inference.runner import Runner
 from behemoth.inference.sampling import SamplingParams, sample
+from behemoth.inference.speculative import accept, probs
 from behemoth.inference.text import Completer, TokenLogprob
 
 _ids = itertools.count()
@@ -108,6 +115,7 @@ class _Slot:
     logprob: float = 0.0  # the sampled tokens' summed log-probabilities (requests with `logprobs`)
     prefill: _Prefill | None = None  # while its prompt is prefilled in chunks: not decoded yet
     tokens: list[int] = field(default_factory=list)  # the tokens sampled so far
+    pending: list[int] = field(default_factory=list)  # with a draft: tokens its cache lacks, ending with `last`
 
 
 @dataclass
@@ -119,16 +127,20 @@ class EngineStats:
     max_active: int = 0  # the most requests ever decoded in one step
     positions: int = 0  # positions the model computed: prefills (padded to their longest prompt) and decode slots
     prefix: PrefixStats | None = None  # the prefix cache's lookups, hits and reused tokens (None: no prefix cache)
+    drafted: int = 0  # with a draft model: tokens it proposed
+    accepted: int = 0  # and the model accepted
 
 
 class Engine:
     def __init__(self, runner: Runner, max_batch: int = 8, max_len: int | None = None, compile: bool = False,
-                 background: bool = True, prefill_chunk: int | None = None, prefix_cache_bytes: int = 0):
+                 background: bool = True, prefill_chunk: int | None = None, prefix_cache_bytes: int = 0,
+                 draft: torch.nn.Module | None = None, draft_k: int = 4):
         """`max_len`: the context of each slot, allocated up front for every NoPE layer (default: the
         model's max_seq_len up to `DEFAULT_CONTEXT`; Scout's 10M would not fit in any memory). `background`
         False: no thread, the caller runs the loop (`run_until_done`). `prefill_chunk`: prefill longer prompts a
         chunk of this many tokens at a time (module docstring); None: whole. `prefix_cache_bytes`: keep the keys and
-        values of sequences run before within this budget, for prompts that begin alike (0: no prefix cache)."""
+        values of sequences run before within this budget, for prompts that begin alike (0: no prefix cache). `draft`:
+        decode speculatively with this model, `draft_k` proposals per step (module docstring)."""
         if max_batch < 1 or (max_len is not None and max_len < 1) or (prefill_chunk is not None and prefill_chunk < 1):
             raise ValueError(f"max_batch={max_batch}, max_len={max_len} and prefill_chunk={prefill_chunk} must be "
                              ">= 1")
@@ -139,7 +151,17 @@ class Engine:
         self.max_len = min(max_len or DEFAULT_CONTEXT, runner.max_len)
         p = next(runner.model.parameters())
         self.device = p.device
-        self.cache = KVCache(runner.model.config, max_batch, self.max_len, device=p.device, dtype=p.dtype)
+        self.draft, self.draft_k = draft, draft_k
+        if draft is not None:
+            if draft.config.vocab_size > runner.model.config.vocab_size or not 1 <= draft_k <= 16:
+                raise ValueError(f"draft: vocabulary {draft.config.vocab_size} (at most the model's "
+                                 f"{runner.model.config.vocab_size}) and draft_k={draft_k} (1 to 16)")
+            draft.eval()
+        look = draft_k if draft is not None else 0  # a verify step writes draft_k positions it may take back
+        self.cache = KVCache(runner.model.config, max_batch, self.max_len + look, device=p.device, dtype=p.dtype,
+                             lookahead=look)
+        self.dcache = None if draft is None else KVCache(draft.config, max_batch, self.max_len + look,
+                                                          device=p.device, dtype=p.dtype, lookahead=look)
         # The decode step always runs all `max_batch` rows over the same cache: static shapes, so one
         # compilation (on CUDA, one CUDA graph) serves every step.
         self._decode = compiled_decode_step(self.cache) if compile else decode_step
@@ -211,7 +233,7 @@ class Engine:
         if self._prefilling:
             self._prefill_chunk()
         if any(s is not None and s.prefill is None for s in self.slots):
-            self._step()
+            self._spec_step() if self.draft is not None else self._step()
 
     def _chunked(self, req: Request) -> bool:
         return (self.prefill_chunk is not None and len(req.prompt_ids) > self.prefill_chunk
@@ -239,7 +261,7 @@ class Engine:
                 return
             logits_1V = self.runner.model.logits(h_1SD[:, -1])
         self._store(s.request, ids, pf.cache, 0)
-        self.cache.load_row(i, pf.cache, 0)
+        self._load(i, pf.cache, 0, len(ids))
         s.prefill = None
         self._prefilling.pop(0)
         logp = _logprobs(logits_1V, [s.request])
@@ -304,9 +326,21 @@ class Engine:
             if req.params.max_new_tokens == 0:  # scoring only
                 self._finish(i)
                 continue
-            self.cache.load_row(i, fresh, j)
+            self._load(i, fresh, j, len(req.prompt_ids))
             t = int(sample(logits_nV[j:j + 1], req.params, self.slots[i].generator))
             self._deliver(i, t, None if logp_nV is None else logp_nV[j])
+
+    def _load(self, i: int, src: KVCache, j: int, n: int) -> None:
+        """Move a prefilled prompt (row j of `src`, n tokens) into slot i; with a draft, prefill the draft too."""
+        if self.draft is None:
+            self.cache.load_row(i, src, j)
+            return
+        self.cache.load_prefix(i, src, j, n)  # by position: the slot's cache keeps draft_k more chunked slots
+        ids = self.slots[i].request.prompt_ids
+        dfresh = KVCache(self.draft.config, 1, n, device=self.device, dtype=self.dcache.dtype)
+        with torch.no_grad():
+            prefill(self.draft, [ids], dfresh, chunk=self.prefill_chunk)
+        self.dcache.load_prefix(i, dfresh, 0, n)
 
     def _lookup(self, req: Request) -> tuple[int, KVCache | None]:
         """The prefix of `req`'s prompt held by the prefix cache: (tokens, snapshot), or (0, None). Prompts with
@@ -363,6 +397,8 @@ class Engine:
                 req.sampled.append(TokenLogprob(token, logprob, _top(logp_V[None], req.top_logprobs)[0]))
         self.stats.tokens += 1
         s.tokens.append(token)
+        if self.draft is not None:
+            s.pending.append(token)
         piece = s.text.push(token)
         if piece:
             req.emit("text", piece)
@@ -386,6 +422,64 @@ class Engine:
         self.stats.completed += 1
         self.slots[i] = None  # before the answer goes out: whoever receives it finds the slot free
         s.request.emit("done", done)
+
+
+    def _spec_step(self) -> None:
+        """One round of speculative decoding for every running request (module docstring)."""
+        k, B, dev = self.draft_k, self.max_batch, self.device
+        active = [i for i, s in enumerate(self.slots) if s is not None and s.prefill is None]
+        if not active:
+            return
+        S = {i: self.slots[i] for i in active}
+        with torch.no_grad():
+            two = {i for i in active if len(S[i].pending) >= 2}  # the draft lacks the token before `last` too
+            if two:
+                decode_step(self.draft, torch.tensor([S[i].pending[-2] if i in two else 0 for i in range(B)],
+                                                     device=dev),
+                            torch.tensor([S[i].pos - 1 if i in two else -1 for i in range(B)], device=dev),
+                            self.dcache)
+            drafts: dict[int, list[int]] = {i: [] for i in active}
+            q: dict[int, list[torch.Tensor]] = {i: [] for i in active}
+            tok = {i: S[i].last for i in active}
+            for step in range(k):
+                logits_BV = decode_step(
+                    self.draft, torch.tensor([tok.get(i, 0) for i in range(B)], device=dev),
+                    torch.tensor([S[i].pos + step if i in S else -1 for i in range(B)], device=dev), self.dcache)
+                for i in active:
+                    params = S[i].request.params
+                    if params.greedy:
+                        t = int(logits_BV[i].float().argmax())
+                    else:
+                        dist = probs(logits_BV[i:i + 1], params, self.runner.model.config.vocab_size)[0]
+                        q[i].append(dist)
+                        t = int(torch.multinomial(dist, 1, generator=S[i].generator))
+                    drafts[i].append(t)
+                    tok[i] = t
+            rows = [[S[i].last, *drafts[i]] if i in S else [] for i in range(B)]
+            ids_BS, pos_BS = padded(rows, dev, [S[i].pos if i in S else 0 for i in range(B)])
+            model = self.runner.model
+            logits_BSV = model.logits(model.hidden_states(ids_BS, pos_BS, cache=self.cache)).float()
+        self.stats.steps += 1
+        self.stats.positions += B * (k + 1)
+        self.stats.max_active = max(self.stats.max_active, len(active))
+        keep, dkeep = [0] * B, [0] * B
+        for i in active:
+            s, params = S[i], S[i].request.params
+            p = logits_BSV[i] if params.greedy else probs(logits_BSV[i], params, logits_BSV.shape[-1])
+            n, nxt = accept(drafts[i], p, torch.stack(q[i]) if q[i] else None, params, s.generator)
+            self.stats.drafted += k
+            self.stats.accepted += n
+            logp_SV = logits_BSV[i].log_softmax(-1) if s.request.wants_logprobs else None
+            for j, t in enumerate(drafts[i][:n] + [nxt]):
+                self._deliver(i, t, None if logp_SV is None else logp_SV[j])
+                if self.slots[i] is None:
+                    break
+            if self.slots[i] is not None:
+                s.pending = ([drafts[i][-1]] if n == k else []) + [nxt]  # the draft ran all its proposals but the last
+                keep[i] = s.pos  # the newest token, at s.pos, is in neither cache yet
+                dkeep[i] = s.pos - len(s.pending) + 1
+        self.cache.truncate(keep)
+        self.dcache.truncate(dkeep)
 
 
 def _logprobs(logits_BV: torch.Tensor, requests: list[Request]) -> torch.Tensor | None:

@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import torch
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -375,11 +376,13 @@ class Server:
 def make_server(runner: Runner, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
                 max_tokens_limit: int = 1024, model_name: str | None = None, quiet: bool = False,
                 max_len: int | None = None, compile: bool = False,
-                prefill_chunk: int | None = None, prefix_cache_bytes: int = 1 << 30) -> tuple[Server, Engine]:
+                prefill_chunk: int | None = None, prefix_cache_bytes: int = 1 << 30,
+                draft: torch.nn.Module | None = None, draft_k: int = 4) -> tuple[Server, Engine]:
     """A ready server (call `serve_forever`) and its engine; port 0 picks a free port. `prefill_chunk`: prompts
     longer than this are prefilled in chunks between decode steps; `prefix_cache_bytes`: the budget of the prefix
-    cache (default 1 GiB, as `serve`; 0: none; `Engine`)."""
+    cache (default 1 GiB, as `serve`; 0: none); `draft`: decode speculatively with it, `draft_k` proposals a step
+    (`Engine`)."""
     engine = Engine(runner, max_batch=max_batch, max_len=max_len, compile=compile, prefill_chunk=prefill_chunk,
-                    prefix_cache_bytes=prefix_cache_bytes)
+                    prefix_cache_bytes=prefix_cache_bytes, draft=draft, draft_k=draft_k)
     api = API(engine, model_name or runner.name, max_tokens_limit)
     return Server(make_app(api), api, host, port, quiet), engine

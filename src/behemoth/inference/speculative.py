@@ -152,7 +152,7 @@ def speculative_generate(target: nn.Module, draft: nn.Module, prompts, params: S
         for b in range(len(rows)):
             if not live[b]:
                 continue
-            accepted, nxt = _accept(drafts[b], p[b], None if q is None else q[b], params, gen)
+            accepted, nxt = accept(drafts[b], p[b], None if q is None else q[b], params, gen)
             stats.drafted += k
             stats.accepted += accepted
             for tok in drafts[b][:accepted] + [nxt]:
@@ -227,7 +227,7 @@ def _draft(d: _Step, pending: list[list[int]], pos: list[int], live: list[bool],
     return drafts, (torch.stack(dists, 1) if dists else None)
 
 
-def _accept(drafts: list[int], p_SV: torch.Tensor, q_KV: torch.Tensor | None, params: SamplingParams,
+def accept(drafts: list[int], p_SV: torch.Tensor, q_KV: torch.Tensor | None, params: SamplingParams,
             gen) -> tuple[int, int]:
     """(drafts accepted, the token after them) for one row: `p_SV` the target's logits (greedy) or
     distributions after each prefix, `q_KV` the draft's distributions (sampling)."""
