@@ -41,7 +41,7 @@ def test_a_session_reuses_the_conversation_and_changes_no_token(runner):
     assert session.reused <= 1  # at most the BOS they share
 
 
-def chat(runner, lines, params):
+def chat(runner, lines, params, draft=None):
     it = iter(lines)
 
     def read(prompt):
@@ -50,7 +50,7 @@ def chat(runner, lines, params):
         except StopIteration:
             raise EOFError from None
 
-    return interactive.chat_loop(runner, params, read=read)
+    return interactive.chat_loop(runner, params, read=read, draft=draft)
 
 
 def test_chat_prefills_only_the_new_turn(runner, capsys):
@@ -69,3 +69,21 @@ def test_chat_prefills_only_the_new_turn(runner, capsys):
     chat(runner, ["3+4=?", "/reset", "5*6=?"], params)
     stats = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
     assert len(stats) == 2 and not any("reused" in s for s in stats)  # /reset forgets the cache
+
+
+def test_chat_with_a_draft_answers_as_without(runner, capsys):
+    """`chat --draft`: the same greedy answers, printed as they come, with the share of drafts accepted per turn."""
+    from behemoth import build_model
+    from behemoth.inference.runner import Draft
+
+    params = runner.params(True, max_new_tokens=12)
+    lines = ["3+4=?", "5*6=?", "2+2=?"]
+    plain = chat(runner, lines, params)
+    capsys.readouterr()
+    draft = Draft(build_model(runner.model.config.replace(n_layers=2), seed=2).eval(), k=3)
+    spec = chat(runner, lines, params, draft=draft)
+    assert spec == plain
+    captured = capsys.readouterr()
+    stats = [line for line in captured.err.splitlines() if line.startswith("[")]
+    assert len(stats) == 3 and all("drafted tokens accepted" in s for s in stats)
+    assert all(m["content"] in captured.out for m in spec if m["role"] == "assistant")

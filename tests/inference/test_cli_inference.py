@@ -103,3 +103,12 @@ def test_generate_reads_long_prompts_from_files_and_prefills_them_in_chunks(run_
     assert capsys.readouterr().out == chunked
     assert main(["generate", "--model", str(run_dir), "--prompt-file", str(tmp_path / "nope.txt")]) == 2
     assert "--prompt-file" in capsys.readouterr().err
+
+
+def test_chat_and_serve_take_a_draft(run_dir, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO("1+2=?\n"))
+    assert main(["chat", "--model", str(run_dir), "--max-new-tokens", "6", "--draft", str(run_dir)]) == 0
+    assert "drafted tokens accepted" in capsys.readouterr().err
+    assert main(["chat", "--model", str(run_dir), "--draft", str(run_dir), "--draft-k", "0"]) == 2
+    assert "--draft-k 0" in capsys.readouterr().err
+    assert main(["serve", "--model", str(run_dir), "--draft", str(run_dir), "--draft-k", "17"]) == 2

@@ -55,7 +55,18 @@ def cmd_chat(args: argparse.Namespace) -> None:
     from behemoth.inference.interactive import chat_loop
 
     runner = _runner(args)
-    chat_loop(runner, _sampling(args, runner, True), system=args.system)
+    chat_loop(runner, _sampling(args, runner, True), system=args.system, draft=_draft(args, runner, "chat"))
+
+
+def _draft(args: argparse.Namespace, runner, command: str):
+    """The `--draft` model (a `runner.Draft`), checked against the model's tokenizer; None without one."""
+    if not args.draft:
+        return None
+    from behemoth.inference.runner import Draft
+
+    if not 1 <= args.draft_k <= 16:
+        raise UsageError(f"behemoth {command}: error: --draft-k {args.draft_k}: must be in [1, 16]")
+    return Draft.load(args.draft, runner, k=args.draft_k)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -67,18 +78,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.prefix_cache_mb < 0:
         raise UsageError(f"behemoth serve: error: --prefix-cache-mb {args.prefix_cache_mb}: must be >= 0")
     runner = _runner(args)
-    draft = None
-    if args.draft:
-        from behemoth.inference.runner import Draft
-
-        if not 1 <= args.draft_k <= 16:
-            raise UsageError(f"behemoth serve: error: --draft-k {args.draft_k}: must be in [1, 16]")
-        draft = Draft.load(args.draft, runner).model
+    draft = _draft(args, runner, "serve")
     server, engine = make_server(runner, args.host, args.port, max_batch=args.max_batch,
                                  max_tokens_limit=args.max_tokens_limit, model_name=args.name, max_len=args.max_len,
                                  compile=args.compile, prefill_chunk=args.prefill_chunk or None,
-                                 prefix_cache_bytes=int(args.prefix_cache_mb * 2**20), draft=draft,
-                                 draft_k=args.draft_k)
+                                 prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+                                 draft=draft and draft.model, draft_k=args.draft_k)
     host, port = server.server_address[:2]
     print(f"serving {server.api.model_name} on http://{host}:{port}/v1 "
           f"(batch {args.max_batch}, context {engine.max_len}); Ctrl-C stops", flush=True)
@@ -161,6 +166,9 @@ def register(sub) -> None:
     s = sub.add_parser("chat", help="an interactive chat that keeps the conversation (/reset, /system, /exit)")
     _add_model_args(s)
     _add_sampling_args(s, 512)
+    s.add_argument("--draft", help="decode speculatively with this draft model (the same tokenizer, e.g. the demo's "
+                                   "distilled student); answers follow the model's own distribution")
+    s.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per step (default 4)")
     s.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")

@@ -79,6 +79,31 @@ def _user_content(text: str, blocks: Sequence[list[int]]) -> str | list[dict]:
     return [*({"type": "tokens", "ids": b} for b in blocks), {"type": "text", "text": text}]
 
 
+def _engine_turn(engine, ids: list[int], params: SamplingParams, stop_strings: tuple[str, ...],
+                 pixel_values: torch.Tensor | None, out: TextIO) -> Completion:
+    """One answer through a one-slot engine run here (`background=False`), printed piece by piece as it comes."""
+    from behemoth.inference.engine import Request
+
+    done: list[Completion] = []
+
+    def show(kind: str) -> None:
+        while not req.events.empty():
+            what, value = req.events.get_nowait()
+            if what == "text":
+                out.write(value)
+                out.flush()
+            elif what == "done":
+                done.append(value)
+            else:
+                raise RuntimeError(value)
+
+    req = Request(list(ids), params, stop_strings=stop_strings, lstrip=True, pixel_values=pixel_values, on_event=show)
+    engine.submit(req)
+    engine.run_until_done()
+    out.write("\n")
+    return done[0]
+
+
 def _print_stream(pieces: Generator[str, None, Completion], out: TextIO) -> Completion:
     """Print text pieces as they come; the generator's return value is the finished `Completion`."""
     while True:
@@ -92,14 +117,23 @@ def _print_stream(pieces: Generator[str, None, Completion], out: TextIO) -> Comp
 
 def chat_loop(runner: Runner, params: SamplingParams, system: str | None = None,
               read: Callable[[str], str] = input, out: TextIO | None = None,
-              err: TextIO | None = None) -> list[dict]:
+              err: TextIO | None = None, draft: Draft | None = None) -> list[dict]:
     """Read user turns until EOF or /exit; stream each answer; keep the conversation. Returns it.
 
     The conversation's KV cache is kept from turn to turn (`CacheSession`), so a turn prefills only what is new
-    since the last: its own message and the template around it (a conversation with images is prefilled whole)."""
+    since the last: its own message and the template around it (a conversation with images is prefilled whole).
+    With `draft`, answers are decoded speculatively in a one-slot engine (`inference.engine`), whose prefix cache
+    then keeps the conversation."""
     out, err = out or sys.stdout, err or sys.stderr
     history: list[dict] = []
     session = CacheSession()
+    engine = None
+    if draft is not None:
+        from behemoth.inference.engine import Engine
+
+        engine = Engine(runner, max_batch=1, background=False, draft=draft.model, draft_k=draft.k,
+                        prefix_cache_bytes=256 << 20)
+    context = engine.max_len if engine is not None else runner.max_len
     pending: list[tuple[list[int], torch.Tensor]] = []  # images for the next user message
     pixels: list[torch.Tensor] = []  # every image of the conversation, in order
     err.write(f"chatting with {runner.name} ({runner.chat.name} format). {HELP}\n")
@@ -139,20 +173,27 @@ def chat_loop(runner: Runner, params: SamplingParams, system: str | None = None,
         msgs = ([{"role": "system", "content": system}] if system else []) + history + [user]
         ids = runner.encode_chat(msgs)
         turn_pixels = pixels + [px for _, px in pending]
-        room = runner.max_len - len(ids)
+        room = context - len(ids)
         if room < 1:
-            err.write(f"(the conversation has {len(ids)} tokens, the context {runner.max_len}: use /reset)\n")
+            err.write(f"(the conversation has {len(ids)} tokens, the context {context}: use /reset)\n")
             continue
         turn = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, room),
                                  "stop_ids": params.stop_ids + runner.chat.stop_ids})
         if turn_pixels:
             session.clear()
         t0 = time.perf_counter()
-        done = _print_stream(runner.stream(ids, turn, runner.chat.stop_strings, lstrip=True,
-                                           pixel_values=torch.cat(turn_pixels) if turn_pixels else None,
-                                           session=None if turn_pixels else session), out)
+        pixel_values = torch.cat(turn_pixels) if turn_pixels else None
+        if engine is not None:
+            before = (engine.stats.drafted, engine.stats.accepted)
+            done = _engine_turn(engine, ids, turn, runner.chat.stop_strings, pixel_values, out)
+            drafted, accepted = engine.stats.drafted - before[0], engine.stats.accepted - before[1]
+            reused = f", {accepted / max(drafted, 1):.0%} of {drafted} drafted tokens accepted"
+        else:
+            done = _print_stream(runner.stream(ids, turn, runner.chat.stop_strings, lstrip=True,
+                                               pixel_values=pixel_values,
+                                               session=None if turn_pixels else session), out)
+            reused = f", {session.reused} of {len(ids)} prompt tokens reused" if session.reused else ""
         n = len(done.token_ids)
-        reused = f", {session.reused} of {len(ids)} prompt tokens reused" if session.reused else ""
         err.write(f"[{n} tokens, {n / max(time.perf_counter() - t0, 1e-9):.1f} tokens/s{reused}]\n")
         history += [user, {"role": "assistant", "content": done.text}]
         pixels, pending = turn_pixels, []
