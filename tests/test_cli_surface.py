@@ -29,13 +29,14 @@ PINNED = {
              '--model=None --out=None --problems=200 --seq-len=256 --teacher=None'),
     'demo': "--force=False --out='out/demo' --quick=False --results=None --seeds=1 --vision=False",
     'generate': ('--chat-format=None --chat=False --compile=False --device=<cuda if available> --draft-adaptive=False '
-        '--draft-k=4 --draft=None --dtype=None --image=[] --max-new-tokens=128 --model=None --prompt=None --seed=None '
-        '--stop=[] --stream=False --system=None --temperature=0.0 --top-k=None --top-p=1.0'),
-    'chat': ('--chat-format=None --device=<cuda if available> --dtype=None --max-new-tokens=512 --model=None '
-        '--seed=None --system=None --temperature=0.0 --top-k=None --top-p=1.0'),
-    'serve': ("--chat-format=None --compile=False --device=<cuda if available> --dtype=None --host='127.0.0.1' "
-        '--max-batch=8 --max-len=None --max-tokens-limit=1024 --model=None --name=None --port=8000 '
-        '--prefill-chunk=2048'),
+        '--draft-k=4 --draft=None --dtype=None --image=[] --max-new-tokens=128 --model=None --prefill-chunk=2048 '
+        '--prompt-file=[] --prompt=[] --seed=None --stop=[] --stream=False --system=None --temperature=0.0 '
+        '--top-k=None --top-p=1.0'),
+    'chat': ('--chat-format=None --device=<cuda if available> --draft-k=4 --draft=None --dtype=None '
+        '--max-new-tokens=512 --model=None --seed=None --system=None --temperature=0.0 --top-k=None --top-p=1.0'),
+    'serve': ("--chat-format=None --compile=False --device=<cuda if available> --draft-k=4 --draft=None --dtype=None "
+        "--host='127.0.0.1' --max-batch=8 --max-len=None --max-tokens-limit=1024 --model=None --name=None "
+        "--port=8000 --prefill-chunk=2048 --prefix-cache-mb=1024"),
     'synthesize': ("--answer-field='answer' --batch-size=32 --device=<cuda if available> --difficulty=1 --dtype=None "
         "--extract='marker' --keep='all' --max-tokens=128 --num-prompts=1000 --out=None --prompt-field='prompt' "
         "--prompts=None --samples=1 --seed=0 --shard-size=256 --stop=[] --tasks=None --teacher=None "

@@ -127,8 +127,9 @@ def test_the_two_commands_are_the_makefiles_and_ci():
     `make test` is what CI runs."""
     makefile = (ROOT / "Makefile").read_text()
     demo = re.search(r"^demo: setup\n\t\$\(BIN\)/behemoth (.+)$", makefile, re.M)
-    assert demo and re.search(r'^test: setup\n\t\$\(BIN\)/python -m pytest -q -m "not slow and not gpu"$', makefile,
-                              re.M)
+    assert demo and re.search(r'^test: setup-dev\n\t\$\(BIN\)/python -m pytest -q -m "not slow and not gpu"$',
+                              makefile, re.M)
+    assert re.search(r"^\$\(VENV\)/.installed-dev: \$\(VENV\)/.installed$", makefile, re.M)  # dev tools on top
     from behemoth.cli import build_parser
 
     args = build_parser().parse_args(demo.group(1).split())

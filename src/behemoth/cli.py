@@ -17,7 +17,7 @@ import time
 from behemoth import ranks
 from behemoth.commands import inference, models, training
 from behemoth.commands.common import Parser, UsageError
-from behemoth.train.trainer import Interrupted, TrainingStopped
+from behemoth.train.trainer import Interrupted, PeerLost, TrainingStopped
 
 COMMAND_GROUPS = (models, training, inference)  # the order of `behemoth --help`: inspect, make, run
 
@@ -54,6 +54,9 @@ def _run(argv: list[str] | None) -> int:
     except Interrupted as e:
         _report(f"behemoth: {e}; continue with --resume")
         return 128 + e.signum
+    except PeerLost as e:  # every surviving rank says so: which ranks survived is what the user needs to know
+        print(f"behemoth {getattr(args, 'command', 'train')}: {e}", file=sys.stderr, flush=True)
+        return 1
     except TrainingStopped as e:
         _report(f"behemoth train: stopped: {e}")
         return 1

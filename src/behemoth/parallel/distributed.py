@@ -21,6 +21,7 @@ Works with gloo on CPU and NCCL on GPU; the model code stays single-device.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import warnings
@@ -47,9 +48,10 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup_distributed(device: str = "auto") -> DistInfo:
+def setup_distributed(device: str = "auto", timeout_s: float = 300.0) -> DistInfo:
     """Join the process group `torchrun` describes (RANK, WORLD_SIZE, LOCAL_RANK; gloo on CPU, NCCL for
-    CUDA tensors on GPUs); a single process without those variables gets world size 1 and no process group."""
+    CUDA tensors on GPUs); a single process without those variables gets world size 1 and no process group.
+    `timeout_s`: how long a collective waits for the other ranks before it fails (`set_timeout` changes it)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -60,8 +62,36 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         # on GPUs NCCL for CUDA tensors and gloo for the few CPU ones (the trainer's scalar agreements)
-        dist.init_process_group("cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank, world, local, dev)
+
+
+def set_timeout(seconds: float) -> bool:
+    """Give every process group of this run (the world's and the meshes') a new collective timeout; False where this
+    torch cannot change it after the group is made (the start-up timeout then stays)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    if not dist.is_initialized() or not hasattr(c10d, "_set_pg_timeout"):
+        return False
+    timeout = datetime.timedelta(seconds=seconds)
+    try:
+        for group in list(getattr(c10d._world, "pg_names", {})) or [c10d._get_default_group()]:
+            c10d._set_pg_timeout(timeout, group)
+    except (RuntimeError, AttributeError, TypeError, ValueError):
+        return False
+    return True
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Whether an exception raised in a collective means another rank is gone or stuck (its connection closed or
+    reset, or the collective timed out), rather than a fault of this rank's own."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
+        "Timeout", "NCCL communicator was aborted", "ProcessGroupNCCL", "Gloo"))
 
 
 def check_degrees(world: int, ep: int, dp_shard: int = -1) -> None:

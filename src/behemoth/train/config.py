@@ -193,6 +193,11 @@ class ParallelSection:
     ep: int = 1  # expert parallelism: each MoE layer's routed experts split over this many ranks (divides N)
     dp_shard: int = -1  # ranks each non-expert parameter is sharded over (FSDP2); -1: all N; fewer: HSDP,
     # replicated over N / dp_shard groups
+    # how long a collective may wait for the other ranks before the run fails (seconds): generous until the first
+    # step is done (rendezvous, compilation, the first checkpoint load), short once training runs (torchtitan: 300
+    # and 100)
+    timeout_start_s: float = 300.0
+    timeout_s: float = 100.0
 
 
 @dataclass
@@ -223,6 +228,8 @@ class TrainConfig:
             ("optim.betas", len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas)),
             ("data.val_fraction", 0 <= self.data.val_fraction < 1), ("data.max_tiles", self.data.max_tiles >= 1),
             ("train.precision", self.train.precision in ("auto", "fp32", "bf16")),
+            ("parallel.timeout_start_s", self.parallel.timeout_start_s > 0),
+            ("parallel.timeout_s", self.parallel.timeout_s > 0),
             ("router.bias_update", self.router.bias_update in BIAS_RULES),
             ("router.bias_update_rate", self.router.bias_update_rate is None or self.router.bias_update_rate >= 0),
             ("router.bias_max_step", self.router.bias_update not in BIAS_RULES  # (reported above)

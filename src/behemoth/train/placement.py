@@ -69,7 +69,7 @@ def start_processes(cfg: TrainConfig, device: torch.device, model_cfg: ModelConf
     if cfg.train.batch_size % world:
         raise ValueError(f"train.batch_size={cfg.train.batch_size}: must be divisible by the number of processes "
                          f"({world}); it is the global micro-batch, split evenly over the ranks")
-    return setup_distributed(device.type)
+    return setup_distributed(device.type, cfg.parallel.timeout_start_s)
 
 
 def place_model(model: nn.Module, cfg: TrainConfig, ctx: RunContext, trained: bool,

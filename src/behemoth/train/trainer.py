@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import signal
 import sys
 import time
@@ -32,6 +33,8 @@ from behemoth.parallel.distributed import (
     all_reduce_sum,
     any_rank,
     clip_grad_norm,
+    is_peer_failure,
+    set_timeout,
 )
 from behemoth.progress import format_duration
 from behemoth.runlog import METRICS_FILE
@@ -46,6 +49,18 @@ from behemoth.train.steps import Step, moe_layers
 
 class TrainingStopped(Exception):
     """The run stopped on purpose (too many non-finite losses); the message says why."""
+
+
+class PeerLost(Exception):
+    """A collective failed in a distributed run: another rank died, hung or lost its connection (or the collective
+    timed out). Raised on every surviving rank with what the report needs; the traceback is in `log`."""
+
+    def __init__(self, rank: int, step: int, who: str, reason: str, checkpoint: Path | None, log: Path):
+        where = f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was completed"
+        super().__init__(f"rank {rank} stopped at step {step}: lost contact with {who} ({reason}); {where}; "
+                         f"run the same command with --resume (any number of processes) to continue; traceback "
+                         f"in {log}")
+        self.rank, self.step, self.checkpoint, self.log = rank, step, checkpoint, log
 
 
 class Interrupted(Exception):
@@ -201,8 +216,11 @@ class Trainer:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         window_t, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
         last_saved = self.global_step
+        start = self.global_step
         try:
             while self.global_step < total:
+                if self.info.world > 1 and self.global_step == start + 1:  # started: the short timeout from now on
+                    set_timeout(cfg.parallel.timeout_s)
                 lr = lr_at(self.global_step, total, cfg.optim)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
@@ -239,11 +257,35 @@ class Trainer:
                 window_t += time.perf_counter() - t_side
             if last_saved != self.global_step or cfg.checkpoint.every == 0:
                 self.save()
+        except Exception as e:
+            if self.info.world > 1 and is_peer_failure(e):
+                raise self._peer_lost(e) from e
+            raise
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return {"step": self.global_step, "tokens": self.tokens_seen, "nonfinite_steps": self.nonfinite_total,
                 "elapsed_s": self.elapsed}
+
+    def _peer_lost(self, e: BaseException) -> PeerLost:
+        """The report of a failed collective: this rank, the step, the last complete checkpoint; the full traceback
+        goes to `failure.rank<R>.log` in the run directory."""
+        import traceback
+
+        from behemoth.checkpoint.locate import latest_checkpoint
+        from behemoth.ranks import launcher_rank
+
+        rank = launcher_rank()
+        log = self.info.run_dir / f"failure.rank{rank}.log"
+        log.write_text("".join(traceback.format_exception(e)))
+        try:
+            checkpoint = latest_checkpoint(self.info.run_dir)
+        except Exception:  # a pointer to a checkpoint that is not complete: none to name
+            checkpoint = None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", reason).split(". ")[0][:160]  # not the C++ source line
+        who = f"rank {1 - rank}" if self.info.world == 2 else "another rank"  # of more, the message cannot tell which
+        return PeerLost(rank, self.global_step, who, reason, checkpoint, log)
 
     def _optimizer_step(self) -> dict | None:
         """Accumulate micro-batches, clip, step, update routing biases. None if the step was skipped.
