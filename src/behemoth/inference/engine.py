@@ -336,10 +336,13 @@ class Engine:
             self.cache.load_row(i, src, j)
             return
         self.cache.load_prefix(i, src, j, n)  # by position: the slot's cache keeps draft_k more chunked slots
-        ids = self.slots[i].request.prompt_ids
+        req = self.slots[i].request
         dfresh = KVCache(self.draft.config, 1, n, device=self.device, dtype=self.dcache.dtype)
+        # a draft with a vision tower sees the prompt's pictures; one without reads their tokens as plain tokens
+        pixels = req.pixel_values if getattr(self.draft.config, "vision", None) is not None else None
         with torch.no_grad():
-            prefill(self.draft, [ids], dfresh, chunk=self.prefill_chunk)
+            prefill(self.draft, [req.prompt_ids], dfresh, None if pixels is None else pixels.to(self.device),
+                    chunk=self.prefill_chunk)
         self.dcache.load_prefix(i, dfresh, 0, n)
 
     def _lookup(self, req: Request) -> tuple[int, KVCache | None]:
