@@ -69,24 +69,40 @@ def steps_logged(out: Path) -> int:
                 if line.strip() and '"train"' in line), default=0)
 
 
-def test_a_lost_node_is_reported_in_one_line_and_the_run_resumes(tmp_path):
+def two_nodes(tmp_path: Path, steps: int, *args: str) -> tuple[Path, list[Path], subprocess.Popen, subprocess.Popen]:
+    """Nodes a (rank 0, hosting the rendezvous store) and b training into one run directory, once `steps` steps are
+    logged: (run directory, their logs, a, b). Long runs (100,000 steps): the test stops them."""
     run, port = tmp_path / "run", free_port()
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    a = node(port, run, logs[0], "--train.steps=100000", "--checkpoint.every=5", "--parallel.ep=2")
-    time.sleep(1.0)  # node a hosts the rendezvous store
-    b = node(port, run, logs[1], "--train.steps=100000", "--checkpoint.every=5", "--parallel.ep=2")
+    a = node(port, run, logs[0], "--train.steps=100000", "--parallel.ep=2", *args)
+    time.sleep(1.0)  # a starts the rendezvous first and hosts its store
+    b = node(port, run, logs[1], "--train.steps=100000", "--parallel.ep=2", *args)
+    deadline = time.monotonic() + 180
+    while steps_logged(run) < steps:
+        if time.monotonic() > deadline or a.poll() is not None or b.poll() is not None:
+            kill_node(a)
+            kill_node(b)
+            raise AssertionError(logs[0].read_text()[-2000:])
+        time.sleep(0.2)
+    return run, logs, a, b
+
+
+def after(event, *nodes: subprocess.Popen) -> float:
+    """Seconds from `event()` until every one of `nodes` has exited (at most 90 s; whatever still runs is killed)."""
+    t0 = time.monotonic()
     try:
-        deadline = time.monotonic() + 180
-        while steps_logged(run) < 12:
-            assert time.monotonic() < deadline and a.poll() is None and b.poll() is None, logs[0].read_text()[-2000:]
-            time.sleep(0.2)
-        killed_at = time.monotonic()
-        kill_node(b)
-        a.wait(timeout=60)
-        took = time.monotonic() - killed_at
+        event()
+        for p in nodes:
+            p.wait(timeout=90)
+        return time.monotonic() - t0
     finally:
-        for p in (a, b):
+        for p in nodes:
             kill_node(p)
+
+
+def test_a_lost_node_is_reported_in_one_line_and_the_run_resumes(tmp_path):
+    run, logs, a, b = two_nodes(tmp_path, 12, "--checkpoint.every=5")
+    took = after(lambda: kill_node(b), a)
     out = logs[0].read_text()
     assert a.returncode != 0
     said = [line for line in out.splitlines() if "lost contact with rank" in line]
@@ -128,24 +144,8 @@ print("ok")
 def test_sigterm_to_one_launcher_saves_on_every_rank_and_stops(tmp_path):
     """A scheduler's pre-emption: SIGTERM to one node's torchrun, which passes it to its worker; both ranks agree
     after the step, save one complete checkpoint there and stop."""
-    run, port = tmp_path / "run", free_port()
-    logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    a = node(port, run, logs[0], "--train.steps=100000", "--checkpoint.every=100000", "--parallel.ep=2")
-    time.sleep(1.0)
-    b = node(port, run, logs[1], "--train.steps=100000", "--checkpoint.every=100000", "--parallel.ep=2")
-    try:
-        deadline = time.monotonic() + 180
-        while steps_logged(run) < 6:
-            assert time.monotonic() < deadline and a.poll() is None and b.poll() is None, logs[0].read_text()[-2000:]
-            time.sleep(0.2)
-        sent = time.monotonic()
-        os.kill(b.pid, signal.SIGTERM)
-        a.wait(timeout=90)
-        b.wait(timeout=90)
-        took = time.monotonic() - sent
-    finally:
-        for p in (a, b):
-            kill_node(p)
+    run, logs, a, b = two_nodes(tmp_path, 6, "--checkpoint.every=100000")
+    took = after(lambda: os.kill(b.pid, signal.SIGTERM), a, b)
     out = logs[0].read_text()
     assert "interrupted by signal 15" in out and "checkpoint saved" in out, out[-3000:]
     latest = (run / "checkpoints" / "latest").read_text().strip()
