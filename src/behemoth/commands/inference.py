@@ -160,17 +160,7 @@ def _add_generate(sub) -> None:
     s.set_defaults(fn=cmd_generate)
 
 
-def register(sub) -> None:
-    _add_generate(sub)
-
-    s = sub.add_parser("chat", help="an interactive chat that keeps the conversation (/reset, /system, /exit)")
-    _add_model_args(s)
-    _add_sampling_args(s, 512)
-    s.add_argument("--draft", help="decode speculatively with this draft model (the same tokenizer, e.g. the demo's "
-                                   "distilled student); answers follow the model's own distribution")
-    s.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per step (default 4)")
-    s.set_defaults(fn=cmd_chat)
-
+def _add_serve(sub) -> None:
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1")
@@ -192,6 +182,20 @@ def register(sub) -> None:
     s.add_argument("--compile", action="store_true",
                    help="compile the decode step (CUDA graphs on GPU); the first request waits for compilation")
     s.set_defaults(fn=cmd_serve)
+
+
+def register(sub) -> None:
+    _add_generate(sub)
+
+    s = sub.add_parser("chat", help="an interactive chat that keeps the conversation (/reset, /system, /exit)")
+    _add_model_args(s)
+    _add_sampling_args(s, 512)
+    s.add_argument("--draft", help="decode speculatively with this draft model (the same tokenizer, e.g. the demo's "
+                                   "distilled student); answers follow the model's own distribution")
+    s.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per step (default 4)")
+    s.set_defaults(fn=cmd_chat)
+
+    _add_serve(sub)
 
     s = sub.add_parser("synthesize", help="write a dataset of a teacher's completions of prompts (sequence-level "
                                           "distillation): sampled, verified, filtered, resumable")

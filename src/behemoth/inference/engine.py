@@ -26,10 +26,7 @@ prefix it shares with one of them into its row and prefills only the rest (`Engi
 tokens reused).
 
 With a `draft` model (the same tokenizer; e.g. a distilled student), every decode step is a round of speculative
-decoding for all running requests (`inference.speculative`): the draft proposes `draft_k` tokens per row from its
-own cache, the model checks them in one multi-token step, each row accepts by its own sampling settings and
-generator (greedy: the model's own tokens; sampled: the model's distribution exactly), and both caches forget
-the rejected positions. `EngineStats.drafted` / `accepted` count the proposals.
+decoding for all running requests (`engine_draft.py`); `EngineStats.drafted` / `accepted` count the proposals.
 
 `Engine(..., background=False)` runs no thread: the caller submits requests and drives the same loop with
 `run_until_done()` (batch work such as `behemoth synthesize`). Slots are then filled strictly in submission
@@ -52,11 +49,11 @@ from dataclasses import dataclass, field
 import torch
 
 from behemoth.inference.cache import KVCache
-from behemoth.inference.generate import compiled_decode_step, decode_step, padded, piece_len, prefill
+from behemoth.inference.engine_draft import load_with_draft, spec_round
+from behemoth.inference.generate import compiled_decode_step, decode_step, piece_len, prefill
 from behemoth.inference.prefix_cache import PrefixCache, PrefixStats
 from behemoth.inference.runner import Runner
 from behemoth.inference.sampling import SamplingParams, sample
-from behemoth.inference.speculative import accept, probs
 from behemoth.inference.text import Completer, TokenLogprob
 
 _ids = itertools.count()
@@ -233,7 +230,7 @@ class Engine:
         if self._prefilling:
             self._prefill_chunk()
         if any(s is not None and s.prefill is None for s in self.slots):
-            self._spec_step() if self.draft is not None else self._step()
+            spec_round(self) if self.draft is not None else self._step()
 
     def _chunked(self, req: Request) -> bool:
         return (self.prefill_chunk is not None and len(req.prompt_ids) > self.prefill_chunk
@@ -299,8 +296,12 @@ class Engine:
                 self.slots[i].prefill = _Prefill(cache, done=hit)
                 self._prefilling.append(i)
         new = [(i, req) for i, req in new if self.slots[i].prefill is None]
-        if not new:
-            return
+        if new:
+            self._prefill_together(new)
+
+    def _prefill_together(self, new: list[tuple[int, Request]]) -> None:
+        """Prefill the newcomers' prompts (past any prefix the prefix cache holds) as one padded batch, into a cache
+        sized to them; move each row into its slot and sample its first token."""
         hits = [self._lookup(req) for _, req in new]
         rows = [req.prompt_ids[n:] for (_, req), (n, _) in zip(new, hits, strict=True)]
         tiles = [req.pixel_values for _, req in new if req.pixel_values is not None]
@@ -334,16 +335,8 @@ class Engine:
         """Move a prefilled prompt (row j of `src`, n tokens) into slot i; with a draft, prefill the draft too."""
         if self.draft is None:
             self.cache.load_row(i, src, j)
-            return
-        self.cache.load_prefix(i, src, j, n)  # by position: the slot's cache keeps draft_k more chunked slots
-        req = self.slots[i].request
-        dfresh = KVCache(self.draft.config, 1, n, device=self.device, dtype=self.dcache.dtype)
-        # a draft with a vision tower sees the prompt's pictures; one without reads their tokens as plain tokens
-        pixels = req.pixel_values if getattr(self.draft.config, "vision", None) is not None else None
-        with torch.no_grad():
-            prefill(self.draft, [req.prompt_ids], dfresh, None if pixels is None else pixels.to(self.device),
-                    chunk=self.prefill_chunk)
-        self.dcache.load_prefix(i, dfresh, 0, n)
+        else:
+            load_with_draft(self, i, src, j, n)
 
     def _lookup(self, req: Request) -> tuple[int, KVCache | None]:
         """The prefix of `req`'s prompt held by the prefix cache: (tokens, snapshot), or (0, None). Prompts with
@@ -425,64 +418,6 @@ class Engine:
         self.stats.completed += 1
         self.slots[i] = None  # before the answer goes out: whoever receives it finds the slot free
         s.request.emit("done", done)
-
-
-    def _spec_step(self) -> None:
-        """One round of speculative decoding for every running request (module docstring)."""
-        k, B, dev = self.draft_k, self.max_batch, self.device
-        active = [i for i, s in enumerate(self.slots) if s is not None and s.prefill is None]
-        if not active:
-            return
-        S = {i: self.slots[i] for i in active}
-        with torch.no_grad():
-            two = {i for i in active if len(S[i].pending) >= 2}  # the draft lacks the token before `last` too
-            if two:
-                decode_step(self.draft, torch.tensor([S[i].pending[-2] if i in two else 0 for i in range(B)],
-                                                     device=dev),
-                            torch.tensor([S[i].pos - 1 if i in two else -1 for i in range(B)], device=dev),
-                            self.dcache)
-            drafts: dict[int, list[int]] = {i: [] for i in active}
-            q: dict[int, list[torch.Tensor]] = {i: [] for i in active}
-            tok = {i: S[i].last for i in active}
-            for step in range(k):
-                logits_BV = decode_step(
-                    self.draft, torch.tensor([tok.get(i, 0) for i in range(B)], device=dev),
-                    torch.tensor([S[i].pos + step if i in S else -1 for i in range(B)], device=dev), self.dcache)
-                for i in active:
-                    params = S[i].request.params
-                    if params.greedy:
-                        t = int(logits_BV[i].float().argmax())
-                    else:
-                        dist = probs(logits_BV[i:i + 1], params, self.runner.model.config.vocab_size)[0]
-                        q[i].append(dist)
-                        t = int(torch.multinomial(dist, 1, generator=S[i].generator))
-                    drafts[i].append(t)
-                    tok[i] = t
-            rows = [[S[i].last, *drafts[i]] if i in S else [] for i in range(B)]
-            ids_BS, pos_BS = padded(rows, dev, [S[i].pos if i in S else 0 for i in range(B)])
-            model = self.runner.model
-            logits_BSV = model.logits(model.hidden_states(ids_BS, pos_BS, cache=self.cache)).float()
-        self.stats.steps += 1
-        self.stats.positions += B * (k + 1)
-        self.stats.max_active = max(self.stats.max_active, len(active))
-        keep, dkeep = [0] * B, [0] * B
-        for i in active:
-            s, params = S[i], S[i].request.params
-            p = logits_BSV[i] if params.greedy else probs(logits_BSV[i], params, logits_BSV.shape[-1])
-            n, nxt = accept(drafts[i], p, torch.stack(q[i]) if q[i] else None, params, s.generator)
-            self.stats.drafted += k
-            self.stats.accepted += n
-            logp_SV = logits_BSV[i].log_softmax(-1) if s.request.wants_logprobs else None
-            for j, t in enumerate(drafts[i][:n] + [nxt]):
-                self._deliver(i, t, None if logp_SV is None else logp_SV[j])
-                if self.slots[i] is None:
-                    break
-            if self.slots[i] is not None:
-                s.pending = ([drafts[i][-1]] if n == k else []) + [nxt]  # the draft ran all its proposals but the last
-                keep[i] = s.pos  # the newest token, at s.pos, is in neither cache yet
-                dkeep[i] = s.pos - len(s.pending) + 1
-        self.cache.truncate(keep)
-        self.dcache.truncate(dkeep)
 
 
 def _logprobs(logits_BV: torch.Tensor, requests: list[Request]) -> torch.Tensor | None:

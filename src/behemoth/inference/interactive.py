@@ -79,6 +79,48 @@ def _user_content(text: str, blocks: Sequence[list[int]]) -> str | list[dict]:
     return [*({"type": "tokens", "ids": b} for b in blocks), {"type": "text", "text": text}]
 
 
+def _draft_engine(runner: Runner, draft: Draft | None):
+    """A one-slot engine decoding with `draft` (its prefix cache keeps the conversation); None without a draft."""
+    if draft is None:
+        return None
+    from behemoth.inference.engine import Engine
+
+    return Engine(runner, max_batch=1, background=False, draft=draft.model, draft_k=draft.k,
+                  prefix_cache_bytes=256 << 20)
+
+
+def _attach(runner: Runner, path: str, pending: list, err: TextIO) -> None:
+    """`/image PATH`: the image's token block and tiles go with the next user message."""
+    try:
+        pending.append(runner.image(path, path))
+    except ValueError as e:
+        err.write(f"error: {e}\n")
+        return
+    err.write(f"(image attached: {pending[-1][1].shape[0]} tile(s))\n")
+
+
+def _answer(runner: Runner, ids: list[int], params: SamplingParams, pixel_values: torch.Tensor | None, engine,
+            session: CacheSession, out: TextIO, err: TextIO) -> Completion:
+    """One chat answer, printed as it comes, then its stats line: through the speculative engine when there is one,
+    else streamed with the conversation's cache (a conversation with images starts it afresh)."""
+    t0 = time.perf_counter()
+    if engine is not None:
+        before = (engine.stats.drafted, engine.stats.accepted)
+        done = _engine_turn(engine, ids, params, runner.chat.stop_strings, pixel_values, out)
+        drafted, accepted = engine.stats.drafted - before[0], engine.stats.accepted - before[1]
+        note = f", {accepted / max(drafted, 1):.0%} of {drafted} drafted tokens accepted"
+    else:
+        if pixel_values is not None:
+            session.clear()
+        done = _print_stream(runner.stream(ids, params, runner.chat.stop_strings, lstrip=True,
+                                           pixel_values=pixel_values,
+                                           session=None if pixel_values is not None else session), out)
+        note = f", {session.reused} of {len(ids)} prompt tokens reused" if session.reused else ""
+    n = len(done.token_ids)
+    err.write(f"[{n} tokens, {n / max(time.perf_counter() - t0, 1e-9):.1f} tokens/s{note}]\n")
+    return done
+
+
 def _engine_turn(engine, ids: list[int], params: SamplingParams, stop_strings: tuple[str, ...],
                  pixel_values: torch.Tensor | None, out: TextIO) -> Completion:
     """One answer through a one-slot engine run here (`background=False`), printed piece by piece as it comes."""
@@ -126,13 +168,7 @@ def chat_loop(runner: Runner, params: SamplingParams, system: str | None = None,
     then keeps the conversation."""
     out, err = out or sys.stdout, err or sys.stderr
     history: list[dict] = []
-    session = CacheSession()
-    engine = None
-    if draft is not None:
-        from behemoth.inference.engine import Engine
-
-        engine = Engine(runner, max_batch=1, background=False, draft=draft.model, draft_k=draft.k,
-                        prefix_cache_bytes=256 << 20)
+    session, engine = CacheSession(), _draft_engine(runner, draft)
     context = engine.max_len if engine is not None else runner.max_len
     pending: list[tuple[list[int], torch.Tensor]] = []  # images for the next user message
     pixels: list[torch.Tensor] = []  # every image of the conversation, in order
@@ -154,13 +190,7 @@ def chat_loop(runner: Runner, params: SamplingParams, system: str | None = None,
             err.write("(conversation cleared)\n")
             continue
         if cmd.startswith("/image"):
-            path = cmd[len("/image"):].strip()
-            try:
-                pending.append(runner.image(path, path))
-            except ValueError as e:
-                err.write(f"error: {e}\n")
-                continue
-            err.write(f"(image attached: {pending[-1][1].shape[0]} tile(s))\n")
+            _attach(runner, cmd[len("/image"):].strip(), pending, err)
             continue
         if cmd.startswith("/system"):
             system = cmd[len("/system"):].strip() or None
@@ -179,21 +209,6 @@ def chat_loop(runner: Runner, params: SamplingParams, system: str | None = None,
             continue
         turn = SamplingParams(**{**params.__dict__, "max_new_tokens": min(params.max_new_tokens, room),
                                  "stop_ids": params.stop_ids + runner.chat.stop_ids})
-        if turn_pixels:
-            session.clear()
-        t0 = time.perf_counter()
-        pixel_values = torch.cat(turn_pixels) if turn_pixels else None
-        if engine is not None:
-            before = (engine.stats.drafted, engine.stats.accepted)
-            done = _engine_turn(engine, ids, turn, runner.chat.stop_strings, pixel_values, out)
-            drafted, accepted = engine.stats.drafted - before[0], engine.stats.accepted - before[1]
-            reused = f", {accepted / max(drafted, 1):.0%} of {drafted} drafted tokens accepted"
-        else:
-            done = _print_stream(runner.stream(ids, turn, runner.chat.stop_strings, lstrip=True,
-                                               pixel_values=pixel_values,
-                                               session=None if turn_pixels else session), out)
-            reused = f", {session.reused} of {len(ids)} prompt tokens reused" if session.reused else ""
-        n = len(done.token_ids)
-        err.write(f"[{n} tokens, {n / max(time.perf_counter() - t0, 1e-9):.1f} tokens/s{reused}]\n")
+        done = _answer(runner, ids, turn, torch.cat(turn_pixels) if turn_pixels else None, engine, session, out, err)
         history += [user, {"role": "assistant", "content": done.text}]
         pixels, pending = turn_pixels, []
