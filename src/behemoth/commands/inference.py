@@ -38,14 +38,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not prompts:
         raise UsageError("behemoth generate: error: give a --prompt or a --prompt-file")
     runner = _runner(args)
-    draft = None
-    if args.draft:
-        from behemoth.inference.runner import Draft
-
-        if not 1 <= args.draft_k <= 16:
-            raise UsageError(f"behemoth generate: error: --draft-k {args.draft_k}: must be in [1, 16]")
-        draft = Draft.load(args.draft, runner, k=args.draft_k, adaptive=args.draft_adaptive,
-                           k_max=max(args.draft_k, 8))
+    draft = _draft(args, runner, "generate", adaptive=args.draft_adaptive, k_max=max(args.draft_k, 8))
     run_generate(runner, prompts, _sampling(args, runner, args.chat), tuple(args.stop), chat=args.chat,
                  system=args.system, stream=args.stream, compile=args.compile, images=args.image, draft=draft,
                  prefill_chunk=args.prefill_chunk or None)
@@ -58,15 +51,23 @@ def cmd_chat(args: argparse.Namespace) -> None:
     chat_loop(runner, _sampling(args, runner, True), system=args.system, draft=_draft(args, runner, "chat"))
 
 
-def _draft(args: argparse.Namespace, runner, command: str):
-    """The `--draft` model (a `runner.Draft`), checked against the model's tokenizer; None without one."""
+def _draft(args: argparse.Namespace, runner, command: str, **options):
+    """The `--draft` model (a `runner.Draft` with k = `--draft-k` and `options`), checked against the model's
+    tokenizer; None without one."""
     if not args.draft:
         return None
     from behemoth.inference.runner import Draft
 
     if not 1 <= args.draft_k <= 16:
         raise UsageError(f"behemoth {command}: error: --draft-k {args.draft_k}: must be in [1, 16]")
-    return Draft.load(args.draft, runner, k=args.draft_k)
+    return Draft.load(args.draft, runner, k=args.draft_k, **options)
+
+
+def _add_draft_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--draft", help="decode speculatively with this draft model (a smaller model with the same "
+                                   "tokenizer, e.g. the demo's distilled student); the output follows the model's own "
+                                   "distribution")
+    s.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per step (default 4)")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -149,9 +150,7 @@ def _add_generate(sub) -> None:
     s.add_argument("--compile", action="store_true", help="compile the decode step (pays off for long outputs)")
     s.add_argument("--image", action="append", default=[],
                    help="an image file placed before the prompt's text (repeatable; needs a vision model)")
-    s.add_argument("--draft", help="decode speculatively with this draft model (a smaller model with the same "
-                                   "tokenizer, e.g. the demo's distilled student); the output is the model's own")
-    s.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per step (default 4)")
+    _add_draft_args(s)
     s.add_argument("--draft-adaptive", action="store_true",
                    help="adapt k to the running acceptance rate (--draft-k is the first k, 8 the most)")
     s.add_argument("--prefill-chunk", type=int, default=2048,
@@ -176,9 +175,7 @@ def _add_serve(sub) -> None:
     s.add_argument("--prefix-cache-mb", type=float, default=1024,
                    help="memory for the keys and values of earlier requests, reused by prompts that begin alike "
                         "(a system prompt, a conversation's earlier turns); default 1024 MiB, 0: none")
-    s.add_argument("--draft", help="decode speculatively with this draft model (the same tokenizer, e.g. the demo's "
-                                   "distilled student); answers follow the model's own distribution")
-    s.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per step (default 4)")
+    _add_draft_args(s)
     s.add_argument("--compile", action="store_true",
                    help="compile the decode step (CUDA graphs on GPU); the first request waits for compilation")
     s.set_defaults(fn=cmd_serve)
@@ -190,9 +187,7 @@ def register(sub) -> None:
     s = sub.add_parser("chat", help="an interactive chat that keeps the conversation (/reset, /system, /exit)")
     _add_model_args(s)
     _add_sampling_args(s, 512)
-    s.add_argument("--draft", help="decode speculatively with this draft model (the same tokenizer, e.g. the demo's "
-                                   "distilled student); answers follow the model's own distribution")
-    s.add_argument("--draft-k", type=int, default=4, help="tokens the draft proposes per step (default 4)")
+    _add_draft_args(s)
     s.set_defaults(fn=cmd_chat)
 
     _add_serve(sub)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from behemoth.inference.cache import KVCache
+from behemoth.inference.prefix_cache import reusable_prefix
 from behemoth.inference.sampling import SamplingParams, sample
 
 Prompts = Sequence[Sequence[int]] | torch.Tensor
@@ -146,11 +147,7 @@ class CacheSession:
                 dtype: torch.dtype) -> tuple[KVCache, int]:
         """(cache, n): a cache of at least `max_len` positions holding the first n tokens of `row` (n < len(row)),
         the longest beginning shared with what it held that a continuation can reuse."""
-        held, n = self.held(), 0
-        if self.cache is not None:
-            m = min(len(held), len(row) - 1)
-            n = next((i for i in range(m) if held[i] != row[i]), m)
-            n = self.cache.reusable(0, n)
+        n = 0 if self.cache is None else reusable_prefix(self.cache, self.held(), row)
         if self.cache is None or self.cache.max_len < max_len or self.cache.dtype != dtype:
             size = min(max(max_len, 2 * (self.cache.max_len if self.cache is not None else 0)),
                        model.config.max_seq_len)

@@ -25,6 +25,15 @@ import numpy as np
 from behemoth.inference.cache import KVCache
 
 
+def reusable_prefix(cache: KVCache, held, ids) -> int:
+    """How many of `ids`' first tokens row 0 of `cache`, which holds the tokens `held` at positions 0.., can give a
+    continuation: their common beginning, at most len(ids) - 1 (the last prompt token is always run, for its
+    logits), cut to what the row's keys allow (`KVCache.reusable`)."""
+    m = min(len(held), len(ids) - 1)
+    diff = np.flatnonzero(np.asarray(held[:m], dtype=np.int64) != np.asarray(ids[:m], dtype=np.int64))
+    return cache.reusable(0, int(diff[0]) if diff.size else m)
+
+
 @dataclass
 class PrefixStats:
     lookups: int = 0
@@ -66,12 +75,9 @@ class PrefixCache:
         best, best_key = 0, None
         query = np.asarray(ids, dtype=np.int64)
         for key, e in self.entries.items():
-            m = min(len(query) - 1, len(e.ids))
-            if m <= best:
+            if min(len(query) - 1, len(e.ids)) <= best:  # it cannot beat the best so far
                 continue
-            diff = np.flatnonzero(query[:m] != e.ids[:m])
-            common = int(diff[0]) if diff.size else m
-            n = e.cache.reusable(0, common) if common > best else 0
+            n = reusable_prefix(e.cache, e.ids, query)
             if n > best:
                 best, best_key = n, key
         if best_key is None:
