@@ -103,6 +103,9 @@ def test_generate_reads_long_prompts_from_files_and_prefills_them_in_chunks(run_
     assert capsys.readouterr().out == chunked
     assert main(["generate", "--model", str(run_dir), "--prompt-file", str(tmp_path / "nope.txt")]) == 2
     assert "--prompt-file" in capsys.readouterr().err
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00")
+    assert main(["generate", "--model", str(run_dir), "--prompt-file", str(tmp_path / "binary.txt")]) == 2
+    assert capsys.readouterr().err.strip().endswith("binary.txt: not UTF-8 text")
 
 
 def test_chat_and_serve_take_a_draft(run_dir, monkeypatch, capsys):

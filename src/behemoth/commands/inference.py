@@ -34,7 +34,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         try:
             prompts.append(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"behemoth generate: error: --prompt-file {path}: {e.strerror or e}") from None
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise UsageError(f"behemoth generate: error: --prompt-file {path}: {why}") from None
     if not prompts:
         raise UsageError("behemoth generate: error: give a --prompt or a --prompt-file")
     runner = _runner(args)
