@@ -17,7 +17,8 @@ import time
 from behemoth import ranks
 from behemoth.commands import inference, models, training
 from behemoth.commands.common import Parser, UsageError
-from behemoth.train.trainer import Interrupted, PeerLost, TrainingStopped
+from behemoth.train.faults import PeerLost
+from behemoth.train.trainer import Interrupted, TrainingStopped
 
 COMMAND_GROUPS = (models, training, inference)  # the order of `behemoth --help`: inspect, make, run
 

@@ -26,11 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def node(port: int, out: Path, log: Path, *args: str) -> subprocess.Popen:
-    """One torchrun "node" of two (its own session, so that killing it kills its worker too)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--max-restarts=0",
-           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=faults", "-m", "behemoth",
-           "train", *RUN, f"--train.out_dir={out}", *args]
+def node(port: int, out: Path, log: Path, *args: str, nodes: int = 2) -> subprocess.Popen:
+    """One torchrun "node" of `nodes` (its own session, so that killing it kills its worker too)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc-per-node=1",
+           "--max-restarts=0", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=faults", "-m",
+           "behemoth", "train", *RUN, f"--train.out_dir={out}", *args]
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -69,21 +69,29 @@ def steps_logged(out: Path) -> int:
                 if line.strip() and '"train"' in line), default=0)
 
 
-def two_nodes(tmp_path: Path, steps: int, *args: str) -> tuple[Path, list[Path], subprocess.Popen, subprocess.Popen]:
-    """Nodes a (rank 0, hosting the rendezvous store) and b training into one run directory, once `steps` steps are
-    logged: (run directory, their logs, a, b). Long runs (100,000 steps): the test stops them."""
+def start_nodes(tmp_path: Path, steps: int, *args: str, nodes: int = 2) -> tuple[Path, list[Path], list]:
+    """Nodes (the first is rank 0 and hosts the rendezvous store) training into one run directory, once `steps` steps
+    are logged: (run directory, their logs, their launchers). Long runs (100,000 steps): the test stops them."""
     run, port = tmp_path / "run", free_port()
-    logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    a = node(port, run, logs[0], "--train.steps=100000", "--parallel.ep=2", *args)
-    time.sleep(1.0)  # a starts the rendezvous first and hosts its store
-    b = node(port, run, logs[1], "--train.steps=100000", "--parallel.ep=2", *args)
+    logs = [tmp_path / f"{chr(97 + i)}.log" for i in range(nodes)]
+    procs = []
+    for i, log in enumerate(logs):
+        procs.append(node(port, run, log, "--train.steps=100000", *args, nodes=nodes))
+        if i == 0:
+            time.sleep(1.0)  # the first starts the rendezvous and hosts its store
     deadline = time.monotonic() + 180
     while steps_logged(run) < steps:
-        if time.monotonic() > deadline or a.poll() is not None or b.poll() is not None:
-            kill_node(a)
-            kill_node(b)
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                kill_node(p)
             raise AssertionError(logs[0].read_text()[-2000:])
         time.sleep(0.2)
+    return run, logs, procs
+
+
+def two_nodes(tmp_path: Path, steps: int, *args: str) -> tuple[Path, list[Path], subprocess.Popen, subprocess.Popen]:
+    """Nodes a (rank 0) and b, EP=2, once `steps` steps are logged: (run directory, their logs, a, b)."""
+    run, logs, (a, b) = start_nodes(tmp_path, steps, "--parallel.ep=2", *args)
     return run, logs, a, b
 
 
@@ -108,7 +116,7 @@ def test_a_lost_node_is_reported_in_one_line_and_the_run_resumes(tmp_path):
     said = [line for line in out.splitlines() if "lost contact with rank" in line]
     assert len(said) == 1, out[-3000:]
     line = said[0]
-    assert "rank 0 stopped at step" in line and "lost contact with rank 1 (" in line
+    assert "rank 0 stopped at step" in line and f"lost contact with rank 1 (node {socket.gethostname()}): " in line
     assert "Connection closed" in line or "Connection reset" in line
     assert "last complete checkpoint is" in line and "--resume" in line and ".cc:" not in line
     assert took < 30, took
@@ -153,3 +161,53 @@ def test_sigterm_to_one_launcher_saves_on_every_rank_and_stops(tmp_path):
     assert step >= 6 and (run / "checkpoints" / latest / "model.dcp").is_dir()
     assert took < 60, took
     print(f"both ranks saved step {step} and stopped {took:.1f} s after SIGTERM")
+
+
+def test_a_lost_rank_is_named_among_three(tmp_path):
+    """Three nodes (one rank each, plain FSDP): the two survivors name the killed node's rank, found by its
+    heartbeat falling silent in the rendezvous store."""
+    run, logs, procs = start_nodes(tmp_path, 4, "--train.batch_size=6", nodes=3)
+    took = after(lambda: kill_node(procs[2]), *procs[:2])
+    lines = [ln for log in logs[:2] for ln in log.read_text().splitlines() if "lost contact with" in ln]
+    assert len(lines) == 2, "\n".join(log.read_text()[-2000:] for log in logs[:2])
+    survivors = {int(ln.split("rank ", 1)[1].split()[0]) for ln in lines}
+    (lost,) = {0, 1, 2} - survivors
+    for ln in lines:
+        assert f"lost contact with rank {lost} (node {socket.gethostname()}): " in ln, ln
+    assert took < 40, took
+    print(f"both survivors named rank {lost} and exited {took:.1f} s after it was killed")
+
+
+SLOW_RANK = """
+import os, sys, time
+from behemoth.cli import main
+from behemoth.parallel import distributed
+
+take = distributed.ShardedBatches.__next__
+def slow(self):  # a slow disk on rank 1: every batch takes 0.3 s more to arrive
+    time.sleep(0.3)
+    return take(self)
+if os.environ["RANK"] == "1":
+    distributed.ShardedBatches.__next__ = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_slow_rank_is_named_as_a_straggler(tmp_path):
+    script = tmp_path / "slow_rank.py"
+    script.write_text(SLOW_RANK)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), "train",
+           *RUN, "--train.steps=9", "--log.eval_every=0", "--parallel.ep=2", "--log.plots=true",
+           f"--train.out_dir={out}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = [ln for ln in r.stdout.splitlines() if "WARNING straggler" in ln]
+    assert len(said) == 3 and all(f"rank 1 (node {socket.gethostname()}) is a straggler" in ln for ln in said), said
+    logged = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    warned = [w for w in logged if w.get("event") == "straggler"]
+    assert [(w["step"], w["rank"]) for w in warned] == [(3, 1), (6, 1), (9, 1)]
+    ranks = [rec for rec in logged if rec["type"] == "ranks"]
+    assert len(ranks) == 9 and all(rec["input_s"][1] >= 0.3 > rec["input_s"][0] for rec in ranks)
+    assert (out / "ranks.png").is_file()
+    print(said[0])

@@ -198,6 +198,13 @@ class ParallelSection:
     # and 100)
     timeout_start_s: float = 300.0
     timeout_s: float = 100.0
+    # warn when a rank's own work (waiting for input, its optimizer update) exceeds the other ranks' median by this
+    # factor for `straggler_windows` logging windows in a row (parallel/watch.py); 0: no warning
+    straggler_factor: float = 1.5
+    straggler_windows: int = 3
+    # beyond two ranks, every rank beats in the rendezvous store this often (seconds), so that a survivor can name
+    # the rank it lost (parallel/watch.py); 0: off, the lost rank goes unnamed
+    heartbeat_s: float = 1.0
 
 
 @dataclass
@@ -230,6 +237,9 @@ class TrainConfig:
             ("train.precision", self.train.precision in ("auto", "fp32", "bf16")),
             ("parallel.timeout_start_s", self.parallel.timeout_start_s > 0),
             ("parallel.timeout_s", self.parallel.timeout_s > 0),
+            ("parallel.straggler_factor", self.parallel.straggler_factor == 0 or self.parallel.straggler_factor > 1),
+            ("parallel.straggler_windows", self.parallel.straggler_windows >= 1),
+            ("parallel.heartbeat_s", self.parallel.heartbeat_s >= 0),
             ("router.bias_update", self.router.bias_update in BIAS_RULES),
             ("router.bias_update_rate", self.router.bias_update_rate is None or self.router.bias_update_rate >= 0),
             ("router.bias_max_step", self.router.bias_update not in BIAS_RULES  # (reported above)

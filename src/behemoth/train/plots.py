@@ -1,5 +1,6 @@
-"""PNG plots of a run, from its metrics.jsonl: loss curves, the expert-load heatmap per layer, and routing
-stability (flip rate and selection margin per layer, `train/health.py`)."""
+"""PNG plots of a run, from its metrics.jsonl: loss curves, the expert-load heatmap per layer, routing
+stability (flip rate and selection margin per layer, `train/health.py`) and, in a distributed run, each rank's
+own work per logging window (`parallel/watch.py`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from behemoth.runlog import read_metrics
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
-    """Write loss.png, expert_load.png and routing_stability.png next to metrics.jsonl; returns the files written.
+    """Write loss.png, expert_load.png, routing_stability.png and ranks.png next to metrics.jsonl; returns the files
+    written.
 
     Plotting is skipped (empty list) when matplotlib is missing or there is nothing to plot.
     """
@@ -47,7 +49,42 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         written.append(plot_expert_load(routing, run_dir / "expert_load.png", plt))
     if any("margin" in layer for r in routing for layer in r["layers"]):
         written.append(plot_routing_stability(routing, run_dir / "routing_stability.png", plt))
+    ranks = [r for r in records if r.get("type") == "ranks"]
+    if ranks:
+        written.append(plot_ranks(ranks, [r for r in records if r.get("event") == "straggler"], run_dir / "ranks.png",
+                                  plt))
     return written
+
+
+def plot_ranks(ranks: list[dict], warnings: list[dict], out: Path, plt) -> Path:
+    """One line per rank (up to 16; beyond that the slowest and fastest on average, and the median): seconds of its
+    own work (input wait and optimizer update) per logging window, with the window's wall time; crosses mark the
+    straggler warnings. A straggler is the line that stays above the others."""
+    import numpy as np
+
+    steps = [r["step"] for r in ranks]
+    local = np.array([r["local_s"] for r in ranks])  # [windows, world]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    world = local.shape[1]
+    order = np.argsort(local.mean(0))
+    shown = range(world) if world <= 16 else [int(order[-1]), int(order[0])]
+    for r in shown:
+        ax.plot(steps, local[:, r], marker=".", label=f"rank {r}")
+    if world > 16:
+        ax.plot(steps, np.median(local, 1), color="black", label="median rank")
+    ax.plot(steps, [r["window_s"] for r in ranks], color="gray", alpha=0.5, linestyle="--", label="window wall time")
+    for w in warnings:
+        ax.plot(w["step"], w["local_s"], "x", color="red", markersize=9)
+    ax.set_xlabel("step")
+    ax.set_ylabel("seconds per logging window")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("each rank's own work (input wait + optimizer update); x: straggler warning")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def plot_expert_load(routing: list[dict], out: Path, plt) -> Path:

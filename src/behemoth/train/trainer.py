@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import re
 import signal
 import sys
 import time
@@ -36,11 +35,13 @@ from behemoth.parallel.distributed import (
     is_peer_failure,
     set_timeout,
 )
+from behemoth.parallel.watch import Heartbeat, LocalTime, StragglerWatch, gather_hosts, gather_local
 from behemoth.progress import format_duration
 from behemoth.runlog import METRICS_FILE
 from behemoth.train.balance import BiasBalancer
 from behemoth.train.card import card_text
 from behemoth.train.config import TrainConfig
+from behemoth.train.faults import peer_lost
 from behemoth.train.health import RoutingHealth, stability_means
 from behemoth.train.optim import build_optimizer, lr_at
 from behemoth.train.probe import RouterProbe
@@ -49,18 +50,6 @@ from behemoth.train.steps import Step, moe_layers
 
 class TrainingStopped(Exception):
     """The run stopped on purpose (too many non-finite losses); the message says why."""
-
-
-class PeerLost(Exception):
-    """A collective failed in a distributed run: another rank died, hung or lost its connection (or the collective
-    timed out). Raised on every surviving rank with what the report needs; the traceback is in `log`."""
-
-    def __init__(self, rank: int, step: int, who: str, reason: str, checkpoint: Path | None, log: Path):
-        where = f"the last complete checkpoint is {checkpoint}" if checkpoint else "no checkpoint was completed"
-        super().__init__(f"rank {rank} stopped at step {step}: lost contact with {who} ({reason}); {where}; "
-                         f"run the same command with --resume (any number of processes) to continue; traceback "
-                         f"in {log}")
-        self.rank, self.step, self.checkpoint, self.log = rank, step, checkpoint, log
 
 
 class Interrupted(Exception):
@@ -156,6 +145,18 @@ class Trainer:
         self.last_eval: dict | None = None  # {"step", "val_loss"} of the latest evaluation
         self._signal: int | None = None
         self._signal_at = 0.0
+        self._watch_ranks(cfg)
+
+    def _watch_ranks(self, cfg: TrainConfig) -> None:
+        """In a distributed run: every rank's host, the timing of each rank's own work for the straggler warning, and
+        (beyond two ranks) the heartbeat that names a lost rank (`parallel/watch.py`)."""
+        world, p = self.info.world, cfg.parallel
+        self.hosts = gather_hosts() if world > 1 else None
+        self.local = LocalTime(self.info.device)
+        self.stragglers = StragglerWatch(world, p.straggler_factor, p.straggler_windows, self.hosts) \
+            if world > 1 else None
+        self.heartbeat = Heartbeat(int(torch.distributed.get_rank()), world, p.heartbeat_s) \
+            if world > 2 and p.heartbeat_s > 0 else None
 
     # ---- state for exact resume -------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -234,13 +235,10 @@ class Trainer:
                 if self.info.world > 1 and any_rank(self._signal is not None):  # one rank's signal stops all
                     self._signal = self._signal or signal.SIGTERM  # after the same step
                 if self.global_step % cfg.log.every == 0 or self.global_step == total:
-                    now = time.perf_counter()
-                    dt = now - window_t
+                    dt = time.perf_counter() - window_t
                     self.elapsed += dt
-                    rec = self._train_record(lr, window_loss / max(1, window_n), window_tokens / max(dt, 1e-9),
-                                             metrics, total)
-                    log.write(rec)
-                    self._progress(rec, total)
+                    self._log_window(log, self._train_record(lr, window_loss / max(1, window_n),
+                                                             window_tokens / max(dt, 1e-9), metrics, total), dt)
                     window_t, window_tokens, window_loss, window_n = time.perf_counter(), 0, 0.0, 0
                 at_end = self.global_step == total
                 t_side = time.perf_counter()  # health probes, evaluation and checkpoints stay out of tokens/s and MFU
@@ -259,33 +257,16 @@ class Trainer:
                 self.save()
         except Exception as e:
             if self.info.world > 1 and is_peer_failure(e):
-                raise self._peer_lost(e) from e
+                raise peer_lost(e, self.info.run_dir, self.global_step, self.info.world, self.hosts,
+                                self.heartbeat) from e
             raise
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if self.heartbeat is not None:
+                self.heartbeat.close()
         return {"step": self.global_step, "tokens": self.tokens_seen, "nonfinite_steps": self.nonfinite_total,
                 "elapsed_s": self.elapsed}
-
-    def _peer_lost(self, e: BaseException) -> PeerLost:
-        """The report of a failed collective: this rank, the step, the last complete checkpoint; the full traceback
-        goes to `failure.rank<R>.log` in the run directory."""
-        import traceback
-
-        from behemoth.checkpoint.locate import latest_checkpoint
-        from behemoth.ranks import launcher_rank
-
-        rank = launcher_rank()
-        log = self.info.run_dir / f"failure.rank{rank}.log"
-        log.write_text("".join(traceback.format_exception(e)))
-        try:
-            checkpoint = latest_checkpoint(self.info.run_dir)
-        except Exception:  # a pointer to a checkpoint that is not complete: none to name
-            checkpoint = None
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        reason = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", reason).split(". ")[0][:160]  # not the C++ source line
-        who = f"rank {1 - rank}" if self.info.world == 2 else "another rank"  # of more, the message cannot tell which
-        return PeerLost(rank, self.global_step, who, reason, checkpoint, log)
 
     def _optimizer_step(self) -> dict | None:
         """Accumulate micro-batches, clip, step, update routing biases. None if the step was skipped.
@@ -301,7 +282,8 @@ class Trainer:
         entropy = None
         self.step.begin_step(self.global_step, cfg.train.steps)
         for _ in range(accum):
-            batch = next(self.loader).to(self.info.device)
+            with self.local.part("input"):
+                batch = next(self.loader).to(self.info.device)
             m = self.step.forward_backward(batch, 1.0 / accum)
             tokens += m.pop("tokens")
             e = m.pop("router_entropy", None)
@@ -326,8 +308,9 @@ class Trainer:
         if nonfinite or not math.isfinite(host["grad_norm"]):
             what = "loss" if nonfinite else "gradient norm"
             return self._skip(f"non-finite {what} at step {self.global_step + 1}")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.local.part("update", on_device=True):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.nonfinite_streak = 0
         self.balancer.update()
         if counts is not None:
@@ -415,6 +398,19 @@ class Trainer:
                  f"mean router entropy {sum(r['router_entropy'] for r in rec['layers']) / len(rec['layers']):.2f}, "
                  f"dead experts {dead}, bias range [{float(biases.min()):+.3f}, {float(biases.max()):+.3f}]"
                  f"{stability}")
+        for w in warnings:
+            log.write(w)
+            self.say(f"  WARNING {w['event']}: {w['message']}")
+
+    def _log_window(self, log: MetricsLog, rec: dict, window_s: float) -> None:
+        """A logging window's record and progress line; in a distributed run each rank's own work in it, gathered,
+        and any straggler warnings on screen and in the log."""
+        log.write(rec)
+        self._progress(rec, self.cfg.train.steps)
+        if self.stragglers is None:
+            return
+        rec, warnings = self.stragglers.window(self.global_step, gather_local(self.local.take()), window_s)
+        log.write(rec)
         for w in warnings:
             log.write(w)
             self.say(f"  WARNING {w['event']}: {w['message']}")

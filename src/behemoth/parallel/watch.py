@@ -1,0 +1,193 @@
+"""Watching the other ranks of a distributed run: which rank is slow (stragglers) and which is gone (heartbeats).
+
+Stragglers. In a synchronous run every rank waits for the slowest at each collective, so every rank's step takes
+the same wall time: step time alone cannot say who is slow. What differs between ranks is the work no collective
+synchronises: waiting for the next batch (a slow disk, a stalled data loader) and applying the optimizer update to
+the rank's own shards (a throttled or shared device). `LocalTime` times those parts on each rank; at every logging
+window `gather_local` brings every rank's figures to every rank, and `StragglerWatch` names a rank whose local time
+exceeds the median of the other ranks' by `factor`, for `windows` windows in a row. Slowness inside forward and
+backward cannot be pinned on one rank this way: FSDP's gathers and the experts' all-to-alls make every rank wait
+there, so it shows as every rank's step time rising at once.
+
+Heartbeats. When a collective fails, the error names at most an address, and in a run of more than two ranks a
+survivor cannot tell which peer is gone. Each rank's `Heartbeat` thread adds 1 to its own counter in the run's
+rendezvous store every `interval` seconds. After a failure, `silent()` reads every counter, waits two intervals and
+reads them again: the ranks whose counters did not move are gone. A rank that is stuck but alive still beats (from
+its thread), so a timeout caused by a hung rank names nobody, which is itself the answer: every rank is there.
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+PARTS = ("input", "update")  # what `LocalTime` times: waiting for the batch, the optimizer's update of the shards
+WHAT = {"input": "waiting for input", "update": "optimizer update"}
+MIN_SHARE = 0.05  # a rank's excess over the others' median counts only above this share of the window's wall time:
+# a few milliseconds of a long window cost the run nothing and are mostly the noise of a shared machine
+HOST_BYTES = 64  # a host name's length in the gather (longer names are cut)
+
+
+class LocalTime:
+    """Seconds this rank spent on each of `PARTS` since the last `take()`. Host work is timed on the host; device
+    work (`on_device=True`) with CUDA events on a GPU, read only at `take()`, so timing adds no synchronisation."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = dict.fromkeys(PARTS, 0.0)
+        self.pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextmanager
+    def part(self, name: str, on_device: bool = False) -> Iterator[None]:
+        if on_device and self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.pending.append((name, start, end))
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - t0
+
+    def take(self) -> list[float]:
+        """The seconds per part, in `PARTS` order, since the last call (then reset)."""
+        for name, start, end in self.pending:
+            end.synchronize()
+            self.seconds[name] += start.elapsed_time(end) / 1000
+        out = [self.seconds[p] for p in PARTS]
+        self.seconds, self.pending = dict.fromkeys(PARTS, 0.0), []
+        return out
+
+
+def gather_local(values: list[float]) -> list[list[float]]:
+    """Every rank's `values` (the same length on each), on every rank: [world][len(values)]."""
+    t = torch.tensor(values, dtype=torch.float64)
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [o.tolist() for o in out]
+
+
+def gather_hosts() -> list[str]:
+    """Every rank's host name, on every rank (a fixed-size byte tensor, so any backend's CPU path carries it)."""
+    name = socket.gethostname().encode("utf-8")[:HOST_BYTES]
+    t = torch.zeros(HOST_BYTES, dtype=torch.uint8)
+    t[:len(name)] = torch.tensor(list(name), dtype=torch.uint8)
+    out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t)
+    return [bytes(o.tolist()).rstrip(b"\0").decode("utf-8", "replace") for o in out]
+
+
+def ranks_text(ranks: list[int], hosts: list[str] | None) -> str:
+    """"rank 3 (node gpu-07)", "ranks 8-15 (node gpu-02)", "ranks 2, 5 (nodes a, b)": the ranks and where they ran."""
+    spans, start = [], None
+    for i, r in enumerate(ranks):
+        start = r if start is None else start
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            spans.append(f"{start}" if start == r else f"{start}-{r}")
+            start = None
+    text = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(spans)}"
+    if hosts:
+        nodes = list(dict.fromkeys(hosts[r] for r in ranks))
+        text += f" (node{'s' if len(nodes) > 1 else ''} {', '.join(nodes)})"
+    return text
+
+
+def duration(seconds: float) -> str:
+    """"1.25 s", "37.2 ms": a rank's time as a person reads it."""
+    return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1000:.1f} ms"
+
+
+class StragglerWatch:
+    """Names a rank that is slow at its own work for `windows` logging windows in a row (see the module docstring).
+    `factor` 0 turns the warning off; the per-rank figures are still recorded."""
+
+    def __init__(self, world: int, factor: float, windows: int, hosts: list[str] | None = None):
+        self.world, self.factor, self.windows, self.hosts = world, factor, windows, hosts
+        self.streak = [0] * world
+
+    def window(self, step: int, parts: list[list[float]], wall_s: float) -> tuple[dict, list[dict]]:
+        """One logging window: `parts` [world][len(PARTS)] seconds per rank and part, `wall_s` the window's wall time.
+        Returns the "ranks" record for metrics.jsonl and any "straggler" warnings."""
+        local = [sum(p) for p in parts]
+        record = {"type": "ranks", "step": step, "window_s": wall_s, "local_s": local,
+                  **{f"{name}_s": [p[i] for p in parts] for i, name in enumerate(PARTS)}}
+        warnings = []
+        for r in range(self.world):
+            median = statistics.median(local[:r] + local[r + 1:])
+            slow = (self.factor > 0 and local[r] > self.factor * median
+                    and local[r] - median >= MIN_SHARE * wall_s)
+            self.streak[r] = self.streak[r] + 1 if slow else 0
+            if slow and self.streak[r] % self.windows == 0:
+                times = ", ".join(f"{WHAT[n]} {duration(parts[r][i])}" for i, n in enumerate(PARTS))
+                ratio = f"{local[r] / median:.1f}x" if median > 0 else "more than"
+                warnings.append({"type": "warning", "event": "straggler", "step": step, "rank": r,
+                                 "host": self.hosts[r] if self.hosts else None, "local_s": local[r],
+                                 "median_s": median,
+                                 "message": f"{ranks_text([r], self.hosts)} is a straggler: {duration(local[r])} of "
+                                            f"its own work in the last logging window ({times}), {ratio} the other "
+                                            f"ranks' median of {duration(median)}, {self.streak[r]} windows in a "
+                                            f"row; every rank waits for it"})
+        return record, warnings
+
+
+class Heartbeat:
+    """A daemon thread adding 1 to this rank's counter in the rendezvous store every `interval` seconds, and the
+    roll call that names the ranks whose counters stopped (see the module docstring)."""
+
+    KEY = "behemoth/heartbeat/{}"
+
+    def __init__(self, rank: int, world: int, interval: float, store: dist.Store | None = None):
+        """`store`: where the counters live; by default the one every rank joined through (its ops are serialised,
+        so the thread may share it)."""
+        from torch.distributed import distributed_c10d as c10d
+
+        self.rank, self.world, self.interval = rank, world, interval
+        self.store = store if store is not None else c10d._get_default_store()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="behemoth-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _beat(self) -> None:
+        key = self.KEY.format(self.rank)
+        while not self.stop.is_set():
+            try:
+                self.store.add(key, 1)
+            except Exception:  # the store's host is gone: the run is failing and nothing is left to tell
+                return
+            self.stop.wait(self.interval)
+
+    def silent(self) -> list[int] | None:
+        """The other ranks whose counters stayed still for two intervals (sorted); None when the store cannot say
+        (its host is gone too, or it does not answer within the roll call's time)."""
+        result: list[list[int]] = []
+
+        def roll_call() -> None:
+            keys = [self.KEY.format(r) for r in range(self.world)]
+            try:
+                first = [self.store.add(k, 0) for k in keys]
+                deadline = time.monotonic() + 2 * self.interval
+                moved = {self.rank}
+                while time.monotonic() < deadline and len(moved) < self.world:
+                    time.sleep(min(0.1, self.interval / 4))
+                    moved |= {r for r, k in enumerate(keys) if r not in moved and self.store.add(k, 0) != first[r]}
+            except Exception:  # the store's host is gone too: it cannot say
+                return
+            result.append(sorted(set(range(self.world)) - moved))
+
+        thread = threading.Thread(target=roll_call, name="behemoth-roll-call", daemon=True)
+        thread.start()
+        thread.join(2 * self.interval + 10)
+        return result[0] if result else None
+
+    def close(self) -> None:
+        self.stop.set()

@@ -1,0 +1,86 @@
+"""The straggler rule, the per-rank timing and the heartbeat roll call (`parallel/watch.py`), in one process."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from behemoth.parallel.watch import MIN_SHARE, Heartbeat, LocalTime, StragglerWatch, ranks_text
+
+
+def windows(watch: StragglerWatch, local: list[float], n: int, wall: float = 1.0) -> list[list[dict]]:
+    """`n` logging windows in which rank r spends local[r] seconds waiting for input (none on its update)."""
+    return [watch.window(step, [[x, 0.0] for x in local], wall)[1] for step in range(1, n + 1)]
+
+
+def test_a_slow_rank_is_named_after_the_set_number_of_windows_and_every_that_many_after():
+    watch = StragglerWatch(4, factor=1.5, windows=3, hosts=["a", "a", "b", "b"])
+    out = windows(watch, [0.10, 0.10, 0.31, 0.11], 7)
+    assert [len(w) for w in out] == [0, 0, 1, 0, 0, 1, 0]
+    w = out[2][0]
+    assert (w["event"], w["rank"], w["host"], w["step"]) == ("straggler", 2, "b", 3)
+    assert w["median_s"] == pytest.approx(0.10) and w["local_s"] == pytest.approx(0.31)  # the others' median
+    assert w["message"].startswith("rank 2 (node b) is a straggler: 310.0 ms") and "3.1x" in w["message"]
+    assert "3 windows in a row" in w["message"] and "6 windows in a row" in out[5][0]["message"]
+
+
+def test_the_streak_restarts_when_the_rank_catches_up():
+    watch = StragglerWatch(2, factor=1.5, windows=3)
+    slow, even = [0.1, 0.5], [0.1, 0.1]
+    seen = [watch.window(s, [[x, 0.0] for x in local], 1.0)[1]
+            for s, local in enumerate([slow, slow, even, slow, slow, slow], 1)]
+    assert [len(w) for w in seen] == [0, 0, 0, 0, 0, 1]
+
+
+def test_balanced_ranks_small_differences_and_a_factor_of_zero_name_nobody():
+    assert not any(windows(StragglerWatch(3, 1.5, 1), [0.2, 0.21, 0.19], 5))  # balanced
+    # 10x the others, but the excess is under MIN_SHARE of the window's wall time: noise, not a straggler
+    tiny = 0.5 * MIN_SHARE
+    assert not any(windows(StragglerWatch(2, 1.5, 1), [tiny / 9, tiny + tiny / 9], 5))
+    assert any(windows(StragglerWatch(2, 1.5, 1), [0.0, 2 * MIN_SHARE], 1))  # above it: named
+    assert not any(windows(StragglerWatch(2, 0.0, 1), [0.1, 5.0], 5))  # off
+
+
+def test_the_ranks_record_holds_every_rank_and_part():
+    rec, _ = StragglerWatch(2, 1.5, 3).window(10, [[0.5, 0.25], [1.0, 0.5]], 2.0)
+    assert rec == {"type": "ranks", "step": 10, "window_s": 2.0, "local_s": [0.75, 1.5], "input_s": [0.5, 1.0],
+                   "update_s": [0.25, 0.5]}
+
+
+def test_ranks_text_names_spans_and_nodes():
+    hosts = ["n0"] * 4 + ["n1"] * 4
+    assert ranks_text([3], hosts) == "rank 3 (node n0)"
+    assert ranks_text([4, 5, 6, 7], hosts) == "ranks 4-7 (node n1)"
+    assert ranks_text([1, 2, 5], hosts) == "ranks 1-2, 5 (nodes n0, n1)"
+    assert ranks_text([2], None) == "rank 2"
+
+
+def test_local_time_adds_up_per_part_and_resets():
+    t = LocalTime(torch.device("cpu"))
+    with t.part("input"):
+        time.sleep(0.02)
+    with t.part("update", on_device=True):  # on the CPU: host time
+        time.sleep(0.01)
+    with t.part("input"):
+        time.sleep(0.02)
+    first = t.take()
+    assert first[0] >= 0.04 and 0.01 <= first[1] < first[0]
+    assert t.take() == [0.0, 0.0]
+
+
+def test_the_roll_call_names_the_ranks_whose_heartbeat_stopped():
+    store = dist.HashStore()
+    beats = [Heartbeat(r, 4, 0.05, store) for r in range(4)]
+    time.sleep(0.1)
+    beats[1].close()
+    beats[3].close()
+    time.sleep(0.1)  # their last beats are in
+    assert beats[0].silent() == [1, 3]
+    assert beats[2].silent() == [1, 3]
+    beats[1], beats[3] = Heartbeat(1, 4, 0.05, store), Heartbeat(3, 4, 0.05, store)
+    assert beats[0].silent() == []  # every rank beats: nobody is gone
+    for b in beats:
+        b.close()
