@@ -211,3 +211,38 @@ def test_a_slow_rank_is_named_as_a_straggler(tmp_path):
     assert len(ranks) == 9 and all(rec["input_s"][1] >= 0.3 > rec["input_s"][0] for rec in ranks)
     assert (out / "ranks.png").is_file()
     print(said[0])
+
+
+HUNG_RANK = """
+import os, sys, time
+from behemoth.cli import main
+from behemoth.parallel import distributed
+
+take, calls = distributed.ShardedBatches.__next__, [0]
+def hung(self):  # a data loader that hangs on rank 1 at its 6th batch (for 12 s: long past the 4 s timeout)
+    calls[0] += 1
+    if calls[0] == 6:
+        time.sleep(12)
+    return take(self)
+if os.environ["RANK"] == "1":
+    distributed.ShardedBatches.__next__ = hung
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_stuck_rank_is_named_with_where_it_is_stuck(tmp_path):
+    """Rank 1's loader hangs at step 6: rank 0's collective times out (`parallel.timeout_s`=4) and its line names
+    rank 1 as alive but waiting for its input, from rank 1's heartbeat."""
+    script = tmp_path / "hung_rank.py"
+    script.write_text(HUNG_RANK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), "train",
+           *RUN, "--train.steps=10", "--log.eval_every=0", "--parallel.ep=2", "--parallel.timeout_s=4",
+           f"--train.out_dir={tmp_path / 'run'}"]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    took = time.monotonic() - t0
+    said = [ln for ln in r.stderr.splitlines() if "lost contact with" in ln]
+    assert r.returncode != 0 and said, r.stderr[-3000:]
+    assert said[0].startswith("behemoth train: rank 0 stopped at step 5: lost contact with rank 1 (node "), said
+    assert "alive but waiting for its input at step 6: " in said[0] and "imed out" in said[0], said
+    print(f"{said[0][:160]}... (whole run {took:.0f} s)")

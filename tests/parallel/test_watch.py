@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from behemoth.parallel.watch import MIN_SHARE, Heartbeat, LocalTime, StragglerWatch, ranks_text
+from behemoth.train.faults import lost_peer
 
 
 def windows(watch: StragglerWatch, local: list[float], n: int, wall: float = 1.0) -> list[list[dict]]:
@@ -78,9 +79,34 @@ def test_the_roll_call_names_the_ranks_whose_heartbeat_stopped():
     beats[1].close()
     beats[3].close()
     time.sleep(0.1)  # their last beats are in
-    assert beats[0].silent() == [1, 3]
-    assert beats[2].silent() == [1, 3]
+    assert beats[0].roll_call().silent == [1, 3]
+    assert beats[2].roll_call().silent == [1, 3]
     beats[1], beats[3] = Heartbeat(1, 4, 0.05, store), Heartbeat(3, 4, 0.05, store)
-    assert beats[0].silent() == []  # every rank beats: nobody is gone
+    assert beats[0].roll_call().silent == []  # every rank beats: nobody is gone
     for b in beats:
         b.close()
+
+
+def test_the_roll_call_finds_a_stuck_rank_by_its_place():
+    """Ranks 0 and 2 wait in step 7's collective; rank 1 waits for its input there, rank 3 is still in step 6."""
+    store = dist.HashStore()
+    beats = [Heartbeat(r, 4, 0.05, store) for r in range(4)]
+    with LocalTime(torch.device("cpu"), beats[1]).part("input"):
+        for b in beats:
+            b.step = 7
+        beats[3].step = 6
+        time.sleep(0.15)  # every place is written
+        call = beats[0].roll_call()
+        said = lost_peer(0, 4, ["a", "a", "b", "b"], beats[0])
+    assert call.silent == [] and call.places == {0: (7, ""), 1: (7, "waiting for input"), 2: (7, ""), 3: (6, "")}
+    assert call.stuck(0) == [1, 3] and call.stuck(2) == [1, 3]
+    assert said == ("rank 1 (node a), alive but waiting for its input at step 7; "
+                    "rank 3 (node b), alive but behind, in step 6")
+    assert beats[1].doing == ""  # the part is over
+    for b in beats:
+        b.close()
+
+
+def test_without_heartbeats_two_ranks_name_the_other_and_more_say_another():
+    assert lost_peer(1, 2, ["a", "b"], None) == "rank 0 (node a)"
+    assert lost_peer(1, 3, None, None) == "another rank"

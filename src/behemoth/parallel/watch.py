@@ -9,11 +9,13 @@ exceeds the median of the other ranks' by `factor`, for `windows` windows in a r
 backward cannot be pinned on one rank this way: FSDP's gathers and the experts' all-to-alls make every rank wait
 there, so it shows as every rank's step time rising at once.
 
-Heartbeats. When a collective fails, the error names at most an address, and in a run of more than two ranks a
-survivor cannot tell which peer is gone. Each rank's `Heartbeat` thread adds 1 to its own counter in the run's
-rendezvous store every `interval` seconds. After a failure, `silent()` reads every counter, waits two intervals and
-reads them again: the ranks whose counters did not move are gone. A rank that is stuck but alive still beats (from
-its thread), so a timeout caused by a hung rank names nobody, which is itself the answer: every rank is there.
+Heartbeats. When a collective fails, the error names at most an address: in a run of more than two ranks a
+survivor cannot tell which peer is gone, and after a timeout it cannot tell a dead peer from a stuck one. Each
+rank's `Heartbeat` thread adds 1 to its own counter in the run's rendezvous store every `interval` seconds, beside
+where the rank is (its step, and whether it is in work of its own: waiting for input, its optimizer update). After
+a failure, `roll_call()` reads every counter, waits two intervals and reads them again: the ranks whose counters did
+not move are gone. A rank that is stuck but alive still beats (from its thread), and its place names it: the rank
+waiting for input while the others wait for it in a collective.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -39,13 +42,28 @@ class LocalTime:
     """Seconds this rank spent on each of `PARTS` since the last `take()`. Host work is timed on the host; device
     work (`on_device=True`) with CUDA events on a GPU, read only at `take()`, so timing adds no synchronisation."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, heartbeat: Heartbeat | None = None):
+        """`heartbeat`: told the step (`begin`) and which part the rank is in, for the roll call after a failure."""
+        self.cuda, self.heartbeat = device.type == "cuda", heartbeat
         self.seconds = dict.fromkeys(PARTS, 0.0)
         self.pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
+    def begin(self, step: int) -> None:
+        """Step `step` (counted from 1) starts."""
+        if self.heartbeat is not None:
+            self.heartbeat.step = step
+
     @contextmanager
     def part(self, name: str, on_device: bool = False) -> Iterator[None]:
+        if self.heartbeat is not None:
+            self.heartbeat.doing = WHAT[name]
+        try:
+            yield from self._timed(name, on_device)
+        finally:
+            if self.heartbeat is not None:
+                self.heartbeat.doing = ""
+
+    def _timed(self, name: str, on_device: bool) -> Iterator[None]:
         if on_device and self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -140,11 +158,28 @@ class StragglerWatch:
         return record, warnings
 
 
-class Heartbeat:
-    """A daemon thread adding 1 to this rank's counter in the rendezvous store every `interval` seconds, and the
-    roll call that names the ranks whose counters stopped (see the module docstring)."""
+@dataclass
+class RollCall:
+    """What the heartbeats say after a failure: the other ranks whose counters stopped (gone), and where every rank
+    that still beats is: (step, what it does there: "" for the step's synchronised work, else one of `WHAT`)."""
 
-    KEY = "behemoth/heartbeat/{}"
+    silent: list[int]
+    places: dict[int, tuple[int, str]]
+
+    def stuck(self, me: int) -> list[int]:
+        """The live ranks that are somewhere else than rank `me`, whose collective failed: an earlier step, or in
+        work of their own while `me` waited for them."""
+        mine = self.places.get(me)
+        return sorted(r for r, place in self.places.items() if r != me and mine is not None and place != mine
+                      and (place[0] < mine[0] or place[1]))
+
+
+class Heartbeat:
+    """A daemon thread adding 1 to this rank's counter in the rendezvous store every `interval` seconds, with where
+    the rank is (`step`, `doing`: set by the training loop and `LocalTime`), and the roll call that reads them after
+    a failure (see the module docstring)."""
+
+    KEY, PLACE = "behemoth/heartbeat/{}", "behemoth/place/{}"
 
     def __init__(self, rank: int, world: int, interval: float, store: dist.Store | None = None):
         """`store`: where the counters live; by default the one every rank joined through (its ops are serialised,
@@ -152,26 +187,28 @@ class Heartbeat:
         from torch.distributed import distributed_c10d as c10d
 
         self.rank, self.world, self.interval = rank, world, interval
+        self.step, self.doing = 0, ""
         self.store = store if store is not None else c10d._get_default_store()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, name="behemoth-heartbeat", daemon=True)
         self.thread.start()
 
     def _beat(self) -> None:
-        key = self.KEY.format(self.rank)
+        key, place = self.KEY.format(self.rank), self.PLACE.format(self.rank)
         while not self.stop.is_set():
             try:
+                self.store.set(place, f"{self.step}|{self.doing}")  # first: a counter above 0 means a place is set
                 self.store.add(key, 1)
             except Exception:  # the store's host is gone: the run is failing and nothing is left to tell
                 return
             self.stop.wait(self.interval)
 
-    def silent(self) -> list[int] | None:
-        """The other ranks whose counters stayed still for two intervals (sorted); None when the store cannot say
-        (its host is gone too, or it does not answer within the roll call's time)."""
-        result: list[list[int]] = []
+    def roll_call(self) -> RollCall | None:
+        """Which other ranks' counters stayed still for two intervals, and where the others are; None when the store
+        cannot say (its host is gone too, or it does not answer within the roll call's time)."""
+        result: list[RollCall] = []
 
-        def roll_call() -> None:
+        def call() -> None:
             keys = [self.KEY.format(r) for r in range(self.world)]
             try:
                 first = [self.store.add(k, 0) for k in keys]
@@ -180,11 +217,15 @@ class Heartbeat:
                 while time.monotonic() < deadline and len(moved) < self.world:
                     time.sleep(min(0.1, self.interval / 4))
                     moved |= {r for r, k in enumerate(keys) if r not in moved and self.store.add(k, 0) != first[r]}
+                places = {}
+                for r in sorted(moved):
+                    step, doing = self.store.get(self.PLACE.format(r)).decode().split("|", 1)
+                    places[r] = (int(step), doing)
             except Exception:  # the store's host is gone too: it cannot say
                 return
-            result.append(sorted(set(range(self.world)) - moved))
+            result.append(RollCall(sorted(set(range(self.world)) - moved), places))
 
-        thread = threading.Thread(target=roll_call, name="behemoth-roll-call", daemon=True)
+        thread = threading.Thread(target=call, name="behemoth-roll-call", daemon=True)
         thread.start()
         thread.join(2 * self.interval + 10)
         return result[0] if result else None

@@ -202,8 +202,8 @@ class ParallelSection:
     # factor for `straggler_windows` logging windows in a row (parallel/watch.py); 0: no warning
     straggler_factor: float = 1.5
     straggler_windows: int = 3
-    # beyond two ranks, every rank beats in the rendezvous store this often (seconds), so that a survivor can name
-    # the rank it lost (parallel/watch.py); 0: off, the lost rank goes unnamed
+    # every rank beats in the rendezvous store this often (seconds), with its step, so that after a failure a
+    # survivor can name the rank that is gone or stuck (parallel/watch.py); 0: off
     heartbeat_s: float = 1.0
 
 

@@ -1,9 +1,9 @@
 """What a surviving rank says when a collective fails: one line naming the rank that stopped, the step, what was
 lost (by name where the run can tell), the last complete checkpoint and how to go on; the traceback goes to a file.
 
-Which peer is lost: in a run of two ranks, the other one. In a larger run the error names at most an address, so
-the heartbeats of the rendezvous store decide (`parallel/watch.py`): the ranks whose counters stopped are gone; if
-every rank still beats, one of them is stuck rather than gone, and the line says so.
+Which peer is lost: the heartbeats of the rendezvous store decide (`parallel/watch.py`). The ranks whose counters
+stopped are gone; if every rank still beats, the one that is somewhere else (an earlier step, or waiting for its
+input while this rank waited for it) is stuck. Without an answer from the store: in a run of two ranks, the other.
 """
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ import traceback
 from pathlib import Path
 
 from behemoth.parallel.watch import Heartbeat, ranks_text
+
+STUCK = {"waiting for input": "waiting for its input at", "optimizer update": "in its optimizer update at",
+         "": "behind, in"}  # where a stuck rank is (`RollCall.places`), as the line says it
 
 
 class PeerLost(Exception):
@@ -29,14 +32,16 @@ class PeerLost(Exception):
 
 def lost_peer(rank: int, world: int, hosts: list[str] | None, heartbeat: Heartbeat | None) -> str:
     """Who this rank lost contact with, as the one line says it."""
-    if world == 2:
-        return ranks_text([1 - rank], hosts)
-    silent = heartbeat.silent() if heartbeat is not None else None
-    if silent is None:
-        return "another rank"
-    if not silent:
+    call = heartbeat.roll_call() if heartbeat is not None else None
+    if call is None:
+        return ranks_text([1 - rank], hosts) if world == 2 else "another rank"
+    if call.silent:
+        return ranks_text(call.silent, hosts)
+    stuck = call.stuck(rank)
+    if not stuck:
         return "another rank (every rank still answers its heartbeat: one is stuck, not gone)"
-    return ranks_text(silent, hosts)
+    return "; ".join(f"{ranks_text([r], hosts)}, alive but {STUCK[call.places[r][1]]} step {call.places[r][0]}"
+                     for r in stuck)
 
 
 def peer_lost(e: BaseException, run_dir: Path, step: int, world: int, hosts: list[str] | None,

@@ -149,14 +149,14 @@ class Trainer:
 
     def _watch_ranks(self, cfg: TrainConfig) -> None:
         """In a distributed run: every rank's host, the timing of each rank's own work for the straggler warning, and
-        (beyond two ranks) the heartbeat that names a lost rank (`parallel/watch.py`)."""
+        the heartbeat that names a lost or stuck rank after a failure (`parallel/watch.py`)."""
         world, p = self.info.world, cfg.parallel
         self.hosts = gather_hosts() if world > 1 else None
-        self.local = LocalTime(self.info.device)
+        self.heartbeat = Heartbeat(int(torch.distributed.get_rank()), world, p.heartbeat_s) \
+            if world > 1 and p.heartbeat_s > 0 else None
+        self.local = LocalTime(self.info.device, self.heartbeat)
         self.stragglers = StragglerWatch(world, p.straggler_factor, p.straggler_windows, self.hosts) \
             if world > 1 else None
-        self.heartbeat = Heartbeat(int(torch.distributed.get_rank()), world, p.heartbeat_s) \
-            if world > 2 and p.heartbeat_s > 0 else None
 
     # ---- state for exact resume -------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -281,6 +281,7 @@ class Trainer:
         tokens = 0
         entropy = None
         self.step.begin_step(self.global_step, cfg.train.steps)
+        self.local.begin(self.global_step + 1)
         for _ in range(accum):
             with self.local.part("input"):
                 batch = next(self.loader).to(self.info.device)
