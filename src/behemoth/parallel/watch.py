@@ -36,32 +36,36 @@ WHAT = {"input": "waiting for input", "update": "optimizer update"}
 MIN_SHARE = 0.05  # a rank's excess over the others' median counts only above this share of the window's wall time:
 # a few milliseconds of a long window cost the run nothing and are mostly the noise of a shared machine
 HOST_BYTES = 64  # a host name's length in the gather (longer names are cut)
+FULL_RANKS = 64  # up to this many ranks a "ranks" record lists every rank's times; beyond, the median and slowest
 
 
 class LocalTime:
     """Seconds this rank spent on each of `PARTS` since the last `take()`. Host work is timed on the host; device
-    work (`on_device=True`) with CUDA events on a GPU, read only at `take()`, so timing adds no synchronisation."""
+    work (`on_device=True`) with CUDA events on a GPU when `events` is on (a distributed run, which reads them at
+    every logging window), read only at `take()`, so timing adds no synchronisation."""
 
-    def __init__(self, device: torch.device, heartbeat: Heartbeat | None = None):
+    def __init__(self, device: torch.device, heartbeat: Heartbeat | None = None, events: bool = True):
         """`heartbeat`: told the step (`begin`) and which part the rank is in, for the roll call after a failure."""
-        self.cuda, self.heartbeat = device.type == "cuda", heartbeat
+        self.cuda, self.heartbeat = device.type == "cuda" and events, heartbeat
+        self.step = 0
         self.seconds = dict.fromkeys(PARTS, 0.0)
         self.pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     def begin(self, step: int) -> None:
         """Step `step` (counted from 1) starts."""
+        self.step = step
         if self.heartbeat is not None:
-            self.heartbeat.step = step
+            self.heartbeat.place = (step, "")
 
     @contextmanager
     def part(self, name: str, on_device: bool = False) -> Iterator[None]:
         if self.heartbeat is not None:
-            self.heartbeat.doing = WHAT[name]
+            self.heartbeat.place = (self.step, WHAT[name])
         try:
             yield from self._timed(name, on_device)
         finally:
             if self.heartbeat is not None:
-                self.heartbeat.doing = ""
+                self.heartbeat.place = (self.step, "")
 
     def _timed(self, name: str, on_device: bool) -> Iterator[None]:
         if on_device and self.cuda:
@@ -137,8 +141,11 @@ class StragglerWatch:
         """One logging window: `parts` [world][len(PARTS)] seconds per rank and part, `wall_s` the window's wall time.
         Returns the "ranks" record for metrics.jsonl and any "straggler" warnings."""
         local = [sum(p) for p in parts]
-        record = {"type": "ranks", "step": step, "window_s": wall_s, "local_s": local,
-                  **{f"{name}_s": [p[i] for p in parts] for i, name in enumerate(PARTS)}}
+        slowest = max(range(self.world), key=local.__getitem__)
+        record = {"type": "ranks", "step": step, "world": self.world, "window_s": wall_s,
+                  "median_s": statistics.median(local), "slowest_rank": slowest, "slowest_s": local[slowest]}
+        if self.world <= FULL_RANKS:
+            record.update({"local_s": local, **{f"{name}_s": [p[i] for p in parts] for i, name in enumerate(PARTS)}})
         warnings = []
         for r in range(self.world):
             median = statistics.median(local[:r] + local[r + 1:])
@@ -158,26 +165,29 @@ class StragglerWatch:
         return record, warnings
 
 
+STOPPED = "stopped"  # the place of a rank that reported a failure of its own and left: not lost, not stuck
+
+
 @dataclass
 class RollCall:
     """What the heartbeats say after a failure: the other ranks whose counters stopped (gone), and where every rank
-    that still beats is: (step, what it does there: "" for the step's synchronised work, else one of `WHAT`)."""
+    that has beaten is: (step, what it does there: "" for the step's synchronised work, one of `WHAT`, or
+    `STOPPED`)."""
 
     silent: list[int]
     places: dict[int, tuple[int, str]]
 
-    def stuck(self, me: int) -> list[int]:
-        """The live ranks that are somewhere else than rank `me`, whose collective failed: an earlier step, or in
-        work of their own while `me` waited for them."""
-        mine = self.places.get(me)
-        return sorted(r for r, place in self.places.items() if r != me and mine is not None and place != mine
-                      and (place[0] < mine[0] or place[1]))
+    def stuck(self, me: int, mine: tuple[int, str]) -> list[int]:
+        """The live ranks that are somewhere else than rank `me` (at `mine`), whose collective failed: an earlier
+        step, or in work of their own while `me` waited for them."""
+        return sorted(r for r, place in self.places.items() if r != me and r not in self.silent and place != mine
+                      and place[1] != STOPPED and (place[0] < mine[0] or place[1]))
 
 
 class Heartbeat:
     """A daemon thread adding 1 to this rank's counter in the rendezvous store every `interval` seconds, with where
-    the rank is (`step`, `doing`: set by the training loop and `LocalTime`), and the roll call that reads them after
-    a failure (see the module docstring)."""
+    the rank is (`place`: set by `LocalTime` in one assignment), and the roll call that reads them after a failure
+    (see the module docstring)."""
 
     KEY, PLACE = "behemoth/heartbeat/{}", "behemoth/place/{}"
 
@@ -187,48 +197,68 @@ class Heartbeat:
         from torch.distributed import distributed_c10d as c10d
 
         self.rank, self.world, self.interval = rank, world, interval
-        self.step, self.doing = 0, ""
+        self.place: tuple[int, str] = (0, "")
         self.store = store if store is not None else c10d._get_default_store()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, name="behemoth-heartbeat", daemon=True)
         self.thread.start()
 
     def _beat(self) -> None:
-        key, place = self.KEY.format(self.rank), self.PLACE.format(self.rank)
+        key, place_key = self.KEY.format(self.rank), self.PLACE.format(self.rank)
         while not self.stop.is_set():
+            step, doing = self.place
             try:
-                self.store.set(place, f"{self.step}|{self.doing}")  # first: a counter above 0 means a place is set
+                self.store.set(place_key, f"{step}|{doing}")  # first: a counter above 0 means a place is set
                 self.store.add(key, 1)
-            except Exception:  # the store's host is gone: the run is failing and nothing is left to tell
-                return
+            except Exception:  # a busy or lost store: try again next beat (if it is gone, the run is failing)
+                pass
             self.stop.wait(self.interval)
 
+    def _counts(self, keys: list[str]) -> list[int]:
+        """Every rank's counter, in one request where the store can (`multi_get`), else one by one."""
+        if hasattr(self.store, "multi_get"):
+            return [int(v) for v in self.store.multi_get(keys)]
+        return [self.store.add(k, 0) for k in keys]
+
     def roll_call(self) -> RollCall | None:
-        """Which other ranks' counters stayed still for two intervals, and where the others are; None when the store
+        """Which other ranks' counters stayed still for two intervals, and where every rank is; None when the store
         cannot say (its host is gone too, or it does not answer within the roll call's time)."""
         result: list[RollCall] = []
 
         def call() -> None:
             keys = [self.KEY.format(r) for r in range(self.world)]
             try:
-                first = [self.store.add(k, 0) for k in keys]
+                first = [self.store.add(k, 0) for k in keys]  # creates the counter of a rank that never beat
                 deadline = time.monotonic() + 2 * self.interval
                 moved = {self.rank}
                 while time.monotonic() < deadline and len(moved) < self.world:
-                    time.sleep(min(0.1, self.interval / 4))
-                    moved |= {r for r, k in enumerate(keys) if r not in moved and self.store.add(k, 0) != first[r]}
-                places = {}
-                for r in sorted(moved):
-                    step, doing = self.store.get(self.PLACE.format(r)).decode().split("|", 1)
-                    places[r] = (int(step), doing)
+                    time.sleep(self.interval / 4)
+                    moved |= {r for r, n in enumerate(self._counts(keys)) if n != first[r]}
+                places = {r: self._place(r) for r in range(self.world) if r != self.rank and first[r] > 0}
             except Exception:  # the store's host is gone too: it cannot say
                 return
-            result.append(RollCall(sorted(set(range(self.world)) - moved), places))
+            silent = [r for r in range(self.world) if r not in moved and places.get(r, (0, ""))[1] != STOPPED]
+            result.append(RollCall(silent, places))
 
         thread = threading.Thread(target=call, name="behemoth-roll-call", daemon=True)
         thread.start()
         thread.join(2 * self.interval + 10)
         return result[0] if result else None
+
+    def _place(self, rank: int) -> tuple[int, str]:
+        step, doing = self.store.get(self.PLACE.format(rank)).decode().split("|", 1)
+        return int(step), doing
+
+    def leave(self) -> None:
+        """This rank stops after reporting a failure of its own: its place says so (the ranks whose roll call comes
+        later must not name it as lost), then the beats end."""
+        self.place = (self.place[0], STOPPED)
+        self.stop.set()
+        self.thread.join(timeout=self.interval + 5)  # a beat under way would write the old place after this one
+        try:
+            self.store.set(self.PLACE.format(self.rank), f"{self.place[0]}|{STOPPED}")
+        except Exception:  # the store is gone: nobody will ask
+            pass
 
     def close(self) -> None:
         self.stop.set()

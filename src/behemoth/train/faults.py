@@ -2,8 +2,9 @@
 lost (by name where the run can tell), the last complete checkpoint and how to go on; the traceback goes to a file.
 
 Which peer is lost: the heartbeats of the rendezvous store decide (`parallel/watch.py`). The ranks whose counters
-stopped are gone; if every rank still beats, the one that is somewhere else (an earlier step, or waiting for its
-input while this rank waited for it) is stuck. Without an answer from the store: in a run of two ranks, the other.
+stopped are gone (unless they said they stopped after reporting a failure of their own, as this rank does after its
+report); if every rank still beats, the one that is somewhere else (an earlier step, or waiting for its input while
+this rank waited for it) is stuck. Without an answer from the store: in a run of two ranks, the other.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def lost_peer(rank: int, world: int, hosts: list[str] | None, heartbeat: Heartbe
         return ranks_text([1 - rank], hosts) if world == 2 else "another rank"
     if call.silent:
         return ranks_text(call.silent, hosts)
-    stuck = call.stuck(rank)
+    stuck = call.stuck(rank, heartbeat.place)
     if not stuck:
         return "another rank (every rank still answers its heartbeat: one is stuck, not gone)"
     return "; ".join(f"{ranks_text([r], hosts)}, alive but {STUCK[call.places[r][1]]} step {call.places[r][0]}"
@@ -59,4 +60,7 @@ def peer_lost(e: BaseException, run_dir: Path, step: int, world: int, hosts: lis
         checkpoint = None
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     reason = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", reason).split(". ")[0][:160]  # not the C++ source line
-    return PeerLost(rank, step, lost_peer(rank, world, hosts, heartbeat), reason, checkpoint, log)
+    who = lost_peer(rank, world, hosts, heartbeat)
+    if heartbeat is not None:
+        heartbeat.leave()
+    return PeerLost(rank, step, who, reason, checkpoint, log)

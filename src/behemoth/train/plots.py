@@ -57,30 +57,33 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
 
 def plot_ranks(ranks: list[dict], warnings: list[dict], out: Path, plt) -> Path:
-    """One line per rank (up to 16; beyond that the slowest and fastest on average, and the median): seconds of its
-    own work (input wait and optimizer update) per logging window, with the window's wall time; crosses mark the
-    straggler warnings. A straggler is the line that stays above the others."""
+    """Seconds of each rank's own work (input wait and optimizer update) per logging window, with the window's wall
+    time: one line per rank up to 16 ranks, else the median and the slowest rank; crosses mark the straggler
+    warnings. Only the windows of the run's latest world size (a run resumed on another number of processes has
+    both). A straggler is the line that stays above the others."""
     import numpy as np
 
+    world = ranks[-1].get("world", len(ranks[-1].get("local_s", ())))
+    ranks = [r for r in ranks if r.get("world", len(r.get("local_s", ()))) == world]
     steps = [r["step"] for r in ranks]
-    local = np.array([r["local_s"] for r in ranks])  # [windows, world]
     fig, ax = plt.subplots(figsize=(7, 4))
-    world = local.shape[1]
-    order = np.argsort(local.mean(0))
-    shown = range(world) if world <= 16 else [int(order[-1]), int(order[0])]
-    for r in shown:
-        ax.plot(steps, local[:, r], marker=".", label=f"rank {r}")
-    if world > 16:
-        ax.plot(steps, np.median(local, 1), color="black", label="median rank")
+    if world <= 16 and all("local_s" in r for r in ranks):
+        local = np.array([r["local_s"] for r in ranks])  # [windows, world]
+        for r in range(world):
+            ax.plot(steps, local[:, r], marker=".", label=f"rank {r}")
+    else:
+        ax.plot(steps, [r["median_s"] for r in ranks], color="black", label="median rank")
+        ax.plot(steps, [r["slowest_s"] for r in ranks], color="C3", marker=".", label="slowest rank")
     ax.plot(steps, [r["window_s"] for r in ranks], color="gray", alpha=0.5, linestyle="--", label="window wall time")
     for w in warnings:
-        ax.plot(w["step"], w["local_s"], "x", color="red", markersize=9)
+        if w["step"] >= steps[0]:
+            ax.plot(w["step"], w["local_s"], "x", color="red", markersize=9)
     ax.set_xlabel("step")
     ax.set_ylabel("seconds per logging window")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title("each rank's own work (input wait + optimizer update); x: straggler warning")
+    ax.set_title(f"each rank's own work (input wait + optimizer update), {world} ranks; x: straggler warning")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -154,7 +154,7 @@ class Trainer:
         self.hosts = gather_hosts() if world > 1 else None
         self.heartbeat = Heartbeat(int(torch.distributed.get_rank()), world, p.heartbeat_s) \
             if world > 1 and p.heartbeat_s > 0 else None
-        self.local = LocalTime(self.info.device, self.heartbeat)
+        self.local = LocalTime(self.info.device, self.heartbeat, events=world > 1)  # one process never reads them
         self.stragglers = StragglerWatch(world, p.straggler_factor, p.straggler_windows, self.hosts) \
             if world > 1 else None
 
@@ -283,8 +283,9 @@ class Trainer:
         self.step.begin_step(self.global_step, cfg.train.steps)
         self.local.begin(self.global_step + 1)
         for _ in range(accum):
-            with self.local.part("input"):
-                batch = next(self.loader).to(self.info.device)
+            with self.local.part("input"):  # the copy to the device stays out: it waits for the device's queue
+                batch = next(self.loader)
+            batch = batch.to(self.info.device)
             m = self.step.forward_backward(batch, 1.0 / accum)
             tokens += m.pop("tokens")
             e = m.pop("router_entropy", None)
