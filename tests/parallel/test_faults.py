@@ -178,29 +178,37 @@ def test_a_lost_rank_is_named_among_three(tmp_path):
     print(f"both survivors named rank {lost} and exited {took:.1f} s after it was killed")
 
 
-SLOW_RANK = """
+LATE_RANK = """
 import os, sys, time
 from behemoth.cli import main
 from behemoth.parallel import distributed
 
-take = distributed.ShardedBatches.__next__
-def slow(self):  # a slow disk on rank 1: every batch takes 0.3 s more to arrive
-    time.sleep(0.3)
+take, calls = distributed.ShardedBatches.__next__, [0]
+def late(self):  # rank 1's batch number `calls[0]` arrives late when {when}
+    calls[0] += 1
+    if {when}:
+        time.sleep({seconds})
     return take(self)
 if os.environ["RANK"] == "1":
-    distributed.ShardedBatches.__next__ = slow
+    distributed.ShardedBatches.__next__ = late
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_slow_rank_is_named_as_a_straggler(tmp_path):
-    script = tmp_path / "slow_rank.py"
-    script.write_text(SLOW_RANK)
-    out = tmp_path / "run"
+def late_rank(tmp_path: Path, when: str, seconds: float, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """Two ranks (torchrun --standalone, EP=2) where rank 1's batches arrive `seconds` late when `when` (a Python
+    condition on `calls[0]`, the batch's number from 1): the finished run and its directory."""
+    script, out = tmp_path / "late_rank.py", tmp_path / "run"
+    script.write_text(LATE_RANK.format(when=when, seconds=seconds))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), "train",
-           *RUN, "--train.steps=9", "--log.eval_every=0", "--parallel.ep=2", "--log.plots=true",
-           f"--train.out_dir={out}"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+           *RUN, "--log.eval_every=0", "--parallel.ep=2", f"--train.out_dir={out}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env), out
+
+
+def test_a_slow_rank_is_named_as_a_straggler(tmp_path):
+    """A slow disk on rank 1: every batch takes 0.3 s more to arrive."""
+    r, out = late_rank(tmp_path, "True", 0.3, "--train.steps=9", "--log.plots=true")
     assert r.returncode == 0, r.stderr[-3000:]
     said = [ln for ln in r.stdout.splitlines() if "WARNING straggler" in ln]
     assert len(said) == 3 and all(f"rank 1 (node {socket.gethostname()}) is a straggler" in ln for ln in said), said
@@ -213,33 +221,11 @@ def test_a_slow_rank_is_named_as_a_straggler(tmp_path):
     print(said[0])
 
 
-HUNG_RANK = """
-import os, sys, time
-from behemoth.cli import main
-from behemoth.parallel import distributed
-
-take, calls = distributed.ShardedBatches.__next__, [0]
-def hung(self):  # a data loader that hangs on rank 1 at its 6th batch (for 12 s: long past the 4 s timeout)
-    calls[0] += 1
-    if calls[0] == 6:
-        time.sleep(12)
-    return take(self)
-if os.environ["RANK"] == "1":
-    distributed.ShardedBatches.__next__ = hung
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 def test_a_stuck_rank_is_named_with_where_it_is_stuck(tmp_path):
     """Rank 1's loader hangs at step 6: rank 0's collective times out (`parallel.timeout_s`=4) and its line names
-    rank 1 as alive but waiting for its input, from rank 1's heartbeat."""
-    script = tmp_path / "hung_rank.py"
-    script.write_text(HUNG_RANK)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), "train",
-           *RUN, "--train.steps=10", "--log.eval_every=0", "--parallel.ep=2", "--parallel.timeout_s=4",
-           f"--train.out_dir={tmp_path / 'run'}"]
+    rank 1 as alive but waiting for its input, from rank 1's heartbeat. (It hangs for 12 s: long past the timeout.)"""
     t0 = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r, _ = late_rank(tmp_path, "calls[0] == 6", 12, "--train.steps=10", "--parallel.timeout_s=4")
     took = time.monotonic() - t0
     said = [ln for ln in r.stderr.splitlines() if "lost contact with" in ln]
     assert r.returncode != 0 and said, r.stderr[-3000:]
