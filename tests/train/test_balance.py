@@ -193,3 +193,62 @@ def test_a_resumed_run_says_when_its_balancing_changes():
     assert "continues with adaptive at 0.01" in balancing_change(before, now)
     assert balancing_change({"router": {"bias_update": "adaptive", "bias_update_rate": None}}, now) is None
     assert balancing_change(before, build_config(None, ["--router.bias_update=sign"])) is None
+    # selection noise: an image-text run saved before it existed had none; one saved with the default keeps it
+    images = build_config(updates={"data.images": True})
+    old_images = {"router": {"bias_update": "adaptive", "bias_update_rate": None}, "data": {"images": True}}
+    assert "router.selection_noise=0; this run continues with 0.3" in balancing_change(old_images, images)
+    old_images["router"]["selection_noise"] = None
+    assert balancing_change(old_images, images) is None
+
+
+def test_selection_noise_splits_identical_tokens_in_training_only():
+    """Identical tokens have identical logits: without noise every one goes to the same expert, whatever the
+    biases; with it the group splits among the experts near the top, and the biases then even the loads out. Eval
+    mode selects deterministically; the scores stay the unbiased logits' sigmoid."""
+    from behemoth.model.moe import Router
+
+    torch.manual_seed(0)
+    router = Router(16, 8, 1)
+    torch.nn.init.normal_(router.weight, std=0.02)
+    x = torch.randn(1, 16).expand(4000, 16)
+    _, ids, _ = router(x)
+    assert ids.unique().numel() == 1  # one expert takes the whole group
+    router.selection_noise = 0.3
+    router.eval()
+    assert torch.equal(router(x)[1], ids)  # no noise outside training
+    router.train()
+
+    def balanced(noise: float) -> float:
+        """Max/mean load of one step after 200 balancer updates at this noise."""
+        router.expert_bias.zero_()
+        balancer = BiasBalancer([_layer(router)], RouterSection(), selection_noise=noise)
+        assert router.selection_noise == noise
+        for _ in range(200):
+            scores, ids, logits = router(x)
+            assert torch.allclose(scores, torch.sigmoid(logits.gather(-1, ids)))
+            balancer.moes[0].tokens_per_expert.copy_(torch.bincount(ids.flatten(), minlength=8).float())
+            balancer.update()
+        counts = torch.bincount(router(x)[1].flatten(), minlength=8).float()
+        return float(counts.max() / counts.mean())
+
+    assert balanced(0.0) == 8.0  # the biases only move the whole group from expert to expert
+    assert balanced(0.3) < 1.3  # the noise splits it; the biases even the expected loads out
+
+
+def _layer(router):
+    """A stand-in MoE layer for the balancer: its router and routed counts."""
+    layer = torch.nn.Module()
+    layer.router = router
+    layer.register_buffer("tokens_per_expert", torch.zeros(router.num_experts))
+    return layer
+
+
+def test_selection_noise_defaults_to_pictures_only():
+    from behemoth.train.config import IMAGE_SELECTION_NOISE, build_config
+
+    assert build_config(updates={}).selection_noise() == 0.0
+    assert build_config(updates={"data.images": True}).selection_noise() == IMAGE_SELECTION_NOISE
+    assert build_config(updates={"data.images": True, "router.selection_noise": 0.0}).selection_noise() == 0.0
+    assert build_config(updates={"router.selection_noise": 0.1}).selection_noise() == 0.1
+    with pytest.raises(ValueError, match="router.selection_noise"):
+        build_config(updates={"router.selection_noise": -1.0}).validate()

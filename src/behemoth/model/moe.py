@@ -117,8 +117,11 @@ class Router(nn.Module):
     `expert_bias` [E] is the auxiliary-loss-free balancing bias (DeepSeek-V3): it is added to the
     logits for the top-k *selection only*; the scores stay sigmoid(unbiased logit). It is zero in
     every released Llama 4 checkpoint and is moved by the trainer (`train.balance.BiasBalancer`),
-    never by gradients. `force_balance` (benchmarks only) assigns slots round-robin so that every
-    expert gets the same number of tokens, while scores still come from the router's logits.
+    never by gradients. `selection_noise` (training only, set by the trainer): the standard deviation
+    of Gaussian noise added to the biased logits for the selection, which splits groups of identical
+    tokens between experts (`train/balance.py`); in eval mode, and at 0, selection is deterministic.
+    `force_balance` (benchmarks only) assigns slots round-robin so that every expert gets the same
+    number of tokens, while scores still come from the router's logits.
     """
 
     def __init__(self, dim: int, num_experts: int, top_k: int):
@@ -126,6 +129,7 @@ class Router(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.weight = nn.Parameter(torch.empty(num_experts, dim))
         self.register_buffer("expert_bias", torch.zeros(num_experts))
+        self.selection_noise = 0.0
         self.force_balance = False
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,7 +141,10 @@ class Router(nn.Module):
             slots = torch.arange(T * self.top_k, device=x_TD.device).view(T, self.top_k)
             ids_TK = slots % self.num_experts
         else:
-            ids_TK = torch.topk(logits_TE + self.expert_bias.float(), self.top_k, dim=-1).indices
+            select_TE = logits_TE + self.expert_bias.float()
+            if self.training and self.selection_noise > 0:
+                select_TE = select_TE + self.selection_noise * torch.randn_like(select_TE)
+            ids_TK = torch.topk(select_TE, self.top_k, dim=-1).indices
         scores_TK = torch.sigmoid(logits_TE.gather(-1, ids_TK))
         return scores_TK, ids_TK, logits_TE
 

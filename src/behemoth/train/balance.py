@@ -21,6 +21,13 @@ starved ones up (DeepSeek-V3's auxiliary-loss-free balancing). Three rules, `rou
                 layer's routing stays put. The default, with rate 0.01 (so the floor is DeepSeek-V3's gamma,
                 1e-3) and max_step 0.05 (`router.bias_max_step`).
 
+Selection noise (`router.selection_noise`, training only): Gaussian noise of that standard deviation on the
+biased logits when the experts are chosen. Tokens that are identical (a picture's plain background gives many
+identical patch tokens) have identical logits and go to the same expert whatever the biases: a bias that pushes
+that expert down only moves the whole group to the next one, so the per-step load stays lopsided and the group's
+expert keeps changing. The noise splits the group among the experts whose scores are near the top, and the biases
+then balance the expected loads. Scores, and so the weights' gradients, stay those of the unbiased logits.
+
 All three re-centre the biases to zero mean afterwards (it changes no selection) and depend on the counts
 only through their relation to the mean, so the update is invariant to batch size; an expert exactly at
 the mean, or a step that routed nothing, moves nothing.
@@ -77,8 +84,11 @@ class BiasBalancer:
     rule and rate of `router`, from the layers' `tokens_per_expert`. Keeps the adaptive rule's state, which
     a training checkpoint saves (`state_dict`) so that a resumed run moves its biases as an unbroken one."""
 
-    def __init__(self, moes: list[nn.Module], router: RouterSection):
+    def __init__(self, moes: list[nn.Module], router: RouterSection, selection_noise: float = 0.0):
+        """`selection_noise`: given to every layer's router (module docstring)."""
         self.moes, self.rule, self.rate = moes, router.bias_update, router.bias_rate
+        for m in moes:
+            m.router.selection_noise = selection_noise
         self.max_step = router.bias_max_step
         # the adaptive state [E] per layer, on the bias's device (no host sync per step)
         self.steps = [torch.full_like(m.router.expert_bias, self.rate, dtype=torch.float32) for m in moes]

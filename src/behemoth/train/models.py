@@ -21,7 +21,7 @@ from behemoth.config_io import load_config_file
 from behemoth.data.images import PATCH
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.model import build_model
-from behemoth.train.config import BIAS_RULES, TrainConfig
+from behemoth.train.config import BIAS_RULES, IMAGE_SELECTION_NOISE, TrainConfig
 from behemoth.train.datasets import check_same_image_tokens, image_token_id
 from behemoth.train.placement import RunContext
 
@@ -84,14 +84,23 @@ def check_resume(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, ckpt_mod
 
 def balancing_change(saved: dict, cfg: TrainConfig) -> str | None:
     """What a resumed run changes in its routing balance, in words (None: nothing). A run saved before
-    `router.bias_update` existed balanced with the sign rule."""
+    `router.bias_update` existed balanced with the sign rule, one saved before `router.selection_noise` without
+    noise."""
     old = saved.get("router", {})
     old_rule, old_rate = old.get("bias_update", "sign"), old.get("bias_update_rate")
     old_rate = BIAS_RULES.get(old_rule, 0.0) if old_rate is None else old_rate
-    if (old_rule, old_rate) == (cfg.router.bias_update, cfg.router.bias_rate):
-        return None
-    return (f"the checkpoint's run moved the routing bias with router.bias_update={old_rule} at rate {old_rate:g}; "
-            f"this run continues with {cfg.router.bias_update} at {cfg.router.bias_rate:g} (set both to keep them)")
+    notes = []
+    if (old_rule, old_rate) != (cfg.router.bias_update, cfg.router.bias_rate):
+        notes.append(f"the checkpoint's run moved the routing bias with router.bias_update={old_rule} at rate "
+                     f"{old_rate:g}; this run continues with {cfg.router.bias_update} at {cfg.router.bias_rate:g} "
+                     "(set both to keep them)")
+    old_noise = old.get("selection_noise", 0.0)
+    if old_noise is None:  # the default of the saved run's data
+        old_noise = IMAGE_SELECTION_NOISE if saved.get("data", {}).get("images") else 0.0
+    if old_noise != cfg.selection_noise():
+        notes.append(f"the checkpoint's run selected experts with router.selection_noise={old_noise:g}; this run "
+                     f"continues with {cfg.selection_noise():g} (set it to keep it)")
+    return "; ".join(notes) or None
 
 
 def build_models(cfg: TrainConfig, ctx: RunContext, model_cfg: ModelConfig, tok: Tokenizer,
