@@ -131,7 +131,9 @@ def teaching(d: dict) -> list[str]:
     return rows
 
 
-ROUTING_LABELS = {"adaptive": "**adaptive** (default)", "sign-1e-3": "sign, γ = 1e-3 (DeepSeek-V3; the default before)",
+ROUTING_LABELS = {"adaptive": "**adaptive** (default)",
+                  "adaptive+noise-0.3": "adaptive + selection noise 0.3",
+                  "sign-1e-3": "sign, γ = 1e-3 (DeepSeek-V3; the default before)",
                   "sign-1e-2": "sign, γ = 1e-2", "batch-loss-1e-2": "Switch balance loss 0.01, no bias"}
 ROUTING_RECIPES = ("student", "teacher", "vision")
 

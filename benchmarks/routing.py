@@ -52,6 +52,8 @@ METHODS: dict[str, dict] = {
     # DeepSeek-V3 in full: the sign update plus its complementary sequence-wise balance loss
     "sign-1e-3+seq-loss": {"router.bias_update": "sign", "router.bias_update_rate": 1e-3,
                            "router.seq_balance_loss_coef": 1e-4},
+    # the default plus selection noise (router.selection_noise), which splits groups of identical tokens
+    "adaptive+noise-0.3": {"router.selection_noise": 0.3},
     # no bias, a Switch balance loss over the micro-batch (here: the whole batch)
     "batch-loss-1e-2": {"router.bias_update_rate": 0.0, "router.balance_loss_coef": 1e-2},
 }

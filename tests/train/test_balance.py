@@ -193,12 +193,12 @@ def test_a_resumed_run_says_when_its_balancing_changes():
     assert "continues with adaptive at 0.01" in balancing_change(before, now)
     assert balancing_change({"router": {"bias_update": "adaptive", "bias_update_rate": None}}, now) is None
     assert balancing_change(before, build_config(None, ["--router.bias_update=sign"])) is None
-    # selection noise: an image-text run saved before it existed had none; one saved with the default keeps it
-    images = build_config(updates={"data.images": True})
-    old_images = {"router": {"bias_update": "adaptive", "bias_update_rate": None}, "data": {"images": True}}
-    assert "router.selection_noise=0; this run continues with 0.3" in balancing_change(old_images, images)
-    old_images["router"]["selection_noise"] = None
-    assert balancing_change(old_images, images) is None
+    # selection noise: a run saved before it existed had none
+    noisy = build_config(updates={"router.selection_noise": 0.3})
+    saved = {"router": {"bias_update": "adaptive", "bias_update_rate": None}}
+    assert "router.selection_noise=0; this run continues with 0.3" in balancing_change(saved, noisy)
+    saved["router"]["selection_noise"] = 0.3
+    assert balancing_change(saved, noisy) is None
 
 
 def test_selection_noise_splits_identical_tokens_in_training_only():
@@ -221,7 +221,7 @@ def test_selection_noise_splits_identical_tokens_in_training_only():
     def balanced(noise: float) -> float:
         """Max/mean load of one step after 200 balancer updates at this noise."""
         router.expert_bias.zero_()
-        balancer = BiasBalancer([_layer(router)], RouterSection(), selection_noise=noise)
+        balancer = BiasBalancer([_layer(router)], RouterSection(selection_noise=noise))
         assert router.selection_noise == noise
         for _ in range(200):
             scores, ids, logits = router(x)
@@ -243,12 +243,9 @@ def _layer(router):
     return layer
 
 
-def test_selection_noise_defaults_to_pictures_only():
-    from behemoth.train.config import IMAGE_SELECTION_NOISE, build_config
+def test_selection_noise_is_off_by_default_and_checked():
+    from behemoth.train.config import build_config
 
-    assert build_config(updates={}).selection_noise() == 0.0
-    assert build_config(updates={"data.images": True}).selection_noise() == IMAGE_SELECTION_NOISE
-    assert build_config(updates={"data.images": True, "router.selection_noise": 0.0}).selection_noise() == 0.0
-    assert build_config(updates={"router.selection_noise": 0.1}).selection_noise() == 0.1
+    assert build_config(updates={"data.images": True}).router.selection_noise == 0.0
     with pytest.raises(ValueError, match="router.selection_noise"):
         build_config(updates={"router.selection_noise": -1.0}).validate()

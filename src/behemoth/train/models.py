@@ -21,7 +21,7 @@ from behemoth.config_io import load_config_file
 from behemoth.data.images import PATCH
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.model import build_model
-from behemoth.train.config import BIAS_RULES, IMAGE_SELECTION_NOISE, TrainConfig
+from behemoth.train.config import BIAS_RULES, TrainConfig
 from behemoth.train.datasets import check_same_image_tokens, image_token_id
 from behemoth.train.placement import RunContext
 
@@ -95,11 +95,9 @@ def balancing_change(saved: dict, cfg: TrainConfig) -> str | None:
                      f"{old_rate:g}; this run continues with {cfg.router.bias_update} at {cfg.router.bias_rate:g} "
                      "(set both to keep them)")
     old_noise = old.get("selection_noise", 0.0)
-    if old_noise is None:  # the default of the saved run's data
-        old_noise = IMAGE_SELECTION_NOISE if saved.get("data", {}).get("images") else 0.0
-    if old_noise != cfg.selection_noise():
+    if old_noise != cfg.router.selection_noise:
         notes.append(f"the checkpoint's run selected experts with router.selection_noise={old_noise:g}; this run "
-                     f"continues with {cfg.selection_noise():g} (set it to keep it)")
+                     f"continues with {cfg.router.selection_noise:g} (set it to keep it)")
     return "; ".join(notes) or None
 
 

@@ -128,7 +128,7 @@ class Trainer:
         self.models = step.trained_models()
         self.optimizer = build_optimizer(list(self.models.values()), cfg.optim)
         self.moes = [m for model in self.models.values() for m in moe_layers(model)]
-        self.balancer = BiasBalancer(self.moes, cfg.router, cfg.selection_noise())
+        self.balancer = BiasBalancer(self.moes, cfg.router)
         primary = self.models["model"]
         self.primary_moes = moe_layers(primary)
         layer_ids = [i for i, blk in enumerate(primary.layers) if blk.is_moe]
