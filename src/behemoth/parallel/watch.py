@@ -262,3 +262,12 @@ class Heartbeat:
 
     def close(self) -> None:
         self.stop.set()
+
+    @classmethod
+    def start(cls, rank: int, world: int, interval: float) -> Heartbeat | None:
+        """A heartbeat on the run's default store; None where this torch has no store to reach (the lost rank then
+        goes unnamed beyond two ranks, and nothing else changes)."""
+        try:
+            return cls(rank, world, interval)
+        except (AttributeError, RuntimeError, ValueError):
+            return None

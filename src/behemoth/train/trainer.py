@@ -152,7 +152,7 @@ class Trainer:
         the heartbeat that names a lost or stuck rank after a failure (`parallel/watch.py`)."""
         world, p = self.info.world, cfg.parallel
         self.hosts = gather_hosts() if world > 1 else None
-        self.heartbeat = Heartbeat(int(torch.distributed.get_rank()), world, p.heartbeat_s) \
+        self.heartbeat = Heartbeat.start(int(torch.distributed.get_rank()), world, p.heartbeat_s) \
             if world > 1 and p.heartbeat_s > 0 else None
         self.local = LocalTime(self.info.device, self.heartbeat, events=world > 1)  # one process never reads them
         self.stragglers = StragglerWatch(world, p.straggler_factor, p.straggler_windows, self.hosts) \
