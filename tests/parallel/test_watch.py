@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from behemoth.parallel.watch import MIN_SHARE, Heartbeat, LocalTime, StragglerWatch, ranks_text
+from behemoth.parallel.watch import (
+    MIN_SHARE,
+    Heartbeat,
+    LocalTime,
+    StragglerWatch,
+    medians_of_others,
+    ranks_text,
+)
 from behemoth.train.faults import lost_peer
 
 
@@ -64,6 +71,17 @@ def test_ranks_png_keeps_the_latest_world_size_of_a_resumed_run(tmp_path):
     two = [StragglerWatch(2, 1.5, 3).window(s, [[0.1, 0.0], [0.2, 0.0]], 1.0)[0] for s in (1, 2)]
     four = [StragglerWatch(4, 1.5, 3).window(s, [[0.1, 0.0]] * 4, 1.0)[0] for s in (3, 4)]
     assert plot_ranks(two + four, [], tmp_path / "ranks.png", plt).is_file()
+
+
+def test_medians_of_others_equal_the_median_of_each_ranks_peers():
+    import random
+    import statistics
+
+    rng = random.Random(0)
+    for n in (2, 3, 4, 5, 8, 33):
+        for values in ([rng.random() for _ in range(n)], [rng.choice([0.1, 0.2, 0.3]) for _ in range(n)]):
+            expect = [statistics.median(values[:r] + values[r + 1:]) for r in range(n)]
+            assert medians_of_others(values) == pytest.approx(expect)
 
 
 def test_ranks_text_names_spans_and_nodes():

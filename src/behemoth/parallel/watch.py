@@ -124,6 +124,22 @@ def ranks_text(ranks: list[int], hosts: list[str] | None) -> str:
     return text
 
 
+def medians_of_others(values: list[float]) -> list[float]:
+    """For each rank r, the median of every other rank's value: one sort for all of them, so that a window of many
+    thousand ranks costs O(n log n) rather than a sort per rank. Needs at least two values."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    s = [values[r] for r in order]
+    m = len(s) - 1  # the others' count
+
+    def at(k: int, i: int) -> float:  # element k of `s` without position i
+        return s[k] if k < i else s[k + 1]
+
+    out = [0.0] * len(values)
+    for i, r in enumerate(order):
+        out[r] = at(m // 2, i) if m % 2 else (at(m // 2 - 1, i) + at(m // 2, i)) / 2
+    return out
+
+
 def duration(seconds: float) -> str:
     """"1.25 s", "37.2 ms": a rank's time as a person reads it."""
     return f"{seconds:.2f} s" if seconds >= 1 else f"{seconds * 1000:.1f} ms"
@@ -147,8 +163,7 @@ class StragglerWatch:
         if self.world <= FULL_RANKS:
             record.update({"local_s": local, **{f"{name}_s": [p[i] for p in parts] for i, name in enumerate(PARTS)}})
         warnings = []
-        for r in range(self.world):
-            median = statistics.median(local[:r] + local[r + 1:])
+        for r, median in enumerate(medians_of_others(local)):
             slow = (self.factor > 0 and local[r] > self.factor * median
                     and local[r] - median >= MIN_SHARE * wall_s)
             self.streak[r] = self.streak[r] + 1 if slow else 0
