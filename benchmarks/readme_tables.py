@@ -132,6 +132,8 @@ def teaching(d: dict) -> list[str]:
 
 
 ROUTING_LABELS = {"adaptive": "**adaptive** (default)",
+                  "adaptive+noise-0.3+lr-5e-4": "adaptive + selection noise 0.3, lr 5e-4 (the demo's)",
+                  "adaptive+lr-5e-4": "adaptive, lr 5e-4",
                   "adaptive+noise-0.3": "adaptive + selection noise 0.3",
                   "sign-1e-3": "sign, γ = 1e-3 (DeepSeek-V3; the default before)",
                   "sign-1e-2": "sign, γ = 1e-2", "batch-loss-1e-2": "Switch balance loss 0.01, no bias"}

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from behemoth.demo import Recipe, VisionRecipe, format_table, run_demo
+from behemoth.demo import FULL, VISION_FULL, Recipe, VisionRecipe, format_table, recipe_config, run_demo
 from behemoth.eval.metrics import format_accuracy, wilson_interval
 
 TINY = Recipe(teacher_steps=3, student_steps=3, batch_size=2, seq_len=64, teacher_lr=3e-3, student_lr=3e-3,
               problems=200, eval_problems=7, alpha=0.7, temperature=1.0)
-TINY_VISION = VisionRecipe(steps=2, batch_size=4, seq_len=80, lr=1e-3, problems=60, eval_problems=9)
+TINY_VISION = VisionRecipe(steps=2, batch_size=4, seq_len=80, lr=1e-3, problems=60, eval_problems=9,
+                           selection_noise=0.3)
 
 
 def recovered(score: dict) -> float | None:
@@ -106,6 +107,12 @@ def test_table_prints_the_gap_and_na_when_teacher_equals_scratch():
             "the scratch student") in lines
 
 
+def test_selection_noise_only_in_the_vision_recipe(tmp_path):
+    """The multimodal run selects experts with the vision recipe's noise; the text runs with the default (none)."""
+    assert recipe_config("vision", tmp_path)["router.selection_noise"] == VISION_FULL.selection_noise > 0
+    assert all("router.selection_noise" not in recipe_config(run, tmp_path, FULL) for run in ("teacher", "student"))
+
+
 def test_demo_vision_part(tmp_path):
     """`--vision`: mini-maverick-vl trained on the visual tasks, its held-out accuracy beside the baseline."""
     lines = []
@@ -117,6 +124,8 @@ def test_demo_vision_part(tmp_path):
     assert_intervals(v["accuracy"])
     assert_intervals(v["majority_baseline"])
     assert v["params"] == 6_324_864 and v["recipe"]["steps"] == 2
+    trained = json.loads((tmp_path / "d" / "vision" / "train_config.json").read_text())
+    assert trained["router"]["selection_noise"] == 0.3  # the recipe's noise reached the run
     assert (tmp_path / "d" / "vision" / v["accuracy"]["samples"][0]["image"]).is_file()
     card = (Path(v["model"]) / "README.md").read_text()
     row = f"| exact match | behemoth built-in visual tasks (held-out pictures) | {v['accuracy']['overall']:.4f} |"

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from behemoth import demo
-
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY = {"train.steps": 4, "train.batch_size": 2, "data.num_problems": 200, "data.seq_len": 64,
         "log.health_every": 1, "log.every": 1, "optim.warmup_steps": 1}
@@ -34,7 +32,7 @@ def test_one_run_measures_routing_and_quality(routing, tmp_path, method):
     assert rec["dead"] >= 0 and rec["worst_max_over_mean"] >= 1.0 and 0 < rec["router_entropy"] <= 1
     assert rec["flip_rate"] is not None and 0 <= rec["flip_rate"] <= 1 and rec["margin"] is not None
     assert 0 <= rec["accuracy"] <= 1 and rec["heldout_loss"] > 0 and len(rec["trajectory"]) == 4
-    assert set(rec["per_task"]) == set(demo.DEMO_TASKS)  # the demo's tasks
+    assert set(rec["per_task"]) == set(routing.TEXT_TASKS)  # the tasks the table was measured on
 
 
 def test_summary_over_seeds(routing):
