@@ -3,7 +3,8 @@
 Recipes (the demo's own sizes, lengths and learning rates, `behemoth.demo`; the text ones on `TEXT_TASKS`):
     teacher   mini-behemoth, 16 experts + shared in every layer, the demo's teacher run
     student   mini-maverick, 32 experts every other layer, the demo's scratch-student run
-    vision    mini-maverick-vl on the built-in visual tasks, the demo's multimodal run
+    vision    mini-maverick-vl on the built-in visual tasks, the demo's multimodal run as the table measured it
+              (lr 1e-3, no selection noise: `vision_recipe`; the demo's since is a method of it)
 
 Per run, measured at the end: dead experts (summed over layers, last health window), worst max/mean load
 over layers (each step's load, averaged over the last window), mean router entropy, mean flip rate and

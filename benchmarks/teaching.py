@@ -236,7 +236,6 @@ def refresh(runs: list[dict], work: Path) -> list[dict]:
 def run_grid(methods: list[str], seeds: list[int], jobs: int, work: Path, teachers: str | None) -> int:
     """Every (method, seed) not yet recorded, `jobs` subprocesses at a time; the number that failed. Teachers are
     trained first (in this process), so that no two runs make the same one."""
-
     done = {(r["method"], r["seed"]) for r in recorded(RUNS_FILE)}
     todo = [(m, s) for s in seeds for m in methods if (m, s) not in done]
     for s in sorted({s for _, s in todo}):

@@ -97,8 +97,10 @@ DRAFT_PROMPTS, DRAFT_K = 64, 4  # the students as the teacher's speculative draf
 # The multimodal run: flat white backgrounds make groups of identical patch tokens, which token-choice routing sends
 # to one expert whatever the biases; selection noise 0.3 splits them (worst per-step max/mean load 1.37-1.43 at the
 # end against 1.78-2.52 without, seeds 0-2). At lr 1e-3 the noisy runs left the majority-answer plateau in two of
-# three seeds (33.7-58.7%), the noiseless ones in three (53.7-64.3%) but unbalanced; at lr 5e-4 with the noise, see
-# the README's routing section (`benchmarks/routing.py --methods adaptive+noise-0.3+lr-5e-4 --recipes vision`).
+# three seeds (33.7-58.7%), the noiseless ones in three (53.7-64.3%) but unbalanced. At lr 5e-4 with the noise every
+# seed learned (65.0-68.3%) and stayed balanced (1.95 or less at every report from step 200, 1.41-1.54 at the end);
+# at lr 5e-4 without it the runs learned as well but were unbalanced until step 800 (4.7-5.2 at step 200)
+# (`benchmarks/routing.py --recipes vision --methods adaptive+noise-0.3+lr-5e-4,adaptive+lr-5e-4`).
 VISION_FULL = VisionRecipe(steps=1200, batch_size=32, seq_len=80, lr=5e-4, problems=6000, eval_problems=300,
                            selection_noise=0.3)
 VISION_QUICK = VisionRecipe(steps=60, batch_size=16, seq_len=80, lr=1e-3, problems=1000, eval_problems=60)
