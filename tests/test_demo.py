@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from behemoth.demo import FULL, VISION_FULL, Recipe, VisionRecipe, format_table, recipe_config, run_demo
+from behemoth.demo import FULL, VISION_FULL, Recipe, VisionRecipe, format_paired, format_table, recipe_config, run_demo
 from behemoth.eval.metrics import format_accuracy, wilson_interval
 
 TINY = Recipe(teacher_steps=3, student_steps=3, batch_size=2, seq_len=64, teacher_lr=3e-3, student_lr=3e-3,
@@ -45,6 +45,12 @@ def test_demo_pipeline_and_report(tmp_path):
     shown = {k: "n/a" if v is None else f"{v:.0%}" for k, v in expected.items()}
     line = f"gap recovered by distillation: accuracy {shown['accuracy']}, held-out loss {shown['heldout_loss']}"
     assert line in lines and line in format_table(report).splitlines()
+    paired = saved["distilled_vs_scratch"]  # the two students on the same problems
+    right = {k: models[k]["tasks"]["correct"] for k in ("distilled", "scratch")}
+    assert len(right["distilled"]) == len(right["scratch"]) == paired["n"] == models["scratch"]["tasks"]["n"]
+    assert paired["difference"] == pytest.approx(acc["distilled"] - acc["scratch"])
+    assert paired["a_only"] == sum(d and not s for d, s in zip(right["distilled"], right["scratch"], strict=True))
+    assert format_paired(paired) in format_table(report).splitlines()
     html = (tmp_path / "d" / "report.html").read_text()
     assert f"accuracy: {shown['accuracy']}, heldout loss: {shown['heldout_loss']}." in html
     assert html.count("data:image/png;base64") >= 2

@@ -9,7 +9,9 @@
    visual tasks and measure its accuracy on held-out pictures against the majority-answer baseline.
 6. Write report.json and a self-contained report.html, and print the table. Every exact-match accuracy
    carries its 95% Wilson interval (`eval.metrics.wilson_interval`): on ~100 problems about +-9 points. Held-out
-   loss comes with bits per byte, the tokenizer-free figure.
+   loss comes with bits per byte, the tokenizer-free figure. The two students answer the same problems, so their
+   difference is also measured pair by pair (`eval.metrics.paired_comparison`: a paired interval and McNemar's
+   exact test), far tighter than their two intervals side by side.
 7. With `--seeds N`: all of it once per training seed 0..N-1 into `seed_K/`, then the spread of every
    figure over seeds (`eval.seeds`): a claim that holds in one seed may not hold in the next.
 
@@ -34,7 +36,7 @@ from behemoth.data.tokenizer import Tokenizer
 from behemoth.data.vision_tasks import make_visual_problems
 from behemoth.eval import evaluate_model
 from behemoth.eval.card import write_card_results
-from behemoth.eval.metrics import format_accuracy, majority_baseline, visual_task_accuracy
+from behemoth.eval.metrics import format_accuracy, majority_baseline, paired_comparison, visual_task_accuracy
 from behemoth.eval.report import write_html
 from behemoth.eval.seeds import aggregate, format_aggregate, write_results, write_summary_html
 from behemoth.inference.sampling import SamplingParams
@@ -232,7 +234,9 @@ def _story(out: Path, r: Recipe, quick: bool, vr: VisionRecipe | None, say, seed
         "accuracy": _gap(acc["distilled"], acc["scratch"], acc["teacher"]),
         "heldout_loss": _gap(loss["distilled"], loss["scratch"], loss["teacher"]),
     }
+    paired = paired_comparison(evals["distilled"]["tasks"]["correct"], evals["scratch"]["tasks"]["correct"])
     report = {"seed": seed, "recipe": r.__dict__, "quick": quick, "models": evals, "gap_recovered": gap,
+              "distilled_vs_scratch": paired,
               "story_holds": {"teacher_ahead": acc["teacher"] > max(acc["distilled"], acc["scratch"]),
                               "distilled_ahead_of_scratch": acc["distilled"] > acc["scratch"]},
               "drafts": draft_acceptance({name: ckpt for name, (ckpt, _, _) in runs.items()}, r, seed),
@@ -324,6 +328,8 @@ def format_table(report: dict) -> str:
     g = report["gap_recovered"]
     fmt = {k: "n/a" if v is None else f"{v:.0%}" for k, v in g.items()}
     rows.append(f"gap recovered by distillation: accuracy {fmt['accuracy']}, held-out loss {fmt['heldout_loss']}")
+    if "distilled_vs_scratch" in report:
+        rows.append(format_paired(report["distilled_vs_scratch"]))
     if "drafts" in report:
         d = report["drafts"]
         rows.append(f"as the teacher's speculative draft (k = {d['distilled']['k']}, {d['distilled']['prompts']} "
@@ -339,6 +345,14 @@ def format_table(report: dict) -> str:
     if "vision" in report:
         rows += _vision_rows(report["vision"])
     return "\n".join(rows)
+
+
+def format_paired(p: dict) -> str:
+    """The distilled student against the scratch one on the same problems (`eval.metrics.paired_comparison`)."""
+    lo, hi = p["interval"]
+    return (f"distilled vs scratch on the same {p['n']} problems: {p['difference'] * 100:+.1f} points "
+            f"[{lo * 100:+.1f}, {hi * 100:+.1f}]; right where the other was wrong: {p['a_only']} against "
+            f"{p['b_only']} (McNemar p = {p['p_value']:.2g})")
 
 
 def _routing_rows(models: dict) -> list[str]:

@@ -65,3 +65,26 @@ def test_majority_baseline_has_intervals():
 def test_format_accuracy():
     assert format_accuracy(35 / 105, wilson_interval(35, 105)) == "33.3% [25.0, 42.8]"
     assert format_accuracy(0.25) == "25.0%"  # a report from before intervals
+
+
+def test_paired_comparison_by_hand():
+    """Two models on the same problems: the difference of shares, its paired Wald interval and the exact
+    McNemar p-value, against hand computations."""
+    from behemoth.eval.metrics import paired_comparison
+
+    a = [True, True, True, False, False, True]
+    b = [True, False, False, False, True, True]
+    p = paired_comparison(a, b)  # a alone right twice, b once: d = 1/6, half = z sqrt(3 - 1/6) / 6
+    assert (p["n"], p["a_only"], p["b_only"]) == (6, 2, 1) and p["difference"] == pytest.approx(1 / 6)
+    assert p["interval"] == pytest.approx([1 / 6 - 0.5498518360, 1 / 6 + 0.5498518360], abs=1e-9)
+    assert p["p_value"] == 1.0  # 2 P(X <= 1), X ~ Bin(3, 1/2) = 2 * 4/8, capped at 1
+    ten = paired_comparison([True] * 10 + [False] * 10, [False] * 20)  # 10 against 0 of 20
+    assert ten["difference"] == 0.5 and ten["p_value"] == pytest.approx(2 / 1024)
+    assert ten["interval"] == pytest.approx([0.5 - 0.2191306369, 0.5 + 0.2191306369], abs=1e-9)
+    seven = paired_comparison([True] * 7 + [False] * 3, [False] * 7 + [True] * 3)  # 7 against 3
+    assert seven["p_value"] == pytest.approx(2 * (1 + 10 + 45 + 120) / 1024) and seven["difference"] == 0.4
+    assert paired_comparison([True, False], [False, True])["p_value"] == 1.0
+    same = paired_comparison([True, False, True], [True, False, True])  # nothing separates them
+    assert same["difference"] == 0.0 and same["interval"] == [0.0, 0.0] and same["p_value"] == 1.0
+    with pytest.raises(ValueError, match="same problems"):
+        paired_comparison([True], [True, False])

@@ -24,7 +24,7 @@ from behemoth.data.corpus import iter_documents, resolve_paths
 from behemoth.data.image_text import encode_image
 from behemoth.data.loader import DataLoader
 from behemoth.data.packing import TokenStore, build_in_memory
-from behemoth.data.tasks import ANSWER_MARK, Problem, accuracy, distinct_problems
+from behemoth.data.tasks import ANSWER_MARK, Problem, accuracy, check, distinct_problems
 from behemoth.data.token_bytes import TokenBytes, utf8_chars
 from behemoth.data.tokenizer import Tokenizer
 from behemoth.inference.generate import generate
@@ -59,6 +59,30 @@ def with_intervals(result: dict, problems: Sequence[Problem]) -> dict:
     result["per_task_n"] = {t: per_n[t] for t in result["per_task"]}
     result["per_task_interval"] = {t: list(wilson_interval(right[t], per_n[t])) for t in result["per_task"]}
     return result
+
+
+def paired_comparison(a: Sequence[bool], b: Sequence[bool], z: float = Z95) -> dict:
+    """Two models graded on the same problems (`correct` of two `task_accuracy` results, in the same order): the
+    difference of their shares, a - b, with its 95% interval, and the exact two-sided McNemar test. Only the
+    problems one got right and the other wrong (`a_only`, `b_only`) carry information, so the comparison is far
+    tighter than two independent intervals, which ignore that both models face the same problems.
+
+    interval: the paired Wald interval, d +- z * sqrt(a_only + b_only - (a_only - b_only)^2 / n) / n.
+    p_value: 2 * P(X <= min(a_only, b_only)) for X ~ Binomial(a_only + b_only, 1/2), at most 1 (1 when no problem
+    separates them)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired comparison: {len(a)} and {len(b)} problems; need the same problems for both")
+    n = len(a)
+    a_only = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    b_only = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
+    if n == 0:
+        return {"n": 0, "a_only": 0, "b_only": 0, "difference": 0.0, "interval": [-1.0, 1.0], "p_value": 1.0}
+    d = (a_only - b_only) / n
+    half = z * math.sqrt(max(0.0, a_only + b_only - (a_only - b_only) ** 2 / n)) / n
+    m = a_only + b_only
+    tail = sum(math.comb(m, k) for k in range(min(a_only, b_only) + 1)) / 2 ** m
+    return {"n": n, "a_only": a_only, "b_only": b_only, "difference": d,
+            "interval": [max(-1.0, d - half), min(1.0, d + half)], "p_value": min(1.0, 2 * tail)}
 
 
 def format_accuracy(share: float, interval: Sequence[float] | None = None) -> str:
@@ -169,6 +193,7 @@ def _stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
 def _graded(problems: Sequence[Problem], outputs: list[str], samples: int) -> dict:
     """`data.tasks.accuracy` of the outputs with 95% intervals, plus the first `samples` prompts and answers."""
     result = with_intervals(accuracy(problems, outputs), problems)
+    result["correct"] = [check(p, g) for p, g in zip(problems, outputs, strict=True)]  # per problem, for pairing
     result["samples"] = [{"prompt": p.prompt, "expected": p.answer, "generated": g}
                          for p, g in zip(problems[:samples], outputs[:samples], strict=True)]
     return result

@@ -123,6 +123,8 @@ def seed_figures(report: dict) -> dict:
             models[name]["routing"] = ev["routing"]
     out = {"seed": report.get("seed", 0), "models": models, "gap_recovered": report["gap_recovered"],
            "story_holds": report["story_holds"], "wall_seconds": report["wall_seconds"]}
+    if "distilled_vs_scratch" in report:
+        out["distilled_vs_scratch"] = report["distilled_vs_scratch"]
     if "vision" in report:
         a, b = report["vision"]["accuracy"], report["vision"]["majority_baseline"]
         out["vision"] = {"accuracy": a["overall"], "interval": a.get("interval"), "n": a["n"],
