@@ -51,6 +51,8 @@ def test_demo_pipeline_and_report(tmp_path):
     assert paired["difference"] == pytest.approx(acc["distilled"] - acc["scratch"])
     assert paired["a_only"] == sum(d and not s for d, s in zip(right["distilled"], right["scratch"], strict=True))
     assert format_paired(paired) in format_table(report).splitlines()
+    assert f"alone was right on {paired['a_only']}, the scratch student alone on {paired['b_only']}" in (
+        tmp_path / "d" / "report.html").read_text()
     html = (tmp_path / "d" / "report.html").read_text()
     assert f"accuracy: {shown['accuracy']}, heldout loss: {shown['heldout_loss']}." in html
     assert html.count("data:image/png;base64") >= 2

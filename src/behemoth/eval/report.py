@@ -22,6 +22,16 @@ def _img_file(path: Path) -> str | None:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() if path.is_file() else None
 
 
+def _paired(p: dict | None) -> str:
+    """The two students on the same problems (`eval.metrics.paired_comparison`); nothing for older reports."""
+    if not p:
+        return ""
+    lo, hi = p["interval"]
+    return (f"<p><b>Distilled vs scratch, problem by problem</b> ({p['n']} problems): {p['difference'] * 100:+.1f} "
+            f"points [{lo * 100:+.1f}, {hi * 100:+.1f}] (paired 95% interval); the distilled student alone was right "
+            f"on {p['a_only']}, the scratch student alone on {p['b_only']} (exact McNemar p = {p['p_value']:.2g}).</p>")
+
+
 def _drafts(drafts: dict | None) -> str:
     """The students as the teacher's speculative drafts (`demo.draft_acceptance`); nothing for older reports."""
     if not drafts:
@@ -68,6 +78,7 @@ Wall time {report['wall_seconds'] / 60:.1f} min.</p>
 <th>bits/byte</th><th>perplexity</th><th>KL(teacher||model)</th><th>exact match [95% interval]</th></tr>{rows}</table>
 {_per_task_table(models)}
 <p><b>Gap recovered</b> = (distilled − scratch) / (teacher − scratch): {gap_text}.</p>
+{_paired(report.get("distilled_vs_scratch"))}
 {_drafts(report.get("drafts"))}
 <h2>Training loss</h2><img src="{loss_png}"><h2>Accuracy per task</h2><img src="{acc_png}">
 <h2>Expert load over training</h2>{heatmaps}
