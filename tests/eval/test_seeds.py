@@ -71,3 +71,17 @@ def test_results_file_records_the_machine(tmp_path):
     assert first["seed"] == 0 and first["models"]["teacher"] == {"accuracy": 0.8, "interval": pytest.approx([0.7, 0.9]),
                                                                  "n": 10, "heldout_loss": 1.0}
     assert first["vision"]["accuracy"] == 0.6
+
+
+def test_the_paired_comparison_over_seeds():
+    """Each seed's students compared problem by problem: the difference's spread, the p-values, and in how many
+    seeds the distilled student is ahead at p < 0.05 (ahead and significant, not merely significant)."""
+    pairs = [{"difference": 0.07, "p_value": 0.0025}, {"difference": 0.02, "p_value": 0.3},
+             {"difference": -0.06, "p_value": 0.01}]
+    reports = [{**r, "distilled_vs_scratch": p} for r, p in zip(REPORTS, pairs, strict=True)]
+    agg = aggregate(reports)["distilled_vs_scratch"]
+    assert agg["difference"]["mean"] == pytest.approx(0.01) and agg["p_values"] == [0.0025, 0.3, 0.01]
+    assert agg["ahead_at_5_percent"] == 1
+    assert ("distilled vs scratch on the same problems: 1.0 ± 6.6 [-6.0, 7.0] points; ahead at McNemar p < 0.05 in "
+            "1 of 3 seeds (p = 0.0025, 0.3, 0.01)") in format_aggregate(aggregate(reports))
+    assert "distilled_vs_scratch" not in aggregate(REPORTS)  # older reports have none

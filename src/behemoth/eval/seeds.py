@@ -52,6 +52,12 @@ def aggregate(reports: Sequence[dict]) -> dict:
     out = {"seeds": [r.get("seed", i) for i, r in enumerate(reports)], "models": models,
            "gap_recovered": {k: spread([r["gap_recovered"][k] for r in reports]) for k in reports[0]["gap_recovered"]},
            "ordering_held": {k: {"per_seed": v, "every_seed": all(v)} for k, v in held.items()}}
+    if all(r.get("distilled_vs_scratch") for r in reports):  # the students problem by problem, per seed
+        pairs = [r["distilled_vs_scratch"] for r in reports]
+        out["distilled_vs_scratch"] = {"difference": spread([p["difference"] for p in pairs]),
+                                       "p_values": [p["p_value"] for p in pairs],
+                                       "ahead_at_5_percent": sum(p["difference"] > 0 and p["p_value"] < 0.05
+                                                                 for p in pairs)}
     if all(r.get("drafts") for r in reports):  # the students as the teacher's speculative drafts
         out["draft_acceptance"] = {m: spread([r["drafts"][m]["acceptance"] for r in reports])
                                    for m in reports[0]["drafts"]}
@@ -101,6 +107,11 @@ def format_aggregate(agg: dict) -> str:
     held = agg["ordering_held"]
     rows.append("teacher > distilled > scratch: " + "; ".join(
         f"by {LABEL[k]} in {sum(v['per_seed'])} of {n} seeds" for k, v in held.items()))
+    if "distilled_vs_scratch" in agg:
+        p = agg["distilled_vs_scratch"]
+        rows.append(f"distilled vs scratch on the same problems: {_pm(p['difference'], '.1f', pct=True)} points; "
+                    f"ahead at McNemar p < 0.05 in {p['ahead_at_5_percent']} of {n} seeds (p = "
+                    + ", ".join(f"{x:.2g}" for x in p["p_values"]) + ")")
     if "vision" in agg:
         v = agg["vision"]
         rows.append(f"vision held-out accuracy (%): {_pm(v['accuracy'], '.1f', pct=True)} vs majority-answer "
